@@ -1,0 +1,33 @@
+"""Plain federated averaging baseline (McMahan et al., 2017): no inner loop during training."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+from torch.func import grad
+
+from fedmeta.algorithms.base import MetaAlgorithm
+from fedmeta.types import Params
+
+__all__ = ["FedAvg"]
+
+
+class FedAvg(MetaAlgorithm):
+    """Train one model on all of a task's examples (support and query together).
+
+    The "meta-gradient" is the ordinary gradient of the loss on the whole task at the current
+    parameters, so federated training is FedSGD/FedAvg on the pooled data. At test time the
+    model is fine-tuned on the support set like every other algorithm, which is what the FedMeta
+    paper compares meta-learning against.
+    """
+
+    name: ClassVar[str] = "fedavg"
+
+    def task_update(self, meta: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Params, dict[str, Tensor]]:
+        x = torch.cat([sx, qx])
+        y = torch.cat([sy, qy])
+        g = grad(lambda p: self.loss(p, x, y))(meta)
+        adapted = self.adapt(meta, sx, sy, self.inner_steps, first_order=True)
+        return g, self._metrics(meta, adapted, sx, sy, qx, qy)

@@ -1,0 +1,36 @@
+"""MAML (Finn, Abbeel & Levine, 2017): exact second-order meta-gradient through the inner loop."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from torch import Tensor
+from torch.func import grad
+
+from fedmeta.algorithms.base import MetaAlgorithm
+from fedmeta.types import Params
+
+__all__ = ["MAML"]
+
+
+class MAML(MetaAlgorithm):
+    """Model-Agnostic Meta-Learning.
+
+    The meta-gradient of one task is ``d/dθ L_query(U^k(θ; support))`` where ``U^k`` is ``k``
+    steps of gradient descent with step size ``inner_lr``; it is computed exactly (second
+    order) with nested ``torch.func.grad``. Subclasses change what adapts (ANIL) or how big the
+    steps are (Meta-SGD) and inherit the exact meta-gradient.
+    """
+
+    name: ClassVar[str] = "maml"
+    second_order: ClassVar[bool] = True
+
+    def outer_loss(self, meta: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Query loss after adapting on the support set, with the task's metrics as aux output."""
+        adapted = self.adapt(meta, sx, sy, self.inner_steps)
+        query_loss = self.loss(adapted, qx, qy)
+        return query_loss, self._metrics(meta, adapted, sx, sy, qx, qy, query_loss_post=query_loss.detach())
+
+    def task_update(self, meta: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Params, dict[str, Tensor]]:
+        grads, metrics = grad(self.outer_loss, has_aux=True)(meta, sx, sy, qx, qy)
+        return grads, metrics

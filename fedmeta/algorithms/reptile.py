@@ -1,0 +1,28 @@
+"""Reptile (Nichol, Achiam & Schulman, 2018): move the initialization toward adapted weights."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from torch import Tensor
+
+from fedmeta.algorithms.base import MetaAlgorithm
+from fedmeta.types import Params
+
+__all__ = ["Reptile"]
+
+
+class Reptile(MetaAlgorithm):
+    """Reptile's pseudo-gradient ``θ - φ``, with ``φ`` the result of ``inner_steps`` SGD steps.
+
+    The inner loop runs on the support set (the query set only measures the adapted model), so
+    the update never sees query labels. A server SGD step with rate ``ε`` on the mean
+    pseudo-gradient is exactly the batched Reptile update ``θ ← θ + ε · mean(φ_i − θ)``.
+    """
+
+    name: ClassVar[str] = "reptile"
+
+    def task_update(self, meta: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Params, dict[str, Tensor]]:
+        adapted = self.adapt(meta, sx, sy, self.inner_steps, first_order=True)
+        adapted = {k: v.detach() for k, v in adapted.items()}
+        return {k: meta[k] - adapted[k] for k in meta}, self._metrics(meta, adapted, sx, sy, qx, qy)

@@ -1,0 +1,129 @@
+"""Checkpoints: written atomically, read without executing code, checked for compatibility.
+
+A checkpoint is a ``torch.save`` of plain containers and tensors only, so it loads with
+``torch.load(..., weights_only=True)``: a crafted file cannot run code. It carries the
+meta-parameters, the server optimizer state, the privacy accountant state, the round, and the
+config it was trained with.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedmeta.errors import CheckpointError
+from fedmeta.types import Params
+
+__all__ = ["save_checkpoint", "load_checkpoint", "check_compatible", "FORMAT", "VERSION"]
+
+FORMAT = "fedmeta-checkpoint"
+VERSION = 1
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and ``os.replace`` (never half-written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: str | Path, *, meta_params: Params, round_idx: int, config: dict[str, Any], model: dict[str, Any], task_kind: str, optimizer: dict[str, Any] | None = None, accountant: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> Path:
+    """Atomically write a checkpoint to ``path``.
+
+    Args:
+        path: destination file.
+        meta_params: the meta-parameters (Meta-SGD rates included).
+        round_idx: the last completed round.
+        config: the run config as plain dicts (:func:`fedmeta.config.to_dict`).
+        model: the model description (:meth:`FunctionalModel.describe`).
+        task_kind: ``"regression"`` or ``"classification"``.
+        optimizer: server optimizer state.
+        accountant: privacy accountant state.
+        extra: anything else that must survive a restart (plain containers and tensors).
+    """
+    import io
+
+    state = {
+        "format": FORMAT,
+        "version": VERSION,
+        "round": int(round_idx),
+        "meta_params": {k: v.detach().cpu().clone() for k, v in meta_params.items()},
+        "optimizer": optimizer,
+        "accountant": accountant,
+        "config": config,
+        "model": model,
+        "task_kind": task_kind,
+        "extra": extra or {},
+    }
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    out = Path(path)
+    atomic_write_bytes(out, buf.getvalue())
+    return out
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint safely.
+
+    Raises:
+        CheckpointError: if the file is missing, unreadable, corrupt, not a fedmeta checkpoint,
+            or of an unsupported version.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint '{p}' does not exist or is not a file")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"checkpoint '{p}' is corrupt or not a safe tensor-only file: {first}") from exc
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint '{p}' is not a fedmeta checkpoint")
+    if state.get("version") != VERSION:
+        raise CheckpointError(f"checkpoint '{p}' has format version {state.get('version')!r}; this fedmeta reads version {VERSION}")
+    params = state.get("meta_params")
+    if not isinstance(params, dict) or not params or not all(isinstance(v, torch.Tensor) for v in params.values()):
+        raise CheckpointError(f"checkpoint '{p}' has no meta-parameters")
+    for k, v in params.items():
+        if not bool(torch.isfinite(v).all()):
+            raise CheckpointError(f"checkpoint '{p}': meta-parameter '{k}' contains NaN or Inf")
+    return state
+
+
+def check_compatible(state: dict[str, Any], expected_shapes: dict[str, tuple[int, ...]], *, path: str | Path, task_kind: str | None = None) -> None:
+    """Check that a checkpoint's model parameters match ``expected_shapes`` (and the task kind).
+
+    Raises:
+        CheckpointError: naming the file and the first mismatch.
+    """
+    if task_kind is not None and state.get("task_kind") not in (None, task_kind):
+        raise CheckpointError(
+            f"checkpoint '{path}' was trained on {state.get('task_kind')} tasks, but the data here is {task_kind}"
+        )
+    params = {k: v for k, v in state["meta_params"].items() if not k.startswith("lr.")}
+    missing = sorted(set(expected_shapes) - set(params))
+    extra = sorted(set(params) - set(expected_shapes))
+    if missing or extra:
+        model = (state.get("model") or {}).get("name", "?")
+        raise CheckpointError(
+            f"checkpoint '{path}' holds a different model ({model}): missing parameters {missing[:5]}, unexpected {extra[:5]}"
+        )
+    for k, shape in expected_shapes.items():
+        if tuple(params[k].shape) != tuple(shape):
+            raise CheckpointError(
+                f"checkpoint '{path}': parameter '{k}' has shape {tuple(params[k].shape)}, the model here needs {tuple(shape)}"
+            )

@@ -1,0 +1,153 @@
+"""One object that turns a config into the pieces every path needs: tasks, model, algorithm.
+
+The centralized reference, the Flower client and server, and ``fedmeta adapt`` all build an
+:class:`Experiment`, so they agree on the model, the initial meta-parameters and the tasks.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+from typing import Any
+
+import torch
+
+from fedmeta.aggregation import aggregate
+from fedmeta.algorithms import MetaAlgorithm, MetaUpdate, build_algorithm
+from fedmeta.config import Config, to_dict
+from fedmeta.evaluation import EvalResult, evaluate
+from fedmeta.models import FunctionalModel, build_model
+from fedmeta.optim import ServerOptimizer
+from fedmeta.rng import make_generator
+from fedmeta.sampling import sample_clients
+from fedmeta.tasks import TaskSource
+from fedmeta.types import Params, TaskBatch
+
+__all__ = ["Experiment", "RoundResult", "build_summary"]
+
+log = logging.getLogger(__name__)
+
+
+class RoundResult:
+    """What one round produced: per-client updates stacked, their weights, and mean metrics."""
+
+    def __init__(self, clients: list[int], updates: Params, weights: torch.Tensor, metrics: dict[str, float]) -> None:
+        self.clients = clients
+        self.updates = updates
+        self.weights = weights
+        self.metrics = metrics
+
+
+class Experiment:
+    """Tasks, model and algorithm for a config.
+
+    Args:
+        cfg: the run configuration.
+        data_dir: a site folder (or folder of sites) overriding ``task.data_dir``.
+    """
+
+    def __init__(self, cfg: Config, *, data_dir: str | None = None) -> None:
+        self.cfg = cfg
+        self.source = TaskSource(cfg, data_dir=data_dir)
+        family = self.source.family(None)
+        self.kind = family.kind
+        self.model: FunctionalModel = build_model(cfg, family.input_shape, family.output_dim)
+        self.algorithm: MetaAlgorithm = build_algorithm(
+            cfg.meta.algorithm,
+            self.model,
+            kind=family.kind,
+            inner_lr=cfg.meta.inner_lr,
+            inner_steps=cfg.meta.inner_steps,
+        )
+
+    def initial_meta_params(self) -> Params:
+        """The round-0 meta-parameters, a function of the seed only."""
+        return self.algorithm.init_meta_params(make_generator(self.cfg.seed, "init"))
+
+    def server_optimizer(self, meta: Params) -> ServerOptimizer:
+        """The outer optimizer configured by ``meta.outer_optimizer`` / ``meta.outer_lr``."""
+        m = self.cfg.meta
+        return ServerOptimizer(meta, name=m.outer_optimizer, lr=m.outer_lr, momentum=m.outer_momentum)
+
+    def sample_round(self, round_idx: int) -> list[int]:
+        """The client ids taking part in ``round_idx`` (the same on every path)."""
+        f = self.cfg.federation
+        return sample_clients(self.cfg.seed, round_idx, f.clients_total, f.clients_per_round, method=f.sampling)
+
+    def client_update(self, meta: Params, round_idx: int, client_id: int, tasks: TaskBatch | None = None) -> MetaUpdate:
+        """What client ``client_id`` computes in ``round_idx``: its mean meta-gradient and metrics."""
+        if tasks is None:
+            tasks = self.source.client_tasks(round_idx, client_id)
+        return self.algorithm.meta_gradient(meta, tasks)
+
+    def round_updates(self, meta: Params, round_idx: int, clients: list[int]) -> RoundResult:
+        """Every sampled client's update for one round, computed in a single vectorized pass.
+
+        All clients' tasks are concatenated and their per-task meta-gradients computed with one
+        ``vmap``; each client's update is then the mean over its own tasks, exactly what
+        :meth:`client_update` returns for it.
+        """
+        batches = [self.source.client_tasks(round_idx, c) for c in clients]
+        tasks = TaskBatch.concat(batches)
+        grads, metrics = self.algorithm.task_updates(meta, tasks)
+        sizes = [b.num_tasks for b in batches]
+        bounds = torch.tensor([0] + sizes).cumsum(0).tolist()
+        per_client = {
+            k: torch.stack([v[bounds[i] : bounds[i + 1]].mean(dim=0) for i in range(len(clients))])
+            for k, v in grads.items()
+        }
+        mean_metrics = {k: float(v.mean()) for k, v in metrics.items()}
+        return RoundResult(clients, per_client, torch.tensor(sizes, dtype=torch.float64), mean_metrics)
+
+    def aggregate(self, result: RoundResult) -> Params:
+        """Combine a round's client updates with the configured aggregation rule."""
+        f = self.cfg.federation
+        return aggregate(result.updates, result.weights, method=f.aggregation, trim_fraction=f.trim_fraction)
+
+    def evaluate(self, meta: Params, tasks: TaskBatch | None = None) -> EvalResult:
+        """Adapt to held-out tasks (``eval.tasks`` of them unless given) and measure."""
+        if tasks is None:
+            tasks = self.source.eval_tasks()
+        return evaluate(self.algorithm, meta, tasks, steps=self.cfg.eval.steps, batch=self.cfg.eval.batch)
+
+
+def build_summary(
+    cfg: Config,
+    *,
+    mode: str,
+    rounds_completed: int,
+    final: dict[str, Any],
+    privacy: dict[str, Any] | None,
+    wall_seconds: float,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The ``summary.json`` contract of SPEC §9 (keys are only ever added)."""
+    p = cfg.privacy
+    priv = privacy or {
+        "mode": "none",
+        "epsilon": None,
+        "delta": p.delta,
+        "noise_multiplier": None,
+        "clip_norm": None,
+        "accountant": None,
+    }
+    out = {
+        "mode": mode,
+        "algorithm": cfg.meta.algorithm,
+        "task": cfg.task.name,
+        "model": cfg.model.name,
+        "seed": cfg.seed,
+        "rounds_planned": cfg.federation.rounds,
+        "rounds_completed": rounds_completed,
+        "clients_total": cfg.federation.clients_total,
+        "clients_per_round": cfg.federation.clients_per_round,
+        "tasks_per_client": cfg.meta.tasks_per_client,
+        "final": final,
+        "privacy": priv,
+        "wall_seconds": wall_seconds,
+        "environment": {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads()},
+        "config": to_dict(cfg),
+    }
+    if extra:
+        out.update(extra)
+    return out

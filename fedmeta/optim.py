@@ -1,0 +1,61 @@
+"""The server optimizer: applies an aggregated meta-gradient to the meta-parameters (FedOpt style)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fedmeta.types import Params
+
+__all__ = ["ServerOptimizer"]
+
+
+class ServerOptimizer:
+    """SGD (with optional momentum) or Adam over a meta-parameter dict.
+
+    The aggregated client update is treated as a gradient (a pseudo-gradient for Reptile and
+    FedAvg), as in Reddi et al.'s adaptive federated optimization. The optimizer owns copies of
+    the meta-parameters; :meth:`step` returns new detached tensors and never changes a dict the
+    caller holds.
+
+    Args:
+        params: initial meta-parameters.
+        name: ``"adam"`` or ``"sgd"``.
+        lr: step size.
+        momentum: SGD momentum (ignored by Adam).
+    """
+
+    def __init__(self, params: Params, *, name: str, lr: float, momentum: float = 0.0) -> None:
+        self.keys = sorted(params)
+        self._tensors = [params[k].detach().clone().requires_grad_(True) for k in self.keys]
+        if name == "adam":
+            self._opt: torch.optim.Optimizer = torch.optim.Adam(self._tensors, lr=lr)
+        elif name == "sgd":
+            self._opt = torch.optim.SGD(self._tensors, lr=lr, momentum=momentum)
+        else:
+            raise ValueError(f"outer optimizer must be 'adam' or 'sgd', got {name!r}")
+        self.name = name
+
+    @property
+    def params(self) -> Params:
+        """Current meta-parameters (detached copies)."""
+        return {k: t.detach().clone() for k, t in zip(self.keys, self._tensors)}
+
+    def step(self, gradient: Params) -> Params:
+        """Apply one step with ``gradient`` (same keys and shapes) and return the new parameters."""
+        if set(gradient) != set(self.keys):
+            raise ValueError(f"gradient keys {sorted(gradient)} do not match parameters {self.keys}")
+        for k, t in zip(self.keys, self._tensors):
+            t.grad = gradient[k].detach().to(t.dtype).clone()
+        self._opt.step()
+        self._opt.zero_grad(set_to_none=True)
+        return self.params
+
+    def state_dict(self) -> dict[str, Any]:
+        """Optimizer state (moments, step counts) for checkpoints."""
+        return self._opt.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the state saved by :meth:`state_dict`."""
+        self._opt.load_state_dict(state)

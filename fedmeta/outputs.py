@@ -1,0 +1,155 @@
+"""The run's output directory (SPEC §9): metrics.jsonl, summary.json, checkpoint.pt and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from fedmeta.checkpoint import atomic_write_bytes
+
+__all__ = ["RunRecorder", "read_metrics", "plot_learning_curves", "plot_adaptation_curve"]
+
+log = logging.getLogger(__name__)
+
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+CHECKPOINT = "checkpoint.pt"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Read a ``metrics.jsonl`` file (one JSON object per round)."""
+    p = Path(path)
+    if not p.exists():
+        return []
+    rows = []
+    for line in p.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line:
+            rows.append(json.loads(line))
+    return rows
+
+
+class RunRecorder:
+    """Writes a run's outputs into ``out_dir``.
+
+    Args:
+        out_dir: the output directory (created if needed).
+        resume_round: when resuming, rows after this round are dropped from ``metrics.jsonl`` so
+            that nothing is counted twice; ``None`` starts a fresh file.
+    """
+
+    def __init__(self, out_dir: str | Path, *, resume_round: int | None = None) -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.out_dir / METRICS
+        self.checkpoint_path = self.out_dir / CHECKPOINT
+        self.summary_path = self.out_dir / SUMMARY
+        if resume_round is None:
+            self.metrics_path.write_text("", encoding="utf-8")
+        else:
+            kept = [r for r in read_metrics(self.metrics_path) if int(r.get("round", 0)) <= resume_round]
+            text = "".join(json.dumps(_jsonable(r)) + "\n" for r in kept)
+            atomic_write_bytes(self.metrics_path, text.encode())
+
+    def log_round(self, row: dict[str, Any]) -> None:
+        """Append one round's metrics (flushed at once, so a crash loses at most this round)."""
+        with self.metrics_path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(_jsonable(row)) + "\n")
+
+    def write_summary(self, summary: dict[str, Any]) -> Path:
+        """Write ``summary.json`` atomically."""
+        atomic_write_bytes(self.summary_path, (json.dumps(_jsonable(summary), indent=2) + "\n").encode())
+        return self.summary_path
+
+    def plot(self, final_curve: dict[str, list[float]] | None = None) -> list[Path]:
+        """Write the learning-curve PNG (and the adaptation-curve PNG when a final curve is given)."""
+        written = [plot_learning_curves(read_metrics(self.metrics_path), self.out_dir / "learning_curves.png")]
+        if final_curve:
+            written.append(plot_adaptation_curve(final_curve, self.out_dir / "adaptation_curve.png"))
+        return written
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_learning_curves(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Training query loss (before/after adaptation) per round and held-out evaluation curves."""
+    plt = _pyplot()
+    train = [r for r in rows if r.get("train")]
+    evals = [r for r in rows if r.get("eval")]
+    has_acc = any("post_adapt_accuracy" in r["eval"] for r in evals)
+    ncols = 3 if has_acc else 2
+    fig, axes = plt.subplots(1, ncols, figsize=(5 * ncols, 3.8))
+    ax = axes[0]
+    if train:
+        rounds = [r["round"] for r in train]
+        for key, label in (("query_loss_pre", "query loss before adaptation"), ("query_loss_post", "query loss after adaptation")):
+            ys = [r["train"].get(key, math.nan) for r in train]
+            ax.plot(rounds, _smooth(ys), label=label)
+        ax.set_yscale("log")
+    ax.set_xlabel("round")
+    ax.set_title("training tasks (smoothed)")
+    ax.legend(fontsize=8)
+    for ax, metric in zip(axes[1:], ["loss"] + (["accuracy"] if has_acc else [])):
+        if evals:
+            rounds = [r["round"] for r in evals]
+            for stage, label in (("pre_adapt", "before adaptation"), ("post_adapt", "after adaptation")):
+                ys = [r["eval"].get(f"{stage}_{metric}", math.nan) for r in evals]
+                ci = [r["eval"].get(f"{stage}_{metric}_ci95", 0.0) or 0.0 for r in evals]
+                ax.errorbar(rounds, ys, yerr=ci, marker="o", ms=3, capsize=2, label=label)
+        ax.set_xlabel("round")
+        ax.set_title(f"held-out tasks: {metric} (95% CI)")
+        if metric == "loss":
+            ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_adaptation_curve(curves: dict[str, list[float]], path: Path) -> Path:
+    """Held-out query metric against the number of inner steps at test time."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.6), squeeze=False)
+    for ax, (name, values) in zip(axes[0], curves.items()):
+        ax.plot(range(len(values)), values, marker="o")
+        ax.set_xlabel("inner steps at test time")
+        ax.set_ylabel(name.replace("_", " "))
+        ax.set_title(f"adaptation on held-out tasks: {name.replace('_curve', '')}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _smooth(values: list[float], window: int = 0) -> list[float]:
+    n = len(values)
+    window = window or max(1, n // 50)
+    out, acc, q = [], 0.0, []
+    for v in values:
+        q.append(v)
+        acc += v
+        if len(q) > window:
+            acc -= q.pop(0)
+        out.append(acc / len(q))
+    return out

@@ -1,0 +1,141 @@
+"""Task families and the rules by which clients and evaluation draw tasks from them.
+
+:class:`TaskSource` is the one place that decides which tasks client ``c`` sees in round ``r``
+and which tasks are held out for evaluation. The centralized reference and the Flower client
+both call it, so the same seed gives the same tasks on both paths.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from fedmeta.config import Config
+from fedmeta.errors import ConfigError
+from fedmeta.rng import make_generator
+from fedmeta.tasks.base import SPLITS, TaskFamily
+from fedmeta.tasks.folder import FolderFamily, list_sites
+from fedmeta.tasks.regression import HarmonicFamily, SinusoidFamily
+from fedmeta.types import TaskBatch
+
+__all__ = ["TaskFamily", "TaskSource", "build_family", "SPLITS"]
+
+
+def build_family(cfg: Config, *, site: str | Path | None = None) -> TaskFamily:
+    """Build the task family named by ``cfg.task.name``.
+
+    Args:
+        cfg: the run configuration.
+        site: for the ``folder`` family, the site folder to read (defaults to ``task.data_dir``).
+
+    Raises:
+        ConfigError: for an unknown family name.
+        DataFormatError: if a site folder does not match the documented format.
+    """
+    t = cfg.task
+    if t.name == "sinusoid":
+        return SinusoidFamily(
+            shots=t.shots, query=t.query, amplitude=t.amplitude, phase=t.phase, x_range=t.x_range, noise_std=t.noise_std
+        )
+    if t.name == "harmonic":
+        return HarmonicFamily(
+            shots=t.shots,
+            query=t.query,
+            amplitude=t.amplitude,
+            omega=t.omega,
+            damping=t.damping,
+            phase=t.phase,
+            x_range=t.x_range,
+            noise_std=t.noise_std,
+        )
+    if t.name == "folder":
+        where = site if site is not None else t.data_dir
+        if where is None:
+            raise ConfigError("config key 'task.data_dir' must name a site folder for task.name 'folder'")
+        return FolderFamily(where, shots=t.shots, query=t.query, ways=t.ways)
+    if t.name == "glyphs":
+        from fedmeta.tasks.glyphs import build_glyph_family  # heavy: fonts and image cache
+
+        return build_glyph_family(cfg)
+    raise ConfigError(f"config key 'task.name' has no task family {t.name!r}")
+
+
+class TaskSource:
+    """Which tasks each client trains on, round by round, and which tasks are held out.
+
+    * Generated families (sinusoid, harmonic): every client samples from the whole family. With
+      ``task.tasks_per_site = n`` a client holds a fixed private pool of ``n`` tasks (drawn once
+      from ``(seed, client)``) and each round picks ``meta.tasks_per_client`` of them with fresh
+      support/query examples; with ``null`` it draws new tasks every round (MAML's setting).
+    * ``folder``: ``task.data_dir`` is one site (all clients share it) or a folder of sites
+      (client ``c`` is the ``c``-th site).
+    * ``glyphs``: client ``c`` sees only its own partition of the background scripts.
+
+    Randomness comes from ``(seed, purpose, round, client)`` only, never from global state.
+    """
+
+    def __init__(self, cfg: Config, *, data_dir: str | Path | None = None) -> None:
+        self.cfg = cfg
+        self._families: dict[int, TaskFamily] = {}
+        self._sites: list[Path] | None = None
+        if cfg.task.name == "folder":
+            root = data_dir if data_dir is not None else cfg.task.data_dir
+            if root is None:
+                raise ConfigError("config key 'task.data_dir' must name a site folder for task.name 'folder'")
+            self._sites = list_sites(root)
+        self._shared = None if self._sites is not None and len(self._sites) > 1 else self._build(None)
+
+    def _build(self, client_id: int | None) -> TaskFamily:
+        if self._sites is not None:
+            site = self._sites[0] if client_id is None else self._sites[client_id % len(self._sites)]
+            return build_family(self.cfg, site=site)
+        if self.cfg.task.name == "glyphs" and client_id is not None:
+            from fedmeta.tasks.glyphs import build_glyph_family
+
+            return build_glyph_family(self.cfg, client_id=client_id)
+        return build_family(self.cfg)
+
+    @property
+    def num_sites(self) -> int | None:
+        """Number of on-disk sites for the ``folder`` family, else ``None``."""
+        return None if self._sites is None else len(self._sites)
+
+    def family(self, client_id: int | None = None) -> TaskFamily:
+        """The task family client ``client_id`` draws from (``None``: the whole family)."""
+        if self._shared is not None and not (self.cfg.task.name == "glyphs" and client_id is not None):
+            return self._shared
+        key = -1 if client_id is None else client_id
+        if key not in self._families:
+            self._families[key] = self._build(client_id)
+        return self._families[key]
+
+    def client_tasks(self, round_idx: int, client_id: int) -> TaskBatch:
+        """The ``meta.tasks_per_client`` tasks client ``client_id`` trains on in round ``round_idx``."""
+        cfg = self.cfg
+        fam = self.family(client_id)
+        n = cfg.meta.tasks_per_client
+        gen = make_generator(cfg.seed, "train", round_idx, client_id)
+        pool = cfg.task.tasks_per_site
+        if pool is None or cfg.task.name == "folder":
+            return fam.sample(gen, n, "train")
+        site_params = fam.sample_params(make_generator(cfg.seed, "site", client_id), pool, "train")
+        chosen = torch.randperm(pool, generator=make_generator(cfg.seed, "pick", round_idx, client_id))[:n]
+        return fam.make_tasks(site_params[chosen], gen)
+
+    def site_pool(self, client_id: int) -> torch.Tensor | None:
+        """Parameters of the fixed task pool of a client (``None`` when tasks are drawn fresh)."""
+        if self.cfg.task.tasks_per_site is None or self.cfg.task.name == "folder":
+            return None
+        fam = self.family(client_id)
+        return fam.sample_params(make_generator(self.cfg.seed, "site", client_id), self.cfg.task.tasks_per_site, "train")
+
+    def eval_tasks(self, n: int | None = None) -> TaskBatch:
+        """The held-out evaluation tasks (fixed for a seed; never used in training)."""
+        n = self.cfg.eval.tasks if n is None else n
+        gen = make_generator(self.cfg.seed, "eval")
+        if self._sites is not None and len(self._sites) > 1:
+            per_site = -(-n // len(self._sites))
+            parts = [self.family(c).sample(gen, per_site, "eval") for c in range(len(self._sites))]
+            return TaskBatch.concat(parts).slice(0, n)
+        return self.family(None).sample(gen, n, "eval")

@@ -1,0 +1,337 @@
+"""A site's own tasks on disk (the ``folder`` task family).
+
+On-disk format (documented for users in ``docs/data-format.md``)::
+
+    SITE/
+      site.yaml            optional: {kind: regression | classification, name: ...}
+      tasks/               the site's tasks, one file each: NAME.npz
+      heldout/             optional: tasks kept for evaluation only (never trained on)
+
+Each ``NAME.npz`` holds either
+
+* ``x`` and ``y``: all examples of the task; every round a fresh random support/query split of
+  ``task.shots`` / ``task.query`` examples is drawn (per class for classification), or
+* ``support_x``, ``support_y``, ``query_x``, ``query_y``: a split the site declares; support and
+  query examples are then drawn only from their own side.
+
+``x`` is ``[N, *input_shape]`` float; ``y`` is ``[N]`` or ``[N, outputs]`` float for regression
+and ``[N]`` integer class labels for classification. A folder of sites (as ``fedmeta make-data``
+writes) is ``ROOT/site-0000, ROOT/site-0001, ...``; client ``c`` of a simulation is the ``c``-th
+site in sorted order.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from torch import Tensor
+
+from fedmeta.errors import DataFormatError
+from fedmeta.tasks.base import SPLITS, TaskFamily
+from fedmeta.types import TaskBatch
+
+__all__ = ["SiteTask", "FolderFamily", "load_site_tasks", "list_sites", "write_site", "SITE_KINDS"]
+
+SITE_KINDS = ("regression", "classification")
+_DECLARED = ("support_x", "support_y", "query_x", "query_y")
+_HINT = "see docs/data-format.md"
+
+
+@dataclass(frozen=True)
+class SiteTask:
+    """One task read from disk: all examples, or a declared support/query split."""
+
+    name: str
+    path: Path
+    x: np.ndarray | None = None
+    y: np.ndarray | None = None
+    support: tuple[np.ndarray, np.ndarray] | None = None
+    query: tuple[np.ndarray, np.ndarray] | None = None
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one example."""
+        arr = self.x if self.x is not None else self.support[0]  # type: ignore[index]
+        return tuple(arr.shape[1:])
+
+
+def _check_xy(path: Path, x: np.ndarray, y: np.ndarray, xname: str, yname: str, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    if x.ndim < 1 or x.shape[0] == 0:
+        raise DataFormatError(f"task file '{path}': array '{xname}' is empty ({_HINT})")
+    if x.ndim == 1:
+        x = x[:, None]
+    if y.shape[0] != x.shape[0]:
+        raise DataFormatError(
+            f"task file '{path}': '{xname}' has {x.shape[0]} examples but '{yname}' has {y.shape[0]} ({_HINT})"
+        )
+    if not np.issubdtype(x.dtype, np.number):
+        raise DataFormatError(f"task file '{path}': '{xname}' must be numeric, got dtype {x.dtype}")
+    if not np.all(np.isfinite(x)):
+        raise DataFormatError(f"task file '{path}': '{xname}' contains NaN or Inf")
+    if kind == "classification":
+        if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+            raise DataFormatError(
+                f"task file '{path}': classification labels '{yname}' must be a 1-D integer array, "
+                f"got shape {y.shape} dtype {y.dtype} ({_HINT})"
+            )
+        return x.astype(np.float32), y.astype(np.int64)
+    if not np.issubdtype(y.dtype, np.number):
+        raise DataFormatError(f"task file '{path}': '{yname}' must be numeric, got dtype {y.dtype}")
+    if y.ndim == 1:
+        y = y[:, None]
+    if not np.all(np.isfinite(y)):
+        raise DataFormatError(f"task file '{path}': '{yname}' contains NaN or Inf")
+    return x.astype(np.float32), y.astype(np.float32)
+
+
+def _read_task(path: Path, kind: str) -> SiteTask:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise DataFormatError(f"task file '{path}' is not a readable .npz archive: {exc}") from exc
+    if "x" in arrays and "y" in arrays:
+        x, y = _check_xy(path, arrays["x"], arrays["y"], "x", "y", kind)
+        return SiteTask(path.stem, path, x=x, y=y)
+    if all(k in arrays for k in _DECLARED):
+        sx, sy = _check_xy(path, arrays["support_x"], arrays["support_y"], "support_x", "support_y", kind)
+        qx, qy = _check_xy(path, arrays["query_x"], arrays["query_y"], "query_x", "query_y", kind)
+        if sx.shape[1:] != qx.shape[1:]:
+            raise DataFormatError(
+                f"task file '{path}': support inputs have shape {sx.shape[1:]} but query inputs {qx.shape[1:]}"
+            )
+        return SiteTask(path.stem, path, support=(sx, sy), query=(qx, qy))
+    raise DataFormatError(
+        f"task file '{path}' must contain arrays 'x' and 'y', or 'support_x', 'support_y', "
+        f"'query_x' and 'query_y'; it has {sorted(arrays) or 'none'} ({_HINT})"
+    )
+
+
+def _site_kind(site: Path) -> str:
+    meta = site / "site.yaml"
+    if not meta.exists():
+        return ""
+    try:
+        data = yaml.safe_load(meta.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise DataFormatError(f"site file '{meta}' is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise DataFormatError(f"site file '{meta}' must hold a mapping")
+    kind = data.get("kind", "")
+    if kind and kind not in SITE_KINDS:
+        raise DataFormatError(f"site file '{meta}': kind must be one of {', '.join(SITE_KINDS)}, got {kind!r}")
+    return str(kind)
+
+
+def load_site_tasks(site: str | Path, subdir: str = "tasks", *, kind: str | None = None) -> list[SiteTask]:
+    """Read every task of one site folder.
+
+    Args:
+        site: the site folder.
+        subdir: ``"tasks"`` (training tasks) or ``"heldout"``.
+        kind: expected kind; if ``None`` it comes from ``site.yaml`` or defaults to regression.
+
+    Returns:
+        The tasks sorted by file name.
+
+    Raises:
+        DataFormatError: naming the folder or file that does not match the format.
+    """
+    root = Path(site)
+    if not root.is_dir():
+        raise DataFormatError(f"site folder '{root}' does not exist or is not a folder ({_HINT})")
+    declared = _site_kind(root)
+    if kind is not None and declared and declared != kind:
+        raise DataFormatError(f"site folder '{root}' declares kind '{declared}' but '{kind}' was expected")
+    kind = kind or declared or "regression"
+    folder = root / subdir
+    if not folder.is_dir():
+        raise DataFormatError(f"site folder '{root}' has no '{subdir}/' folder of task files ({_HINT})")
+    files = sorted(folder.glob("*.npz"))
+    if not files:
+        raise DataFormatError(f"folder '{folder}' holds no .npz task files ({_HINT})")
+    tasks = [_read_task(p, kind) for p in files]
+    shapes = {t.input_shape for t in tasks}
+    if len(shapes) != 1:
+        raise DataFormatError(f"tasks in '{folder}' have different input shapes {sorted(shapes)}; they must agree")
+    return tasks
+
+
+def list_sites(root: str | Path) -> list[Path]:
+    """Return the site folders under ``root`` (``site-*`` sorted), or ``[root]`` if it is a site."""
+    base = Path(root)
+    if not base.is_dir():
+        raise DataFormatError(f"data folder '{base}' does not exist or is not a folder ({_HINT})")
+    if (base / "tasks").is_dir():
+        return [base]
+    sites = sorted(p for p in base.iterdir() if p.is_dir() and (p / "tasks").is_dir())
+    if not sites:
+        raise DataFormatError(f"data folder '{base}' is neither a site (no tasks/ folder) nor a folder of sites ({_HINT})")
+    return sites
+
+
+def write_site(
+    site: str | Path,
+    tasks: list[tuple[str, np.ndarray, np.ndarray]],
+    *,
+    kind: str,
+    heldout: list[tuple[str, np.ndarray, np.ndarray]] | None = None,
+    name: str | None = None,
+) -> Path:
+    """Write a site folder in the documented format (used by ``make-data`` and tests)."""
+    root = Path(site)
+    if kind not in SITE_KINDS:
+        raise ValueError(f"kind must be one of {SITE_KINDS}, got {kind!r}")
+    for sub, items in (("tasks", tasks), ("heldout", heldout or [])):
+        if not items:
+            continue
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        for task_name, x, y in items:
+            np.savez(root / sub / f"{task_name}.npz", x=x, y=y)
+    (root / "site.yaml").write_text(yaml.safe_dump({"kind": kind, "name": name or root.name}), encoding="utf-8")
+    return root
+
+
+class FolderFamily(TaskFamily):
+    """Tasks read from one site folder; each draw is a fresh support/query split of a stored task.
+
+    Task parameters are the indices of the stored tasks (``[n, 1]``). ``"train"`` draws from
+    ``tasks/``, ``"eval"`` from ``heldout/`` (an error if the site has none). When more tasks are
+    requested than the site stores, tasks repeat with new support/query draws (episodes).
+    """
+
+    def __init__(self, site: str | Path, *, shots: int, query: int, ways: int = 5, kind: str | None = None) -> None:
+        self.site = Path(site)
+        self.shots, self.query, self.ways = shots, query, ways
+        self.kind = kind or _site_kind(self.site) or "regression"
+        self._tasks: dict[str, list[SiteTask]] = {"train": load_site_tasks(self.site, "tasks", kind=self.kind)}
+        if (self.site / "heldout").is_dir():
+            self._tasks["eval"] = load_site_tasks(self.site, "heldout", kind=self.kind)
+        first = self._tasks["train"][0]
+        self.input_shape = first.input_shape
+        if self.kind == "classification":
+            self.output_dim = ways
+        else:
+            y = first.y if first.y is not None else first.support[1]  # type: ignore[index]
+            self.output_dim = int(y.shape[1])
+        for t in self._tasks["train"]:
+            self._check_size(t)
+        for t in self._tasks.get("eval", []):
+            self._check_size(t)
+
+    def tasks(self, split: str = "train") -> list[SiteTask]:
+        """The stored tasks of ``split``."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if split not in self._tasks:
+            raise DataFormatError(f"site folder '{self.site}' has no heldout/ folder to evaluate on ({_HINT})")
+        return self._tasks[split]
+
+    def _check_size(self, task: SiteTask) -> None:
+        need_s, need_q = self.shots, self.query
+        if self.kind == "classification":
+            labels_s = task.y if task.y is not None else task.support[1]  # type: ignore[index]
+            labels_q = task.y if task.y is not None else task.query[1]  # type: ignore[index]
+            per_s = np.bincount(labels_s)
+            per_q = np.bincount(labels_q)
+            if task.y is not None:
+                usable = int(np.sum(per_s >= need_s + need_q))
+            else:
+                n = min(len(per_s), len(per_q))
+                usable = int(np.sum((per_s[:n] >= need_s) & (per_q[:n] >= need_q)))
+            if usable < self.ways:
+                raise DataFormatError(
+                    f"task file '{task.path}' has only {usable} classes with enough examples for "
+                    f"{self.ways}-way {need_s}-shot episodes with {need_q} queries per class"
+                )
+            return
+        if task.x is not None:
+            if task.x.shape[0] < need_s + need_q:
+                raise DataFormatError(
+                    f"task file '{task.path}' has {task.x.shape[0]} examples; task.shots + task.query "
+                    f"needs {need_s + need_q}"
+                )
+        else:
+            have_s, have_q = task.support[0].shape[0], task.query[0].shape[0]  # type: ignore[index]
+            if have_s < need_s or have_q < need_q:
+                raise DataFormatError(
+                    f"task file '{task.path}' declares {have_s} support and {have_q} query examples; "
+                    f"the config needs {need_s} and {need_q}"
+                )
+
+    def sample_params(self, gen: torch.Generator, n: int, split: str) -> Tensor:
+        count = len(self.tasks(split))
+        if n <= count:
+            idx = torch.randperm(count, generator=gen)[:n]
+        else:
+            idx = torch.randint(count, (n,), generator=gen)
+        # the split rides along in the second column so that make_tasks knows where to look
+        return torch.stack([idx.float(), torch.full((n,), float(SPLITS.index(split)))], dim=1)
+
+    def make_tasks(self, params: Tensor, gen: torch.Generator) -> TaskBatch:
+        sx, sy, qx, qy, names = [], [], [], [], []
+        for idx, split_id in params.tolist():
+            task = self.tasks(SPLITS[int(split_id)])[int(idx)]
+            a, b, c, d = self._episode(task, gen)
+            sx.append(a)
+            sy.append(b)
+            qx.append(c)
+            qy.append(d)
+            names.append(task.name)
+        return TaskBatch(
+            torch.stack(sx), torch.stack(sy), torch.stack(qx), torch.stack(qy), self.kind, params, tuple(names)
+        )
+
+    def _episode(self, task: SiteTask, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        if self.kind == "classification":
+            return self._class_episode(task, gen)
+        if task.x is not None:
+            perm = torch.randperm(task.x.shape[0], generator=gen).numpy()
+            x, y = torch.from_numpy(task.x[perm]), torch.from_numpy(task.y[perm])  # type: ignore[index]
+            s, q = self.shots, self.query
+            return x[:s], y[:s], x[s : s + q], y[s : s + q]
+        (ax, ay), (bx, by) = task.support, task.query  # type: ignore[misc]
+        ps = torch.randperm(ax.shape[0], generator=gen)[: self.shots].numpy()
+        pq = torch.randperm(bx.shape[0], generator=gen)[: self.query].numpy()
+        return (torch.from_numpy(ax[ps]), torch.from_numpy(ay[ps]), torch.from_numpy(bx[pq]), torch.from_numpy(by[pq]))
+
+    def _class_episode(self, task: SiteTask, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        s, q = self.shots, self.query
+        if task.x is not None:
+            pools_s = pools_q = task.x
+            labels_s = labels_q = task.y
+        else:
+            (pools_s, labels_s), (pools_q, labels_q) = task.support, task.query  # type: ignore[misc]
+        if task.x is not None:
+            counts = np.bincount(labels_s)
+            eligible = np.flatnonzero(counts >= s + q)
+        else:
+            cs, cq = np.bincount(labels_s), np.bincount(labels_q)
+            n = min(len(cs), len(cq))
+            eligible = np.flatnonzero((cs[:n] >= s) & (cq[:n] >= q))
+        chosen = eligible[torch.randperm(len(eligible), generator=gen)[: self.ways].numpy()]
+        xs, ys, xq, yq = [], [], [], []
+        for new_label, cls in enumerate(chosen):
+            idx_s = np.flatnonzero(labels_s == cls)
+            idx_s = idx_s[torch.randperm(len(idx_s), generator=gen).numpy()]
+            if task.x is not None:
+                take_s, take_q = idx_s[:s], idx_s[s : s + q]
+            else:
+                idx_q = np.flatnonzero(labels_q == cls)
+                idx_q = idx_q[torch.randperm(len(idx_q), generator=gen).numpy()]
+                take_s, take_q = idx_s[:s], idx_q[:q]
+            xs.append(pools_s[take_s])
+            xq.append(pools_q[take_q])
+            ys.append(np.full(len(take_s), new_label))
+            yq.append(np.full(len(take_q), new_label))
+        return (
+            torch.from_numpy(np.concatenate(xs)),
+            torch.from_numpy(np.concatenate(ys)).long(),
+            torch.from_numpy(np.concatenate(xq)),
+            torch.from_numpy(np.concatenate(yq)).long(),
+        )

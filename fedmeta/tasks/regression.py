@@ -1,0 +1,139 @@
+"""Generated regression families: MAML's sinusoid and the damped harmonic oscillator."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from abc import abstractmethod
+
+from fedmeta.tasks.base import SPLITS, TaskFamily, uniform
+from fedmeta.types import TaskBatch
+
+__all__ = ["SinusoidFamily", "HarmonicFamily"]
+
+
+class _GeneratedRegression(TaskFamily):
+    """Shared machinery: task parameters -> x drawn uniformly -> y = f(x; params) + noise."""
+
+    kind = "regression"
+    input_shape = (1,)
+    output_dim = 1
+
+    def __init__(self, *, shots: int, query: int, x_range: tuple[float, float], noise_std: float) -> None:
+        self.shots = shots
+        self.query = query
+        self.x_range = x_range
+        self.noise_std = noise_std
+
+    @abstractmethod
+    def function(self, params: Tensor, x: Tensor) -> Tensor:
+        """Evaluate the noiseless target ``f(x; params)``; ``params`` is ``[T, P]``, x ``[T, N, 1]``."""
+
+    def make_tasks(self, params: Tensor, gen: torch.Generator) -> TaskBatch:
+        t = params.shape[0]
+        lo, hi = self.x_range
+        n = self.shots + self.query
+        x = lo + (hi - lo) * torch.rand(t, n, 1, generator=gen)
+        y = self.function(params, x)
+        if self.noise_std > 0:
+            y = y + self.noise_std * torch.randn(y.shape, generator=gen)
+        return TaskBatch(
+            support_x=x[:, : self.shots],
+            support_y=y[:, : self.shots],
+            query_x=x[:, self.shots :],
+            query_y=y[:, self.shots :],
+            kind=self.kind,
+            params=params,
+        )
+
+
+class SinusoidFamily(_GeneratedRegression):
+    """MAML's sinusoid regression (Finn et al., 2017, §5.1): ``y = A sin(x - phi)``.
+
+    Defaults follow the paper: ``A ~ U[0.1, 5.0]``, ``phi ~ U[0, pi]``, ``x ~ U[-5, 5]``.
+    Task parameters are ``[A, phi]``. Train and eval tasks come from the same distribution but
+    from independent random streams, so a held-out task is never a training task.
+    """
+
+    def __init__(
+        self,
+        *,
+        shots: int,
+        query: int,
+        amplitude: tuple[float, float] | None = None,
+        phase: tuple[float, float] | None = None,
+        x_range: tuple[float, float] | None = None,
+        noise_std: float = 0.0,
+    ) -> None:
+        super().__init__(shots=shots, query=query, x_range=x_range or (-5.0, 5.0), noise_std=noise_std)
+        self.amplitude = amplitude or (0.1, 5.0)
+        self.phase = phase or (0.0, math.pi)
+
+    def sample_params(self, gen: torch.Generator, n: int, split: str) -> Tensor:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        amp = uniform(gen, n, *self.amplitude)
+        phase = uniform(gen, n, *self.phase)
+        return torch.stack([amp, phase], dim=1)
+
+    def function(self, params: Tensor, x: Tensor) -> Tensor:
+        amp = params[:, 0].view(-1, 1, 1)
+        phase = params[:, 1].view(-1, 1, 1)
+        return amp * torch.sin(x - phase)
+
+
+class HarmonicFamily(_GeneratedRegression):
+    """Damped harmonic oscillator: ``y(t) = A exp(-zeta w t) sin(w_d t + phi)``, ``w_d = w sqrt(1 - zeta^2)``.
+
+    Every task solves the ODE ``y'' + 2 zeta w y' + w^2 y = 0``, which is what makes this family
+    useful for soft physical constraints (seed 000). With ``zeta = 0`` it is a pure harmonic, the
+    regression family TRLearner (seed 002) uses next to sinusoids. Task parameters are
+    ``[A, w, zeta, phi]``. Defaults: ``A ~ U[0.1, 5]``, ``w ~ U[1, 3]``, ``zeta ~ U[0, 0.3]``,
+    ``phi ~ U[0, pi]``, ``t ~ U[0, 5]``.
+    """
+
+    def __init__(
+        self,
+        *,
+        shots: int,
+        query: int,
+        amplitude: tuple[float, float] | None = None,
+        omega: tuple[float, float] | None = None,
+        damping: tuple[float, float] | None = None,
+        phase: tuple[float, float] | None = None,
+        x_range: tuple[float, float] | None = None,
+        noise_std: float = 0.0,
+    ) -> None:
+        super().__init__(shots=shots, query=query, x_range=x_range or (0.0, 5.0), noise_std=noise_std)
+        self.amplitude = amplitude or (0.1, 5.0)
+        self.omega = omega or (1.0, 3.0)
+        self.damping = damping or (0.0, 0.3)
+        self.phase = phase or (0.0, math.pi)
+
+    def sample_params(self, gen: torch.Generator, n: int, split: str) -> Tensor:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        return torch.stack(
+            [
+                uniform(gen, n, *self.amplitude),
+                uniform(gen, n, *self.omega),
+                uniform(gen, n, *self.damping),
+                uniform(gen, n, *self.phase),
+            ],
+            dim=1,
+        )
+
+    def function(self, params: Tensor, x: Tensor) -> Tensor:
+        amp, omega, zeta, phase = (params[:, i].view(-1, 1, 1) for i in range(4))
+        omega_d = omega * torch.sqrt(1.0 - zeta**2)
+        return amp * torch.exp(-zeta * omega * x) * torch.sin(omega_d * x + phase)
+
+    @staticmethod
+    def ode_residual(params: Tensor, y: Tensor, dy: Tensor, d2y: Tensor) -> Tensor:
+        """Residual ``y'' + 2 zeta w y' + w^2 y`` of the task's ODE (zero for the true solution)."""
+        omega = params[:, 1].view(-1, 1, 1)
+        zeta = params[:, 2].view(-1, 1, 1)
+        return d2y + 2.0 * zeta * omega * dy + omega**2 * y
