@@ -57,6 +57,12 @@ def run_centralized(
             "privacy.mode=%s is a property of the federation; the centralized reference trains without DP",
             cfg.privacy.mode,
         )
+    if cfg.meta.algorithm == "metasgd" and cfg.eval.steps > cfg.meta.inner_steps:
+        log.warning(
+            "Meta-SGD's learned rates are tuned for meta.inner_steps=%d; evaluating %d steps with them "
+            "may diverge (set eval.steps=%d to evaluate what was trained)",
+            cfg.meta.inner_steps, cfg.eval.steps, cfg.meta.inner_steps,
+        )
     meta = exp.initial_meta_params()
     opt = exp.server_optimizer(meta)
     start_round = 1

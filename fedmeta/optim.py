@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -53,9 +54,13 @@ class ServerOptimizer:
         return self.params
 
     def state_dict(self) -> dict[str, Any]:
-        """Optimizer state (moments, step counts) for checkpoints."""
-        return self._opt.state_dict()
+        """A copy of the optimizer state (moments, step counts) for checkpoints.
+
+        Copied because torch hands out references to live moment tensors that later steps
+        update in place.
+        """
+        return copy.deepcopy(self._opt.state_dict())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the state saved by :meth:`state_dict`."""
-        self._opt.load_state_dict(state)
+        """Restore the state saved by :meth:`state_dict` (copied, never shared)."""
+        self._opt.load_state_dict(copy.deepcopy(state))

@@ -103,7 +103,7 @@ def plot_learning_curves(rows: list[dict[str, Any]], path: Path) -> Path:
     if train:
         rounds = [r["round"] for r in train]
         for key, label in (("query_loss_pre", "query loss before adaptation"), ("query_loss_post", "query loss after adaptation")):
-            ys = [r["train"].get(key, math.nan) for r in train]
+            ys = [_num(r["train"].get(key)) for r in train]
             ax.plot(rounds, _smooth(ys), label=label)
         ax.set_yscale("log")
     ax.set_xlabel("round")
@@ -113,8 +113,9 @@ def plot_learning_curves(rows: list[dict[str, Any]], path: Path) -> Path:
         if evals:
             rounds = [r["round"] for r in evals]
             for stage, label in (("pre_adapt", "before adaptation"), ("post_adapt", "after adaptation")):
-                ys = [r["eval"].get(f"{stage}_{metric}", math.nan) for r in evals]
-                ci = [r["eval"].get(f"{stage}_{metric}_ci95", 0.0) or 0.0 for r in evals]
+                # non-finite values were written as null (a diverged evaluation): leave gaps
+                ys = [_num(r["eval"].get(f"{stage}_{metric}")) for r in evals]
+                ci = [_num(r["eval"].get(f"{stage}_{metric}_ci95"), 0.0) for r in evals]
                 ax.errorbar(rounds, ys, yerr=ci, marker="o", ms=3, capsize=2, label=label)
         ax.set_xlabel("round")
         ax.set_title(f"held-out tasks: {metric} (95% CI)")
@@ -132,7 +133,7 @@ def plot_adaptation_curve(curves: dict[str, list[float]], path: Path) -> Path:
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.6), squeeze=False)
     for ax, (name, values) in zip(axes[0], curves.items()):
-        ax.plot(range(len(values)), values, marker="o")
+        ax.plot(range(len(values)), [_num(v) for v in values], marker="o")
         ax.set_xlabel("inner steps at test time")
         ax.set_ylabel(name.replace("_", " "))
         ax.set_title(f"adaptation on held-out tasks: {name.replace('_curve', '')}")
@@ -140,6 +141,10 @@ def plot_adaptation_curve(curves: dict[str, list[float]], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _num(value: Any, default: float = math.nan) -> float:
+    return default if value is None else float(value)
 
 
 def _smooth(values: list[float], window: int = 0) -> list[float]:

@@ -19,6 +19,11 @@ class MetaSGD(MAML):
     ``α`` lives in the meta-parameter dict under ``lr.<name>``, starts at ``inner_lr`` and is
     meta-learned jointly with ``θ`` through the exact second-order meta-gradient (the same
     computation as MAML, whose step size simply becomes a differentiable input).
+
+    The learned rates are tuned for exactly ``inner_steps`` steps and grow large (that is how
+    Meta-SGD adapts in one step); taking many more steps at test time with them can diverge, so
+    evaluate with ``eval.steps`` equal to ``meta.inner_steps`` (the 1-step metrics are always
+    reported as ``post_adapt_loss_1step``).
     """
 
     name: ClassVar[str] = "metasgd"
