@@ -35,6 +35,10 @@ __all__ = [
     "to_dict",
     "to_flat",
     "from_flat",
+    "RunOptions",
+    "RUN_CONFIG_KEYS",
+    "config_from_run_config",
+    "run_config_for",
     "TASK_NAMES",
     "MODEL_NAMES",
     "ALGORITHM_NAMES",
@@ -50,6 +54,9 @@ AGGREGATIONS = ("mean", "median", "trimmed_mean")
 SAMPLINGS = ("uniform", "poisson")
 ACCOUNTANTS = ("rdp", "prv", "gdp")
 BUDGET_ACTIONS = ("refuse", "stop")
+GLYPH_PARTITIONS = ("iid", "style", "script", "dirichlet")
+CONV_NORMS = ("batch", "group", "layer", "none")
+CONV_POOLS = ("stride", "max")
 
 Range = tuple[float, float]
 
@@ -75,6 +82,17 @@ class TaskConfig:
     damping: Range | None = None
     noise_std: float = 0.0
     data_dir: str | None = None
+    # glyphs (docs/glyphs.md): side of the images, fixed drawings per character, 90-degree
+    # rotations as extra background classes, how background classes are split among clients
+    # (iid | style | script | dirichlet), the Dirichlet concentration, the seed of the drawings,
+    # and the folder of rendered drawings (null: $FEDMETA_CACHE_DIR, else ~/.cache/fedmeta).
+    image_size: int = 28
+    drawings: int = 20
+    rotations: bool = False
+    partition: str = "dirichlet"
+    dirichlet_alpha: float = 0.5
+    render_seed: int = 0
+    cache_dir: str | None = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +101,12 @@ class ModelConfig:
 
     name: str = "mlp"
     hidden: tuple[int, ...] = (40, 40)
+    # conv4 (fedmeta/models/conv4.py): filters per block, normalization (batch | group | layer |
+    # none; batch = per-task batch statistics, no running averages) and downsampling (stride:
+    # stride-2 convolutions as MAML on Omniglot | max: 2x2 max-pooling as MAML on MiniImagenet).
+    channels: int = 64
+    norm: str = "batch"
+    pool: str = "stride"
 
 
 @dataclass(frozen=True)
@@ -97,6 +121,14 @@ class MetaConfig:
     outer_momentum: float = 0.0
     tasks_per_client: int = 1
     local_steps: int = 1
+    # Step size of the local SGD steps on the meta-parameters when local_steps > 1 (FedMeta /
+    # FedAvg-style local meta-updates); null: the same as outer_lr.
+    local_lr: float | None = None
+
+    @property
+    def local_step_size(self) -> float:
+        """The step size of local meta-steps (``local_lr``, or ``outer_lr`` when null)."""
+        return self.outer_lr if self.local_lr is None else self.local_lr
 
 
 @dataclass(frozen=True)
@@ -111,6 +143,11 @@ class FederationConfig:
     aggregation: str = "mean"
     trim_fraction: float = 0.1
     sampling: str = "uniform"
+    # Seconds the server waits for clients to register and answer its start-up query.
+    join_timeout: float = 600.0
+    # Times a round is re-sent to the clients that failed when fewer than min_replies valid
+    # replies arrived, before the run stops with InconsistentReplies.
+    max_retries: int = 1
 
 
 @dataclass(frozen=True)
@@ -124,6 +161,30 @@ class PrivacyConfig:
     target_epsilon: float | None = None
     accountant: str = "rdp"
     on_budget: str = "refuse"
+    # Adaptive clipping (Andrew et al., 2021): the clip norm tracks the target_quantile of the
+    # update norms; clip_norm above is its initial value. See docs/privacy.md.
+    adaptive_clipping: bool = False
+    target_quantile: float = 0.5
+    clip_lr: float = 0.2
+    clipped_count_stddev: float | None = None
+    # Seed of the DP noise and of DP sampling. null (default): a secret seed from the OS, never
+    # saved. An integer makes noise reproducible for tests; anyone who knows it can remove it.
+    noise_seed: int | None = None
+
+    def count_stddev(self, clients_per_round: int) -> float:
+        """Std of the noise on the clipped-count of adaptive clipping (``clipped_count_stddev``).
+
+        Default (null): ``clients_per_round / 20`` for ``client-central`` (Andrew et al.'s
+        choice for the cohort's sum) and ``noise_multiplier`` for ``client-local`` (each client
+        noises its own bit); 0 when ``noise_multiplier`` is 0.
+        """
+        if self.clipped_count_stddev is not None:
+            return self.clipped_count_stddev
+        if self.noise_multiplier == 0:
+            return 0.0
+        if self.mode == "client-local":
+            return self.noise_multiplier
+        return clients_per_round / 20.0
 
 
 @dataclass(frozen=True)
@@ -134,6 +195,11 @@ class EvalConfig:
     steps: int = 10
     every: int = 100
     batch: int = 200
+    # Server-side evaluation on TaskSource.eval_tasks() (needs the task data on the server).
+    server: bool = True
+    # Federated evaluation: clients asked every `every` rounds to adapt on their own held-out
+    # tasks and return aggregate metrics only (0: none).
+    clients: int = 0
 
 
 @dataclass(frozen=True)
@@ -299,9 +365,27 @@ def validate(cfg: Config) -> Config:
     _require(t.noise_std >= 0, "task.noise_std", t.noise_std, "must be >= 0")
     if t.name == "folder":
         _require(bool(t.data_dir), "task.data_dir", t.data_dir, "must name a site folder for task.name 'folder'")
+    _require(16 <= t.image_size <= 128, "task.image_size", t.image_size, "must be between 16 and 128 pixels")
+    _require(t.drawings >= 2, "task.drawings", t.drawings, "must be at least 2")
+    _require(t.partition in GLYPH_PARTITIONS, "task.partition", t.partition, f"must be one of {', '.join(GLYPH_PARTITIONS)}")
+    _require(t.dirichlet_alpha > 0 and math.isfinite(t.dirichlet_alpha), "task.dirichlet_alpha", t.dirichlet_alpha, "must be a positive number")
+    _require(t.render_seed >= 0, "task.render_seed", t.render_seed, "must be a non-negative integer")
+    _require(t.cache_dir is None or bool(t.cache_dir.strip()), "task.cache_dir", t.cache_dir, "must be null or a folder path")
+    if t.name == "glyphs":
+        _require(
+            t.shots + t.query <= t.drawings,
+            "task.query",
+            t.query,
+            f"plus task.shots ({t.shots}) must not exceed task.drawings ({t.drawings}), the drawings per character",
+        )
 
     _require(m.name in MODEL_NAMES, "model.name", m.name, f"must be one of {', '.join(MODEL_NAMES)}")
     _require(all(h >= 1 for h in m.hidden) and len(m.hidden) >= 1, "model.hidden", list(m.hidden), "must be a non-empty list of positive widths")
+    _require(m.channels >= 1, "model.channels", m.channels, "must be at least 1")
+    _require(m.norm in CONV_NORMS, "model.norm", m.norm, f"must be one of {', '.join(CONV_NORMS)}")
+    _require(m.pool in CONV_POOLS, "model.pool", m.pool, f"must be one of {', '.join(CONV_POOLS)}")
+    if m.name == "conv4" and m.norm == "group":
+        _require(m.channels % 8 == 0, "model.channels", m.channels, "must be a multiple of 8 for model.norm 'group' (8 groups)")
 
     _require(
         me.algorithm in ALGORITHM_NAMES,
@@ -321,6 +405,12 @@ def validate(cfg: Config) -> Config:
     _require(0 <= me.outer_momentum < 1, "meta.outer_momentum", me.outer_momentum, "must be in [0, 1)")
     _require(me.tasks_per_client >= 1, "meta.tasks_per_client", me.tasks_per_client, "must be at least 1")
     _require(me.local_steps >= 1, "meta.local_steps", me.local_steps, "must be at least 1")
+    _require(
+        me.local_lr is None or (me.local_lr > 0 and math.isfinite(me.local_lr)),
+        "meta.local_lr",
+        me.local_lr,
+        "must be null or a positive number",
+    )
     if t.tasks_per_site is not None:
         _require(
             me.tasks_per_client <= t.tasks_per_site,
@@ -348,6 +438,8 @@ def validate(cfg: Config) -> Config:
     _require(f.aggregation in AGGREGATIONS, "federation.aggregation", f.aggregation, f"must be one of {', '.join(AGGREGATIONS)}")
     _require(0 <= f.trim_fraction < 0.5, "federation.trim_fraction", f.trim_fraction, "must be in [0, 0.5)")
     _require(f.sampling in SAMPLINGS, "federation.sampling", f.sampling, f"must be one of {', '.join(SAMPLINGS)}")
+    _require(f.join_timeout > 0, "federation.join_timeout", f.join_timeout, "must be positive (seconds)")
+    _require(f.max_retries >= 0, "federation.max_retries", f.max_retries, "must be a non-negative integer")
 
     _require(p.mode in PRIVACY_MODES, "privacy.mode", p.mode, f"must be one of {', '.join(PRIVACY_MODES)}")
     _require(p.clip_norm > 0 and math.isfinite(p.clip_norm), "privacy.clip_norm", p.clip_norm, "must be a positive number")
@@ -361,11 +453,70 @@ def validate(cfg: Config) -> Config:
     )
     _require(p.accountant in ACCOUNTANTS, "privacy.accountant", p.accountant, f"must be one of {', '.join(ACCOUNTANTS)}")
     _require(p.on_budget in BUDGET_ACTIONS, "privacy.on_budget", p.on_budget, f"must be one of {', '.join(BUDGET_ACTIONS)}")
+    _require(0 < p.target_quantile < 1, "privacy.target_quantile", p.target_quantile, "must lie strictly between 0 and 1")
+    _require(p.clip_lr > 0 and math.isfinite(p.clip_lr), "privacy.clip_lr", p.clip_lr, "must be a positive number")
+    _require(
+        p.clipped_count_stddev is None or (p.clipped_count_stddev >= 0 and math.isfinite(p.clipped_count_stddev)),
+        "privacy.clipped_count_stddev",
+        p.clipped_count_stddev,
+        "must be null or a non-negative number",
+    )
+    _require(p.noise_seed is None or p.noise_seed >= 0, "privacy.noise_seed", p.noise_seed, "must be null or a non-negative integer")
+    if p.adaptive_clipping:
+        _require(
+            p.mode in ("client-central", "client-local"),
+            "privacy.adaptive_clipping",
+            p.adaptive_clipping,
+            f"applies to privacy.mode client-central or client-local only (mode is '{p.mode}')",
+        )
+        count_std = p.count_stddev(f.clients_per_round)
+        # Andrew et al. (2021), Thm. 1: the update noise left after paying for the noisy count is
+        # (z^-2 - (2 sigma_b)^-2)^-1/2, which exists only when 2 sigma_b > z.
+        _require(
+            p.noise_multiplier == 0 or 2 * count_std > p.noise_multiplier,
+            "privacy.clipped_count_stddev",
+            count_std,
+            f"must exceed privacy.noise_multiplier / 2 = {p.noise_multiplier / 2:g} for adaptive clipping "
+            "(the clipped-count noise is paid out of the noise budget; null means "
+            + ("noise_multiplier" if p.mode == "client-local" else "clients_per_round / 20")
+            + ")",
+        )
+    if p.mode == "client-central":
+        # The accountant's amplification by subsampling assumes each client joins a round
+        # independently with probability q = clients_per_round / clients_total.
+        _require(
+            f.sampling == "poisson",
+            "federation.sampling",
+            f.sampling,
+            "must be 'poisson' for privacy.mode 'client-central' (the privacy accountant assumes Poisson "
+            "sampling of clients with rate clients_per_round / clients_total)",
+        )
+        _require(
+            f.aggregation == "mean",
+            "federation.aggregation",
+            f.aggregation,
+            "must be 'mean' for privacy.mode 'client-central' (the noise is calibrated to the clipped sum)",
+        )
+    if p.mode == "task":
+        _require(
+            t.tasks_per_site is not None or t.name == "folder",
+            "task.tasks_per_site",
+            t.tasks_per_site,
+            "must be set for privacy.mode 'task' (the site's fixed pool of tasks is what task-level DP "
+            "protects; its sampling rate is meta.tasks_per_client / task.tasks_per_site)",
+        )
 
     _require(e.tasks >= 1, "eval.tasks", e.tasks, "must be at least 1")
     _require(e.steps >= 1, "eval.steps", e.steps, "must be at least 1")
     _require(e.every >= 1, "eval.every", e.every, "must be at least 1")
     _require(e.batch >= 1, "eval.batch", e.batch, "must be at least 1")
+    _require(
+        0 <= e.clients <= f.clients_total,
+        "eval.clients",
+        e.clients,
+        f"must be between 0 and federation.clients_total ({f.clients_total})",
+    )
+    _require(e.server or e.clients > 0, "eval.server", e.server, "may be false only when eval.clients > 0 (something must evaluate)")
 
     needs_images = t.name == "glyphs"
     if needs_images:
@@ -534,3 +685,83 @@ def from_flat(flat: dict[str, Any]) -> Config:
             value = yaml.safe_load(value)
         node[parts[-1]] = value
     return config_from_dict(nested, source="run_config")
+
+
+# ---------------------------------------------------------------------------------------------
+# Flower's run_config (``[tool.flwr.app.config]`` in pyproject.toml, ``--run-config`` of flwr run).
+
+#: The keys of ``[tool.flwr.app.config]``. Flower only lets ``flwr run --run-config`` override
+#: keys that pyproject.toml declares, so every key the apps read is listed there.
+RUN_CONFIG_KEYS = ("config-file", "config-yaml", "overrides", "out-dir", "resume")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What a Flower run needs besides the :class:`Config`: where outputs go, and whether to resume."""
+
+    out_dir: str = ""
+    resume: bool = False
+
+
+def config_from_run_config(run_config: dict[str, Any], *, base_dirs: tuple[Path, ...] = ()) -> tuple[Config, RunOptions]:
+    """Build the run's :class:`Config` from Flower's ``run_config`` mapping.
+
+    Keys (all optional):
+
+    * ``config-yaml``: the whole config as YAML text (wins over ``config-file``);
+    * ``config-file``: a YAML config file, absolute or relative to one of ``base_dirs`` (the app
+      directory, which Flower's app bundle ships with ``configs/``) or the current directory;
+    * ``overrides``: space-separated ``dotted.key=value`` items, exactly like ``--set``;
+    * any dotted config key (``meta.inner_lr``), as :func:`to_flat` writes them;
+    * ``out-dir`` and ``resume``: returned as :class:`RunOptions`.
+
+    Raises:
+        ConfigError: for an unknown key, an unreadable file, or an invalid config.
+    """
+    import shlex
+
+    flat = dict(run_config)
+    options = RunOptions(out_dir=str(flat.pop("out-dir", "") or ""), resume=bool(flat.pop("resume", False)))
+    text = str(flat.pop("config-yaml", "") or "")
+    path = str(flat.pop("config-file", "") or "")
+    overrides = shlex.split(str(flat.pop("overrides", "") or ""))
+    for key, value in flat.items():
+        if "." not in key:
+            raise ConfigError(f"unknown run_config key '{key}' (known: {', '.join(RUN_CONFIG_KEYS)} and dotted config keys)")
+        if isinstance(value, str) and (value == "null" or value.startswith("[")):
+            value = yaml.safe_load(value)
+        overrides.append(f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}")
+    if text:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"run_config key 'config-yaml' is not valid YAML: {exc}") from exc
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"run_config key 'config-yaml' must hold a YAML mapping, got {type(data).__name__}")
+        return config_from_dict(apply_overrides(data, overrides), source="run_config 'config-yaml'"), options
+    if path:
+        candidate = Path(path)
+        if not candidate.is_absolute():
+            for base in (*base_dirs, Path.cwd()):
+                if (base / candidate).is_file():
+                    candidate = base / candidate
+                    break
+        return load_config(candidate, overrides), options
+    return config_from_dict(apply_overrides({}, overrides), source="run_config"), options
+
+
+def run_config_for(cfg: Config, options: RunOptions | None = None) -> dict[str, Any]:
+    """The ``run_config`` mapping that makes :func:`config_from_run_config` return ``cfg``.
+
+    Used by launchers that pass a config to ``flwr run`` (``--run-config`` with a TOML file).
+    """
+    options = options or RunOptions()
+    return {
+        "config-yaml": yaml.safe_dump(to_dict(cfg), sort_keys=False),
+        "config-file": "",
+        "overrides": "",
+        "out-dir": options.out_dir,
+        "resume": options.resume,
+    }

@@ -1,0 +1,286 @@
+"""Privacy budgets: what a schedule spends, how many rounds fit, and sigma for a target epsilon.
+
+All epsilons come from :class:`~fedmeta.privacy.accountant.PrivacyAccountant` (Opacus), and the
+calibration of the noise multiplier is Opacus' own ``get_noise_multiplier`` binary search. A run
+plans its budget *before* it starts: sigma and the sample rate are fixed by the config, so the
+epsilon after every round is known in advance, and a schedule that would exceed
+``privacy.target_epsilon`` is refused with the number of rounds that fit, or (with
+``privacy.on_budget: stop``) cut to the last round that fits.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from fedmeta.config import Config
+from fedmeta.errors import BudgetExhausted
+from fedmeta.privacy.accountant import PrivacyAccountant
+from fedmeta.privacy.modes import LOCAL_SENSITIVITY_FACTOR, accounting_parameters, describe_mode
+
+__all__ = [
+    "PrivacyPlan",
+    "plan_privacy",
+    "rounds_that_fit",
+    "calibrate_noise_multiplier",
+    "calibrate_config_noise_multiplier",
+    "enforce_budget",
+    "budget_message",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PrivacyPlan:
+    """What a config's schedule spends, computed without training.
+
+    Attributes:
+        mode: ``privacy.mode``.
+        accountant: the Opacus mechanism (``None`` without DP).
+        delta: ``privacy.delta``.
+        noise_multiplier: ``privacy.noise_multiplier`` (the effective ``z`` with adaptive clipping).
+        clip_norm: ``privacy.clip_norm`` (the initial one with adaptive clipping).
+        accounted_noise_multiplier: the ``z`` the accountant is stepped with (``z / 2`` for
+            client-local).
+        sample_rate: the accountant's ``q``.
+        unit: what is protected (``client`` or ``task``).
+        rounds: ``federation.rounds``.
+        steps: accountant steps the full schedule takes (for client-local and task: the worst
+            case of a client or site that takes part in every round).
+        epsilon: epsilon after the full schedule (``inf`` if noiseless; ``None`` without DP).
+        target_epsilon: ``privacy.target_epsilon``.
+        rounds_that_fit: with a target, the most rounds whose epsilon stays within it.
+        within_budget: whether the full schedule stays within the target (``True`` without one).
+    """
+
+    mode: str
+    accountant: str | None
+    delta: float
+    noise_multiplier: float | None
+    clip_norm: float | None
+    accounted_noise_multiplier: float | None
+    sample_rate: float | None
+    unit: str | None
+    rounds: int
+    steps: int
+    epsilon: float | None
+    target_epsilon: float | None
+    rounds_that_fit: int | None
+    within_budget: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (infinite epsilon becomes ``None`` with ``epsilon_unbounded: true``)."""
+        out = asdict(self)
+        out["epsilon_unbounded"] = self.epsilon is not None and math.isinf(self.epsilon)
+        if out["epsilon_unbounded"]:
+            out["epsilon"] = None
+        desc = describe_mode(self.mode)
+        out["protects"] = desc.protects
+        out["noise_added_by"] = desc.noise_added_by
+        out["sample_rate_means"] = desc.sample_rate
+        return out
+
+
+def _epsilon_after(acc: PrivacyAccountant, steps: int, *, noise_multiplier: float, sample_rate: float, delta: float) -> float:
+    # reuse one accountant so that rdp's per-(sigma, q) cache serves every probe
+    acc.load_state_dict(
+        {"mechanism": acc.mechanism, "noise_multipliers": [noise_multiplier], "sample_rates": [sample_rate], "steps": [steps]}
+    )
+    return acc.get_epsilon(delta)
+
+
+def rounds_that_fit(
+    *, target_epsilon: float, delta: float, noise_multiplier: float, sample_rate: float, max_rounds: int, accountant: str = "rdp", steps_per_round: int = 1
+) -> int:
+    """The largest ``n <= max_rounds`` whose epsilon after ``n`` rounds is at most ``target_epsilon``.
+
+    Epsilon grows with the number of identical steps, so this is a binary search over Opacus'
+    epsilon.
+
+    Raises:
+        ValueError: on invalid parameters.
+    """
+    if not target_epsilon > 0:
+        raise ValueError(f"target_epsilon must be positive, got {target_epsilon!r}")
+    if max_rounds < 0:
+        raise ValueError(f"max_rounds must be non-negative, got {max_rounds}")
+    acc = PrivacyAccountant(accountant)
+
+    def eps(n: int) -> float:
+        return _epsilon_after(acc, n * steps_per_round, noise_multiplier=noise_multiplier, sample_rate=sample_rate, delta=delta)
+
+    if eps(max_rounds) <= target_epsilon:
+        return max_rounds
+    lo, hi = 0, max_rounds  # eps(lo) <= target < eps(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if eps(mid) <= target_epsilon:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def calibrate_noise_multiplier(
+    *, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp", tolerance: float = 0.01
+) -> float:
+    """The accountant noise multiplier that spends at most ``target_epsilon`` in ``steps`` steps.
+
+    Opacus' ``get_noise_multiplier`` (a binary search whose answer spends between
+    ``target_epsilon - tolerance`` and ``target_epsilon``).
+
+    Raises:
+        ValueError: if no noise multiplier up to Opacus' limit reaches the target, or on
+            invalid parameters.
+    """
+    if not target_epsilon > 0:
+        raise ValueError(f"target_epsilon must be positive, got {target_epsilon!r}")
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    from opacus.accountants.utils import get_noise_multiplier
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # gdp warns at every probe
+        return float(
+            get_noise_multiplier(
+                target_epsilon=target_epsilon,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=steps,
+                accountant=accountant,
+                epsilon_tolerance=tolerance,
+            )
+        )
+
+
+def calibrate_config_noise_multiplier(cfg: Config, *, target_epsilon: float | None = None, pool_size: int | None = None, tolerance: float = 0.01) -> float:
+    """``privacy.noise_multiplier`` that makes ``cfg``'s full schedule spend at most the target.
+
+    Args:
+        cfg: the run configuration (mode, rounds, sample rate, delta, accountant).
+        target_epsilon: the target (default: ``privacy.target_epsilon``).
+        pool_size: a site's task pool for ``task`` mode (default: ``task.tasks_per_site``).
+        tolerance: Opacus' epsilon tolerance.
+
+    Raises:
+        ValueError: without DP, without a target, or when the target cannot be reached.
+    """
+    target = target_epsilon if target_epsilon is not None else cfg.privacy.target_epsilon
+    if cfg.privacy.mode == "none":
+        raise ValueError("privacy.mode is 'none': there is no noise multiplier to calibrate")
+    if target is None:
+        raise ValueError("no target epsilon: set privacy.target_epsilon or pass one")
+    params = accounting_parameters(cfg, pool_size=pool_size)
+    assert params is not None
+    sigma = calibrate_noise_multiplier(
+        target_epsilon=target,
+        delta=cfg.privacy.delta,
+        sample_rate=params.sample_rate,
+        steps=cfg.federation.rounds * params.steps_per_round,
+        accountant=cfg.privacy.accountant,
+        tolerance=tolerance,
+    )
+    # the accountant's z is z / 2 under local DP; adaptive clipping keeps z as the effective total
+    return sigma * LOCAL_SENSITIVITY_FACTOR if cfg.privacy.mode == "client-local" else sigma
+
+
+def plan_privacy(cfg: Config, *, pool_size: int | None = None) -> PrivacyPlan:
+    """What ``cfg`` would spend, without training.
+
+    Args:
+        cfg: the run configuration.
+        pool_size: for ``task`` mode, the size of a site's task pool (default
+            ``task.tasks_per_site``; the smallest site is the worst case).
+
+    Raises:
+        ConfigError: in ``task`` mode when the pool size is unknown.
+    """
+    p, rounds = cfg.privacy, cfg.federation.rounds
+    params = accounting_parameters(cfg, pool_size=pool_size)
+    if params is None:
+        return PrivacyPlan(
+            mode=p.mode, accountant=None, delta=p.delta, noise_multiplier=None, clip_norm=None,
+            accounted_noise_multiplier=None, sample_rate=None, unit=None, rounds=rounds, steps=0,
+            epsilon=None, target_epsilon=p.target_epsilon, rounds_that_fit=None, within_budget=True,
+        )  # fmt: skip
+    steps = rounds * params.steps_per_round
+    acc = PrivacyAccountant(p.accountant)
+    epsilon = _epsilon_after(acc, steps, noise_multiplier=params.noise_multiplier, sample_rate=params.sample_rate, delta=p.delta)
+    fit: int | None = None
+    within = True
+    if p.target_epsilon is not None:
+        within = epsilon <= p.target_epsilon
+        fit = rounds if within else rounds_that_fit(
+            target_epsilon=p.target_epsilon, delta=p.delta, noise_multiplier=params.noise_multiplier,
+            sample_rate=params.sample_rate, max_rounds=rounds, accountant=p.accountant,
+            steps_per_round=params.steps_per_round,
+        )  # fmt: skip
+    return PrivacyPlan(
+        mode=p.mode, accountant=p.accountant, delta=p.delta, noise_multiplier=p.noise_multiplier,
+        clip_norm=p.clip_norm, accounted_noise_multiplier=params.noise_multiplier,
+        sample_rate=params.sample_rate, unit=params.unit, rounds=rounds, steps=steps, epsilon=epsilon,
+        target_epsilon=p.target_epsilon, rounds_that_fit=fit, within_budget=within,
+    )  # fmt: skip
+
+
+def budget_message(plan: PrivacyPlan, *, calibrated: float | None = None) -> str:
+    """One paragraph saying that and by how much ``plan`` exceeds its target, and what to do."""
+    who = "a client that takes part in every round" if plan.mode == "client-local" else (
+        "a site that takes part in every round" if plan.mode == "task" else "the run"
+    )
+    eps = "unbounded" if plan.epsilon is not None and math.isinf(plan.epsilon) else f"{plan.epsilon:.4g}"
+    text = (
+        f"privacy.target_epsilon={plan.target_epsilon:g} would be exceeded: {plan.rounds} rounds of "
+        f"{plan.mode} DP (noise_multiplier {plan.noise_multiplier:g}, sample rate {plan.sample_rate:.4g}, "
+        f"{plan.accountant} accountant) spend epsilon={eps} at delta={plan.delta:g} for {who}; "
+        f"only {plan.rounds_that_fit} rounds fit."
+    )
+    fixes = []
+    if plan.rounds_that_fit:
+        fixes.append(f"set federation.rounds to at most {plan.rounds_that_fit}")
+    if calibrated is not None:
+        fixes.append(f"raise privacy.noise_multiplier to {calibrated:.4g} to fit all {plan.rounds} rounds")
+    else:
+        fixes.append("raise privacy.noise_multiplier (fedmeta privacy CONFIG --calibrate)")
+    if plan.rounds_that_fit:
+        fixes.append(f"or set privacy.on_budget: stop to stop cleanly after round {plan.rounds_that_fit}")
+    return text + " To run: " + ", ".join(fixes) + "."
+
+
+def enforce_budget(cfg: Config, *, plan: PrivacyPlan | None = None, pool_size: int | None = None) -> int:
+    """How many rounds a run may take under its budget; refuse to start if none (or if so configured).
+
+    Args:
+        cfg: the run configuration.
+        plan: a plan already computed for ``cfg``.
+        pool_size: for ``task`` mode (see :func:`plan_privacy`).
+
+    Returns:
+        ``federation.rounds`` when the schedule fits (or there is no target or no DP); with
+        ``privacy.on_budget: stop``, the last round that fits.
+
+    Raises:
+        BudgetExhausted: with ``on_budget: refuse`` when the schedule would exceed the target,
+            or when not even one round fits; the message says how many rounds fit and how to
+            fix the config.
+    """
+    plan = plan or plan_privacy(cfg, pool_size=pool_size)
+    if plan.within_budget:
+        return plan.rounds
+    assert plan.rounds_that_fit is not None
+    if cfg.privacy.on_budget == "stop" and plan.rounds_that_fit > 0:
+        log.warning(
+            "privacy.target_epsilon=%g allows %d of %d rounds: the run will stop cleanly after round %d",
+            plan.target_epsilon, plan.rounds_that_fit, plan.rounds, plan.rounds_that_fit,
+        )  # fmt: skip
+        return plan.rounds_that_fit
+    calibrated: float | None
+    try:
+        calibrated = calibrate_config_noise_multiplier(cfg, pool_size=pool_size)
+    except ValueError:
+        calibrated = None
+    raise BudgetExhausted(budget_message(plan, calibrated=calibrated))
