@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import torch
 from torch.func import grad, vmap
 
 from fedmeta.centralized import run_centralized
-from fedmeta.config import config_from_dict
+from fedmeta.config import config_from_dict, to_dict
 from fedmeta.experiment import Experiment
 from fedmeta.outputs import read_metrics
 from fedmeta.rng import make_generator
@@ -52,13 +53,19 @@ def sinusoid_config(algorithm: str, iterations: int, **meta: object) -> dict:
     }
 
 
-def accuracy(iterations: int, out: Path) -> list[dict]:
+def accuracy(iterations: int, out: Path, *, reuse: bool = False) -> list[dict]:
+    """Train every algorithm (or, with ``reuse``, read the summaries an earlier run left in ``out``)."""
     rows = []
     for name, extra in ALGORITHMS.items():
         cfg = config_from_dict(sinusoid_config(name, iterations, **extra))
-        t0 = time.perf_counter()
-        summary = run_centralized(cfg, out / name)
-        seconds = time.perf_counter() - t0
+        done = out / name / "summary.json"
+        if reuse and done.exists() and json.loads(done.read_text())["config"] == to_dict(cfg):
+            summary = json.loads(done.read_text())
+            seconds = summary["wall_seconds"]
+        else:
+            t0 = time.perf_counter()
+            summary = run_centralized(cfg, out / name)
+            seconds = time.perf_counter() - t0
         final = summary["final"]
         rows.append({"algorithm": name, "extra": extra, "seconds": seconds, **{k: final.get(k) for k in (
             "pre_adapt_loss", "pre_adapt_loss_ci95", "post_adapt_loss_1step", "post_adapt_loss_1step_ci95", "post_adapt_loss", "post_adapt_loss_ci95")}})
@@ -159,19 +166,21 @@ def main() -> None:
     parser.add_argument("--speed-iterations", type=int, default=500)
     parser.add_argument("--out", default="runs/bench_foundation")
     parser.add_argument("--skip-accuracy", action="store_true")
+    parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--reuse", action="store_true", help="read finished runs in --out instead of retraining them")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: immune to oversubscription on a shared machine)")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
-    lines = ["## Foundation: MAML's sinusoid anchor and the centralized loop", "", f"Machine: {machine_line()}.", ""]
-    lines += [
-        "Command: `python -m simulations.bench_foundation"
-        + (f" --iterations {args.iterations}" if args.iterations != 20000 else "")
-        + (" --skip-accuracy" if args.skip_accuracy else "")
-        + "`.",
-        "",
-    ]
+    command = "`python -m simulations.bench_foundation" + (f" --iterations {args.iterations}" if args.iterations != 20000 else "")
     if not args.skip_accuracy:
-        rows = accuracy(args.iterations, out)
+        lines = [
+            "## Foundation: MAML's sinusoid anchor",
+            "",
+            f"Machine: {machine_line()}. Command: {command} --skip-speed`.",
+            "",
+        ]
+        rows = accuracy(args.iterations, out, reuse=args.reuse)
         figure = DOCS / "figures" / "foundation_sinusoid.png"
         plot_accuracy(out, figure)
         lines += [
@@ -185,7 +194,7 @@ def main() -> None:
             "| --- | --- | --- | --- | --- |",
         ]
         def cell(r: dict, key: str) -> str:
-            if r[key] is None:
+            if r[key] is None or not math.isfinite(r[key]):
                 return "diverges"
             return f"{r[key]:.3f} ± {r[key + '_ci95']:.3f}"
 
@@ -201,8 +210,16 @@ def main() -> None:
             "(Li et al. report Meta-SGD's sinusoid results after one step too).",
         ]
         lines += ["", "![held-out MSE during training and against test-time steps](figures/foundation_sinusoid.png)", ""]
+        update_section("foundation-accuracy", "\n".join(lines))
+        print("\n".join(lines))
+    if args.skip_speed:
+        return
     med = speed(args.speed_iterations)
-    lines += [
+    lines = [
+        "## Foundation: speed of the centralized loop",
+        "",
+        f"Machine: {machine_line()}. Command: {command} --skip-accuracy`.",
+        "",
         f"Speed, median over {args.speed_iterations - 20} iterations interleaved in one process "
         "(25 sinusoid tasks, second-order MAML, 1 inner step):",
         "",
@@ -217,7 +234,7 @@ def main() -> None:
         f"the full iteration {med['fedmeta_full'] / med['plain_vmap']:.2f}×, the difference being the "
         "per-client task drawing that makes every client's tasks a function of (seed, round, client).",
     ]
-    update_section("foundation", "\n".join(lines))
+    update_section("foundation-speed", "\n".join(lines))
     print("\n".join(lines))
 
 

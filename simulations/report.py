@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import re
 from datetime import datetime, timezone
@@ -22,10 +23,13 @@ machines are noisy: compare ratios measured side by side in one run.
 
 
 def machine_line() -> str:
-    """One line describing where a benchmark ran."""
+    """One line describing where a benchmark ran, with the load other jobs put on the machine."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (
-        f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-        f"Python {platform.python_version()}, {datetime.now(timezone.utc):%Y-%m-%d}"
+        f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}, Python {platform.python_version()}, "
+        f"{datetime.now(timezone.utc):%Y-%m-%d}, 1-minute load average {load:.1f} when the section was written "
+        "(wall times inflate with load; ratios measured side by side do not)"
     )
 
 

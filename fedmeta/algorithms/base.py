@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.func import grad, vmap
+from torch.func import grad, grad_and_value, vmap
 
 from fedmeta.models.base import FunctionalModel
 from fedmeta.types import LR_PREFIX, Params, TaskBatch, lr_part, model_part
@@ -102,6 +102,10 @@ class MetaAlgorithm(ABC):
         ``first_order`` is set, in which case the inner gradients are treated as constants.
         The returned dict holds only model parameters.
         """
+        return self.adapt_with_loss(meta, x, y, steps, first_order=first_order)[0]
+
+    def adapt_with_loss(self, meta: Params, x: Tensor, y: Tensor, steps: int, *, first_order: bool = False) -> tuple[Params, Tensor]:
+        """:meth:`adapt`, also returning the loss on ``(x, y)`` before the first step (for free)."""
         keys = self.adapted_keys(meta)
         sizes = self.step_sizes(meta)
         params = model_part(meta)
@@ -111,12 +115,16 @@ class MetaAlgorithm(ABC):
         def inner_loss(p: Params) -> Tensor:
             return self.loss({**frozen, **p}, x, y)
 
+        start_loss = None
         for _ in range(steps):
-            g = grad(inner_loss)(fast)
+            g, value = grad_and_value(inner_loss)(fast)
+            if start_loss is None:
+                start_loss = value.detach()
             if first_order:
                 g = {k: v.detach() for k, v in g.items()}
             fast = {k: fast[k] - sizes[k] * g[k] for k in keys}
-        return {**frozen, **fast}
+        assert start_loss is not None  # steps >= 1 by construction
+        return {**frozen, **fast}, start_loss
 
     def adaptation_curve(self, meta: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, steps: int) -> dict[str, Tensor]:
         """Query loss (and accuracy) after ``0..steps`` inner steps on the support set, one task.
@@ -158,15 +166,30 @@ class MetaAlgorithm(ABC):
             least :data:`METRIC_NAMES` (plus ``query_accuracy_pre/post`` for classification).
         """
 
-    def _metrics(self, meta: Params, adapted: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, query_loss_post: Tensor | None = None) -> dict[str, Tensor]:
-        """The standard per-task metrics, detached."""
+    def _metrics(
+        self,
+        meta: Params,
+        adapted: Params,
+        sx: Tensor,
+        sy: Tensor,
+        qx: Tensor,
+        qy: Tensor,
+        *,
+        support_loss_pre: Tensor | None = None,
+        query_pred_post: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """The standard per-task metrics, detached.
+
+        Values the caller already computed (the support loss before the first inner step, the
+        adapted model's query predictions) are passed in so that no forward pass runs twice.
+        """
         pre_q = self.model.forward(model_part(meta), qx)
-        post_q = self.model.forward(adapted, qx)
+        post_q = self.model.forward(adapted, qx) if query_pred_post is None else query_pred_post
         out = {
-            "support_loss_pre": self.loss(meta, sx, sy),
+            "support_loss_pre": self.loss(meta, sx, sy) if support_loss_pre is None else support_loss_pre,
             "support_loss_post": self.loss(adapted, sx, sy),
             "query_loss_pre": task_loss(self.kind, pre_q, qy),
-            "query_loss_post": task_loss(self.kind, post_q, qy) if query_loss_post is None else query_loss_post,
+            "query_loss_post": task_loss(self.kind, post_q, qy),
         }
         if self.kind == "classification":
             out["query_accuracy_pre"] = task_accuracy(pre_q, qy)

@@ -29,5 +29,5 @@ class FedAvg(MetaAlgorithm):
         x = torch.cat([sx, qx])
         y = torch.cat([sy, qy])
         g = grad(lambda p: self.loss(p, x, y))(meta)
-        adapted = self.adapt(meta, sx, sy, self.inner_steps, first_order=True)
-        return g, self._metrics(meta, adapted, sx, sy, qx, qy)
+        adapted, support_loss_pre = self.adapt_with_loss(meta, sx, sy, self.inner_steps, first_order=True)
+        return g, self._metrics(meta, adapted, sx, sy, qx, qy, support_loss_pre=support_loss_pre)

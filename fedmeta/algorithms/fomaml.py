@@ -23,7 +23,7 @@ class FOMAML(MetaAlgorithm):
     name: ClassVar[str] = "fomaml"
 
     def task_update(self, meta: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Params, dict[str, Tensor]]:
-        adapted = self.adapt(meta, sx, sy, self.inner_steps, first_order=True)
+        adapted, support_loss_pre = self.adapt_with_loss(meta, sx, sy, self.inner_steps, first_order=True)
         adapted = {k: v.detach() for k, v in adapted.items()}
         g = grad(lambda p: self.loss(p, qx, qy))(adapted)
-        return {k: g[k] for k in meta}, self._metrics(meta, adapted, sx, sy, qx, qy)
+        return {k: g[k] for k in meta}, self._metrics(meta, adapted, sx, sy, qx, qy, support_loss_pre=support_loss_pre)

@@ -7,7 +7,7 @@ from typing import ClassVar
 from torch import Tensor
 from torch.func import grad
 
-from fedmeta.algorithms.base import MetaAlgorithm
+from fedmeta.algorithms.base import MetaAlgorithm, task_loss
 from fedmeta.types import Params
 
 __all__ = ["MAML"]
@@ -27,9 +27,13 @@ class MAML(MetaAlgorithm):
 
     def outer_loss(self, meta: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Query loss after adapting on the support set, with the task's metrics as aux output."""
-        adapted = self.adapt(meta, sx, sy, self.inner_steps)
-        query_loss = self.loss(adapted, qx, qy)
-        return query_loss, self._metrics(meta, adapted, sx, sy, qx, qy, query_loss_post=query_loss.detach())
+        adapted, support_loss_pre = self.adapt_with_loss(meta, sx, sy, self.inner_steps)
+        pred = self.model.forward(adapted, qx)
+        query_loss = task_loss(self.kind, pred, qy)
+        metrics = self._metrics(
+            meta, adapted, sx, sy, qx, qy, support_loss_pre=support_loss_pre, query_pred_post=pred.detach()
+        )
+        return query_loss, metrics
 
     def task_update(self, meta: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Params, dict[str, Tensor]]:
         grads, metrics = grad(self.outer_loss, has_aux=True)(meta, sx, sy, qx, qy)

@@ -23,6 +23,6 @@ class Reptile(MetaAlgorithm):
     name: ClassVar[str] = "reptile"
 
     def task_update(self, meta: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Params, dict[str, Tensor]]:
-        adapted = self.adapt(meta, sx, sy, self.inner_steps, first_order=True)
+        adapted, support_loss_pre = self.adapt_with_loss(meta, sx, sy, self.inner_steps, first_order=True)
         adapted = {k: v.detach() for k, v in adapted.items()}
-        return {k: meta[k] - adapted[k] for k in meta}, self._metrics(meta, adapted, sx, sy, qx, qy)
+        return {k: meta[k] - adapted[k] for k in meta}, self._metrics(meta, adapted, sx, sy, qx, qy, support_loss_pre=support_loss_pre)
