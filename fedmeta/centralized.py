@@ -18,7 +18,7 @@ from fedmeta.checkpoint import check_compatible, load_checkpoint, save_checkpoin
 from fedmeta.config import Config, to_dict
 from fedmeta.errors import CheckpointError
 from fedmeta.experiment import Experiment, build_summary
-from fedmeta.outputs import RunRecorder
+from fedmeta.outputs import EPISODE_PNG, RunRecorder, write_episode_montage
 
 __all__ = ["run_centralized"]
 
@@ -122,6 +122,8 @@ def run_centralized(
         final_eval = exp.evaluate(meta, eval_tasks).summary()
     curves = {k: v for k, v in final_eval.items() if k.endswith("_curve")}
     recorder.plot(curves)
+    if exp.kind == "classification":  # a held-out episode with the adapted model's predictions
+        write_episode_montage(exp.algorithm, meta, eval_tasks.slice(0, 1), out / EPISODE_PNG, steps=cfg.eval.steps, caption="held-out ")
     summary = build_summary(
         cfg,
         mode="centralized",

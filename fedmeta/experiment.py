@@ -16,6 +16,7 @@ from fedmeta.aggregation import aggregate
 from fedmeta.algorithms import MetaAlgorithm, MetaUpdate, build_algorithm
 from fedmeta.config import Config, to_dict
 from fedmeta.evaluation import EvalResult, evaluate
+from fedmeta.local_update import local_meta_update, local_meta_updates
 from fedmeta.models import FunctionalModel, build_model
 from fedmeta.optim import ServerOptimizer
 from fedmeta.rng import make_generator
@@ -75,29 +76,52 @@ class Experiment:
         return sample_clients(self.cfg.seed, round_idx, f.clients_total, f.clients_per_round, method=f.sampling)
 
     def client_update(self, meta: Params, round_idx: int, client_id: int, tasks: TaskBatch | None = None) -> MetaUpdate:
-        """What client ``client_id`` computes in ``round_idx``: its mean meta-gradient and metrics."""
-        if tasks is None:
-            tasks = self.source.client_tasks(round_idx, client_id)
-        return self.algorithm.meta_gradient(meta, tasks)
+        """What client ``client_id`` computes in ``round_idx``: its mean meta-gradient and metrics.
+
+        With ``meta.local_steps > 1`` it is the pseudo-gradient of that many local meta-steps,
+        each on its own meta-batch (:func:`fedmeta.local_update.local_meta_update`); ``tasks``
+        then replaces the first step's batch only.
+        """
+        steps = self.cfg.meta.local_steps
+        first = tasks if tasks is not None else self.source.client_tasks(round_idx, client_id)
+        if steps == 1:
+            return self.algorithm.meta_gradient(meta, first)
+        batches = [first] + [self.source.client_tasks(round_idx, client_id, step=s) for s in range(1, steps)]
+        return local_meta_update(self.algorithm, meta, batches, lr=self.cfg.meta.local_step_size)
 
     def round_updates(self, meta: Params, round_idx: int, clients: list[int]) -> RoundResult:
         """Every sampled client's update for one round, computed in a single vectorized pass.
 
         All clients' tasks are concatenated and their per-task meta-gradients computed with one
         ``vmap``; each client's update is then the mean over its own tasks, exactly what
-        :meth:`client_update` returns for it.
+        :meth:`client_update` returns for it. With ``meta.local_steps > 1`` every client's
+        parameters move apart during its local steps; :func:`fedmeta.local_update.local_meta_updates`
+        then vectorizes over clients as well (the Flower client runs the same function for one).
         """
+        steps = self.cfg.meta.local_steps
+        if steps > 1:
+            batches = [[self.source.client_tasks(round_idx, c, step=s) for c in clients] for s in range(steps)]
+            updates = local_meta_updates(self.algorithm, meta, batches, lr=self.cfg.meta.local_step_size)
+            weights = torch.tensor([u.num_tasks for u in updates], dtype=torch.float64)
+            total = float(weights.sum())
+            mean_metrics = {
+                k: sum(u.metrics[k] * u.num_tasks for u in updates) / total for k in updates[0].metrics
+            }
+            stacked = {k: torch.stack([u.gradient[k] for u in updates]) for k in updates[0].gradient}
+            return RoundResult(clients, stacked, weights, mean_metrics)
         batches = [self.source.client_tasks(round_idx, c) for c in clients]
         tasks = TaskBatch.concat(batches)
         grads, metrics = self.algorithm.task_updates(meta, tasks)
-        sizes = [b.num_tasks for b in batches]
-        bounds = torch.tensor([0] + sizes).cumsum(0).tolist()
+        sizes = torch.tensor([b.num_tasks for b in batches])
+        # each client's mean over its own tasks, as one scatter-add (no loop over clients)
+        owner = torch.repeat_interleave(torch.arange(len(clients)), sizes)
         per_client = {
-            k: torch.stack([v[bounds[i] : bounds[i + 1]].mean(dim=0) for i in range(len(clients))])
+            k: torch.zeros((len(clients), *v.shape[1:]), dtype=v.dtype).index_add_(0, owner, v)
+            / sizes.to(v.dtype).view(-1, *([1] * (v.dim() - 1)))
             for k, v in grads.items()
         }
         mean_metrics = {k: float(v.mean()) for k, v in metrics.items()}
-        return RoundResult(clients, per_client, torch.tensor(sizes, dtype=torch.float64), mean_metrics)
+        return RoundResult(clients, per_client, sizes.to(torch.float64), mean_metrics)
 
     def aggregate(self, result: RoundResult) -> Params:
         """Combine a round's client updates with the configured aggregation rule."""

@@ -10,13 +10,14 @@ from typing import Any
 
 from fedmeta.checkpoint import atomic_write_bytes
 
-__all__ = ["RunRecorder", "read_metrics", "plot_learning_curves", "plot_adaptation_curve"]
+__all__ = ["RunRecorder", "read_metrics", "plot_learning_curves", "plot_adaptation_curve", "plot_episode_montage", "write_episode_montage", "EPISODE_PNG"]
 
 log = logging.getLogger(__name__)
 
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 CHECKPOINT = "checkpoint.pt"
+EPISODE_PNG = "episode.png"
 
 
 def _jsonable(value: Any) -> Any:
@@ -158,3 +159,112 @@ def _smooth(values: list[float], window: int = 0) -> list[float]:
             acc -= q.pop(0)
         out.append(acc / len(q))
     return out
+
+
+def _is_image_batch(x: Any) -> bool:
+    return getattr(x, "dim", lambda: 0)() == 4 and int(x.shape[1]) in (1, 3)
+
+
+def plot_episode_montage(
+    support_x: Any,
+    support_y: Any,
+    query_x: Any,
+    query_y: Any,
+    predicted: Any,
+    path: Path,
+    *,
+    title: str = "",
+    class_names: list[str] | None = None,
+    max_query: int = 5,
+) -> Path | None:
+    """One few-shot episode as a picture: a row per class, its support images, then its queries.
+
+    Each query image is titled with the predicted label, green when right and red when wrong.
+
+    Args:
+        support_x, query_x: ``[N, C, H, W]`` image tensors (``C`` 1 or 3, values in [0, 1]).
+        support_y, query_y: ``[N]`` integer labels ``0..ways-1``.
+        predicted: ``[Nq]`` predicted labels of the queries.
+        path: PNG file to write.
+        title: figure title.
+        class_names: optional name per label (row captions).
+        max_query: at most this many queries shown per class.
+
+    Returns:
+        ``path``, or ``None`` (nothing written) when the inputs are not images.
+    """
+    if not (_is_image_batch(support_x) and _is_image_batch(query_x)):
+        return None
+    plt = _pyplot()
+    ways = int(max(int(support_y.max()), int(query_y.max()))) + 1
+    shots = max(int((support_y == c).sum()) for c in range(ways))
+    shown = min(max_query, max(int((query_y == c).sum()) for c in range(ways)))
+    cols = shots + 1 + shown
+    fig, axes = plt.subplots(ways, cols, figsize=(0.75 * cols + 1.2, 0.8 * ways + 0.7), squeeze=False)
+
+    def show(ax: Any, img: Any) -> None:
+        arr = img.detach().cpu().float()
+        if arr.shape[0] == 1:
+            ax.imshow(arr[0].numpy(), cmap="gray_r", vmin=0.0, vmax=1.0)
+        else:
+            ax.imshow(arr.permute(1, 2, 0).clamp(0, 1).numpy())
+
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for side in ax.spines.values():
+            side.set_visible(False)
+    for c in range(ways):
+        name = class_names[c] if class_names and c < len(class_names) else ""
+        axes[c, 0].set_ylabel(f"{c}: {name}" if name else f"class {c}", rotation=0, ha="right", va="center", fontsize=7)
+        for j, i in enumerate((support_y == c).nonzero().flatten().tolist()[:shots]):
+            show(axes[c, j], support_x[i])
+        for j, i in enumerate((query_y == c).nonzero().flatten().tolist()[:shown]):
+            ax = axes[c, shots + 1 + j]
+            show(ax, query_x[i])
+            ok = int(predicted[i]) == c
+            ax.set_title(f"{int(predicted[i])}", fontsize=7, color="tab:green" if ok else "tab:red", pad=1)
+            for side in ax.spines.values():
+                side.set_visible(True)
+                side.set_color("tab:green" if ok else "tab:red")
+    axes[0, 0].set_title("support", fontsize=7, loc="left", pad=1)
+    axes[0, shots + 1].set_xlabel("")
+    fig.suptitle(title or "episode: support | queries (predicted label)", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_episode_montage(algorithm: Any, meta: dict[str, Any], tasks: Any, path: Path, *, steps: int, caption: str = "") -> Path | None:
+    """Adapt ``meta`` to the first task of ``tasks`` and draw it with :func:`plot_episode_montage`.
+
+    Args:
+        algorithm: a :class:`fedmeta.algorithms.MetaAlgorithm` (decides what adapts and how).
+        meta: meta-parameters.
+        tasks: a :class:`fedmeta.types.TaskBatch` of kind ``classification``.
+        path: PNG file to write.
+        steps: inner steps on the support set before predicting the queries.
+        caption: prefix of the figure title (e.g. which split the task comes from).
+
+    Returns:
+        ``path``, or ``None`` when the task is not image classification.
+    """
+    import torch
+
+    if tasks.kind != "classification" or tasks.num_tasks == 0 or not _is_image_batch(tasks.support_x[0]):
+        return None
+    sx, sy, qx, qy = tasks.support_x[0], tasks.support_y[0], tasks.query_x[0], tasks.query_y[0]
+    frozen = {k: v.detach() for k, v in meta.items()}
+    adapted = algorithm.adapt(frozen, sx, sy, steps, first_order=True)
+    with torch.no_grad():
+        predicted = algorithm.model.forward({k: v.detach() for k, v in adapted.items()}, qx).argmax(dim=-1)
+    accuracy = float((predicted == qy).float().mean())
+    ways = int(sy.max()) + 1
+    shots = int((sy == 0).sum())
+    names = tasks.ids[0].split() if tasks.ids else None
+    title = f"{caption}{ways}-way {shots}-shot episode: support | queries, predicted label after {steps} steps (accuracy {accuracy:.0%})"
+    written = plot_episode_montage(sx, sy, qx, qy, predicted, path, title=title, class_names=names)
+    if written is not None:
+        log.info("episode montage written to %s", written)
+    return written

@@ -110,17 +110,22 @@ class TaskSource:
             self._families[key] = self._build(client_id)
         return self._families[key]
 
-    def client_tasks(self, round_idx: int, client_id: int) -> TaskBatch:
-        """The ``meta.tasks_per_client`` tasks client ``client_id`` trains on in round ``round_idx``."""
+    def client_tasks(self, round_idx: int, client_id: int, step: int = 0) -> TaskBatch:
+        """The ``meta.tasks_per_client`` tasks client ``client_id`` trains on in round ``round_idx``.
+
+        ``step`` numbers the local meta-steps of a round (``meta.local_steps > 1``): each step
+        draws its own meta-batch; step 0 is the round's only batch otherwise.
+        """
         cfg = self.cfg
         fam = self.family(client_id)
         n = cfg.meta.tasks_per_client
-        gen = make_generator(cfg.seed, "train", round_idx, client_id)
+        extra = (step,) if step else ()
+        gen = make_generator(cfg.seed, "train", round_idx, client_id, *extra)
         pool = cfg.task.tasks_per_site
         if pool is None or cfg.task.name == "folder":
             return fam.sample(gen, n, "train")
         site_params = fam.sample_params(make_generator(cfg.seed, "site", client_id), pool, "train")
-        chosen = torch.randperm(pool, generator=make_generator(cfg.seed, "pick", round_idx, client_id))[:n]
+        chosen = torch.randperm(pool, generator=make_generator(cfg.seed, "pick", round_idx, client_id, *extra))[:n]
         return fam.make_tasks(site_params[chosen], gen)
 
     def site_pool(self, client_id: int) -> torch.Tensor | None:

@@ -1,0 +1,1 @@
+"""The Flower ClientApp of fedmeta (see :mod:`client.app`)."""

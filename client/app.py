@@ -1,0 +1,109 @@
+"""The fedmeta Flower ``ClientApp``: thin handlers that unpack, call :mod:`fedmeta`, and pack.
+
+* ``query``: the server's start-up question; the node answers with its client id (simulation:
+  Flower's ``partition-id``; deployment: ``client-id`` or ``partition-id`` from
+  ``--node-config``) and a description of its data (kind, task count, shapes), which lets the
+  server map cohorts onto nodes and refuse mismatched sites before training.
+* ``train``: receive the meta-parameters (Meta-SGD rates included) and the round; draw this
+  client's tasks (generated from ``(seed, round, client)``, or read from the site's
+  ``data-dir``), run the configured algorithm, reply with the mean meta-update, the number of
+  tasks and mean metrics only.
+* ``evaluate``: adapt on this client's held-out tasks and reply with aggregate metrics only.
+
+Clients are stateless between messages: task data exists only while a handler runs. The
+:class:`~fedmeta.experiment.Experiment` (model skeleton, algorithm, task family — for a site,
+its files) is a pure function of the config and data folder and is memoized per process, which
+in simulation is a Ray actor serving many virtual clients.
+
+``app`` (for ``flwr run``) reads its config from ``context.run_config``;
+:func:`build_client_app` binds a config directly (``fedmeta simulate``, whose run_config is
+empty) and takes Flower mods per handler (e.g. differential-privacy mods on ``train`` only).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fedmeta import flower as fl  # first: sets Flower's environment before flwr is imported
+from fedmeta.config import Config
+from fedmeta.experiment import Experiment
+from fedmeta.federated import COMPUTE_SECONDS, describe_client, evaluate_on_client, resolve_client_id, train_on_client
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+__all__ = ["app", "build_client_app"]
+
+#: The app directory (repository root or unpacked app bundle): ``configs/`` lives here.
+APP_DIR = Path(__file__).resolve().parents[1]
+
+
+@functools.lru_cache(maxsize=4)
+def _experiment(cfg: Config, data_dir: str | None) -> Experiment:
+    return Experiment(cfg, data_dir=data_dir)
+
+
+@functools.lru_cache(maxsize=4)
+def _run_config(items: tuple[tuple[str, Any], ...]) -> Config:
+    cfg, _ = fl.run_settings(dict(items), app_dir=APP_DIR)
+    return cfg
+
+
+def build_client_app(
+    cfg: Config | None = None,
+    *,
+    mods: Sequence[Any] = (),
+    train_mods: Sequence[Any] = (),
+    evaluate_mods: Sequence[Any] = (),
+) -> ClientApp:
+    """A fedmeta ``ClientApp``.
+
+    Args:
+        cfg: the run config; ``None`` reads it from ``context.run_config`` on every message.
+        mods: Flower mods around every handler.
+        train_mods: Flower mods around the train handler only (e.g. client-side DP).
+        evaluate_mods: Flower mods around the evaluate handler only.
+    """
+    app = ClientApp(mods=list(mods))
+
+    def setup(context: Context) -> tuple[Experiment, int | None, str | None]:
+        config = cfg if cfg is not None else _run_config(tuple(sorted(context.run_config.items())))
+        own_id, data_dir = fl.node_settings(context)
+        return _experiment(config, data_dir), own_id, data_dir
+
+    @app.query()
+    def query(message: Message, context: Context) -> Message:
+        exp, own_id, data_dir = setup(context)
+        return Message(fl.pack_identity(describe_client(exp, own_id, data_dir)), reply_to=message)
+
+    @app.train(mods=list(train_mods))
+    def train(message: Message, context: Context) -> Message:
+        started = time.perf_counter()
+        exp, own_id, _ = setup(context)
+        meta, config = fl.unpack_instructions(message)
+        client_id = resolve_client_id(own_id, _int_or_none(config.get("client-id")))
+        update = train_on_client(exp, meta, int(config["round"]), client_id)
+        # Client-side privacy (issue 5) post-processes `update` here, before it is packed.
+        content = fl.pack_update(update, {COMPUTE_SECONDS: time.perf_counter() - started})
+        return Message(content, reply_to=message)
+
+    @app.evaluate(mods=list(evaluate_mods))
+    def evaluate(message: Message, context: Context) -> Message:
+        exp, own_id, _ = setup(context)
+        meta, config = fl.unpack_instructions(message)
+        client_id = resolve_client_id(own_id, _int_or_none(config.get("client-id")))
+        metrics, num_tasks = evaluate_on_client(exp, meta, client_id, num_tasks=int(config["eval-tasks"]))
+        return Message(fl.pack_eval_metrics(metrics, num_tasks), reply_to=message)
+
+    return app
+
+
+def _int_or_none(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+#: The ClientApp ``flwr run`` loads (``[tool.flwr.app.components] clientapp``).
+app = build_client_app()

@@ -1,0 +1,120 @@
+"""``fedmeta simulate``: federated meta-training through Flower's simulation engine (Ray backend).
+
+The same ``ClientApp`` (``client/app.py``) and ``ServerApp`` (``server/app.py``) that run in a
+deployment are started by Flower's ``run_simulation`` with one virtual SuperNode per registered
+client (``federation.clients_total``) and one Ray actor per CPU core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from fedmeta.config import Config
+from fedmeta.errors import ConfigError, FedMetaError
+
+__all__ = ["register", "simulate", "cmd_simulate"]
+
+log = logging.getLogger(__name__)
+
+
+def simulate(
+    cfg: Config,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    progress: Callable[[int, dict[str, Any]], None] | None = None,
+    client_mods: Sequence[Any] = (),
+    cpus_per_client: float = 1.0,
+    num_cpus: int | None = None,
+    verbose: bool = False,
+    **server_kwargs: Any,
+) -> dict[str, Any]:
+    """Run ``cfg`` through Flower's simulation engine and return the summary.
+
+    Args:
+        cfg: the run configuration.
+        out_dir: output directory (metrics.jsonl, summary.json, checkpoint.pt, plots).
+        resume: continue from ``out_dir/checkpoint.pt`` at the next round.
+        progress: called after every round with its metrics row (in this process).
+        client_mods: Flower mods wrapped around every ClientApp handler (tests inject faults).
+        cpus_per_client: Ray CPUs per ClientApp actor.
+        num_cpus: CPUs Ray may use (default: all cores).
+        verbose: keep Flower's and Ray's logs.
+        **server_kwargs: passed to :func:`server.app.run_server` (policy, transforms).
+
+    Returns:
+        The summary written to ``summary.json``, with ``wall_seconds`` measured around the
+        whole simulation (Ray start-up included; the start-up query's share is
+        ``federation.discovery_seconds``).
+
+    Raises:
+        ConfigError: for a privacy mode this launcher does not apply.
+        FedMetaError: what the server raised (e.g. ``InconsistentReplies``).
+    """
+    from fedmeta import flower as fl  # sets Flower's environment before flwr/ray load
+
+    if cfg.privacy.mode != "none" and "policy" not in server_kwargs:
+        raise ConfigError(
+            f"config key 'privacy.mode' is '{cfg.privacy.mode}', but this simulation has no privacy policy wired in; "
+            "use privacy.mode 'none' or a launcher that applies differential privacy"
+        )
+    from client.app import build_client_app
+    from server.app import build_server_app
+
+    started = time.perf_counter()
+    out = Path(out_dir)
+    server_app = build_server_app(cfg, out, resume=resume, mode="simulation", progress=progress, **server_kwargs)
+    client_app = build_client_app(cfg, mods=client_mods)
+    fl.run_flower_simulation(
+        server_app,
+        client_app,
+        num_supernodes=cfg.federation.clients_total,
+        cpus_per_client=cpus_per_client,
+        num_cpus=num_cpus,
+        verbose=verbose,
+    )
+    summary_path = out / "summary.json"
+    if not summary_path.is_file():
+        raise FedMetaError(f"the simulation ended without writing {summary_path}; rerun with --debug for Flower's logs")
+    summary: dict[str, Any] = json.loads(summary_path.read_text(encoding="utf-8"))
+    summary["wall_seconds"] = time.perf_counter() - started
+    from fedmeta.outputs import RunRecorder
+
+    RunRecorder(out, resume_round=summary.get("rounds_completed", 0)).write_summary(summary)
+    return summary
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """``fedmeta simulate CONFIG``."""
+    from fedmeta.cli import _default_out, _Progress, _report
+    from fedmeta.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out) if args.out else _default_out("simulate", args.config)
+    start = 0
+    if args.resume:
+        from fedmeta.checkpoint import load_checkpoint
+
+        start = int(load_checkpoint(out / "checkpoint.pt")["round"])
+    bar = _Progress(cfg.federation.rounds, enabled=not args.quiet, start=start)
+    try:
+        summary = simulate(cfg, out, resume=args.resume, progress=bar, verbose=args.debug)
+    finally:
+        bar.close()
+    _report(summary, out)
+    return 0
+
+
+def register(subparsers: Any, add_common: Callable[..., None]) -> None:
+    """Add ``simulate`` to the ``fedmeta`` command line."""
+    p = subparsers.add_parser("simulate", help="federated meta-training through Flower's simulation engine")
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt at the next round")
+    add_common(p)
+    p.set_defaults(func=cmd_simulate)

@@ -1,0 +1,1 @@
+"""The Flower ServerApp of fedmeta (:mod:`server.app`) and its strategy (:mod:`server.meta_strategy`)."""

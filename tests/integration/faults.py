@@ -1,0 +1,70 @@
+"""Fault injection for real Flower simulations: a Flower mod that makes chosen clients misbehave.
+
+A mod wraps the real ClientApp handler (nothing is mocked): it can raise instead of calling it,
+delay it past the round timeout, or replace the real reply's update with NaNs.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
+
+__all__ = ["Faults"]
+
+
+@dataclass(frozen=True)
+class Faults:
+    """Which clients misbehave on train messages, and how.
+
+    Attributes:
+        raise_always: client ids whose handler raises every time.
+        nan_reply: client ids whose update is replaced with NaN.
+        slow_first_try: ``(client, round)`` pairs that sleep ``sleep_seconds`` on their first
+            attempt (a timeout), then answer normally when retried.
+        fail_from_round: every client raises from this round on.
+        fail_first_try_round: every client raises on its first attempt in this round and
+            answers normally when retried.
+        marker_dir: where first attempts are recorded (shared by all Ray actors).
+        sleep_seconds: how long a slow attempt sleeps.
+    """
+
+    raise_always: tuple[int, ...] = ()
+    nan_reply: tuple[int, ...] = ()
+    slow_first_try: tuple[tuple[int, int], ...] = ()
+    fail_from_round: int | None = None
+    fail_first_try_round: int | None = None
+    marker_dir: str = ""
+    sleep_seconds: float = 0.0
+
+    def __call__(self, message: Message, context: Context, call_next: Any) -> Message:
+        if message.metadata.message_type != "train":
+            return call_next(message, context)
+        cid = int(context.node_config["partition-id"])
+        rnd = int(message.content.config_records["config"]["round"])
+        if self.fail_from_round is not None and rnd >= self.fail_from_round:
+            raise RuntimeError(f"injected failure of client {cid} in round {rnd}")
+        if rnd == self.fail_first_try_round and self._first_attempt(cid, rnd):
+            raise RuntimeError(f"injected transient failure of client {cid} in round {rnd}")
+        if cid in self.raise_always:
+            raise RuntimeError(f"injected failure of client {cid}")
+        if (cid, rnd) in self.slow_first_try and self._first_attempt(cid, rnd):
+            time.sleep(self.sleep_seconds)
+        reply = call_next(message, context)
+        if cid in self.nan_reply and not reply.has_error():
+            update = reply.content.array_records["update"]
+            poisoned = ArrayRecord({k: Array(a.numpy() * math.nan) for k, a in update.items()})
+            content = RecordDict({"update": poisoned, "metrics": reply.content.metric_records["metrics"]})
+            return Message(content, reply_to=message)
+        return reply
+
+    def _first_attempt(self, cid: int, rnd: int) -> bool:
+        marker = Path(self.marker_dir) / f"{cid}-{rnd}"
+        if marker.exists():
+            return False
+        marker.write_text("tried")
+        return True
