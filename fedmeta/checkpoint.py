@@ -9,9 +9,7 @@ config it was trained with.
 from __future__ import annotations
 
 import os
-import pickle
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +86,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint '{p}' does not exist or is not a file")
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, AttributeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure to parse a foreign file means "corrupt"
+        # torch.load raises UnpicklingError, RuntimeError, EOFError, BadZipFile, but also KeyError or
+        # IndexError on some random byte strings: none of them may escape as a traceback.
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"checkpoint '{p}' is corrupt or not a safe tensor-only file: {first}") from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:

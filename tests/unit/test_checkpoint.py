@@ -81,3 +81,24 @@ def test_compatibility_checks(tmp_path: Path) -> None:
         check_compatible(state, {"v": (2, 2)}, path="c.pt")
     with pytest.raises(CheckpointError, match="trained on regression tasks.*classification"):
         check_compatible(state, {"w": (2, 2)}, path="c.pt", task_kind="classification")
+
+
+def test_random_bytes_are_always_reported_as_corrupt(tmp_path: Path) -> None:
+    """Fuzz: whatever garbage a file holds, loading it raises CheckpointError and nothing else."""
+    import random
+
+    rng = random.Random(0)
+    good = _save(tmp_path / "good.pt").read_bytes()
+    for i in range(150):
+        p = tmp_path / f"f{i}.pt"
+        if i % 2:
+            data = bytearray(good)
+            for _ in range(rng.randint(1, 20)):
+                data[rng.randrange(len(data))] = rng.randrange(256)
+            p.write_bytes(bytes(data))
+        else:
+            p.write_bytes(bytes(rng.randrange(256) for _ in range(rng.randint(0, 400))))
+        try:
+            load_checkpoint(p)
+        except CheckpointError:
+            pass
