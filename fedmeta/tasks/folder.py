@@ -18,6 +18,16 @@ Each ``NAME.npz`` holds either
 and ``[N]`` integer class labels for classification. A folder of sites (as ``fedmeta make-data``
 writes) is ``ROOT/site-0000, ROOT/site-0001, ...``; client ``c`` of a simulation is the ``c``-th
 site in sorted order.
+
+A classification task may instead be a folder of images, ``tasks/NAME/CLASS/*.png`` (one folder
+per class; labels are the class folders in sorted order), or ``tasks/NAME/support/CLASS/*.png``
+plus ``tasks/NAME/query/CLASS/*.png`` for a declared split. Pixels are scaled to [0, 1];
+grayscale images give ``[1, H, W]`` inputs, colour images ``[3, H, W]``. A site made only of
+image folders is a classification site even without ``site.yaml``.
+
+``site.yaml`` may set ``query_fraction: F`` (0 < F < 1): each ``x``/``y`` task is then split once,
+deterministically from its name, into a support side and a query side holding a fraction ``F`` of
+its examples (per class for classification), as if the site had declared that split.
 """
 
 from __future__ import annotations
@@ -32,12 +42,16 @@ import yaml
 from torch import Tensor
 
 from fedmeta.errors import DataFormatError
+from fedmeta.rng import derive_seed
 from fedmeta.tasks.base import SPLITS, TaskFamily
 from fedmeta.types import TaskBatch
 
-__all__ = ["SiteTask", "FolderFamily", "load_site_tasks", "list_sites", "write_site", "SITE_KINDS"]
+__all__ = ["SiteTask", "FolderFamily", "load_site_tasks", "list_sites", "write_site", "load_image", "SITE_KINDS", "IMAGE_SUFFIXES"]
 
 SITE_KINDS = ("regression", "classification")
+#: file suffixes read as images in image-folder tasks
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm", ".tif", ".tiff")
+_GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 _DECLARED = ("support_x", "support_y", "query_x", "query_y")
 _HINT = "see docs/data-format.md"
 
@@ -52,6 +66,8 @@ class SiteTask:
     y: np.ndarray | None = None
     support: tuple[np.ndarray, np.ndarray] | None = None
     query: tuple[np.ndarray, np.ndarray] | None = None
+    #: class names of an image-folder task (label ``i`` is ``classes[i]``); ``None`` for arrays
+    classes: tuple[str, ...] | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -112,10 +128,116 @@ def _read_task(path: Path, kind: str) -> SiteTask:
     )
 
 
-def _site_kind(site: Path) -> str:
+def load_image(path: str | Path) -> np.ndarray:
+    """Read one image as a float32 ``[C, H, W]`` array in [0, 1].
+
+    Grayscale files (PIL modes 1, L, LA, I, I;16, F) give ``C = 1``; every other mode (RGB, RGBA,
+    palette, CMYK) is converted to RGB, ``C = 3``. Alpha is dropped. 16-bit and float images are
+    converted by PIL to 8 bits first.
+
+    Raises:
+        DataFormatError: naming the file if it cannot be decoded.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    try:
+        with Image.open(p) as img:
+            img.load()
+            gray = img.mode in _GRAY_MODES
+            arr = np.asarray(img.convert("L" if gray else "RGB"), dtype=np.float32) / 255.0
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise DataFormatError(f"image file '{p}' cannot be read as an image: {exc}") from exc
+    return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def _read_class_folders(folder: Path, classes: tuple[str, ...] | None = None) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    found = tuple(sorted(d.name for d in folder.iterdir() if d.is_dir()))
+    if classes is None:
+        classes = found
+    elif found != classes:
+        raise DataFormatError(
+            f"image folder '{folder}' has class folders {list(found)}, but its support side has {list(classes)} ({_HINT})"
+        )
+    if not classes:
+        raise DataFormatError(f"image folder '{folder}' holds no class folders (expected {folder}/CLASS/*.png; {_HINT})")
+    xs: list[np.ndarray] = []
+    ys: list[int] = []
+    shape: tuple[int, ...] | None = None
+    for label, name in enumerate(classes):
+        files = sorted(f for f in (folder / name).iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DataFormatError(
+                f"class folder '{folder / name}' holds no images ({', '.join(IMAGE_SUFFIXES)}; {_HINT})"
+            )
+        for f in files:
+            img = load_image(f)
+            if shape is None:
+                shape = img.shape
+            elif img.shape != shape:
+                raise DataFormatError(
+                    f"image file '{f}' has shape {img.shape} (channels, height, width) but earlier images in "
+                    f"'{folder}' have {shape}; all images of a task must agree"
+                )
+            xs.append(img)
+            ys.append(label)
+    return np.stack(xs), np.asarray(ys, dtype=np.int64), classes
+
+
+def _read_image_task(path: Path, kind: str) -> SiteTask:
+    if kind != "classification":
+        raise DataFormatError(
+            f"task folder '{path}' is an image folder, which only classification sites can hold; "
+            f"set 'kind: classification' in site.yaml ({_HINT})"
+        )
+    subdirs = {d.name for d in path.iterdir() if d.is_dir()}
+    if subdirs == {"support", "query"}:
+        sx, sy, classes = _read_class_folders(path / "support")
+        qx, qy, _ = _read_class_folders(path / "query", classes)
+        if sx.shape[1:] != qx.shape[1:]:
+            raise DataFormatError(f"task folder '{path}': support images have shape {sx.shape[1:]} but query images {qx.shape[1:]}")
+        return SiteTask(path.name, path, support=(sx, sy), query=(qx, qy), classes=classes)
+    x, y, classes = _read_class_folders(path)
+    return SiteTask(path.name, path, x=x, y=y, classes=classes)
+
+
+def _split_by_fraction(task: SiteTask, fraction: float, kind: str) -> SiteTask:
+    """Turn an ``x``/``y`` task into a declared split with ``fraction`` of its examples as query.
+
+    The permutation is a function of the task's name only, so every run (and every node of a
+    deployment) sees the same split.
+    """
+    if task.x is None or task.y is None:
+        return task
+    gen = torch.Generator().manual_seed(derive_seed(0, "site-split", task.name))
+    n = task.x.shape[0]
+    perm = torch.randperm(n, generator=gen).numpy()
+    if kind == "classification":
+        query_idx = []
+        for cls in np.unique(task.y):
+            members = perm[task.y[perm] == cls]
+            k = int(round(fraction * len(members)))
+            k = min(max(k, 1), len(members) - 1) if len(members) > 1 else 0
+            query_idx.extend(members[:k].tolist())
+        is_query = np.zeros(n, dtype=bool)
+        is_query[query_idx] = True
+    else:
+        k = min(max(int(round(fraction * n)), 1), n - 1) if n > 1 else 0
+        is_query = np.zeros(n, dtype=bool)
+        is_query[perm[:k]] = True
+    if not is_query.any() or is_query.all():
+        raise DataFormatError(
+            f"task file '{task.path}' has {n} examples: too few to split with query_fraction {fraction}"
+        )
+    support = (task.x[~is_query], task.y[~is_query])
+    query = (task.x[is_query], task.y[is_query])
+    return SiteTask(task.name, task.path, support=support, query=query, classes=task.classes)
+
+
+def _site_meta(site: Path) -> dict[str, object]:
     meta = site / "site.yaml"
     if not meta.exists():
-        return ""
+        return {}
     try:
         data = yaml.safe_load(meta.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as exc:
@@ -125,7 +247,21 @@ def _site_kind(site: Path) -> str:
     kind = data.get("kind", "")
     if kind and kind not in SITE_KINDS:
         raise DataFormatError(f"site file '{meta}': kind must be one of {', '.join(SITE_KINDS)}, got {kind!r}")
-    return str(kind)
+    frac = data.get("query_fraction")
+    if frac is not None and (isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 < frac < 1):
+        raise DataFormatError(f"site file '{meta}': query_fraction must be a number strictly between 0 and 1, got {frac!r}")
+    return data
+
+
+def _site_kind(site: Path) -> str:
+    declared = str(_site_meta(site).get("kind", "") or "")
+    if declared:
+        return declared
+    # a site made only of image folders can only be a classification site
+    tasks = site / "tasks"
+    if tasks.is_dir() and any(d.is_dir() for d in tasks.iterdir()) and not any(tasks.glob("*.npz")):
+        return "classification"
+    return ""
 
 
 def load_site_tasks(site: str | Path, subdir: str = "tasks", *, kind: str | None = None) -> list[SiteTask]:
@@ -152,10 +288,13 @@ def load_site_tasks(site: str | Path, subdir: str = "tasks", *, kind: str | None
     folder = root / subdir
     if not folder.is_dir():
         raise DataFormatError(f"site folder '{root}' has no '{subdir}/' folder of task files ({_HINT})")
-    files = sorted(folder.glob("*.npz"))
+    files = sorted(p for p in folder.iterdir() if (p.is_file() and p.suffix == ".npz") or p.is_dir())
     if not files:
-        raise DataFormatError(f"folder '{folder}' holds no .npz task files ({_HINT})")
-    tasks = [_read_task(p, kind) for p in files]
+        raise DataFormatError(f"folder '{folder}' holds no .npz task files or image-task folders ({_HINT})")
+    tasks = [_read_image_task(p, kind) if p.is_dir() else _read_task(p, kind) for p in files]
+    fraction = _site_meta(root).get("query_fraction")
+    if fraction is not None:
+        tasks = [_split_by_fraction(t, float(fraction), kind) for t in tasks]  # type: ignore[arg-type]
     shapes = {t.input_shape for t in tasks}
     if len(shapes) != 1:
         raise DataFormatError(f"tasks in '{folder}' have different input shapes {sorted(shapes)}; they must agree")
@@ -253,15 +392,15 @@ class FolderFamily(TaskFamily):
         if task.x is not None:
             if task.x.shape[0] < need_s + need_q:
                 raise DataFormatError(
-                    f"task file '{task.path}' has {task.x.shape[0]} examples; task.shots + task.query "
-                    f"needs {need_s + need_q}"
+                    f"task file '{task.path}' has {task.x.shape[0]} examples; an episode of {need_s} support "
+                    f"(shots) + {need_q} query examples needs {need_s + need_q}"
                 )
         else:
             have_s, have_q = task.support[0].shape[0], task.query[0].shape[0]  # type: ignore[index]
             if have_s < need_s or have_q < need_q:
                 raise DataFormatError(
                     f"task file '{task.path}' declares {have_s} support and {have_q} query examples; "
-                    f"the config needs {need_s} and {need_q}"
+                    f"{need_s} support (shots) and {need_q} query examples are needed"
                 )
 
     def sample_params(self, gen: torch.Generator, n: int, split: str) -> Tensor:
