@@ -1,0 +1,234 @@
+"""A real Flower deployment on 127.0.0.1: SuperLink + three SuperNodes with TLS and node authentication.
+
+One deployment (module fixture) serves every test, in this order: an uninterrupted reference run
+(which also shows that an unregistered key is refused), a run in which a SuperNode is killed,
+and a run whose server side is killed after round 1 and resumed. Each round costs ~10-20 s on
+loopback (3 s polling on both sides, a fresh ``flwr-clientapp`` process per message), so runs are
+two rounds long. Every wait is bounded; the fixture stops every process whatever happens.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from fedmeta.centralized import run_centralized
+from fedmeta.certs import make_node_key, make_tls
+from fedmeta.checkpoint import load_checkpoint
+from fedmeta.config import Config, RunOptions, load_config, run_config_for
+from fedmeta.datagen import make_sites
+from fedmeta.deploy import FINISHED_COMPLETED, LocalDeployment, deployment_config, start_sites
+from fedmeta.experiment import Experiment
+from fedmeta.federated import combine_eval_metrics, evaluate_on_client
+from fedmeta.outputs import read_metrics
+
+pytestmark = pytest.mark.slow
+
+SITES = 3
+RUN_TIMEOUT = 600.0
+
+
+@dataclass
+class Federation:
+    """The module's deployment and what the tests need to know about it."""
+
+    deployment: LocalDeployment
+    node_ids: dict[str, int | None]
+    sites: list[Path]
+    cfg: Config
+    database: Path
+    root: Path
+
+
+def _base_config(repo_root: Path) -> Config:
+    # MAML on sinusoid sites, 5 tasks per site and round; a larger server step than the paper's
+    # so that two rounds visibly learn. round_timeout bounds a round with a dead node.
+    return load_config(
+        repo_root / "configs" / "sinusoid.yaml",
+        ["federation.rounds=2", "meta.outer_lr=0.02", "eval.tasks=30", "federation.round_timeout=45", "federation.join_timeout=120"],
+    )
+
+
+@pytest.fixture(scope="module")
+def federation(repo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
+    root = tmp_path_factory.mktemp("deployment")
+    base = _base_config(repo_root)
+    sites = [p.resolve() for p in make_sites(base, SITES, root / "sites")]
+    tls = make_tls(root / "pki")
+    database = root / "superlink.db"  # registered keys survive a SuperLink restart
+    with LocalDeployment(root / "work", app_dir=repo_root, tls=tls, node_auth=True) as deployment:
+        deployment.start_superlink(database=database)
+        ids = start_sites(deployment, sites, keys_dir=root / "keys")
+        yield Federation(deployment, ids, sites, deployment_config(base, SITES), database, root)
+
+
+def _submit(fed: Federation, cfg: Config, out: Path, *, resume: bool = False) -> int:
+    return fed.deployment.submit(run_config_for(cfg, RunOptions(out_dir=str(out), resume=resume)))
+
+
+def _train_rows(out: Path) -> list[dict[str, Any]]:
+    return [r for r in read_metrics(out / "metrics.jsonl") if "replies" in r]
+
+
+def _wait_rows(fed: Federation, run_id: int, out: Path, count: int, timeout: float = 300.0) -> None:
+    """Wait until ``count`` rounds are logged (the checkpoint is written before the row)."""
+    deadline = time.monotonic() + timeout
+    last_check = 0.0
+    while len(_train_rows(out)) < count:
+        if time.monotonic() > deadline:
+            pytest.fail(f"round {count} of run {run_id} not logged within {timeout:g}s; SuperLink log:\n{fed.deployment.superlink.tail() if fed.deployment.superlink else ''}")
+        if time.monotonic() - last_check > 5:
+            last_check = time.monotonic()
+            status = fed.deployment.run_status(run_id)
+            assert not status.startswith("finished"), f"run {run_id} ended ({status}) before round {count}:\n{fed.deployment.run_logs(run_id)[-3000:]}"
+        time.sleep(0.2)
+
+
+def _finish(fed: Federation, run_id: int) -> None:
+    status = fed.deployment.wait_run(run_id, timeout=RUN_TIMEOUT)
+    # `flwr run` exits 0 even for a failed run: the SuperLink's status is what counts
+    assert status == FINISHED_COMPLETED, f"{status}\n{fed.deployment.run_logs(run_id)[-3000:]}"
+
+
+def _ensure_all_online(fed: Federation) -> None:
+    """Restart any SuperNode a previous test left dead, so that each test starts from three."""
+    for name, node in fed.deployment.nodes.items():
+        if name.startswith("site-") and not node.process.alive:
+            fed.deployment.restart_supernode(name, node_id=fed.node_ids[name])
+    fed.deployment.wait_nodes_online(SITES, timeout=180)
+
+
+@pytest.fixture(scope="module")
+def reference_run(federation: Federation) -> Path:
+    """An uninterrupted two-round run over the three sites."""
+    _ensure_all_online(federation)
+    out = federation.root / "reference"
+    _finish(federation, _submit(federation, federation.cfg, out))
+    return out
+
+
+def _clients_eval(cfg: Config, sites: list[Path], meta: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """What the sites' evaluate handlers compute, in this process (same tasks for a seed)."""
+    per_client = -(-cfg.eval.tasks // len(sites))
+    results = [evaluate_on_client(Experiment(cfg, data_dir=str(site)), meta, c, num_tasks=per_client) for c, site in enumerate(sites)]
+    return combine_eval_metrics(results)
+
+
+def test_tls_node_auth_run_completes_learns_and_refuses_unregistered_node(federation: Federation, reference_run: Path, tmp_path: Path) -> None:
+    fed, out = federation, reference_run
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds_completed"] == 2 and summary["clients_total"] == SITES
+    rows = _train_rows(out)
+    assert [r["round"] for r in rows] == [1, 2]
+    assert all(r["replies"] == SITES and r["failed"] == 0 and r["rejected"] == 0 for r in rows)
+    assert summary["federation"]["clients_registered"] == SITES
+
+    # Learns: on the sites' held-out tasks (federated evaluation), the trained initialization
+    # adapts better than the initial one does on exactly the same tasks. Two Adam steps of 0.02
+    # take the 10-step post-adaptation MSE from ~5.8 to ~4.9; 0.9 leaves room for small changes.
+    final = summary["final"]
+    assert final["source"] == "clients" and final["clients"] == SITES
+    start = _clients_eval(fed.cfg, fed.sites, Experiment(fed.cfg, data_dir=str(fed.sites[0])).initial_meta_params())
+    assert final["post_adapt_loss"] < 0.9 * start["post_adapt_loss"], (final, start)
+    assert final["pre_adapt_loss"] < start["pre_adapt_loss"]
+
+    # The same math as the centralized reference on the same site folders (one process, server
+    # holding every site): the deployment's meta-parameters agree to float32 round-off.
+    ref_cfg = replace(fed.cfg, task=replace(fed.cfg.task, data_dir=str(fed.sites[0].parent)), eval=replace(fed.cfg.eval, server=True, clients=0))
+    run_centralized(ref_cfg, tmp_path / "centralized")
+    deployed = load_checkpoint(out / "checkpoint.pt")
+    reference = load_checkpoint(tmp_path / "centralized" / "checkpoint.pt")
+    assert deployed["round"] == reference["round"] == 2
+    for key, value in reference["meta_params"].items():
+        torch.testing.assert_close(deployed["meta_params"][key], value, rtol=1e-5, atol=1e-6)
+
+    # A node whose key was never registered is refused by the SuperLink (Flower exit code 305)
+    # and never appears among the nodes.
+    intruder = make_node_key(tmp_path / "intruder", comment="intruder")
+    proc = fed.deployment.start_supernode("intruder", node_config={"data-dir": str(fed.sites[0]), "client-id": 0}, key=intruder.private)
+    proc.popen.wait(timeout=120)
+    assert proc.returncode != 0
+    assert "Exit Code: 305" in proc.tail(5000)
+    statuses = fed.deployment.node_statuses()
+    assert set(statuses) == {i for i in fed.node_ids.values() if i is not None}
+    assert sum(s == "online" for s in statuses.values()) == SITES
+
+
+def test_supernode_killed_mid_run_is_skipped_and_can_rejoin(federation: Federation) -> None:
+    fed = federation
+    _ensure_all_online(fed)
+    cfg = replace(fed.cfg, federation=replace(fed.cfg.federation, min_replies=2))
+    out = fed.root / "dropout"
+    run_id = _submit(fed, cfg, out)
+    _wait_rows(fed, run_id, out, 1)
+    fed.deployment.stop_supernode("site-0002", kill=True)  # SIGKILL: the node and its ClientApp die
+    _finish(fed, run_id)
+
+    rows = _train_rows(out)
+    assert [r["round"] for r in rows] == [1, 2]
+    assert rows[0]["replies"] == SITES
+    # round 2: client 2's node is gone; the round completes with the two others
+    assert rows[1]["replies"] == 2 and rows[1]["failed"] + rows[1]["unavailable"] == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds_completed"] == 2
+    assert summary["final"]["clients"] == 2  # the federated evaluation skipped it too
+    assert load_checkpoint(out / "checkpoint.pt")["round"] == 2
+
+    # the site comes back with the same key and is the same registered node again
+    fed.deployment.restart_supernode("site-0002", node_id=fed.node_ids["site-0002"])
+    assert fed.deployment.node_statuses()[fed.node_ids["site-0002"]] == "online"  # type: ignore[index]
+
+
+def _assert_same(a: Any, b: Any, where: str = "state") -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), where
+        for k in a:
+            _assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def test_server_side_stopped_after_round_1_resumes_at_round_2_with_identical_state(federation: Federation, reference_run: Path) -> None:
+    fed = federation
+    _ensure_all_online(fed)  # the node killed by the previous test has rejoined
+    out = fed.root / "resumed"
+    run_id = _submit(fed, fed.cfg, out)
+    _wait_rows(fed, run_id, out, 1)
+    port = fed.deployment.port
+    fed.deployment.stop_superlink(kill=True)  # SIGKILL to the SuperLink and its ServerApp process
+    assert load_checkpoint(out / "checkpoint.pt")["round"] == 1
+
+    # the operator starts the server side again (same address, same state database): the
+    # SuperNodes, which kept retrying, reconnect; the run is submitted again with resume
+    fed.deployment.start_superlink(database=fed.database, port=port)
+    fed.deployment.wait_nodes_online(SITES, timeout=180)
+    resumed_id = _submit(fed, fed.cfg, out, resume=True)
+    _finish(fed, resumed_id)
+    assert fed.deployment.run_status(run_id).startswith("finished")  # the killed run is not left running
+
+    rows = _train_rows(out)
+    assert [r["round"] for r in rows] == [1, 2]  # round 1 is not redone, nothing counted twice
+    assert all(r["replies"] == SITES for r in rows)
+    reference_rows = _train_rows(reference_run)
+    assert rows[1]["train"] == reference_rows[1]["train"]
+
+    resumed, uninterrupted = load_checkpoint(out / "checkpoint.pt"), load_checkpoint(reference_run / "checkpoint.pt")
+    assert resumed["round"] == uninterrupted["round"] == 2
+    # identical meta-parameters, Adam moments and step counts, accountant slot and totals
+    _assert_same(resumed["meta_params"], uninterrupted["meta_params"], "meta_params")
+    _assert_same(resumed["optimizer"], uninterrupted["optimizer"], "optimizer")
+    _assert_same(resumed["accountant"], uninterrupted["accountant"], "accountant")
+    _assert_same(resumed["extra"]["totals"], uninterrupted["extra"]["totals"], "totals")
