@@ -10,9 +10,18 @@
   tasks and mean metrics only.
 * ``evaluate``: adapt on this client's held-out tasks and reply with aggregate metrics only.
 
-Clients are stateless between messages: task data exists only while a handler runs. The
-:class:`~fedmeta.experiment.Experiment` (model skeleton, algorithm, task family — for a site,
-its files) is a pure function of the config and data folder and is memoized per process, which
+Under differential privacy (``privacy.mode``) the train handler runs
+:func:`fedmeta.privacy.client_update.private_round` instead: under ``client-local`` the client
+clips and noises its own update, under ``task`` the site runs Opacus' DP-SGD over its task pool;
+the reply then carries only the privatized update, a nominal task count and ``privacy.*``
+scalars (:func:`fedmeta.privacy.releasable_metrics`). The client's accountant lives in the
+node's ``context.state`` for the run and, when the node has a ``privacy-state-dir`` (node config)
+or the app was built with one, in a file there across runs. A client whose own budget is spent
+answers with an error and sends nothing.
+
+Apart from that privacy state, clients are stateless between messages: task data exists only
+while a handler runs. The :class:`~fedmeta.experiment.Experiment` (model skeleton, algorithm,
+task family — for a site, its files) is a pure function of the config and data folder and is memoized per process, which
 in simulation is a Ray actor serving many virtual clients.
 
 ``app`` (for ``flwr run``) reads its config from ``context.run_config``;
@@ -30,8 +39,10 @@ from typing import Any
 
 from fedmeta import flower as fl  # first: sets Flower's environment before flwr is imported
 from fedmeta.config import Config
+from fedmeta.errors import BudgetExhausted
 from fedmeta.experiment import Experiment
-from fedmeta.federated import COMPUTE_SECONDS, describe_client, evaluate_on_client, resolve_client_id, train_on_client
+from fedmeta.federated import COMPUTE_SECONDS, check_received_meta, describe_client, evaluate_on_client, resolve_client_id, train_on_client
+from fedmeta.privacy.facade import CLIP_NORM_KEY
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
@@ -46,6 +57,18 @@ def _experiment(cfg: Config, data_dir: str | None) -> Experiment:
     return Experiment(cfg, data_dir=data_dir)
 
 
+@functools.lru_cache(maxsize=1)
+def _rdp_curves() -> dict[tuple[float, float], Any]:
+    """Opacus' per-step RDP curves by (sigma, q), a pure function of them, kept per process.
+
+    Clients rebuild their accountants from their node state every round, and a curve at q < 1
+    costs ~0.3 s. A function, not a module-level dict: in simulation the handlers travel to the
+    Ray actors by value with every message (cloudpickle copies the dicts they use), while a
+    module-level function is looked up in the actor's own module, like :func:`_experiment`.
+    """
+    return {}
+
+
 @functools.lru_cache(maxsize=4)
 def _run_config(items: tuple[tuple[str, Any], ...]) -> Config:
     cfg, _ = fl.run_settings(dict(items), app_dir=APP_DIR)
@@ -58,6 +81,7 @@ def build_client_app(
     mods: Sequence[Any] = (),
     train_mods: Sequence[Any] = (),
     evaluate_mods: Sequence[Any] = (),
+    privacy_state_dir: str | Path | None = None,
 ) -> ClientApp:
     """A fedmeta ``ClientApp``.
 
@@ -66,6 +90,8 @@ def build_client_app(
         mods: Flower mods around every handler.
         train_mods: Flower mods around the train handler only (e.g. client-side DP).
         evaluate_mods: Flower mods around the evaluate handler only.
+        privacy_state_dir: where clients keep their privacy accountants across runs (a node's
+            ``privacy-state-dir`` node config takes precedence).
     """
     app = ClientApp(mods=list(mods))
 
@@ -85,10 +111,26 @@ def build_client_app(
         exp, own_id, _ = setup(context)
         meta, config = fl.unpack_instructions(message)
         client_id = resolve_client_id(own_id, _int_or_none(config.get("client-id")))
-        update = train_on_client(exp, meta, int(config["round"]), client_id)
-        # Client-side privacy (issue 5) post-processes `update` here, before it is packed.
-        content = fl.pack_update(update, {COMPUTE_SECONDS: time.perf_counter() - started})
-        return Message(content, reply_to=message)
+        round_idx = int(config["round"])
+        if exp.cfg.privacy.mode == "none":
+            update = train_on_client(exp, meta, round_idx, client_id)
+            return Message(fl.pack_update(update, {COMPUTE_SECONDS: time.perf_counter() - started}), reply_to=message)
+        from fedmeta.privacy.client_update import private_round
+
+        check_received_meta(exp, meta)
+        node_dir = context.node_config.get("privacy-state-dir")
+        state_dir = str(node_dir) if node_dir not in (None, "") else privacy_state_dir
+        try:
+            update, releasable, state = private_round(
+                exp, meta, round_idx, client_id, state=fl.load_node_state(context, fl.PRIVACY_STATE),
+                clip_norm=_float_or_none(config.get(CLIP_NORM_KEY)), state_dir=state_dir, rdp_cache=_rdp_curves(),
+            )  # fmt: skip
+        except BudgetExhausted as exc:
+            return fl.reply_error(message, f"BudgetExhausted: {exc}")
+        if state:
+            fl.store_node_state(context, fl.PRIVACY_STATE, state)
+        # only the privatized update, a nominal task count and privacy.* scalars leave the client
+        return Message(fl.pack_update(update, releasable), reply_to=message)
 
     @app.evaluate(mods=list(evaluate_mods))
     def evaluate(message: Message, context: Context) -> Message:
@@ -103,6 +145,10 @@ def build_client_app(
 
 def _int_or_none(value: Any) -> int | None:
     return None if value is None else int(value)
+
+
+def _float_or_none(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 #: The ClientApp ``flwr run`` loads (``[tool.flwr.app.components] clientapp``).

@@ -86,6 +86,8 @@ def _report(summary: dict[str, Any], out: Path) -> None:
         )
     eps = (summary.get("privacy") or {}).get("epsilon")
     parts.append("no differential privacy" if eps is None else f"privacy spent: epsilon={eps:.3f}, delta={summary['privacy']['delta']:g}")
+    if (summary.get("privacy") or {}).get("stopped_by_budget"):
+        parts.append(f"stopped by privacy.target_epsilon after {summary.get('rounds_completed')} of {summary.get('rounds_planned')} rounds")
     print("; ".join(parts) + f". Outputs in {out}/", file=sys.stdout)
 
 

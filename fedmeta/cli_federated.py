@@ -3,6 +3,13 @@
 The same ``ClientApp`` (``client/app.py``) and ``ServerApp`` (``server/app.py``) that run in a
 deployment are started by Flower's ``run_simulation`` with one virtual SuperNode per registered
 client (``federation.clients_total``) and one Ray actor per CPU core.
+
+Differential privacy (``privacy.mode``) runs inside those apps: the server's
+:class:`~fedmeta.privacy.facade.ServerPrivacy` (the default policy of
+:class:`~fedmeta.federated.MetaServer`) and each client's
+:class:`~fedmeta.privacy.facade.ClientPrivacy`. The budget is checked here before Ray starts, so
+a refused config fails in seconds; the simulated sites keep their accountants in
+``OUT/client_privacy/`` so that a resumed run continues them.
 """
 
 from __future__ import annotations
@@ -10,15 +17,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from fedmeta.config import Config
-from fedmeta.errors import ConfigError, FedMetaError
+from fedmeta.errors import FedMetaError
 
-__all__ = ["register", "simulate", "cmd_simulate"]
+__all__ = ["register", "simulate", "cmd_simulate", "CLIENT_PRIVACY_DIR"]
+
+#: Sub-folder of a simulation's output where the simulated sites keep their privacy accountants.
+CLIENT_PRIVACY_DIR = "client_privacy"
 
 log = logging.getLogger(__name__)
 
@@ -54,23 +65,28 @@ def simulate(
         ``federation.discovery_seconds``).
 
     Raises:
-        ConfigError: for a privacy mode this launcher does not apply.
+        BudgetExhausted: if the privacy budget refuses the run (before Ray starts).
         FedMetaError: what the server raised (e.g. ``InconsistentReplies``).
     """
     from fedmeta import flower as fl  # sets Flower's environment before flwr/ray load
 
-    if cfg.privacy.mode != "none" and "policy" not in server_kwargs:
-        raise ConfigError(
-            f"config key 'privacy.mode' is '{cfg.privacy.mode}', but this simulation has no privacy policy wired in; "
-            "use privacy.mode 'none' or a launcher that applies differential privacy"
-        )
+    out = Path(out_dir)
+    state_dir: Path | None = None
+    if cfg.privacy.mode != "none":
+        from fedmeta.privacy.budget import enforce_budget
+
+        if cfg.privacy.mode != "task" or cfg.task.tasks_per_site is not None:
+            enforce_budget(cfg)  # the server checks again; this fails before Ray's start-up
+        state_dir = out / CLIENT_PRIVACY_DIR
+        if not resume and state_dir.is_dir():
+            # a fresh simulation has fresh simulated sites: their old accountants do not apply
+            shutil.rmtree(state_dir)
     from client.app import build_client_app
     from server.app import build_server_app
 
     started = time.perf_counter()
-    out = Path(out_dir)
     server_app = build_server_app(cfg, out, resume=resume, mode="simulation", progress=progress, **server_kwargs)
-    client_app = build_client_app(cfg, mods=client_mods)
+    client_app = build_client_app(cfg, mods=client_mods, privacy_state_dir=state_dir)
     fl.run_flower_simulation(
         server_app,
         client_app,

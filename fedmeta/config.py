@@ -363,8 +363,15 @@ def validate(cfg: Config) -> Config:
     if t.damping is not None:
         _require(t.damping[1] < 1.0, "task.damping", list(t.damping), "must stay below 1 (underdamped)")
     _require(t.noise_std >= 0, "task.noise_std", t.noise_std, "must be >= 0")
-    if t.name == "folder":
-        _require(bool(t.data_dir), "task.data_dir", t.data_dir, "must name a site folder for task.name 'folder'")
+    if t.name == "folder" and e.server:
+        # A deployment server without site data (each SuperNode has its own data-dir) leaves it
+        # null; it then evaluates only through the sites (eval.server false, eval.clients > 0).
+        _require(
+            bool(t.data_dir),
+            "task.data_dir",
+            t.data_dir,
+            "must name a site folder for task.name 'folder' (a deployment server without data: set eval.server false and eval.clients > 0)",
+        )
     _require(16 <= t.image_size <= 128, "task.image_size", t.image_size, "must be between 16 and 128 pixels")
     _require(t.drawings >= 2, "task.drawings", t.drawings, "must be at least 2")
     _require(t.partition in GLYPH_PARTITIONS, "task.partition", t.partition, f"must be one of {', '.join(GLYPH_PARTITIONS)}")

@@ -21,7 +21,7 @@ from fedmeta.models import FunctionalModel, build_model
 from fedmeta.optim import ServerOptimizer
 from fedmeta.rng import make_generator
 from fedmeta.sampling import sample_clients
-from fedmeta.tasks import TaskSource
+from fedmeta.tasks import TaskFamily, TaskSource
 from fedmeta.types import Params, TaskBatch
 
 __all__ = ["Experiment", "RoundResult", "build_summary"]
@@ -45,11 +45,14 @@ class Experiment:
     Args:
         cfg: the run configuration.
         data_dir: a site folder (or folder of sites) overriding ``task.data_dir``.
+        family: the task family every client draws from, instead of the config's (its kind and
+            shapes define the model; a deployment server without site data passes one built from
+            the sites' start-up answers).
     """
 
-    def __init__(self, cfg: Config, *, data_dir: str | None = None) -> None:
+    def __init__(self, cfg: Config, *, data_dir: str | None = None, family: TaskFamily | None = None) -> None:
         self.cfg = cfg
-        self.source = TaskSource(cfg, data_dir=data_dir)
+        self.source = TaskSource(cfg, data_dir=data_dir, family=family)
         family = self.source.family(None)
         self.kind = family.kind
         self.model: FunctionalModel = build_model(cfg, family.input_shape, family.output_dim)

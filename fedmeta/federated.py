@@ -41,7 +41,8 @@ from fedmeta.evaluation import evaluate
 from fedmeta.experiment import Experiment, RoundResult, build_summary
 from fedmeta.outputs import RunRecorder
 from fedmeta.rng import make_generator
-from fedmeta.types import Params
+from fedmeta.tasks.base import TaskFamily
+from fedmeta.types import Params, TaskBatch
 
 __all__ = [
     "ClientIdentity",
@@ -49,6 +50,7 @@ __all__ = [
     "ClientDirectory",
     "RoundPolicy",
     "PlainPolicy",
+    "default_policy",
     "MetaServer",
     "RoundLog",
     "UpdateTransform",
@@ -56,9 +58,13 @@ __all__ = [
     "describe_client",
     "resolve_client_id",
     "train_on_client",
+    "check_received_meta",
     "evaluate_on_client",
     "eval_cohort",
     "combine_eval_metrics",
+    "needs_site_layout",
+    "site_layout",
+    "SiteLayoutFamily",
     "COMPUTE_SECONDS",
 ]
 
@@ -139,11 +145,19 @@ def train_on_client(exp: Experiment, meta: Params, round_idx: int, client_id: in
     Raises:
         UpdateRejected: if the received meta-parameters do not fit this client's model.
     """
-    reference = exp.model.param_shapes
-    for key, shape in reference.items():
+    check_received_meta(exp, meta)
+    return exp.client_update(meta, round_idx, client_id)
+
+
+def check_received_meta(exp: Experiment, meta: Params) -> None:
+    """Refuse meta-parameters that do not fit this client's model.
+
+    Raises:
+        UpdateRejected: naming the first parameter that is missing or has the wrong shape.
+    """
+    for key, shape in exp.model.param_shapes.items():
         if key not in meta or tuple(meta[key].shape) != tuple(shape):
             raise UpdateRejected(f"received meta-parameters do not fit the model here (parameter '{key}')")
-    return exp.client_update(meta, round_idx, client_id)
 
 
 def evaluate_on_client(exp: Experiment, meta: Params, client_id: int, *, num_tasks: int) -> tuple[dict[str, float], int]:
@@ -331,12 +345,85 @@ class ClientDirectory:
         return self._client_of.get(node_id)
 
 
+def needs_site_layout(cfg: Config) -> bool:
+    """True when the server holds no site data and must learn the data's shapes from the sites.
+
+    That is a deployment of on-disk sites (``task.name: folder``) whose server config leaves
+    ``task.data_dir`` null: every SuperNode reads its own ``data-dir``, and the model's input
+    shape, output size and task kind come from the sites' answers to the start-up query.
+    """
+    return cfg.task.name == "folder" and not cfg.task.data_dir
+
+
+class SiteLayoutFamily(TaskFamily):
+    """The sites' data as their start-up answers describe it: kind and shapes, but no tasks.
+
+    A server without site data builds its model from this family (the architecture comes from
+    the config, the input shape and outputs from the sites); asking it for tasks is an error.
+    """
+
+    def __init__(self, kind: str, input_shape: Sequence[int], output_dim: int) -> None:
+        self.kind = kind
+        self.input_shape = tuple(int(d) for d in input_shape)
+        self.output_dim = int(output_dim)
+
+    def _no_tasks(self) -> ConfigError:
+        return ConfigError(
+            "this server holds no task data (task.name 'folder' with task.data_dir null): it evaluates through "
+            "the sites (eval.clients > 0); for server-side evaluation point task.data_dir at a site folder with heldout/ tasks"
+        )
+
+    def sample_params(self, gen: torch.Generator, n: int, split: str) -> torch.Tensor:
+        raise self._no_tasks()
+
+    def make_tasks(self, params: torch.Tensor, gen: torch.Generator) -> TaskBatch:
+        raise self._no_tasks()
+
+
+def site_layout(identities: Sequence[ClientIdentity]) -> SiteLayoutFamily:
+    """The data layout (kind, input shape, outputs) that most sites report.
+
+    Ties go to the layout of the lowest client id (then site name), so the choice does not depend
+    on the order of the answers. Sites with another layout are refused afterwards by the
+    :class:`ClientDirectory` built for the resulting model.
+
+    Raises:
+        InconsistentReplies: if no site described its data.
+    """
+    from fedmeta.errors import InconsistentReplies
+
+    described = [i for i in identities if i.input_shape and i.output_dim > 0]
+    if not described:
+        raise InconsistentReplies(
+            "no site described its data in the start-up query, so the server cannot build the model "
+            "(task.data_dir is null on the server: the model's shapes come from the sites)"
+        )
+    votes: dict[tuple[str, tuple[int, ...], int], list[tuple[int, str]]] = {}
+    for ident in described:
+        key = (ident.kind, tuple(ident.input_shape), int(ident.output_dim))
+        rank = ident.client_id if ident.client_id >= 0 else 1 << 62
+        votes.setdefault(key, []).append((rank, ident.site))
+    # most sites first; among equals, the layout of the lowest (client id, site name)
+    (kind, shape, outputs), _ = min(votes.items(), key=lambda kv: (-len(kv[1]), min(kv[1])))
+    if len(votes) > 1:
+        log.warning("sites report %d different data layouts; the model follows the most common one: %s %s -> %d", len(votes), kind, shape, outputs)
+    return SiteLayoutFamily(kind, shape, outputs)
+
+
 class RoundPolicy(Protocol):
     """What a round may delegate: cohort, extra instructions, aggregation, accounting.
 
     The default is :class:`PlainPolicy`; :class:`fedmeta.privacy.facade.ServerPrivacy` (issue 5)
     implements the same methods to add clipping, noise and accounting.
     """
+
+    def rounds_to_run(self) -> int:
+        """Rounds the run may take (``federation.rounds``, or fewer under a privacy budget).
+
+        Raises:
+            BudgetExhausted: if the run must not start.
+        """
+        ...
 
     def sample_clients(self, round_idx: int) -> list[int]:
         """Client ids of the round's cohort."""
@@ -377,6 +464,9 @@ class PlainPolicy:
     def __init__(self, exp: Experiment) -> None:
         self.exp = exp
 
+    def rounds_to_run(self) -> int:
+        return self.exp.cfg.federation.rounds
+
     def sample_clients(self, round_idx: int) -> list[int]:
         return self.exp.sample_round(round_idx)
 
@@ -400,6 +490,15 @@ class PlainPolicy:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         return None
+
+
+def default_policy(exp: Experiment) -> RoundPolicy:
+    """The round policy of ``exp.cfg``: :class:`ServerPrivacy` under DP, :class:`PlainPolicy` without."""
+    if exp.cfg.privacy.mode == "none":
+        return PlainPolicy(exp)
+    from fedmeta.privacy.facade import ServerPrivacy
+
+    return ServerPrivacy(exp.cfg)
 
 
 #: ``(round, replies) -> replies``: post-processing of per-client updates before aggregation
@@ -445,12 +544,14 @@ class MetaServer:
         resume: continue from ``out_dir/checkpoint.pt`` at the next round, with the same
             meta-parameters, optimizer state, policy (accountant) state and round.
         experiment: a prebuilt :class:`Experiment` for ``cfg``.
-        policy: cohort/aggregation/accounting policy (default :class:`PlainPolicy`).
+        policy: cohort/aggregation/accounting policy (default: :func:`default_policy`, i.e.
+            :class:`~fedmeta.privacy.facade.ServerPrivacy` for a DP config, else :class:`PlainPolicy`).
         update_transforms: applied, in order, to the validated per-client updates.
         aggregate_transforms: applied, in order, to the aggregate before the optimizer step.
 
     Raises:
         CheckpointError: if ``resume`` is set and the checkpoint is missing or incompatible.
+        BudgetExhausted: if the privacy budget refuses the run (``policy.rounds_to_run``).
     """
 
     def __init__(
@@ -469,7 +570,9 @@ class MetaServer:
         self.cfg = cfg
         self.mode = mode
         self.exp = experiment or Experiment(cfg)
-        self.policy: RoundPolicy = policy or PlainPolicy(self.exp)
+        self.policy: RoundPolicy = policy or default_policy(self.exp)
+        # the privacy budget may refuse the run or cut it short (privacy.on_budget: stop)
+        self.rounds_limit = int(self.policy.rounds_to_run())
         self.update_transforms = list(update_transforms)
         self.aggregate_transforms = list(aggregate_transforms)
         self.out_dir = Path(out_dir)
@@ -518,8 +621,8 @@ class MetaServer:
 
     @property
     def finished(self) -> bool:
-        """True once ``federation.rounds`` rounds are done."""
-        return self.round >= self.cfg.federation.rounds
+        """True once ``federation.rounds`` rounds (or the rounds the privacy budget allows) are done."""
+        return self.round >= self.rounds_limit
 
     def directory(self) -> ClientDirectory:
         """An empty :class:`ClientDirectory` that checks sites against this server's model."""
@@ -548,8 +651,19 @@ class MetaServer:
         return {"round": int(round_idx), "client-id": int(client_id), **self.policy.client_config(round_idx)}
 
     def required_replies(self, book: RoundLog) -> int:
-        """Valid replies the round needs: ``min_replies``, capped by the cohort size."""
-        return min(self.cfg.min_replies, len(book.sampled))
+        """Valid replies the round needs: ``min_replies`` per ``clients_per_round`` sampled.
+
+        With uniform sampling the cohort always has ``clients_per_round`` clients and this is
+        ``min_replies``. A Poisson cohort varies in size (and may be empty): the minimum scales
+        with the cohort actually drawn, ``ceil(min_replies × |cohort| / clients_per_round)``, so a
+        small cohort is not aborted for missing its nominal size, and an empty one needs no reply
+        (under client-central DP it releases pure noise, as DP-FedAvg does).
+        """
+        n = len(book.sampled)
+        f = self.cfg.federation
+        if n == f.clients_per_round:
+            return min(self.cfg.min_replies, n)
+        return min(n, math.ceil(self.cfg.min_replies * n / f.clients_per_round))
 
     def accept(self, book: RoundLog, reply: ClientReply) -> bool:
         """Validate a decoded reply and file it as a reply or a rejection.
@@ -644,7 +758,8 @@ class MetaServer:
         train: dict[str, float] = {}
         if replies:
             for key in replies[0].metrics:
-                if key == COMPUTE_SECONDS or any(key not in rep.metrics for rep in replies):
+                # privacy.* reports (a site's epsilon, noisy clip bits) go to the privacy entry
+                if key == COMPUTE_SECONDS or key.startswith("privacy.") or any(key not in rep.metrics for rep in replies):
                     continue
                 train[key] = sum(rep.metrics[key] * rep.num_tasks for rep in replies) / tasks
         up = [rep.nbytes for rep in replies]
@@ -678,8 +793,8 @@ class MetaServer:
     # -- evaluation ------------------------------------------------------------------------
 
     def eval_due(self, round_idx: int) -> bool:
-        """Evaluate after every ``eval.every`` rounds and after the last one."""
-        return round_idx % self.cfg.eval.every == 0 or round_idx == self.cfg.federation.rounds
+        """Evaluate after every ``eval.every`` rounds and after the last one (of the budget, too)."""
+        return round_idx % self.cfg.eval.every == 0 or round_idx in (self.cfg.federation.rounds, self.rounds_limit)
 
     def evaluate(self) -> dict[str, Any]:
         """Server-side evaluation on the held-out tasks (``eval.tasks``), like the reference."""
@@ -705,6 +820,7 @@ class MetaServer:
         if final is None:
             final = dict(self.last_client_eval or {})
             final["source"] = "clients"
+            final["steps"] = self.cfg.eval.steps
         curves = {k: v for k, v in final.items() if k.endswith("_curve")}
         try:
             self.recorder.plot(curves)

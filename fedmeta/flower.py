@@ -16,8 +16,11 @@ Message protocol (``RecordDict`` keys):
 
 * ``query`` (start-up and late joiners): server → ``{"config": ConfigRecord(clients-total)}``;
   client → ``{"identity": ConfigRecord(client-id, kind, num-tasks, site)}``.
-* ``train``: server → ``{"meta": ArrayRecord, "config": ConfigRecord(round, client-id, ...)}``;
-  client → ``{"update": ArrayRecord, "metrics": MetricRecord(num-tasks, metric means)}``.
+* ``train``: server → ``{"meta": ArrayRecord, "config": ConfigRecord(round, client-id, ...)}``
+  (under DP also ``privacy.clip_norm``); client → ``{"update": ArrayRecord, "metrics":
+  MetricRecord(num-tasks, metric means)}`` (under DP: the privatized update, a nominal num-tasks
+  and ``privacy.*`` scalars only; the client's accountant stays in ``context.state`` under
+  :data:`PRIVACY_STATE`).
 * ``evaluate``: server → like train; client → ``{"metrics": MetricRecord(num-tasks, means)}``.
 """
 
@@ -85,6 +88,9 @@ __all__ = [
     "run_flower_simulation",
     "quiet_flower_logs",
     "write_superlink_connection",
+    "PRIVACY_STATE",
+    "load_node_state",
+    "store_node_state",
 ]
 
 log = logging.getLogger(__name__)
@@ -271,6 +277,27 @@ def reply_error(message: Message, reason: str) -> Message:
 
 
 # -- node and run settings --------------------------------------------------------------------
+
+
+#: Key of the client's privacy state (its accountant) in ``context.state``.
+PRIVACY_STATE = "fedmeta.privacy"
+
+
+def load_node_state(context: Context, key: str) -> dict[str, Any] | None:
+    """A flat dict kept in the node's persistent ``context.state`` under ``key`` (``None`` if absent).
+
+    ``context.state`` persists per node across the messages of one run (simulation and
+    deployment); what is stored there never leaves the node.
+    """
+    records = context.state.config_records
+    if key not in records:
+        return None
+    return {k: (list(v) if isinstance(v, list) else v) for k, v in records[key].items()}
+
+
+def store_node_state(context: Context, key: str, state: Mapping[str, Any]) -> None:
+    """Keep ``state`` (str/int/float/bool values or same-typed lists, empty lists included) in ``context.state``."""
+    context.state[key] = ConfigRecord(dict(state))
 
 
 def node_settings(context: Context) -> tuple[int | None, str | None]:

@@ -107,9 +107,16 @@ def plot_learning_curves(rows: list[dict[str, Any]], path: Path) -> Path:
             ys = [_num(r["train"].get(key)) for r in train]
             ax.plot(rounds, _smooth(ys), label=label)
         ax.set_yscale("log")
+        ax.set_title("training tasks (smoothed)")
+        ax.legend(fontsize=8)
+    else:
+        # under DP clients release no training metrics: show the privacy spent instead
+        spent = [r for r in rows if isinstance((r.get("privacy") or {}).get("epsilon"), (int, float))]
+        if spent:
+            ax.plot([r["round"] for r in spent], [r["privacy"]["epsilon"] for r in spent], label=f"epsilon (delta={spent[-1]['privacy'].get('delta', 0):g})")
+            ax.legend(fontsize=8)
+        ax.set_title("privacy spent" if spent else "training tasks")
     ax.set_xlabel("round")
-    ax.set_title("training tasks (smoothed)")
-    ax.legend(fontsize=8)
     for ax, metric in zip(axes[1:], ["loss"] + (["accuracy"] if has_acc else [])):
         if evals:
             rounds = [r["round"] for r in evals]
@@ -200,7 +207,7 @@ def plot_episode_montage(
     shots = max(int((support_y == c).sum()) for c in range(ways))
     shown = min(max_query, max(int((query_y == c).sum()) for c in range(ways)))
     cols = shots + 1 + shown
-    fig, axes = plt.subplots(ways, cols, figsize=(0.75 * cols + 1.2, 0.8 * ways + 0.7), squeeze=False)
+    fig, axes = plt.subplots(ways, cols, figsize=(max(0.75 * cols + 1.2, 6.5), 0.8 * ways + 0.9), squeeze=False)
 
     def show(ax: Any, img: Any) -> None:
         arr = img.detach().cpu().float()
@@ -229,8 +236,10 @@ def plot_episode_montage(
                 side.set_color("tab:green" if ok else "tab:red")
     axes[0, 0].set_title("support", fontsize=7, loc="left", pad=1)
     axes[0, shots + 1].set_xlabel("")
-    fig.suptitle(title or "episode: support | queries (predicted label)", fontsize=8)
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    import textwrap
+
+    fig.suptitle(textwrap.fill(title or "episode: support | queries (predicted label)", 90), fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -10,16 +10,18 @@ config, an output directory and options directly; ``fedmeta simulate`` uses it b
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from fedmeta import flower as fl  # first: sets Flower's environment before flwr is imported
 from fedmeta.config import Config
-from fedmeta.federated import AggregateTransform, MetaServer, RoundPolicy, UpdateTransform
+from fedmeta.experiment import Experiment
+from fedmeta.federated import AggregateTransform, ClientIdentity, MetaServer, RoundPolicy, UpdateTransform, needs_site_layout, site_layout
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
-from server.meta_strategy import FedMetaStrategy, ProgressFn
+from server.meta_strategy import FedMetaStrategy, ProgressFn, ask_sites
 
 __all__ = ["app", "build_server_app", "run_server"]
 
@@ -42,6 +44,10 @@ def run_server(
 ) -> dict[str, Any]:
     """Run federated meta-training on ``grid`` and write the outputs into ``out_dir``.
 
+    A server whose config has on-disk sites but no ``task.data_dir`` (a deployment: every
+    SuperNode has its own ``data-dir``) builds its model from the sites' start-up answers
+    (:func:`fedmeta.federated.site_layout`) and evaluates only through them (``eval.clients``).
+
     Args:
         grid: Flower's grid (simulation or deployment).
         cfg: the run configuration.
@@ -56,16 +62,31 @@ def run_server(
     Returns:
         The summary.
     """
+    experiment, answers = None, None
+    started = time.perf_counter()
+    if needs_site_layout(cfg):
+        # No site data here: the model's input shape and outputs come from the sites' answers
+        # to the start-up query (the architecture from the config); the same answers then
+        # register the sites, so they are asked once.
+        fl.prepare_grid(grid)
+        answers = ask_sites(grid, cfg)
+        family = site_layout([a for a in answers.values() if isinstance(a, ClientIdentity)])
+        log.info("no site data on the server: model built for %s inputs of shape %s with %d outputs, as the sites report", family.kind, family.input_shape, family.output_dim)
+        experiment = Experiment(cfg, family=family)
     server = MetaServer(
         cfg,
         out_dir,
         mode=mode,
         resume=resume,
+        experiment=experiment,
         policy=policy,
         update_transforms=update_transforms,
         aggregate_transforms=aggregate_transforms,
     )
-    return FedMetaStrategy(server, progress=progress).run(grid)
+    strategy = FedMetaStrategy(server, progress=progress)
+    if answers is not None:
+        strategy.timings["discovery_seconds"] = time.perf_counter() - started
+    return strategy.run(grid, answers)
 
 
 def build_server_app(cfg: Config, out_dir: str | Path, *, resume: bool = False, mode: str = "simulation", **kwargs: Any) -> ServerApp:

@@ -17,17 +17,18 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from fedmeta import flower as fl
 from fedmeta.errors import InconsistentReplies, UpdateRejected
-from fedmeta.federated import ClientReply, MetaServer, RoundLog, eval_cohort
+from fedmeta.config import Config
+from fedmeta.federated import ClientIdentity, ClientReply, MetaServer, RoundLog, eval_cohort
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-__all__ = ["FedMetaStrategy", "ProgressFn"]
+__all__ = ["FedMetaStrategy", "ProgressFn", "ask_sites"]
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +123,12 @@ class FedMetaStrategy(Strategy):
 
     # -- the run -----------------------------------------------------------------------------
 
-    def run(self, grid: Grid) -> dict[str, Any]:
+    def run(self, grid: Grid, answers: Mapping[int, ClientIdentity | str | None] | None = None) -> dict[str, Any]:
         """Discover the clients, run the remaining rounds, and write the outputs.
+
+        Args:
+            grid: Flower's grid.
+            answers: start-up answers already collected with :func:`ask_sites` (``None``: ask).
 
         Returns:
             The summary written to ``summary.json``.
@@ -136,8 +141,8 @@ class FedMetaStrategy(Strategy):
         self.summary()
         fl.prepare_grid(grid)
         t0 = time.perf_counter()
-        self.discover(grid)
-        self.timings["discovery_seconds"] = time.perf_counter() - t0
+        self.discover(grid, answers)
+        self.timings["discovery_seconds"] = self.timings.get("discovery_seconds", 0.0) + time.perf_counter() - t0
         self.server.start()
         f = self.cfg.federation
         arrays = fl.params_to_record(self.server.meta)
@@ -179,25 +184,25 @@ class FedMetaStrategy(Strategy):
     def _summary_extra(self) -> dict[str, Any]:
         return {"clients_registered": len(self.directory), "nodes_refused": len(self.directory.refused), **self.timings}
 
-    def discover(self, grid: Grid) -> None:
+    def discover(self, grid: Grid, answers: Mapping[int, ClientIdentity | str | None] | None = None) -> None:
         """Wait for the nodes to register, then ask each for its identity (start-up query).
+
+        Args:
+            grid: Flower's grid.
+            answers: the start-up answers when they were already collected (:func:`ask_sites`,
+                for a server that needed them to build its model); ``None`` asks now.
 
         Raises:
             InconsistentReplies: if fewer clients than ``federation.min_replies`` answered.
         """
         f = self.cfg.federation
-        deadline = time.monotonic() + f.join_timeout
-        nodes = set(grid.get_node_ids())
-        while len(nodes) < f.clients_total and time.monotonic() < deadline:
-            time.sleep(0.2)
-            nodes = set(grid.get_node_ids())
-        if len(nodes) < f.clients_total:
-            log.warning("%d of %d clients registered within federation.join_timeout=%gs; starting with them", len(nodes), f.clients_total, f.join_timeout)
-        self._query(grid, nodes, deadline)
+        if answers is None:
+            answers = ask_sites(grid, self.cfg, query_batch=self.query_batch)
+        self._register(answers)
         if len(self.directory) < self.cfg.min_replies:
             raise InconsistentReplies(
                 f"only {len(self.directory)} clients answered the start-up query within "
-                f"federation.join_timeout={f.join_timeout:g}s ({len(nodes)} nodes connected, "
+                f"federation.join_timeout={f.join_timeout:g}s ({len(answers)} nodes connected, "
                 f"{len(self.directory.refused)} refused: {list(self.directory.refused.values())[:3]}); "
                 f"a round needs federation.min_replies={self.cfg.min_replies}"
             )
@@ -218,27 +223,16 @@ class FedMetaStrategy(Strategy):
     # -- helpers -----------------------------------------------------------------------------
 
     def _query(self, grid: Grid, nodes: set[int], deadline: float) -> None:
-        ordered = sorted(nodes)
-        ttl = max(1.0, deadline - time.monotonic())
-        for start in range(0, len(ordered), self.query_batch):
-            chunk = ordered[start : start + self.query_batch]
-            content = fl.pack_query(self.cfg.federation.clients_total)
-            messages = [Message(content, node, fl.QUERY, ttl=ttl + 60, group_id="query") for node in chunk]
-            left = max(1.0, deadline - time.monotonic())
-            answered = set()
-            for reply in grid.send_and_receive(messages, timeout=left):
-                node = reply.metadata.src_node_id
-                answered.add(node)
-                if reply.has_error():
-                    self.directory.refused[node] = f"error {reply.error.code}: {reply.error.reason}"
-                    log.warning("node %s could not answer the start-up query: %s", node, reply.error.reason)
-                    continue
-                try:
-                    self.directory.register(node, fl.unpack_identity(reply))
-                except UpdateRejected as exc:
-                    self.directory.refused[node] = str(exc)
-            for node in set(chunk) - answered:
-                log.warning("node %s did not answer the start-up query in time", node)
+        self._register(_ask(grid, self.cfg, nodes, deadline, self.query_batch))
+
+    def _register(self, answers: Mapping[int, ClientIdentity | str | None]) -> None:
+        for node, answer in sorted(answers.items()):
+            if answer is None:
+                continue  # no answer in time: asked again when the next round refreshes the nodes
+            if isinstance(answer, str):
+                self.directory.refused[node] = answer
+            else:
+                self.directory.register(node, answer)
         for cid, node in self.directory.assign_missing():
             log.info("node %s has no client id of its own; it acts as client %d", node, cid)
 
@@ -253,6 +247,8 @@ class FedMetaStrategy(Strategy):
         return messages
 
     def _exchange(self, grid: Grid, book: RoundLog, messages: list[Message]) -> None:
+        if not messages:  # e.g. an empty Poisson cohort: nothing to send, nothing to wait for
+            return
         asked = {m.metadata.dst_node_id for m in messages}
         t = time.perf_counter()
         replies = list(grid.send_and_receive(messages, timeout=self.cfg.federation.round_timeout))
@@ -290,3 +286,47 @@ class FedMetaStrategy(Strategy):
         if self._book is None or self._book.round_idx != server_round:
             raise ValueError(f"aggregate_train for round {server_round} without configure_train")
         return self._book
+
+
+def ask_sites(grid: Grid, cfg: Config, *, query_batch: int = 500) -> dict[int, ClientIdentity | str | None]:
+    """Wait for ``federation.clients_total`` nodes (at most ``federation.join_timeout`` s) and ask each who it is.
+
+    Returns:
+        ``node id -> identity`` for the nodes that answered, the reason for those that answered
+        with an error, and ``None`` for those that did not answer in time.
+    """
+    f = cfg.federation
+    deadline = time.monotonic() + f.join_timeout
+    nodes = set(grid.get_node_ids())
+    while len(nodes) < f.clients_total and time.monotonic() < deadline:
+        time.sleep(0.2)
+        nodes = set(grid.get_node_ids())
+    if len(nodes) < f.clients_total:
+        log.warning("%d of %d clients registered within federation.join_timeout=%gs; starting with them", len(nodes), f.clients_total, f.join_timeout)
+    return _ask(grid, cfg, nodes, deadline, query_batch)
+
+
+def _ask(grid: Grid, cfg: Config, nodes: set[int], deadline: float, query_batch: int) -> dict[int, ClientIdentity | str | None]:
+    """The start-up query to ``nodes``, in batches, until ``deadline`` (monotonic seconds)."""
+    ordered = sorted(nodes)
+    ttl = max(1.0, deadline - time.monotonic())
+    answers: dict[int, ClientIdentity | str | None] = {}
+    for start in range(0, len(ordered), query_batch):
+        chunk = ordered[start : start + query_batch]
+        content = fl.pack_query(cfg.federation.clients_total)
+        messages = [Message(content, node, fl.QUERY, ttl=ttl + 60, group_id="query") for node in chunk]
+        left = max(1.0, deadline - time.monotonic())
+        for reply in grid.send_and_receive(messages, timeout=left):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                answers[node] = f"error {reply.error.code}: {reply.error.reason}"
+                log.warning("node %s could not answer the start-up query: %s", node, reply.error.reason)
+                continue
+            try:
+                answers[node] = fl.unpack_identity(reply)
+            except UpdateRejected as exc:
+                answers[node] = str(exc)
+        for node in set(chunk) - set(answers):
+            answers[node] = None
+            log.warning("node %s did not answer the start-up query in time", node)
+    return answers

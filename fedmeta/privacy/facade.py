@@ -90,12 +90,20 @@ class ServerPrivacy:
         self.client_sample_rate = f.clients_per_round / f.clients_total
         self._seed = secret_seed(p.noise_seed)
         _warn_fixed_seed(cfg)
+        if self.enabled and cfg.eval.clients > 0:
+            log.warning(
+                "eval.clients=%d: under privacy.mode %s the clients' federated evaluation metrics are sent without "
+                "noise and are not covered by epsilon (eval.server evaluates on tasks that belong to no client)",
+                cfg.eval.clients, p.mode,
+            )  # fmt: skip
         self.update_noise_multiplier, self.count_stddev = update_noise(cfg) if self.enabled else (0.0, 0.0)
         self.clip = AdaptiveClipState(p.clip_norm, p.target_quantile, p.clip_lr, self.count_stddev)
         self.accountant = PrivacyAccountant(p.accountant) if p.mode == "client-central" else None
         self.client_accountants: dict[int, PrivacyAccountant] = {}
+        self._rdp_cache: dict[tuple[float, float], Any] = {}  # shared by the mirrored client accountants
         self.site_reports: dict[int, dict[str, float]] = {}
         self.rounds_completed = 0
+        self.rounds_allowed: int | None = None
         self._round_info: dict[str, Any] = {}
 
     # -- before the run ------------------------------------------------------------------------
@@ -109,8 +117,10 @@ class ServerPrivacy:
         """
         if self.mode == "task" and self.pool_size is None and self.cfg.task.tasks_per_site is None:
             log.info("task-level DP: each site enforces its own budget (its pool size is not known here)")
-            return self.cfg.federation.rounds
-        return enforce_budget(self.cfg, pool_size=self.pool_size)
+            self.rounds_allowed = self.cfg.federation.rounds
+        else:
+            self.rounds_allowed = enforce_budget(self.cfg, pool_size=self.pool_size)
+        return self.rounds_allowed
 
     # -- each round ----------------------------------------------------------------------------
 
@@ -236,7 +246,7 @@ class ServerPrivacy:
             for cid in sampled:
                 acc = self.client_accountants.get(int(cid))
                 if acc is None:
-                    acc = self.client_accountants[int(cid)] = PrivacyAccountant(p.accountant)
+                    acc = self.client_accountants[int(cid)] = PrivacyAccountant(p.accountant, rdp_cache=self._rdp_cache)
                 acc.step(noise_multiplier=z_eff / LOCAL_SENSITIVITY_FACTOR, sample_rate=1.0)
         elif self.mode == "task":
             for cid, rep in (reports or {}).items():
@@ -323,6 +333,12 @@ class ServerPrivacy:
             out["clients_accounted"] = len(self.client_accountants)
         if self.mode == "task":
             out["sites_reporting"] = len(self.site_reports)
+        if p.target_epsilon is not None:
+            allowed = self.rounds_allowed if self.rounds_allowed is not None else self.cfg.federation.rounds
+            out["target_epsilon"] = p.target_epsilon
+            out["on_budget"] = p.on_budget
+            out["rounds_allowed"] = allowed
+            out["stopped_by_budget"] = allowed < self.cfg.federation.rounds and self.rounds_completed >= allowed
         if p.adaptive_clipping:
             out["adaptive_clipping"] = True
             out["final_clip_norm"] = self.clip.clip_norm
@@ -355,6 +371,8 @@ class ServerPrivacy:
 
         Raises:
             CheckpointError: if the state belongs to another privacy mode or accountant, or is malformed.
+            BudgetExhausted: if what the checkpoint has already spent exceeds ``privacy.target_epsilon``
+                (e.g. a run resumed with a lower target): it must not train further.
         """
         if state.get("mode") != self.mode:
             raise CheckpointError(
@@ -365,7 +383,7 @@ class ServerPrivacy:
             if self.accountant is not None:
                 self.accountant.load_state_dict(state["accountant"])
             self.client_accountants = {
-                int(c): PrivacyAccountant.from_state_dict(s) for c, s in zip(state["clients"], state["client_accountants"])
+                int(c): PrivacyAccountant.from_state_dict(s, rdp_cache=self._rdp_cache) for c, s in zip(state["clients"], state["client_accountants"])
             }
             for acc in self.client_accountants.values():
                 if acc.mechanism != self.cfg.privacy.accountant:
@@ -375,6 +393,15 @@ class ServerPrivacy:
             self.rounds_completed = int(state["rounds_completed"])
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"the checkpoint's privacy state cannot be restored: {exc}") from exc
+        target = self.cfg.privacy.target_epsilon
+        if target is not None and self.rounds_completed > 0:
+            spent = self.epsilon()
+            if spent > target:
+                raise BudgetExhausted(
+                    f"the checkpoint has already spent epsilon={spent:.4g} (delta={self.cfg.privacy.delta:g}) in "
+                    f"{self.rounds_completed} rounds, more than privacy.target_epsilon={target:g}: training on from it "
+                    "would exceed the budget; raise the target (if that is what was meant) or start a new run"
+                )
 
 
 class ClientPrivacy:
@@ -386,12 +413,22 @@ class ClientPrivacy:
         client_id: the client's id (keys its noise stream when ``privacy.noise_seed`` is set).
         state: a :meth:`state_dict` kept by the client between rounds.
         pool_size: ``task`` mode: the number of tasks the site holds (see :func:`site_pool_size`).
+        rdp_cache: RDP curves shared with earlier rounds' accountants (a client rebuilt from its
+            state every round would otherwise recompute them; see :class:`PrivacyAccountant`).
 
     Raises:
         ConfigError: in ``task`` mode without a pool size.
     """
 
-    def __init__(self, cfg: Config, client_id: int, *, state: Mapping[str, Any] | None = None, pool_size: int | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        client_id: int,
+        *,
+        state: Mapping[str, Any] | None = None,
+        pool_size: int | None = None,
+        rdp_cache: dict[tuple[float, float], Any] | None = None,
+    ) -> None:
         p = cfg.privacy
         self.cfg = cfg
         self.client_id = int(client_id)
@@ -401,7 +438,7 @@ class ClientPrivacy:
         self.site: TaskLevelPrivacy | None = None
         self.update_noise_multiplier, self.count_stddev = update_noise(cfg) if p.mode == "client-local" else (0.0, 0.0)
         if p.mode == "client-local":
-            self.accountant = PrivacyAccountant(p.accountant)
+            self.accountant = PrivacyAccountant(p.accountant, rdp_cache=rdp_cache)
             if state:
                 self.accountant.load_state_dict(dict(state))
         elif p.mode == "task":
@@ -409,13 +446,21 @@ class ClientPrivacy:
             if pool is None:
                 raise ConfigError("privacy.mode 'task' needs the site's pool size (task.tasks_per_site or its task folder)")
             self.pool_size = int(pool)
-            self.site = TaskLevelPrivacy.from_config(cfg, pool_size=self.pool_size, state=dict(state) if state else None)
+            self.site = TaskLevelPrivacy.from_config(cfg, pool_size=self.pool_size, state=dict(state) if state else None, rdp_cache=rdp_cache)
 
     @classmethod
-    def for_site(cls, cfg: Config, client_id: int, source: TaskSource, *, state: Mapping[str, Any] | None = None) -> "ClientPrivacy":
+    def for_site(
+        cls,
+        cfg: Config,
+        client_id: int,
+        source: TaskSource,
+        *,
+        state: Mapping[str, Any] | None = None,
+        rdp_cache: dict[tuple[float, float], Any] | None = None,
+    ) -> "ClientPrivacy":
         """Like the constructor, with the task pool size read from ``source`` in ``task`` mode."""
         pool = site_pool_size(source, client_id) if cfg.privacy.mode == "task" else None
-        return cls(cfg, client_id, state=state, pool_size=pool)
+        return cls(cfg, client_id, state=state, pool_size=pool, rdp_cache=rdp_cache)
 
     def _generator(self, purpose: str, round_idx: int) -> torch.Generator:
         # keyed by the steps already taken too: two releases in one round (meta.local_steps > 1)
@@ -481,7 +526,7 @@ class ClientPrivacy:
         p = self.cfg.privacy
         if p.target_epsilon is None or self.accountant is None:
             return
-        probe = PrivacyAccountant.from_state_dict(self.accountant.state_dict())
+        probe = PrivacyAccountant.from_state_dict(self.accountant.state_dict(), rdp_cache=self.accountant.rdp_cache)
         probe.step(noise_multiplier=self.local_noise_multiplier, sample_rate=1.0)
         nxt = probe.get_epsilon(p.delta)
         if nxt > p.target_epsilon:

@@ -94,6 +94,7 @@ class TaskLevelPrivacy:
         accountant: Opacus mechanism.
         target_epsilon: the site's own budget (``None``: unlimited).
         state: a :meth:`state_dict` from an earlier round (the accountant persists).
+        rdp_cache: RDP curves shared across rounds (see :class:`PrivacyAccountant`).
     """
 
     def __init__(
@@ -107,6 +108,7 @@ class TaskLevelPrivacy:
         accountant: str = "rdp",
         target_epsilon: float | None = None,
         state: dict[str, Any] | None = None,
+        rdp_cache: dict[tuple[float, float], Any] | None = None,
     ) -> None:
         if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
             raise ValueError(f"noise_multiplier must be a non-negative number, got {noise_multiplier!r}")
@@ -122,12 +124,14 @@ class TaskLevelPrivacy:
         self.expected_tasks = float(expected_tasks)
         self.delta = float(delta)
         self.target_epsilon = target_epsilon
-        self.accountant = PrivacyAccountant(accountant)
+        self.accountant = PrivacyAccountant(accountant, rdp_cache=rdp_cache)
         if state is not None:
             self.load_state_dict(state)
 
     @classmethod
-    def from_config(cls, cfg: Config, *, pool_size: int, state: dict[str, Any] | None = None) -> "TaskLevelPrivacy":
+    def from_config(
+        cls, cfg: Config, *, pool_size: int, state: dict[str, Any] | None = None, rdp_cache: dict[tuple[float, float], Any] | None = None
+    ) -> "TaskLevelPrivacy":
         """The task-level DP of a site holding ``pool_size`` tasks under ``cfg``."""
         p = cfg.privacy
         q = task_sample_rate(cfg.meta.tasks_per_client, pool_size)
@@ -140,6 +144,7 @@ class TaskLevelPrivacy:
             accountant=p.accountant,
             target_epsilon=p.target_epsilon,
             state=state,
+            rdp_cache=rdp_cache,
         )
 
     # -- budget --------------------------------------------------------------------------------
@@ -150,7 +155,7 @@ class TaskLevelPrivacy:
 
     def epsilon_after_next_step(self) -> float:
         """What the site's epsilon would be after one more step."""
-        probe = PrivacyAccountant.from_state_dict(self.accountant.state_dict())
+        probe = PrivacyAccountant.from_state_dict(self.accountant.state_dict(), rdp_cache=self.accountant.rdp_cache)
         probe.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
         return probe.get_epsilon(self.delta)
 

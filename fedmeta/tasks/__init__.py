@@ -75,10 +75,15 @@ class TaskSource:
     Randomness comes from ``(seed, purpose, round, client)`` only, never from global state.
     """
 
-    def __init__(self, cfg: Config, *, data_dir: str | Path | None = None) -> None:
+    def __init__(self, cfg: Config, *, data_dir: str | Path | None = None, family: TaskFamily | None = None) -> None:
         self.cfg = cfg
         self._families: dict[int, TaskFamily] = {}
         self._sites: list[Path] | None = None
+        if family is not None:
+            # every client draws from `family` (a deployment server that holds no site data
+            # passes one that only describes the sites' shapes, from their start-up answers)
+            self._shared: TaskFamily | None = family
+            return
         if cfg.task.name == "folder":
             root = data_dir if data_dir is not None else cfg.task.data_dir
             if root is None:
