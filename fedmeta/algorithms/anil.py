@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import torch
 from torch import Tensor
 from torch.func import grad
 
-from fedmeta.algorithms.base import task_accuracy, task_loss
+from fedmeta.algorithms.base import eager_inner_sgd, grad_dict, inner_sgd, metric_dict, stack_for_tasks, task_accuracies, task_accuracy, task_loss, task_losses
 from fedmeta.algorithms.maml import MAML
-from fedmeta.types import Params, model_part
+from fedmeta.types import Params, TaskBatch, model_part
 
 __all__ = ["ANIL"]
 
@@ -19,7 +20,8 @@ class ANIL(MAML):
 
     Features of the support and query sets are computed once per task (the body does not change
     in the inner loop); the outer gradient reaches the body through them, exactly (second order
-    through the head's inner steps).
+    through the head's inner steps). Adaptation at test time (:meth:`adapt_with_loss`,
+    :meth:`adaptation_curve`) likewise runs the body once and takes the steps on the head.
     """
 
     name: ClassVar[str] = "anil"
@@ -27,31 +29,106 @@ class ANIL(MAML):
     def adapted_keys(self, meta: Params) -> list[str]:
         return self.model.head_keys()
 
-    def _head_adapt(self, head: Params, hs: Tensor, sy: Tensor, steps: int) -> Params:
-        def inner(p: Params) -> Tensor:
-            return task_loss(self.kind, self.model.head(p, hs), sy)
-
-        for _ in range(steps):
-            g = grad(inner)(head)
-            head = {k: head[k] - self.inner_lr * g[k] for k in head}
-        return head
-
     def outer_loss(self, meta: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         params = model_part(meta)
         hs = self.model.features(params, sx)
         hq = self.model.features(params, qx)
         head0 = {k: params[k] for k in self.model.head_keys()}
-        head = self._head_adapt(head0, hs, sy, self.inner_steps)
+
+        def inner(p: Params) -> Tensor:
+            return task_loss(self.kind, self.model.head(p, hs), sy)
+
+        head, support_loss_pre = inner_sgd(inner, head0, dict.fromkeys(head0, self.inner_lr), self.inner_steps)
         pred_q = self.model.head(head, hq)
         query_loss = task_loss(self.kind, pred_q, qy)
-        pre_q = self.model.head(head0, hq)
-        metrics = {
-            "support_loss_pre": task_loss(self.kind, self.model.head(head0, hs), sy),
-            "support_loss_post": task_loss(self.kind, self.model.head(head, hs), sy),
-            "query_loss_pre": task_loss(self.kind, pre_q, qy),
-            "query_loss_post": query_loss,
-        }
-        if self.kind == "classification":
-            metrics["query_accuracy_pre"] = task_accuracy(pre_q, qy)
-            metrics["query_accuracy_post"] = task_accuracy(pred_q, qy)
-        return query_loss, {k: v.detach() for k, v in metrics.items()}
+        metrics = metric_dict(
+            self.kind,
+            lambda pred, y: task_loss(self.kind, pred, y),
+            task_accuracy,
+            support_loss_pre=support_loss_pre,
+            support_loss_post=task_loss(self.kind, self.model.head(head, hs), sy),
+            query_pred_pre=self.model.head(head0, hq),
+            query_pred_post=pred_q,
+            query_y=qy,
+        )
+        return query_loss, metrics
+
+    # -- adaptation: the body once, the steps on the head ------------------------------------
+
+    def adapt_with_loss(self, meta: Params, x: Tensor, y: Tensor, steps: int, *, first_order: bool = False) -> tuple[Params, Tensor]:
+        """The head adapted on features computed once; the same result as the generic loop."""
+        params = model_part(meta)
+        h = self.model.features(params, x)
+        head = {k: params[k] for k in self.model.head_keys()}
+
+        def inner(p: Params) -> Tensor:
+            return task_loss(self.kind, self.model.head(p, h), y)
+
+        head, start_loss = inner_sgd(inner, head, dict.fromkeys(head, self.inner_lr), steps, first_order=first_order)
+        return {**params, **head}, start_loss
+
+    def adaptation_curve(self, meta: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, steps: int) -> dict[str, Tensor]:
+        """Query loss (and accuracy) after ``0..steps`` head steps, with the body run once per set."""
+        params = {k: v.detach() for k, v in model_part(meta).items()}
+        hs = self.model.features(params, sx)
+        hq = self.model.features(params, qx)
+        head = {k: params[k] for k in self.model.head_keys()}
+
+        def inner(p: Params) -> Tensor:
+            return task_loss(self.kind, self.model.head(p, hs), sy)
+
+        losses, accs = [], []
+        for step in range(steps + 1):
+            pred = self.model.head(head, hq)
+            losses.append(task_loss(self.kind, pred, qy))
+            if self.kind == "classification":
+                accs.append(task_accuracy(pred, qy))
+            if step < steps:
+                g = grad(inner)(head)
+                head = {k: head[k] - self.inner_lr * g[k] for k in head}
+        out = {"query_loss": torch.stack(losses)}
+        if accs:
+            out["query_accuracy"] = torch.stack(accs)
+        return out
+
+    # -- the batched eager path ----------------------------------------------------------------
+
+    def _head_adapt_tasks(self, head: Params, h: Tensor, y: Tensor, steps: int, *, first_order: bool) -> tuple[Params, Tensor]:
+        """Inner steps of ``T`` stacked heads on features ``[T, N, F]``; also the per-task loss before the first step."""
+        return eager_inner_sgd(
+            lambda p: task_losses(self.kind, self.model.head_tasks(p, h), y), head, dict.fromkeys(head, self.inner_lr), steps, first_order=first_order
+        )
+
+    def adapt_tasks(self, meta: Params, x: Tensor, y: Tensor, steps: int, *, first_order: bool = False) -> tuple[Params, Tensor]:
+        """:meth:`adapt_with_loss` for ``T`` tasks at once (stacked parameters)."""
+        params = model_part(meta)
+        if first_order:
+            params = {k: v.detach() for k, v in params.items()}
+        with torch.set_grad_enabled(not first_order):
+            h = self.model.features_tasks(params, x)
+        head, start_loss = self._head_adapt_tasks({k: params[k] for k in self.model.head_keys()}, h, y, steps, first_order=first_order)
+        return {**params, **head}, start_loss
+
+    def batched_task_updates(self, meta: Params, tasks: TaskBatch) -> tuple[Params, dict[str, Tensor]]:
+        """Exact meta-gradients of all tasks: batched body features, batched second-order head steps."""
+        stacked = stack_for_tasks(meta, tasks.num_tasks)
+        params = model_part(stacked)
+        with torch.enable_grad():
+            hs = self.model.features_tasks(params, tasks.support_x)
+            hq = self.model.features_tasks(params, tasks.query_x)
+            head0 = {k: params[k] for k in self.model.head_keys()}
+            head, support_loss_pre = self._head_adapt_tasks(head0, hs, tasks.support_y, self.inner_steps, first_order=False)
+            pred_q = self.model.head_tasks(head, hq)
+            grads = grad_dict(task_losses(self.kind, pred_q, tasks.query_y).sum(), stacked)
+        with torch.no_grad():
+            metrics = metric_dict(
+                self.kind,
+                lambda pred, y: task_losses(self.kind, pred, y),
+                task_accuracies,
+                support_loss_pre=support_loss_pre,
+                support_loss_post=task_losses(self.kind, self.model.head_tasks(head, hs), tasks.support_y),
+                query_pred_pre=self.model.head_tasks(head0, hq),
+                query_pred_post=pred_q,
+                query_y=tasks.query_y,
+            )
+        return grads, metrics

@@ -3,8 +3,19 @@
 An algorithm is one class with one signature. :meth:`MetaAlgorithm.task_update` takes the
 meta-parameters and *one* task and returns that task's meta-gradient (or, for Reptile and FedAvg,
 the pseudo-gradient the server optimizer treats the same way) plus per-task metrics.
-:meth:`MetaAlgorithm.task_updates` batches it over tasks with ``torch.func.vmap``, so no Python
-loop over tasks runs on the hot path. Nothing here mutates the meta-parameters.
+:meth:`MetaAlgorithm.task_updates` batches it over tasks, so no Python loop over tasks runs on
+the hot path, in one of two ways that give the same per-task results:
+
+* ``vmap`` of :meth:`~MetaAlgorithm.task_update` (nested ``torch.func.grad``), for any model;
+* the *batched eager* path, :meth:`~MetaAlgorithm.batched_task_updates`, when the model computes
+  all tasks in one native pass (:attr:`fedmeta.models.base.FunctionalModel.batched_tasks`, e.g.
+  Conv-4's grouped convolutions). Each task gets its own copy of the meta-parameters (a
+  ``[T, *shape]`` leaf), the per-task losses are summed, and ``torch.autograd.grad`` — with
+  ``create_graph=True`` through the inner loop for second order — returns each task's
+  meta-gradient in row ``t``, because task ``t``'s loss depends on row ``t`` only. On the CPU this
+  avoids ``vmap``'s per-operator batching overhead (docs/glyphs.md, "Speed").
+
+Nothing here mutates the meta-parameters.
 """
 
 from __future__ import annotations
@@ -22,7 +33,20 @@ from torch.func import grad, grad_and_value, vmap
 from fedmeta.models.base import FunctionalModel
 from fedmeta.types import LR_PREFIX, Params, TaskBatch, lr_part, model_part
 
-__all__ = ["MetaAlgorithm", "MetaUpdate", "task_loss", "task_accuracy", "METRIC_NAMES"]
+__all__ = [
+    "MetaAlgorithm",
+    "MetaUpdate",
+    "task_loss",
+    "task_accuracy",
+    "task_losses",
+    "task_accuracies",
+    "stack_for_tasks",
+    "grad_dict",
+    "inner_sgd",
+    "eager_inner_sgd",
+    "metric_dict",
+    "METRIC_NAMES",
+]
 
 #: Per-task metrics every algorithm reports (means over a client's tasks leave the client).
 METRIC_NAMES = ("support_loss_pre", "support_loss_post", "query_loss_pre", "query_loss_post")
@@ -38,6 +62,108 @@ def task_loss(kind: str, pred: Tensor, y: Tensor) -> Tensor:
 def task_accuracy(pred: Tensor, y: Tensor) -> Tensor:
     """Fraction of correct argmax predictions."""
     return (pred.argmax(dim=-1) == y).float().mean()
+
+
+def task_losses(kind: str, pred: Tensor, y: Tensor) -> Tensor:
+    """:func:`task_loss` of ``T`` tasks at once: predictions ``[T, N, ...]`` against targets ``[T, N, ...]``, returns ``[T]``."""
+    tasks = pred.shape[0]
+    if kind == "classification":
+        return F.cross_entropy(pred.flatten(0, 1), y.flatten(0, 1), reduction="none").view(tasks, -1).mean(dim=1)
+    return (pred - y).pow(2).reshape(tasks, -1).mean(dim=1)
+
+
+def task_accuracies(pred: Tensor, y: Tensor) -> Tensor:
+    """:func:`task_accuracy` of ``T`` tasks at once, ``[T]``."""
+    return (pred.argmax(dim=-1) == y).float().mean(dim=1)
+
+
+def stack_for_tasks(meta: Params, tasks: int) -> Params:
+    """One detached copy of every parameter per task, ``[tasks, *shape]``, each a leaf that requires grad.
+
+    The gradient of a sum of per-task losses with respect to these copies holds each task's own
+    gradient in its row: this is how the batched eager path gets per-task meta-gradients.
+    """
+    return {k: v.detach().unsqueeze(0).expand(tasks, *v.shape).clone().requires_grad_(True) for k, v in meta.items()}
+
+
+def grad_dict(output: Tensor, inputs: Params, *, create_graph: bool = False) -> Params:
+    """``torch.autograd.grad`` on a dict; inputs the output does not depend on get zeros (as ``torch.func.grad`` gives)."""
+    keys = list(inputs)
+    found = torch.autograd.grad(output, [inputs[k] for k in keys], create_graph=create_graph, allow_unused=True)
+    return {k: torch.zeros_like(inputs[k]) if g is None else g for k, g in zip(keys, found)}
+
+
+def inner_sgd(
+    loss_fn: Callable[[Params], Tensor], fast: Params, sizes: dict[str, Tensor | float], steps: int, *, first_order: bool = False
+) -> tuple[Params, Tensor]:
+    """``steps`` plain gradient steps ``p - size * grad`` on ``loss_fn`` (``torch.func``, so it nests in ``vmap``/``grad``).
+
+    Returns the stepped parameters and the loss before the first step (detached). With
+    ``first_order`` the inner gradients are treated as constants.
+    """
+    start_loss = None
+    for _ in range(steps):
+        g, value = grad_and_value(loss_fn)(fast)
+        if start_loss is None:
+            start_loss = value.detach()
+        if first_order:
+            g = {k: v.detach() for k, v in g.items()}
+        fast = {k: fast[k] - sizes[k] * g[k] for k in fast}
+    assert start_loss is not None  # steps >= 1 by construction
+    return fast, start_loss
+
+
+def eager_inner_sgd(
+    losses_fn: Callable[[Params], Tensor], fast: Params, sizes: dict[str, Tensor | float], steps: int, *, first_order: bool = False
+) -> tuple[Params, Tensor]:
+    """:func:`inner_sgd` for ``T`` stacked tasks with eager autograd: ``losses_fn`` returns per-task losses ``[T]``.
+
+    The gradient of their sum holds each task's own gradient in its row. Second order keeps the
+    graph of every step (``create_graph=True``); ``first_order`` drops it after each step and
+    returns detached parameters. Stacked Meta-SGD rates are ``[T, *shape]`` like the parameters;
+    a float broadcasts.
+    """
+    start_loss = None
+    for _ in range(steps):
+        if first_order:
+            fast = {k: v.detach().requires_grad_(True) for k, v in fast.items()}
+        with torch.enable_grad():
+            losses = losses_fn(fast)
+            g = grad_dict(losses.sum(), fast, create_graph=not first_order)
+        if start_loss is None:
+            start_loss = losses.detach()
+        with torch.set_grad_enabled(not first_order):
+            fast = {k: fast[k] - sizes[k] * g[k] for k in fast}
+    assert start_loss is not None  # steps >= 1 by construction
+    return fast, start_loss
+
+
+def metric_dict(
+    kind: str,
+    losses: Callable[[Tensor, Tensor], Tensor],
+    accuracies: Callable[[Tensor, Tensor], Tensor],
+    *,
+    support_loss_pre: Tensor,
+    support_loss_post: Tensor,
+    query_pred_pre: Tensor,
+    query_pred_post: Tensor,
+    query_y: Tensor,
+) -> dict[str, Tensor]:
+    """The standard metrics (:data:`METRIC_NAMES`, plus query accuracies for classification), detached.
+
+    ``losses`` and ``accuracies`` score predictions against targets: :func:`task_loss` /
+    :func:`task_accuracy` for one task, :func:`task_losses` / :func:`task_accuracies` for stacked tasks.
+    """
+    out = {
+        "support_loss_pre": support_loss_pre,
+        "support_loss_post": support_loss_post,
+        "query_loss_pre": losses(query_pred_pre, query_y),
+        "query_loss_post": losses(query_pred_post, query_y),
+    }
+    if kind == "classification":
+        out["query_accuracy_pre"] = accuracies(query_pred_pre, query_y)
+        out["query_accuracy_post"] = accuracies(query_pred_post, query_y)
+    return {k: v.detach() for k, v in out.items()}
 
 
 @dataclass(frozen=True)
@@ -115,15 +241,7 @@ class MetaAlgorithm(ABC):
         def inner_loss(p: Params) -> Tensor:
             return self.loss({**frozen, **p}, x, y)
 
-        start_loss = None
-        for _ in range(steps):
-            g, value = grad_and_value(inner_loss)(fast)
-            if start_loss is None:
-                start_loss = value.detach()
-            if first_order:
-                g = {k: v.detach() for k, v in g.items()}
-            fast = {k: fast[k] - sizes[k] * g[k] for k in keys}
-        assert start_loss is not None  # steps >= 1 by construction
+        fast, start_loss = inner_sgd(inner_loss, fast, sizes, steps, first_order=first_order)
         return {**frozen, **fast}, start_loss
 
     def adaptation_curve(self, meta: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, steps: int) -> dict[str, Tensor]:
@@ -183,28 +301,100 @@ class MetaAlgorithm(ABC):
         Values the caller already computed (the support loss before the first inner step, the
         adapted model's query predictions) are passed in so that no forward pass runs twice.
         """
-        pre_q = self.model.forward(model_part(meta), qx)
-        post_q = self.model.forward(adapted, qx) if query_pred_post is None else query_pred_post
-        out = {
-            "support_loss_pre": self.loss(meta, sx, sy) if support_loss_pre is None else support_loss_pre,
-            "support_loss_post": self.loss(adapted, sx, sy),
-            "query_loss_pre": task_loss(self.kind, pre_q, qy),
-            "query_loss_post": task_loss(self.kind, post_q, qy),
-        }
-        if self.kind == "classification":
-            out["query_accuracy_pre"] = task_accuracy(pre_q, qy)
-            out["query_accuracy_post"] = task_accuracy(post_q, qy)
-        return {k: v.detach() for k, v in out.items()}
+        return metric_dict(
+            self.kind,
+            lambda pred, y: task_loss(self.kind, pred, y),
+            task_accuracy,
+            support_loss_pre=self.loss(meta, sx, sy) if support_loss_pre is None else support_loss_pre,
+            support_loss_post=self.loss(adapted, sx, sy),
+            query_pred_pre=self.model.forward(model_part(meta), qx),
+            query_pred_post=self.model.forward(adapted, qx) if query_pred_post is None else query_pred_post,
+            query_y=qy,
+        )
 
     def task_updates(self, meta: Params, tasks: TaskBatch) -> tuple[Params, dict[str, Tensor]]:
-        """Per-task meta-gradients for a batch of tasks, vectorized with ``vmap``.
+        """Per-task meta-gradients for a batch of tasks, with no Python loop over tasks.
+
+        Uses :meth:`batched_task_updates` when the model runs all tasks in one native pass
+        (``model.batched_tasks``) and :meth:`vmapped_task_updates` otherwise; both return the same
+        values (up to floating-point summation order).
 
         Returns:
-            ``({name: [T, *shape]}, {metric: [T]})``.
+            ``({name: [T, *shape]}, {metric: [T]})``, detached.
         """
+        if self.model.batched_tasks:
+            return self.batched_task_updates(meta, tasks)
+        return self.vmapped_task_updates(meta, tasks)
+
+    def vmapped_task_updates(self, meta: Params, tasks: TaskBatch) -> tuple[Params, dict[str, Tensor]]:
+        """:meth:`task_update` vectorized over tasks with ``vmap``."""
         fn: Callable[..., tuple[Params, dict[str, Tensor]]] = vmap(self.task_update, in_dims=(None, 0, 0, 0, 0))
         grads, metrics = fn(meta, tasks.support_x, tasks.support_y, tasks.query_x, tasks.query_y)
         return {k: v.detach() for k, v in grads.items()}, {k: v.detach() for k, v in metrics.items()}
+
+    def batched_task_updates(self, meta: Params, tasks: TaskBatch) -> tuple[Params, dict[str, Tensor]]:
+        """The same per-task updates as :meth:`vmapped_task_updates`, from one batched pass with eager autograd.
+
+        Works with any model (the default batched model methods ``vmap`` the single-task ones);
+        fast with a model whose ``forward_tasks`` is native. Algorithms override this; the base
+        falls back to ``vmap``.
+        """
+        return self.vmapped_task_updates(meta, tasks)
+
+    # -- the batched eager path: T tasks at once, parameters stacked [T, *shape] ---------------
+
+    def losses_tasks(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
+        """Per-task losses ``[T]`` of stacked ``params`` on ``x`` ``[T, N, ...]``."""
+        return task_losses(self.kind, self.model.forward_tasks(model_part(params), x), y)
+
+    def adapt_tasks(self, meta: Params, x: Tensor, y: Tensor, steps: int, *, first_order: bool = False) -> tuple[Params, Tensor]:
+        """:meth:`adapt_with_loss` for ``T`` tasks at once, on stacked parameters ``[T, *shape]``.
+
+        Second order (the default) keeps the graph of every inner step (``create_graph=True``),
+        so the result is differentiable with respect to ``meta`` (which must require grad, see
+        :func:`stack_for_tasks`). With ``first_order`` each step's graph is dropped once its
+        gradient is taken and the adapted parameters come back detached (what FOMAML, Reptile
+        and evaluation use; the generic :meth:`adapt` keeps the identity path to ``meta``).
+
+        Returns:
+            The adapted parameters (model parameters only, stacked) and the per-task loss on
+            ``(x, y)`` before the first step, ``[T]``, detached.
+        """
+        keys = self.adapted_keys(meta)
+        sizes = self.step_sizes(meta)
+        params = model_part(meta)
+        if first_order:
+            params = {k: v.detach() for k, v in params.items()}
+            sizes = {k: (s.detach() if isinstance(s, Tensor) else s) for k, s in sizes.items()}
+        fast = {k: params[k] for k in keys}
+        frozen = {k: v for k, v in params.items() if k not in fast}
+        fast, start_loss = eager_inner_sgd(lambda p: self.losses_tasks({**frozen, **p}, x, y), fast, sizes, steps, first_order=first_order)
+        return {**frozen, **fast}, start_loss
+
+    def _metrics_tasks(
+        self,
+        meta: Params,
+        adapted: Params,
+        sx: Tensor,
+        sy: Tensor,
+        qx: Tensor,
+        qy: Tensor,
+        *,
+        support_loss_pre: Tensor,
+        query_pred_post: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """:meth:`_metrics` for ``T`` tasks (stacked parameters), computed without a graph; ``{name: [T]}``."""
+        with torch.no_grad():
+            return metric_dict(
+                self.kind,
+                lambda pred, y: task_losses(self.kind, pred, y),
+                task_accuracies,
+                support_loss_pre=support_loss_pre,
+                support_loss_post=self.losses_tasks(adapted, sx, sy),
+                query_pred_pre=self.model.forward_tasks(model_part(meta), qx),
+                query_pred_post=self.model.forward_tasks(model_part(adapted), qx) if query_pred_post is None else query_pred_post,
+                query_y=qy,
+            )
 
     def meta_gradient(self, meta: Params, tasks: TaskBatch) -> MetaUpdate:
         """The mean meta-gradient over ``tasks`` with mean metrics: what one client computes."""

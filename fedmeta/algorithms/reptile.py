@@ -6,8 +6,8 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from fedmeta.algorithms.base import MetaAlgorithm
-from fedmeta.types import Params
+from fedmeta.algorithms.base import MetaAlgorithm, stack_for_tasks
+from fedmeta.types import Params, TaskBatch
 
 __all__ = ["Reptile"]
 
@@ -26,3 +26,10 @@ class Reptile(MetaAlgorithm):
         adapted, support_loss_pre = self.adapt_with_loss(meta, sx, sy, self.inner_steps, first_order=True)
         adapted = {k: v.detach() for k, v in adapted.items()}
         return {k: meta[k] - adapted[k] for k in meta}, self._metrics(meta, adapted, sx, sy, qx, qy, support_loss_pre=support_loss_pre)
+
+    def batched_task_updates(self, meta: Params, tasks: TaskBatch) -> tuple[Params, dict[str, Tensor]]:
+        """All tasks' ``θ - φ`` from one graph-free batched inner loop."""
+        stacked = stack_for_tasks(meta, tasks.num_tasks)
+        adapted, support_loss_pre = self.adapt_tasks(stacked, tasks.support_x, tasks.support_y, self.inner_steps, first_order=True)
+        metrics = self._metrics_tasks(stacked, adapted, tasks.support_x, tasks.support_y, tasks.query_x, tasks.query_y, support_loss_pre=support_loss_pre)
+        return {k: stacked[k].detach() - adapted[k] for k in meta}, metrics

@@ -7,7 +7,7 @@ from abc import ABC, abstractmethod
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
+from torch.func import functional_call, vmap
 
 from fedmeta.types import Params
 
@@ -28,10 +28,21 @@ class FunctionalModel(ABC):
     mutates the meta-parameters and the same code works under ``vmap`` and ``grad``.
     Parameters whose names start with :attr:`head_prefix` form the head that ANIL adapts;
     :meth:`features` and :meth:`head` split the forward pass there.
+
+    Many tasks at once: :meth:`forward_tasks`, :meth:`features_tasks` and :meth:`head_tasks` take
+    per-task parameters stacked along a leading task dimension (``{name: [T, *shape]}``) and
+    inputs ``[T, N, *input_shape]``. The defaults ``vmap`` the single-task methods. A model that
+    sets :attr:`batched_tasks` implements them natively, as one call for all tasks that plain
+    (eager) autograd differentiates, twice for second order; the algorithms then compute their
+    per-task meta-gradients that way instead of with ``vmap`` over nested ``torch.func.grad``
+    (:meth:`fedmeta.algorithms.base.MetaAlgorithm.task_updates`).
     """
 
     name: str = ""
     head_prefix: str = "head."
+    #: True when :meth:`forward_tasks` and friends are native batched implementations (the
+    #: algorithms' batched eager path is used); False: the algorithms ``vmap`` over tasks.
+    batched_tasks: bool = False
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
@@ -55,6 +66,21 @@ class FunctionalModel(ABC):
         n = len(self.head_prefix)
         head = {k[n:]: v for k, v in params.items() if k.startswith(self.head_prefix)}
         return functional_call(self.module.head, head, (h,))  # type: ignore[arg-type]
+
+    def forward_tasks(self, params: Params, x: Tensor) -> Tensor:
+        """Outputs ``[T, N, outputs]`` of ``T`` tasks: ``params`` stacked ``[T, *shape]``, ``x`` ``[T, N, *input_shape]``.
+
+        Task ``t`` is computed exactly as ``forward({k: v[t]}, x[t])``, batch statistics included.
+        """
+        return vmap(self.forward)(params, x)
+
+    def features_tasks(self, params: Params, x: Tensor) -> Tensor:
+        """:meth:`features` of ``T`` tasks at once (stacked parameters, ``[T, N, ...]`` inputs)."""
+        return vmap(self.features)(params, x)
+
+    def head_tasks(self, params: Params, h: Tensor) -> Tensor:
+        """:meth:`head` of ``T`` tasks at once (stacked head parameters, ``[T, N, features]`` inputs)."""
+        return vmap(self.head)(params, h)
 
     def head_keys(self) -> list[str]:
         """Names of the head's parameters."""
