@@ -11,6 +11,10 @@ background, with a log)::
     nice -n 10 python -m simulations.bench_glyphs --only 20 > runs/bench-20.log 2>&1 &
     python -m simulations.bench_glyphs --report-only
     python -m simulations.bench_glyphs --quick --no-write     # a few-minute smoke run
+    # rerun some algorithms only (their rows supersede the earlier ones in the report):
+    nice -n 10 python -m simulations.bench_glyphs --only 5 --algorithms anil --no-write > runs/bench-5-anil.log 2>&1 &
+    # time the meta-gradient formulations (about 8 minutes), then rewrite the section:
+    nice -n 10 python -m simulations.bench_glyphs --speed
 
 What it does, all centralized (``fedmeta.centralized.run_centralized``, the reference path of
 ``fedmeta centralized``), IID over every background alphabet:
@@ -25,6 +29,9 @@ What it does, all centralized (``fedmeta.centralized.run_centralized``, the refe
    for 5-way, 5 for 20-way), the same episodes for every method: the raw-pixel nearest-neighbour
    floor (1-NN, Euclidean, over the support images) and each meta-learned initialization after
    its test-time adaptation steps, with 95% confidence intervals over episodes.
+4. With ``--speed``: the per-task meta-gradient of one training meta-batch, timed for each way
+   of computing it (a Python loop over tasks, ``vmap`` with and without ``functional_call``,
+   the batched eager pass, channels-last, two threads), interleaved, medians of 5.
 """
 
 from __future__ import annotations
@@ -45,12 +52,14 @@ import numpy as np
 import torch
 from torch.func import vmap
 
-from fedmeta.algorithms.base import MetaAlgorithm
+from fedmeta.algorithms.base import MetaAlgorithm, task_accuracies
 from fedmeta.centralized import run_centralized
 from fedmeta.checkpoint import load_checkpoint
 from fedmeta.config import Config, load_config
 from fedmeta.evaluation import mean_ci95
 from fedmeta.experiment import Experiment
+from fedmeta.models.base import FunctionalModel
+from fedmeta.models.conv4 import Conv4
 from fedmeta.outputs import read_metrics, write_episode_montage
 from fedmeta.rng import make_generator
 from fedmeta.tasks.glyphs import GlyphFamily, build_glyph_family, load_bank, load_catalog
@@ -87,6 +96,18 @@ class Run:
     eval_steps: int
     outer_lr: float
     query: int = 1
+    #: extra iterations after ``rounds`` at ``outer_lr * decay_factor``, continuing from the
+    #: meta-parameters reached (a step decay; the second phase starts a fresh Adam and draws
+    #: fresh tasks, seed + 1)
+    decay_rounds: int = 0
+    decay_factor: float = 0.1
+    #: further test-time step counts reported besides ``eval_steps``
+    extra_eval_steps: tuple[int, ...] = ()
+
+    @property
+    def iterations(self) -> int:
+        """Meta-iterations of both phases."""
+        return self.rounds + self.decay_rounds
 
     def overrides(self) -> list[str]:
         return [
@@ -115,16 +136,31 @@ class Run:
 RUNS: tuple[Run, ...] = (
     Run("MAML (2nd order)", 5, "maml", 1200, 32, 0.4, 1, 3, 0.003),
     Run("Meta-SGD", 5, "metasgd", 1200, 32, 0.4, 1, 1, 0.003),
-    Run("ANIL", 5, "anil", 5000, 32, 0.4, 5, 10, 0.003),
+    # ANIL runs longer than the others (the batched path made it ~1.0-1.5x cheaper per iteration,
+    # and it is the best of the three here), then a tenth of the outer lr for the last sixth;
+    # 25 test steps because more head steps kept helping the earlier 5,000-iteration model
+    # (10 steps also reported)
+    Run("ANIL", 5, "anil", 10000, 32, 0.4, 5, 25, 0.003, decay_rounds=2000, extra_eval_steps=(10,)),
     Run("MAML (1st order)", 20, "fomaml", 600, 16, 0.1, 5, 5, 0.003),
     Run("Meta-SGD", 20, "metasgd", 600, 16, 0.1, 1, 1, 0.003),
     # at outer lr 0.003 this run diverged after ~1000 iterations (the report keeps that attempt)
-    Run("ANIL", 20, "anil", 2000, 16, 0.1, 10, 10, 0.001),
+    Run("ANIL", 20, "anil", 4000, 16, 0.1, 10, 25, 0.001, decay_rounds=1000, extra_eval_steps=(10,)),
 )
 
 
 def _quick(run: Run) -> Run:
-    return replace(run, rounds=3, meta_batch=2)
+    return replace(run, rounds=3, meta_batch=2, decay_rounds=min(run.decay_rounds, 2))
+
+
+class _Continued(Experiment):
+    """An experiment whose round-0 meta-parameters are given (the second phase of a step decay)."""
+
+    def __init__(self, cfg: Config, start: Params) -> None:
+        super().__init__(cfg)
+        self._start = {k: v.detach().clone() for k, v in start.items()}
+
+    def initial_meta_params(self) -> Params:
+        return {k: v.clone() for k, v in self._start.items()}
 
 
 def nearest_neighbour_accuracy(tasks: TaskBatch) -> torch.Tensor:
@@ -141,9 +177,37 @@ def episode_accuracy(algo: MetaAlgorithm, meta: Params, tasks: TaskBatch, *, ste
 
     The same adaptation as :func:`fedmeta.evaluation.evaluate` (``algo.adapt``: all parameters
     for MAML, with the learned rates for Meta-SGD, the head for ANIL), but the query set is only
-    scored before and after, not after every step.
+    scored before and after, not after every step. With a model that batches tasks natively
+    the chunk is adapted in one batched pass (:meth:`MetaAlgorithm.adapt_tasks`, the same
+    numbers), else with ``vmap``.
     """
+    pre, posts = episode_accuracies(algo, meta, tasks, steps=(steps,), batch=batch)
+    return pre, posts[steps]
+
+
+def episode_accuracies(algo: MetaAlgorithm, meta: Params, tasks: TaskBatch, *, steps: tuple[int, ...], batch: int = 50) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """:func:`episode_accuracy` after each of several step counts (one adaptation, scored on the way)."""
     frozen = {k: v.detach() for k, v in meta.items()}
+    if not algo.model.batched_tasks:
+        pre, _ = _episode_accuracy_vmap(algo, frozen, tasks, steps=1, batch=batch)
+        return pre, {s: _episode_accuracy_vmap(algo, frozen, tasks, steps=s, batch=batch)[1] for s in steps}
+    pres: list[torch.Tensor] = []
+    posts: dict[int, list[torch.Tensor]] = {s: [] for s in steps}
+    with torch.no_grad():
+        for start in range(0, tasks.num_tasks, batch):
+            chunk = tasks.slice(start, start + batch)
+            stacked = {k: v.unsqueeze(0).expand(chunk.num_tasks, *v.shape) for k, v in frozen.items()}
+            pres.append(task_accuracies(algo.model.forward_tasks(model_part(stacked), chunk.query_x), chunk.query_y))
+            done, current = 0, stacked
+            for s in sorted(steps):
+                adapted, _ = algo.adapt_tasks(current, chunk.support_x, chunk.support_y, s - done, first_order=True)
+                current = {**current, **adapted}
+                done = s
+                posts[s].append(task_accuracies(algo.model.forward_tasks(adapted, chunk.query_x), chunk.query_y))
+    return torch.cat(pres), {s: torch.cat(v) for s, v in posts.items()}
+
+
+def _episode_accuracy_vmap(algo: MetaAlgorithm, frozen: Params, tasks: TaskBatch, *, steps: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     weights = model_part(frozen)
 
     def one(sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -249,13 +313,178 @@ def _train(run: Run, out: Path, quick: bool) -> tuple[Experiment, Params, dict[s
     exp = Experiment(cfg)
     t0, c0 = time.perf_counter(), time.process_time()
     summary = run_centralized(cfg, out, experiment=exp)
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     rows = read_metrics(out / "metrics.jsonl")
     train_seconds = sum(r.get("seconds", 0.0) for r in rows if r.get("round", 0) > 0)
-    state = load_checkpoint(out / "checkpoint.pt")
-    log.info("%s %d-way: %d rounds, %.0f s training", run.label, run.ways, run.rounds, train_seconds)
-    info = {"wall_seconds": wall, "cpu_seconds": cpu, "train_seconds": train_seconds, "rounds": summary["rounds_completed"], "summary_final": summary["final"]}
-    return exp, state["meta_params"], info
+    meta = load_checkpoint(out / "checkpoint.pt")["meta_params"]
+    rounds = summary["rounds_completed"]
+    if run.decay_rounds:
+        decayed = replace(run, rounds=run.decay_rounds, outer_lr=run.outer_lr * run.decay_factor)
+        cfg2 = load_config(CONFIG, [*decayed.overrides(), f"seed={cfg.seed + 1}"])
+        exp = _Continued(cfg2, meta)
+        summary = run_centralized(cfg2, out / "decay", experiment=exp)
+        rows2 = read_metrics(out / "decay" / "metrics.jsonl")
+        train_seconds += sum(r.get("seconds", 0.0) for r in rows2 if r.get("round", 0) > 0)
+        meta = load_checkpoint(out / "decay" / "checkpoint.pt")["meta_params"]
+        rounds += summary["rounds_completed"]
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    log.info("%s %d-way: %d rounds, %.0f s training", run.label, run.ways, rounds, train_seconds)
+    info = {
+        "wall_seconds": wall,
+        "cpu_seconds": cpu,
+        "train_seconds": train_seconds,
+        "rounds": rounds,
+        "summary_final": summary["final"],
+        # how the per-task meta-gradients were computed (docs/glyphs.md, "Speed")
+        "path": "batched" if exp.model.batched_tasks else "vmap",
+        "threads": torch.get_num_threads(),
+    }
+    return exp, meta, info
+
+
+# -- speed of the per-task meta-gradient -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SpeedSetting:
+    """One meta-batch shape whose meta-gradient is timed (the shapes of the training runs)."""
+
+    label: str
+    ways: int
+    algorithm: str
+    inner_steps: int
+    inner_lr: float
+    meta_batch: int
+    query: int
+
+
+#: Second order (MAML, Meta-SGD, ANIL through its head steps) and first order, 5-way and 20-way
+#: 1-shot, with the meta-batches of :data:`RUNS`; 5 queries per class once (configs/glyphs.yaml).
+SPEED_SETTINGS: tuple[SpeedSetting, ...] = (
+    SpeedSetting("MAML 2nd order, 5-way, 1 query/class", 5, "maml", 1, 0.4, 32, 1),
+    SpeedSetting("MAML 2nd order, 5-way, 5 queries/class", 5, "maml", 1, 0.4, 32, 5),
+    SpeedSetting("MAML 1st order, 5-way, 1 step", 5, "fomaml", 1, 0.4, 32, 1),
+    SpeedSetting("ANIL, 5-way, 5 head steps", 5, "anil", 5, 0.4, 32, 1),
+    SpeedSetting("Meta-SGD (2nd order), 20-way", 20, "metasgd", 1, 0.1, 16, 1),
+    SpeedSetting("MAML 1st order, 20-way, 5 steps", 20, "fomaml", 5, 0.1, 16, 1),
+    SpeedSetting("ANIL, 20-way, 10 head steps", 20, "anil", 10, 0.1, 16, 1),
+)
+
+#: The formulations compared, in table order; "vmap + functional_call" is the path before the
+#: batched one (the speedups are relative to it).
+SPEED_VARIANTS = ("loop over tasks", "vmap + functional_call", "vmap", "batched", "batched, channels_last", "batched, 2 threads")
+
+
+class _Conv4FunctionalCall(Conv4):
+    """Conv-4 with the committed ``functional_call`` forward and no batched path (the old vmap path)."""
+
+    batched_tasks = False
+
+    def forward(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        return FunctionalModel.forward(self, params, x)
+
+    def features(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        return FunctionalModel.features(self, params, x)
+
+    def head(self, params: Params, h: torch.Tensor) -> torch.Tensor:
+        return FunctionalModel.head(self, params, h)
+
+
+class _Conv4ChannelsLast(Conv4):
+    """Conv-4's batched pass with the folded images in channels-last memory format."""
+
+    def features_tasks(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        tasks, n = x.shape[0], x.shape[1]
+        folded = x.transpose(0, 1).reshape(n, tasks * x.shape[2], *x.shape[3:]).contiguous(memory_format=torch.channels_last)
+        return self._body(params, folded, tasks).view(n, tasks, -1).transpose(0, 1)
+
+
+def _timed(fn: Any, threads: int) -> tuple[float, float]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        return time.perf_counter() - t0, time.process_time() - c0
+    finally:
+        torch.set_num_threads(previous)
+
+
+def measure_speed(setting: SpeedSetting, *, repeats: int = 5) -> dict[str, Any]:
+    """Median wall and CPU seconds of one meta-batch's per-task meta-gradients, per formulation.
+
+    Every formulation computes the same ``[T, *shape]`` gradients of the same meta-batch; they
+    run interleaved (one of each per repeat, after a warm-up), so load from other jobs hits
+    them alike. Also records how far the batched gradients are from the vmapped ones in float32.
+    """
+    run = Run(setting.label, setting.ways, setting.algorithm, 1, setting.meta_batch, setting.inner_lr, setting.inner_steps, 1, 0.001, query=setting.query)
+    cfg = load_config(CONFIG, run.overrides())
+    exp = Experiment(cfg)
+    meta = exp.initial_meta_params()
+    tasks = exp.source.client_tasks(1, 0)
+    model = exp.model
+    assert isinstance(model, Conv4)
+    kw = {"kind": exp.kind, "inner_lr": setting.inner_lr, "inner_steps": setting.inner_steps}
+    cls = type(exp.algorithm)
+    old = cls(_Conv4FunctionalCall(model.input_shape, model.outputs, channels=model.channels, norm=model.norm, pool=model.pool), **kw)
+    cl = cls(_Conv4ChannelsLast(model.input_shape, model.outputs, channels=model.channels, norm=model.norm, pool=model.pool), **kw)
+    algo = exp.algorithm
+
+    def loop() -> None:
+        for t in range(tasks.num_tasks):
+            algo.task_update(meta, tasks.support_x[t], tasks.support_y[t], tasks.query_x[t], tasks.query_y[t])
+
+    variants: dict[str, tuple[Any, int]] = {
+        "loop over tasks": (loop, 1),
+        "vmap + functional_call": (lambda: old.vmapped_task_updates(meta, tasks), 1),
+        "vmap": (lambda: algo.vmapped_task_updates(meta, tasks), 1),
+        "batched": (lambda: algo.batched_task_updates(meta, tasks), 1),
+        "batched, channels_last": (lambda: cl.batched_task_updates(meta, tasks), 1),
+        "batched, 2 threads": (lambda: algo.batched_task_updates(meta, tasks), 2),
+    }
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
+    for fn, threads in variants.values():
+        _timed(fn, threads)  # warm-up
+    for _ in range(repeats):
+        for name, (fn, threads) in variants.items():
+            samples[name].append(_timed(fn, threads))
+    g_batched, _ = algo.batched_task_updates(meta, tasks)
+    g_vmap, _ = old.vmapped_task_updates(meta, tasks)
+    rel = max(float((g_batched[k] - g_vmap[k]).norm() / g_vmap[k].norm().clamp_min(1e-30)) for k in g_vmap)
+    out: dict[str, Any] = {"setting": setting.__dict__, "tasks": tasks.num_tasks, "repeats": repeats, "float32_rel_diff": rel, "variants": {}}
+    for name, values in samples.items():
+        walls, cpus = sorted(v[0] for v in values), sorted(v[1] for v in values)
+        out["variants"][name] = {"wall": walls[len(walls) // 2], "cpu": cpus[len(cpus) // 2]}
+    log.info("speed %s: %s", setting.label, {k: f"{v['cpu']:.3f}" for k, v in out["variants"].items()})
+    return out
+
+
+def render_speed(speed: dict[str, Any]) -> list[str]:
+    """Markdown lines of the speed table."""
+    cpu_columns = [n for n in SPEED_VARIANTS if not n.endswith("2 threads")]
+    lines = [
+        "",
+        "### Speed of the per-task meta-gradient",
+        "",
+        f"One meta-batch's per-task meta-gradients (the `task_updates` of every training iteration), measured on {speed['machine']}; "
+        f"median of {speed['rows'][0]['repeats']} interleaved repeats. CPU seconds of the process measure the work done with one thread "
+        "(wall time adds the waiting for the shared cores); two threads are compared in wall time, as their CPU time sums both. "
+        "`vmap + functional_call` is the path before the batched one; speedup = its CPU time / the batched path's. "
+        "All variants compute the same gradients: in float64 the batched and vmapped ones agree to rounding (~1e-15, a unit test); "
+        "the last column is their relative difference in float32 (largest over parameters), where rounding is amplified by second "
+        "derivatives through batch statistics.",
+        "",
+        "| meta-batch | " + " | ".join(f"{n} (CPU)" for n in cpu_columns) + " | speedup | batched (wall) | batched, 2 threads (wall) | float32 gap |",
+        "| --- | " + " | ".join("---" for _ in cpu_columns) + " | --- | --- | --- | --- |",
+    ]
+    for row in speed["rows"]:
+        st, v = row["setting"], row["variants"]
+        cells = [f"{v[n]['cpu']:.3f} s" for n in cpu_columns]
+        speedup = v["vmap + functional_call"]["cpu"] / v["batched"]["cpu"]
+        lines.append(
+            f"| {st['label']} ({row['tasks']} tasks) | " + " | ".join(cells) + f" | {speedup:.2f}× | {v['batched']['wall']:.3f} s | "
+            f"{v['batched, 2 threads']['wall']:.3f} s | {row['float32_rel_diff']:.0e} |"
+        )
+    return lines
 
 
 def _fmt(acc: float, ci: float) -> str:
@@ -272,6 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=("5", "20"), help="only the 5-way or the 20-way runs (two processes can share --out)")
     parser.add_argument("--algorithms", help="comma-separated algorithms to (re)run, e.g. 'anil'; a rerun supersedes the earlier result of the same setting in the report")
     parser.add_argument("--report-only", action="store_true", help="rewrite the section from the result files in --out, run nothing")
+    parser.add_argument("--speed", action="store_true", help="only time the per-task meta-gradient formulations (results-speed.json), then report")
     args = parser.parse_args(argv)
     if args.report_only:
         markdown = render_markdown(merge_results(args.out))
@@ -283,6 +513,15 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("matplotlib", "PIL", "fontTools"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
+    if args.speed:
+        args.out.mkdir(parents=True, exist_ok=True)
+        settings = SPEED_SETTINGS[:2] if args.quick else SPEED_SETTINGS
+        speed = {"machine": machine_line(), "rows": [measure_speed(st, repeats=1 if args.quick else 5) for st in settings]}
+        (args.out / ("speed-quick.json" if args.quick else "speed.json")).write_text(json.dumps(speed, indent=1))
+        print("\n".join(render_speed(speed)))
+        if not args.no_write and not args.quick:
+            update_section("glyphs", render_markdown(merge_results(args.out)))
+        return 0
     started = time.perf_counter()
     episodes = 20 if args.quick else EPISODES
     base = load_config(CONFIG)
@@ -312,14 +551,22 @@ def main(argv: list[str] | None = None) -> int:
             results["floor"][f"{ways}-{shots}"] = mean_ci95(acc)
             log.info("pixel 1-NN %d-way %d-shot: %s", ways, shots, _fmt(*mean_ci95(acc)))
         for run in runs:
-            out = args.out / (f"{ways}way-{run.algorithm}" + (f"-lr{run.outer_lr:g}" if chosen else ""))
+            out = args.out / (f"{ways}way-{run.algorithm}" + (f"-lr{run.outer_lr:g}-{run.iterations}it" if chosen else ""))
             exp, meta, info = _train(run, out, args.quick)
             row: dict[str, Any] = {"run": run.__dict__, "out": out.name, **{k: v for k, v in info.items() if k != "summary_final"}, "accuracy": {}}
             for shots, batch in tasks.items():
                 t0 = time.perf_counter()
-                pre, post = episode_accuracy(exp.algorithm, meta, batch, steps=run.eval_steps)
-                row["accuracy"][str(shots)] = {"pre": mean_ci95(pre), "post": mean_ci95(post), "eval_seconds": time.perf_counter() - t0}
-                log.info("%s %d-way %d-shot: %s (before adaptation %s)", run.label, ways, shots, _fmt(*mean_ci95(post)), _fmt(*mean_ci95(pre)))
+                counts = tuple(sorted({run.eval_steps, *run.extra_eval_steps}))
+                pre, posts = episode_accuracies(exp.algorithm, meta, batch, steps=counts)
+                post = posts[run.eval_steps]
+                row["accuracy"][str(shots)] = {
+                    "pre": mean_ci95(pre),
+                    "post": mean_ci95(post),
+                    "post_by_steps": {str(k): mean_ci95(v) for k, v in posts.items()},
+                    "eval_seconds": time.perf_counter() - t0,
+                }
+                log.info("%s %d-way %d-shot: %s (before adaptation %s; by steps %s)", run.label, ways, shots, _fmt(*mean_ci95(post)), _fmt(*mean_ci95(pre)),
+                         {k: _fmt(*mean_ci95(v)) for k, v in posts.items()})
             if ways == 5 and run.algorithm == "maml" and not args.quick and not args.no_write:
                 episode_figure(exp, meta, tasks[1], run)
             results["runs"].append(row)
@@ -354,6 +601,8 @@ def merge_results(folder: Path) -> dict[str, Any]:
         merged["floor"].update(part["floor"])
         merged["total_seconds"] += part.get("total_seconds", 0.0)
         merged["longest_seconds"] = max(merged.get("longest_seconds", 0.0), part.get("total_seconds", 0.0))
+    if (folder / "speed.json").exists():
+        merged["speed"] = json.loads((folder / "speed.json").read_text())
     for row in merged["runs"] + merged["superseded"]:
         run = row["run"]
         row["trajectory"] = training_trajectory(folder / row.get("out", f"{run['ways']}way-{run['algorithm']}") / "metrics.jsonl")
@@ -427,24 +676,26 @@ def render_markdown(results: dict[str, Any]) -> str:
         "How each model was meta-trained (5-way models on 1-shot episodes, evaluated at 1 and 5 shots; "
         "Conv-4 with 64 channels, per-task batch statistics, stride-2 convolutions; Adam):",
         "",
-        "| run | ways | inner loop (train) | steps at test | meta-batch | iterations | outer lr | training time (wall) | CPU time of the run | wall s / iteration |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| run | ways | inner loop (train) | steps at test | meta-batch | iterations | outer lr | meta-gradients | training time (wall) | CPU time of the run | wall s / iteration |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in results["runs"]:
         run = row["run"]
         order = "2nd order" if run["algorithm"] in ("maml", "metasgd", "anil") else "1st order"
         what = {"anil": "head only", "metasgd": "learned per-parameter rates", "maml": "all parameters", "fomaml": "all parameters"}[run["algorithm"]]
+        decay = run.get("decay_rounds", 0)
+        iterations = f"{row['rounds']}" if not decay else f"{row['rounds'] - decay} + {decay} at lr × {run.get('decay_factor', 0.1):g}"
         lines.append(
             f"| {run['label']} | {run['ways']} | {run['inner_steps']} × {run['inner_lr']:g} ({what}, {order}) | {run['eval_steps']} | "
-            f"{run['meta_batch']} × {run['ways']}-way 1-shot, {run['query']} query/class | {row['rounds']} | {run['outer_lr']:g} | "
-            f"{row['train_seconds'] / 60:.1f} min | {row.get('cpu_seconds', 0) / 60:.1f} min | {row['train_seconds'] / max(row['rounds'], 1):.2f} |"
+            f"{run['meta_batch']} × {run['ways']}-way 1-shot, {run['query']} query/class | {iterations} | {run['outer_lr']:g} | "
+            f"{_path_label(row)} | {row['train_seconds'] / 60:.1f} min | {row.get('cpu_seconds', 0) / 60:.1f} min | {row['train_seconds'] / max(row['rounds'], 1):.2f} |"
         )
     for row in results.get("superseded", []):
         run = row["run"]
         acc = "; ".join(f"{k}-shot {_fmt(*v['post'])}" for k, v in row["accuracy"].items())
         lines.append(
-            f"| ~~{run['label']}~~ (superseded) | {run['ways']} | {run['inner_steps']} × {run['inner_lr']:g} | {run['eval_steps']} | "
-            f"{run['meta_batch']} × {run['ways']}-way 1-shot | {row['rounds']} | {run['outer_lr']:g} | {row['train_seconds'] / 60:.1f} min | "
+            f"| ~~{run['label']}~~ (superseded: {acc}) | {run['ways']} | {run['inner_steps']} × {run['inner_lr']:g} | {run['eval_steps']} | "
+            f"{run['meta_batch']} × {run['ways']}-way 1-shot | {row['rounds']} | {run['outer_lr']:g} | {_path_label(row)} | {row['train_seconds'] / 60:.1f} min | "
             f"{row.get('cpu_seconds', 0) / 60:.1f} min | {row['train_seconds'] / max(row['rounds'], 1):.2f} |"
         )
     notes = []
@@ -459,6 +710,24 @@ def render_markdown(results: dict[str, Any]) -> str:
             )
     if notes:
         lines += ["", "Training instabilities: " + " ".join(notes)]
+    steps_notes = []
+    for row in results["runs"]:
+        by = (row["accuracy"].get("1") or {}).get("post_by_steps") or {}
+        others = [k for k in by if int(k) != row["run"]["eval_steps"]]
+        if others:
+            run = row["run"]
+            steps_notes.append(
+                f"{run['label']} {run['ways']}-way 1-shot after " + ", ".join(f"{k} steps {_fmt(*by[k])}" for k in others)
+                + f" (table: {run['eval_steps']} steps)"
+            )
+    if steps_notes:
+        lines += ["", "Fewer test-time steps, same episodes: " + "; ".join(steps_notes) + "."]
+    lines += [
+        "",
+        "Meta-gradients: `vmap` — per-task meta-gradients from `torch.func.vmap` over nested `torch.func.grad`; `batched` — one "
+        "grouped-convolution pass for all tasks differentiated by eager autograd (docs/glyphs.md, \"Speed\"; the same gradients). "
+        "Rows measured with different paths, or at different machine loads, are not comparable in time.",
+    ]
     cpu = sum(row.get("cpu_seconds", 0.0) for row in results["runs"] + results.get("superseded", []))
     evals = sum(v.get("eval_seconds", 0.0) for row in results["runs"] + results.get("superseded", []) for v in row["accuracy"].values())
     lines += ["", f"CPU time of all meta-training runs above: {cpu / 60:.0f} min; the 600-episode evaluations took {evals / 60:.0f} min of wall time more."]
@@ -475,6 +744,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         found = [(row["accuracy"]["1"]["post"][0], row["run"]["label"]) for row in results["runs"] if row["run"]["ways"] == ways and "1" in row["accuracy"]]
         return max(found) if found else (math.nan, "—")
 
+    if results.get("speed"):
+        lines += render_speed(results["speed"])
     (b5, l5), (b20, l20) = best(5), best(20)
     lines += [
         "",
@@ -489,6 +760,13 @@ def render_markdown(results: dict[str, Any]) -> str:
         "The benchmark and its construction are described in docs/glyphs.md.",
     ]
     return "\n".join(lines)
+
+
+def _path_label(row: dict[str, Any]) -> str:
+    """How a run computed its meta-gradients (rows written before the batched path have no record: vmap)."""
+    path = row.get("path", "vmap")
+    threads = row.get("threads")
+    return f"{path}, {threads} thread{'s' if threads and threads > 1 else ''}" if threads else path
 
 
 def load_catalog_size() -> str:
