@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("matplotlib", "PIL", "fontTools"):
+    # third-party INFO chatter (alembic: the migrations of Flower's link state database)
+    for noisy in ("matplotlib", "PIL", "fontTools", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
