@@ -11,7 +11,6 @@ against the centralized reference under the same DP mode.
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,23 +30,12 @@ from fedmeta.privacy.randomness import privacy_generator
 from fedmeta.sampling import sample_clients
 from fedmeta.types import Params
 from tests.integration.faults import Faults
-from tests.unit.test_centralized_privacy import dp_config
+from tests.privacy_helpers import dp_config, opacus_rdp_epsilon
 
 pytestmark = pytest.mark.slow
 
 NOISE_SEED = 7  # dp_config's privacy.noise_seed
 LR = 0.05  # dp_config's server SGD step: meta_r = meta_(r-1) - LR * aggregate_r
-
-
-def _opacus_rdp(sigma: float, q: float, steps: int, delta: float = 1e-5) -> float:
-    from opacus.accountants import RDPAccountant
-
-    acc = RDPAccountant()
-    for _ in range(steps):
-        acc.step(noise_multiplier=sigma, sample_rate=q)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return float(acc.get_epsilon(delta=delta))
 
 
 class Recorder:
@@ -104,11 +92,11 @@ def test_client_central_aggregate_epsilon_and_resume_in_a_real_simulation(tmp_pa
     rows = {r["round"]: r for r in read_metrics(out / "metrics.jsonl") if r["round"] > 0}
     assert sorted(rows) == [1, 2, 3, 4]
     for r, row in rows.items():  # nothing double-counted across the restart
-        assert row["privacy"]["epsilon"] == pytest.approx(_opacus_rdp(sigma, q, r), rel=1e-6), r
+        assert row["privacy"]["epsilon"] == pytest.approx(opacus_rdp_epsilon(sigma, q, r), rel=1e-6), r
         assert (row["clients"], row["replies"], row["privacy"]["sample_rate"]) == (len(cohorts[r]), len(cohorts[r]), q)
         assert row["train"] == {}
     priv = summary["privacy"]
-    assert priv["epsilon"] == pytest.approx(_opacus_rdp(sigma, q, 4), rel=1e-6)
+    assert priv["epsilon"] == pytest.approx(opacus_rdp_epsilon(sigma, q, 4), rel=1e-6)
     assert (priv["mode"], priv["delta"], priv["noise_multiplier"], priv["clip_norm"], priv["accountant"]) == ("client-central", 1e-5, sigma, clip, "rdp")
     assert load_checkpoint(out / "checkpoint.pt")["accountant"]["accountant"] == {
         "mechanism": "rdp", "noise_multipliers": [sigma], "sample_rates": [q], "steps": [4],
@@ -161,7 +149,7 @@ def test_client_local_replies_are_clipped_and_noised_by_each_client(tmp_path: Pa
             for key in raw:
                 torch.testing.assert_close(denoised[key], clipped[key], rtol=1e-4, atol=1e-6)
             # the client's own accountant: sensitivity 2C (z/2), q = 1, its participations so far
-            assert replies[c].metrics["privacy.epsilon"] == pytest.approx(_opacus_rdp(sigma / 2, 1.0, k + 1), rel=1e-6)
+            assert replies[c].metrics["privacy.epsilon"] == pytest.approx(opacus_rdp_epsilon(sigma / 2, 1.0, k + 1), rel=1e-6)
             assert set(replies[c].metrics) == {"privacy.epsilon", "privacy.delta", "privacy.steps"}
             seen[c] = k + 1
         mean = {key: torch.stack([replies[c].update[key] for c in cohort]).mean(0) for key in meta}
@@ -173,7 +161,7 @@ def test_client_local_replies_are_clipped_and_noised_by_each_client(tmp_path: Pa
     for r in range(1, rounds + 1):
         for c in sample_clients(cfg.seed, r, total, per_round):
             counts[c] = counts.get(c, 0) + 1
-        assert rows[r]["privacy"]["epsilon"] == pytest.approx(_opacus_rdp(sigma / 2, 1.0, max(counts.values())), rel=1e-6)
+        assert rows[r]["privacy"]["epsilon"] == pytest.approx(opacus_rdp_epsilon(sigma / 2, 1.0, max(counts.values())), rel=1e-6)
     assert summary["privacy"]["clients_accounted"] == len(seen) and summary["privacy"]["sample_rate"] == 1.0
     assert sorted(p.name for p in (out / "client_privacy").iterdir()) == sorted(f"client-{c}.client-local.json" for c in seen)
     _same_final_params_as_the_reference(cfg, out, tmp_path)
@@ -199,9 +187,9 @@ def test_task_level_sites_account_their_own_epsilon_in_a_real_simulation(tmp_pat
             seen[c] = seen.get(c, 0) + 1
             report = replies[c].metrics
             assert report["privacy.steps"] == seen[c]  # the site's accountant persisted in its node state
-            assert report["privacy.epsilon"] == pytest.approx(_opacus_rdp(sigma, q, seen[c]), rel=1e-6)
+            assert report["privacy.epsilon"] == pytest.approx(opacus_rdp_epsilon(sigma, q, seen[c]), rel=1e-6)
             assert report["privacy.sample_rate"] == q and replies[c].num_tasks == 3  # the nominal count
-        assert rows[r]["privacy"]["epsilon"] == pytest.approx(max(_opacus_rdp(sigma, q, n) for n in seen.values()), rel=1e-6)
+        assert rows[r]["privacy"]["epsilon"] == pytest.approx(max(opacus_rdp_epsilon(sigma, q, n) for n in seen.values()), rel=1e-6)
     assert max(seen.values()) > 1
     assert summary["privacy"]["unit"] == "task" and summary["privacy"]["sites_reporting"] == len(seen)
     _same_final_params_as_the_reference(cfg, out, tmp_path)

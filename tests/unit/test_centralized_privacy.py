@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,59 +17,30 @@ import torch
 
 from fedmeta.centralized import run_centralized
 from fedmeta.checkpoint import load_checkpoint
-from fedmeta.config import Config, config_from_dict
+from fedmeta.config import Config
 from fedmeta.errors import BudgetExhausted
 from fedmeta.outputs import read_metrics
 from fedmeta.privacy.accountant import epsilon_for
 from fedmeta.privacy.budget import rounds_that_fit
 from fedmeta.sampling import sample_clients
-
-
-def dp_config(mode: str, *, rounds: int = 6, total: int = 12, per_round: int = 4, **privacy: Any) -> Config:
-    """A tiny sinusoid run (16x16 MLP, 3 tasks a client) under ``mode``, noise seed fixed."""
-    return config_from_dict(
-        {
-            "seed": 2,
-            "task": {"name": "sinusoid", "shots": 5, "query": 5, "tasks_per_site": 12},
-            "model": {"hidden": [16, 16]},
-            "meta": {"algorithm": "maml", "tasks_per_client": 3, "outer_optimizer": "sgd", "outer_lr": 0.05},
-            "federation": {
-                "clients_total": total, "clients_per_round": per_round, "rounds": rounds,
-                "sampling": "poisson" if mode == "client-central" else "uniform",
-            },
-            "privacy": {"mode": mode, "noise_seed": 7, "clip_norm": 0.5, "noise_multiplier": 1.2, **privacy},
-            "eval": {"tasks": 20, "every": 3, "steps": 2},
-        }
-    )  # fmt: skip
-
-
-def _opacus_rdp(sigma: float, q: float, steps: int, delta: float = 1e-5) -> float:
-    """Epsilon straight from Opacus' RDPAccountant, stepped one release at a time."""
-    from opacus.accountants import RDPAccountant
-
-    acc = RDPAccountant()
-    for _ in range(steps):
-        acc.step(noise_multiplier=sigma, sample_rate=q)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return float(acc.get_epsilon(delta=delta))
+from tests.privacy_helpers import dp_config, opacus_rdp_epsilon
 
 
 def expected_epsilon(cfg: Config, round_idx: int) -> float:
     """What Opacus says each mode has spent after ``round_idx`` rounds, from first principles."""
     p, f = cfg.privacy, cfg.federation
     if p.mode == "client-central":
-        return _opacus_rdp(p.noise_multiplier, f.clients_per_round / f.clients_total, round_idx)
+        return opacus_rdp_epsilon(p.noise_multiplier, f.clients_per_round / f.clients_total, round_idx)
     counts: dict[int, int] = {}
     for r in range(1, round_idx + 1):
         for c in sample_clients(cfg.seed, r, f.clients_total, f.clients_per_round):
             counts[c] = counts.get(c, 0) + 1
     most = max(counts.values())
     if p.mode == "client-local":  # sensitivity 2C, no amplification
-        return _opacus_rdp(p.noise_multiplier / 2, 1.0, most)
+        return opacus_rdp_epsilon(p.noise_multiplier / 2, 1.0, most)
     assert cfg.task.tasks_per_site is not None
     q = cfg.meta.tasks_per_client / cfg.task.tasks_per_site
-    return _opacus_rdp(p.noise_multiplier, q, most * cfg.meta.local_steps)
+    return opacus_rdp_epsilon(p.noise_multiplier, q, most * cfg.meta.local_steps)
 
 
 class _Stop(Exception):

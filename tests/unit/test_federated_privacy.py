@@ -23,7 +23,7 @@ from fedmeta.privacy.client_update import private_round
 from fedmeta.privacy.clipping import gaussian_noise
 from fedmeta.privacy.facade import CLIP_NORM_KEY, ServerPrivacy
 from fedmeta.privacy.randomness import privacy_generator
-from tests.unit.test_centralized_privacy import dp_config
+from tests.privacy_helpers import dp_config
 
 
 def _play_round(server: MetaServer, states: dict[int, Any]) -> dict[str, Any]:

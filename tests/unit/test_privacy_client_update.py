@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from fedmeta.privacy.client_update import (
     save_client_state,
 )
 from fedmeta.privacy.facade import ClientPrivacy
+from tests.privacy_helpers import opacus_rdp_epsilon
 
 
 def _cfg(mode: str, **over: Any) -> Config:
@@ -39,17 +39,6 @@ def _cfg(mode: str, **over: Any) -> Config:
         section, name = key.split("__")
         data[section][name] = value
     return config_from_dict(data)
-
-
-def _opacus_rdp(sigma: float, q: float, steps: int, delta: float = 1e-5) -> float:
-    from opacus.accountants import RDPAccountant
-
-    acc = RDPAccountant()
-    for _ in range(steps):
-        acc.step(noise_multiplier=sigma, sample_rate=q)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return float(acc.get_epsilon(delta=delta))
 
 
 @pytest.mark.parametrize("mode", ["none", "client-central", "client-local", "task"])
@@ -86,7 +75,7 @@ def test_private_round_keeps_the_accountant_across_runs_in_a_state_dir(tmp_path:
     # a new run (fresh node memory) picks the accountant up from the site's folder
     _, metrics, state = private_round(exp, meta, 3, 3, state=None, state_dir=tmp_path)
     assert state["steps"] == [3] and metrics["privacy.steps"] == 3.0
-    assert metrics["privacy.epsilon"] == pytest.approx(_opacus_rdp(0.5, 1.0, 3), rel=1e-6)
+    assert metrics["privacy.epsilon"] == pytest.approx(opacus_rdp_epsilon(0.5, 1.0, 3), rel=1e-6)
     assert load_client_state(tmp_path, 3, "client-local") == state
     assert load_client_state(tmp_path, 3, "task") is None and load_client_state(tmp_path, 4, "client-local") is None
     path = client_state_path(tmp_path, 3, "client-local")
@@ -126,12 +115,12 @@ def test_task_mode_site_epsilon_counts_every_local_step_against_opacus() -> None
     for r in range(1, 4):
         update, report, state = private_round(exp, meta, r, 0, state=state)
         assert global_l2_norm(update.gradient) > 0
-    assert report["privacy.epsilon"] == pytest.approx(_opacus_rdp(1.3, 3 / 8, 6), rel=1e-6)
+    assert report["privacy.epsilon"] == pytest.approx(opacus_rdp_epsilon(1.3, 3 / 8, 6), rel=1e-6)
     assert report["privacy.sample_rate"] == 3 / 8 and state["steps"] == [6]
 
 
 def test_a_site_refuses_a_round_whose_local_steps_do_not_all_fit_before_taking_any() -> None:
-    one = _opacus_rdp(1.0, 3 / 8, 1)
+    one = opacus_rdp_epsilon(1.0, 3 / 8, 1)
     cfg = _cfg("task", meta__local_steps=2, privacy__target_epsilon=one * 1.05)
     exp = Experiment(cfg)
     client = ClientPrivacy.for_site(cfg, 0, exp.source)
@@ -160,7 +149,7 @@ def test_flower_node_state_keeps_an_accountant_including_an_empty_one() -> None:
     ctx.state = recorddict_from_proto(recorddict_to_proto(ctx.state))
     again = ClientPrivacy(cfg, 0, state=fl.load_node_state(ctx, fl.PRIVACY_STATE))
     assert again.accountant is not None and again.accountant.history == [(0.5, 1.0, 1)]
-    assert again.epsilon() == pytest.approx(_opacus_rdp(0.5, 1.0, 1), rel=1e-6)
+    assert again.epsilon() == pytest.approx(opacus_rdp_epsilon(0.5, 1.0, 1), rel=1e-6)
 
 
 def test_a_shared_rdp_cache_serves_the_accountant_rebuilt_every_round_without_changing_epsilon() -> None:
@@ -174,4 +163,4 @@ def test_a_shared_rdp_cache_serves_the_accountant_rebuilt_every_round_without_ch
         _, without, alone = private_round(exp, meta, r, 0, state=alone)
         assert with_cache["privacy.epsilon"] == without["privacy.epsilon"]
     assert list(cache) == [(1.3, 3 / 8)]  # one curve, computed once for three rebuilt accountants
-    assert with_cache["privacy.epsilon"] == pytest.approx(_opacus_rdp(1.3, 3 / 8, 3), rel=1e-6)
+    assert with_cache["privacy.epsilon"] == pytest.approx(opacus_rdp_epsilon(1.3, 3 / 8, 3), rel=1e-6)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import math
-import warnings
 from typing import Any
 
 import pytest
@@ -20,6 +19,7 @@ from fedmeta.privacy.clipping import clip_by_global_norm, clipped_sum, global_l2
 from fedmeta.privacy.facade import CLIP_BIT_KEY, CLIP_NORM_KEY, ClientPrivacy, ServerPrivacy
 from fedmeta.rng import make_generator
 from fedmeta.types import Params
+from tests.privacy_helpers import opacus_rdp_epsilon
 
 
 def _cfg(mode: str, *, total: int = 40, per_round: int = 10, rounds: int = 20, **privacy: Any) -> Config:
@@ -34,17 +34,6 @@ def _cfg(mode: str, *, total: int = 40, per_round: int = 10, rounds: int = 20, *
             "eval": {"every": 5},
         }
     )
-
-
-def _opacus_rdp(sigma: float, q: float, steps: int, delta: float = 1e-5) -> float:
-    from opacus.accountants import RDPAccountant
-
-    acc = RDPAccountant()
-    for _ in range(steps):
-        acc.step(noise_multiplier=sigma, sample_rate=q)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return float(acc.get_epsilon(delta=delta))
 
 
 def _updates(n: int, seed: int, scale: float = 1.0) -> list[Params]:
@@ -104,7 +93,7 @@ def test_central_epsilon_each_round_equals_opacus_and_survives_a_resume() -> Non
             first.aggregate(r, ups, reference=REF)
             first.finish_round(r, sampled=[])
     for r, row in enumerate(rows, start=1):
-        assert row["epsilon"] == pytest.approx(_opacus_rdp(1.1, q, r), rel=1e-6)
+        assert row["epsilon"] == pytest.approx(opacus_rdp_epsilon(1.1, q, r), rel=1e-6)
         assert row["sample_rate"] == q and row["steps"] == r and row["delta"] == 1e-5
     buf = io.BytesIO()
     torch.save({"accountant": first.state_dict()}, buf)
@@ -116,7 +105,7 @@ def test_central_epsilon_each_round_equals_opacus_and_survives_a_resume() -> Non
         for k in REF:
             assert torch.equal(out[k], aggs[r - 1][k])  # same noise for the same round after a restart
         row = resumed.finish_round(r, sampled=[])
-    assert row["epsilon"] == pytest.approx(_opacus_rdp(1.1, q, 12), rel=1e-6)
+    assert row["epsilon"] == pytest.approx(opacus_rdp_epsilon(1.1, q, 12), rel=1e-6)
     summary = resumed.summary()
     assert summary is not None
     assert summary["epsilon"] == pytest.approx(rows[-1]["epsilon"], rel=1e-12)
@@ -198,12 +187,12 @@ def test_local_accounting_per_client_without_amplification() -> None:
         server.aggregate(r, ups, reference=REF, reports=reps)
         row = server.finish_round(r, sampled=sampled)
     worst = max(counts.values())
-    expected = _opacus_rdp(4.0 / 2, 1.0, worst)  # sensitivity 2C, q = 1, the client's own participations
+    expected = opacus_rdp_epsilon(4.0 / 2, 1.0, worst)  # sensitivity 2C, q = 1, the client's own participations
     assert row["epsilon"] == pytest.approx(expected, rel=1e-6)
     assert server.steps == worst
     for cid, n in counts.items():  # each client's own accountant agrees with the server's mirror
         mine = ClientPrivacy(cfg, cid, state=states[cid]).epsilon()
-        assert mine == pytest.approx(_opacus_rdp(2.0, 1.0, n), rel=1e-6)
+        assert mine == pytest.approx(opacus_rdp_epsilon(2.0, 1.0, n), rel=1e-6)
     summary = server.summary()
     assert summary is not None and summary["sample_rate"] == 1.0 and summary["clients_accounted"] == len(counts)
 
@@ -217,7 +206,7 @@ def test_local_client_refuses_to_exceed_its_own_budget() -> None:
             client.privatize_update(REF, round_idx=r)
             sent += 1
     assert sent > 0 and client.epsilon() <= 3.0
-    assert _opacus_rdp(3.0, 1.0, sent + 1) > 3.0
+    assert opacus_rdp_epsilon(3.0, 1.0, sent + 1) > 3.0
 
 
 def test_local_adaptive_clipping_moves_the_clip_norm_from_noisy_bits() -> None:
