@@ -140,11 +140,11 @@ RUNS: tuple[Run, ...] = (
     # and it is the best of the three here), then a tenth of the outer lr for the last sixth;
     # 25 test steps because more head steps kept helping the earlier 5,000-iteration model
     # (10 steps also reported)
-    Run("ANIL", 5, "anil", 10000, 32, 0.4, 5, 25, 0.003, decay_rounds=2000, extra_eval_steps=(10,)),
+    Run("ANIL", 5, "anil", 20000, 32, 0.4, 5, 25, 0.003, decay_rounds=2000, extra_eval_steps=(10,)),
     Run("MAML (1st order)", 20, "fomaml", 600, 16, 0.1, 5, 5, 0.003),
     Run("Meta-SGD", 20, "metasgd", 600, 16, 0.1, 1, 1, 0.003),
     # at outer lr 0.003 this run diverged after ~1000 iterations (the report keeps that attempt)
-    Run("ANIL", 20, "anil", 4000, 16, 0.1, 10, 25, 0.001, decay_rounds=1000, extra_eval_steps=(10,)),
+    Run("ANIL", 20, "anil", 4000, 16, 0.1, 10, 25, 0.001, decay_rounds=4000, decay_factor=0.3, extra_eval_steps=(10,)),
 )
 
 
