@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from fedmeta.cli import main
+from tests.privacy_helpers import opacus_rdp_epsilon
 
 CONFIG = """\
 seed: 0
@@ -32,17 +33,6 @@ def config(tmp_path: Path) -> Path:
     return path
 
 
-def _opacus_epsilon(sigma: float, q: float, steps: int, delta: float) -> float:
-    from opacus.accountants import RDPAccountant
-
-    acc = RDPAccountant()
-    for _ in range(steps):
-        acc.step(noise_multiplier=sigma, sample_rate=q)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return float(acc.get_epsilon(delta=delta))
-
-
 def _run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict:
     assert main(["privacy", *argv, "--json"]) == 0
     out = capsys.readouterr().out
@@ -52,7 +42,7 @@ def _run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict:
 
 def test_json_epsilon_matches_opacus(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
     report = _run_json(capsys, str(config))
-    assert report["epsilon"] == pytest.approx(_opacus_epsilon(1.1, 20 / 1000, 300, 1e-6), rel=1e-6)
+    assert report["epsilon"] == pytest.approx(opacus_rdp_epsilon(1.1, 20 / 1000, 300, 1e-6), rel=1e-6)
     assert report["delta"] == 1e-6
     assert (report["noise_multiplier"], report["clip_norm"], report["sample_rate"], report["steps"]) == (1.1, 0.5, 0.02, 300)
     assert report["accountant"] == "rdp" and report["mode"] == "client-central"
@@ -61,7 +51,7 @@ def test_json_epsilon_matches_opacus(config: Path, capsys: pytest.CaptureFixture
 def test_overrides_and_local_mode(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
     report = _run_json(capsys, str(config), "--set", "privacy.mode=client-local", "privacy.noise_multiplier=30", "federation.rounds=50")
     # local DP: z / 2 (sensitivity 2C), no amplification (q = 1)
-    assert report["epsilon"] == pytest.approx(_opacus_epsilon(15.0, 1.0, 50, 1e-6), rel=1e-6)
+    assert report["epsilon"] == pytest.approx(opacus_rdp_epsilon(15.0, 1.0, 50, 1e-6), rel=1e-6)
     assert report["sample_rate"] == 1.0 and report["accounted_noise_multiplier"] == 15.0
 
 
@@ -72,7 +62,7 @@ def test_budget_rounds_that_fit_and_calibration(config: Path, capsys: pytest.Cap
     fit = report["rounds_that_fit"]
     assert 0 < fit < 300
     assert not report["within_budget"] and report["refuses_to_start"] and report["rounds_to_run"] == 0
-    assert _opacus_epsilon(1.1, 0.02, fit, 1e-6) <= 1.5 < _opacus_epsilon(1.1, 0.02, fit + 1, 1e-6)
+    assert opacus_rdp_epsilon(1.1, 0.02, fit, 1e-6) <= 1.5 < opacus_rdp_epsilon(1.1, 0.02, fit + 1, 1e-6)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         expected = get_noise_multiplier(target_epsilon=1.5, target_delta=1e-6, sample_rate=0.02, steps=300, accountant="rdp")
