@@ -246,7 +246,12 @@ def load_initialization(path: str | Path, site: SiteData, *, label: str = "meta"
     try:
         model = build_model(cfg, site.family.input_shape, site.family.output_dim)
         algo = build_algorithm(
-            cfg.meta.algorithm, model, kind=site.kind, inner_lr=cfg.meta.inner_lr, inner_steps=cfg.meta.inner_steps
+            cfg.meta.algorithm,
+            model,
+            kind=site.kind,
+            inner_lr=cfg.meta.inner_lr,
+            inner_steps=cfg.meta.inner_steps,
+            head_init=cfg.meta.head_init,
         )
     except (ConfigError, ValueError, TypeError) as exc:
         raise CheckpointError(f"checkpoint '{p}': its model cannot be built for site '{site.path}': {exc}") from exc
@@ -483,11 +488,12 @@ def personalize(init: Initialization, site: SiteData, *, steps: int) -> tuple[di
             continue
         x, y, classes = fit
         t0 = time.perf_counter()
-        adapted = algo.adapt(meta, x, y, steps, first_order=True)
+        # the loss before the first step is where the inner loop starts (ANIL's prototype head, say)
+        adapted, start_loss = algo.adapt_with_loss(meta, x, y, steps, first_order=True)
         adapted = {k: v.detach().clone() for k, v in adapted.items()}
         seconds = time.perf_counter() - t0
         with torch.no_grad():
-            pre, post = float(algo.loss(meta, x, y)), float(algo.loss(adapted, x, y))
+            pre, post = float(start_loss), float(algo.loss(adapted, x, y))
         done[task.name] = PersonalizedTask(task.name, adapted, classes, int(x.shape[0]), pre, post, seconds)
     return done, skipped
 

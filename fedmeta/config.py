@@ -48,6 +48,7 @@ __all__ = [
 TASK_NAMES = ("sinusoid", "harmonic", "glyphs", "folder")
 MODEL_NAMES = ("mlp", "conv4")
 ALGORITHM_NAMES = ("maml", "fomaml", "reptile", "metasgd", "anil", "fedavg")
+HEAD_INITS = ("learned", "zero", "prototypes")
 PRIVACY_MODES = ("none", "client-central", "client-local", "task")
 OUTER_OPTIMIZERS = ("adam", "sgd")
 AGGREGATIONS = ("mean", "median", "trimmed_mean")
@@ -114,6 +115,9 @@ class MetaConfig:
     """Inner loop (adaptation) and outer loop (server optimizer) settings."""
 
     algorithm: str = "maml"
+    # anil only: where the head's adaptation starts (learned | zero | prototypes; see
+    # fedmeta/algorithms/anil.py); prototypes needs classification tasks
+    head_init: str = "learned"
     inner_lr: float = 0.01
     inner_steps: int = 1
     outer_optimizer: str = "adam"
@@ -399,6 +403,13 @@ def validate(cfg: Config) -> Config:
         "meta.algorithm",
         me.algorithm,
         f"must be one of {', '.join(ALGORITHM_NAMES)}",
+    )
+    _require(me.head_init in HEAD_INITS, "meta.head_init", me.head_init, f"must be one of {', '.join(HEAD_INITS)}")
+    _require(
+        me.head_init == "learned" or me.algorithm == "anil",
+        "meta.head_init",
+        me.head_init,
+        f"applies to meta.algorithm 'anil' only ({me.algorithm!r} adapts the whole model); use 'learned'",
     )
     _require(me.inner_lr > 0 and math.isfinite(me.inner_lr), "meta.inner_lr", me.inner_lr, "must be a positive number")
     _require(me.inner_steps >= 1, "meta.inner_steps", me.inner_steps, "must be at least 1")

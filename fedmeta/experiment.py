@@ -62,6 +62,7 @@ class Experiment:
             kind=family.kind,
             inner_lr=cfg.meta.inner_lr,
             inner_steps=cfg.meta.inner_steps,
+            head_init=cfg.meta.head_init,
         )
 
     def initial_meta_params(self) -> Params:

@@ -13,6 +13,10 @@ background, with a log)::
     python -m simulations.bench_glyphs --quick --no-write     # a few-minute smoke run
     # rerun some algorithms only (their rows supersede the earlier ones in the report):
     nice -n 10 python -m simulations.bench_glyphs --only 5 --algorithms anil --no-write > runs/bench-5-anil.log 2>&1 &
+    # ANIL with prototype heads (continues from the ANIL checkpoints above), then the
+    # 20-way-trained model on 5-way episodes:
+    nice -n 10 python -m simulations.bench_glyphs --only 20 --algorithms anil-prototypes --no-write > runs/bench-20-proto.log 2>&1 &
+    python -m simulations.bench_glyphs --only 20 --algorithms anil-prototypes --evaluate-at 5
     # time the meta-gradient formulations (about 8 minutes), then rewrite the section:
     nice -n 10 python -m simulations.bench_glyphs --speed
 
@@ -52,6 +56,7 @@ import numpy as np
 import torch
 from torch.func import vmap
 
+from fedmeta.algorithms import ANIL
 from fedmeta.algorithms.base import MetaAlgorithm, task_accuracies
 from fedmeta.centralized import run_centralized
 from fedmeta.checkpoint import load_checkpoint
@@ -103,19 +108,38 @@ class Run:
     decay_factor: float = 0.1
     #: further test-time step counts reported besides ``eval_steps``
     extra_eval_steps: tuple[int, ...] = ()
+    #: ANIL only: where the head's adaptation starts (``meta.head_init``)
+    head_init: str = "learned"
+    #: continue from the final meta-parameters of this earlier run (its output folder under
+    #: ``--out``) instead of the seed's initialization; its iterations count towards the total
+    start_from: str | None = None
+    start_iterations: int = 0
+    #: other numbers of ways this run's model is also evaluated at (a way-agnostic head only:
+    #: ``head_init`` zero or prototypes; the stored head is not used)
+    also_eval_ways: tuple[int, ...] = ()
+    #: meta-train on episodes of this many ways instead of ``ways`` (way-agnostic heads only;
+    #: Prototypical Networks train with more ways than they test, Snell et al., 2017)
+    train_ways: int | None = None
 
     @property
     def iterations(self) -> int:
         """Meta-iterations of both phases."""
         return self.rounds + self.decay_rounds
 
+    @property
+    def variant(self) -> str:
+        """The algorithm with its head initialization: what a row of the table stands for."""
+        name = self.algorithm if self.head_init == "learned" else f"{self.algorithm}-{self.head_init}"
+        return name + (f"-train{self.train_ways}" if self.train_ways else "")
+
     def overrides(self) -> list[str]:
         return [
-            f"task.ways={self.ways}",
+            f"task.ways={self.train_ways or self.ways}",
             "task.shots=1",
             f"task.query={self.query}",
             "task.partition=iid",
             f"meta.algorithm={self.algorithm}",
+            f"meta.head_init={self.head_init}",
             f"meta.inner_lr={self.inner_lr}",
             f"meta.inner_steps={self.inner_steps}",
             f"meta.outer_lr={self.outer_lr}",
@@ -145,6 +169,16 @@ RUNS: tuple[Run, ...] = (
     Run("Meta-SGD", 20, "metasgd", 600, 16, 0.1, 1, 1, 0.003),
     # at outer lr 0.003 this run diverged after ~1000 iterations (the report keeps that attempt)
     Run("ANIL", 20, "anil", 4000, 16, 0.1, 10, 25, 0.001, decay_rounds=4000, decay_factor=0.3, extra_eval_steps=(10,)),
+    # ANIL whose head starts at the support prototypes (Proto-MAML's initialization, Triantafillou
+    # et al., 2020), continued from the ANIL runs above: way-agnostic, and the body learns a metric
+    Run("ANIL, prototype head", 5, "anil", 4000, 32, 0.4, 5, 25, 0.001, decay_rounds=1000, head_init="prototypes",
+        start_from="5way-anil-lr0.003-22000it/decay", start_iterations=22000, extra_eval_steps=(1, 100)),
+    Run("ANIL, prototype head", 20, "anil", 3000, 16, 0.1, 10, 25, 0.0005, decay_rounds=1000, decay_factor=0.3, head_init="prototypes",
+        start_from="20way-anil-lr0.001-8000it/decay", start_iterations=8000, extra_eval_steps=(1, 100)),
+    # the same, meta-trained on 40-way episodes (more ways in training than at test, as
+    # Prototypical Networks do), evaluated at 20 and 5 ways
+    Run("ANIL, prototype head", 20, "anil", 3000, 8, 0.1, 10, 25, 0.0005, decay_rounds=1000, decay_factor=0.3, head_init="prototypes",
+        start_from="20way-anil-lr0.001-8000it/decay", start_iterations=8000, extra_eval_steps=(1,), train_ways=40, also_eval_ways=(5,)),
 )
 
 
@@ -188,6 +222,9 @@ def episode_accuracy(algo: MetaAlgorithm, meta: Params, tasks: TaskBatch, *, ste
 def episode_accuracies(algo: MetaAlgorithm, meta: Params, tasks: TaskBatch, *, steps: tuple[int, ...], batch: int = 50) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """:func:`episode_accuracy` after each of several step counts (one adaptation, scored on the way)."""
     frozen = {k: v.detach() for k, v in meta.items()}
+    # an ANIL head that starts from the support set (zero / prototypes) is rebuilt by every
+    # adaptation call, so each step count adapts from the start rather than continuing
+    restart = getattr(algo, "head_init", "learned") != "learned"
     if not algo.model.batched_tasks:
         pre, _ = _episode_accuracy_vmap(algo, frozen, tasks, steps=1, batch=batch)
         return pre, {s: _episode_accuracy_vmap(algo, frozen, tasks, steps=s, batch=batch)[1] for s in steps}
@@ -197,22 +234,69 @@ def episode_accuracies(algo: MetaAlgorithm, meta: Params, tasks: TaskBatch, *, s
         for start in range(0, tasks.num_tasks, batch):
             chunk = tasks.slice(start, start + batch)
             stacked = {k: v.unsqueeze(0).expand(chunk.num_tasks, *v.shape) for k, v in frozen.items()}
-            pres.append(task_accuracies(algo.model.forward_tasks(model_part(stacked), chunk.query_x), chunk.query_y))
+            start = model_part(stacked)
+            if restart:
+                assert isinstance(algo, ANIL)
+                h = algo.model.features_tasks(start, chunk.support_x)
+                start = {**start, **algo.start_head({k: start[k] for k in algo.model.head_keys()}, h, chunk.support_y)}
+            pres.append(task_accuracies(algo.model.forward_tasks(start, chunk.query_x), chunk.query_y))
             done, current = 0, stacked
             for s in sorted(steps):
-                adapted, _ = algo.adapt_tasks(current, chunk.support_x, chunk.support_y, s - done, first_order=True)
+                if restart:
+                    adapted, _ = algo.adapt_tasks(stacked, chunk.support_x, chunk.support_y, s, first_order=True)
+                else:
+                    adapted, _ = algo.adapt_tasks(current, chunk.support_x, chunk.support_y, s - done, first_order=True)
                 current = {**current, **adapted}
                 done = s
                 posts[s].append(task_accuracies(algo.model.forward_tasks(adapted, chunk.query_x), chunk.query_y))
     return torch.cat(pres), {s: torch.cat(v) for s, v in posts.items()}
 
 
-def _episode_accuracy_vmap(algo: MetaAlgorithm, frozen: Params, tasks: TaskBatch, *, steps: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    weights = model_part(frozen)
+def evaluate_elsewhere(run: Run, folder: Path, ways: int, base: Config, episodes: int) -> dict[str, Any]:
+    """Evaluate a finished run's final checkpoint at ``ways`` (``--evaluate-at``); writes ``cross-<run folder>-<ways>.json``."""
+    name = f"{run.ways}way-{run.variant}-lr{run.outer_lr:g}-{run.iterations}it"
+    final = folder / name / ("decay" if run.decay_rounds else "") / "checkpoint.pt"
+    if not final.exists():
+        raise SystemExit(f"run '{run.label}' ({run.ways}-way) has no checkpoint '{final}': train it first (--only {run.ways} --algorithms {run.variant})")
+    meta = load_checkpoint(final)["meta_params"]
+    cross: dict[str, Any] = {}
+    for shots in EVAL_SHOTS[ways]:
+        t0 = time.perf_counter()
+        batch = _eval_family(base, ways, shots).sample(make_generator(base.seed, "bench-glyphs", ways, shots), episodes, "eval")
+        pre, post = cross_way_accuracy(run, meta, ways, batch)
+        cross[f"{ways}-{shots}"] = {"pre": mean_ci95(pre), "post": mean_ci95(post), "eval_seconds": time.perf_counter() - t0}
+        log.info("%s (trained %d-way) at %d-way %d-shot: %s", run.label, run.ways, ways, shots, _fmt(*mean_ci95(post)))
+    (folder / f"cross-{name}-{ways}.json").write_text(json.dumps({"out": name, "cross": cross}, indent=1))
+    return cross
 
+
+def cross_way_accuracy(run: Run, meta: Params, ways: int, tasks: TaskBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Accuracy of a model with a way-agnostic head (ANIL from zero / prototypes) on ``ways``-way episodes."""
+    pre, posts = _accuracies_at(run, meta, ways, tasks, (run.eval_steps,))
+    return pre, posts[run.eval_steps]
+
+
+def _accuracies_at(run: Run, meta: Params, ways: int, tasks: TaskBatch, steps: tuple[int, ...]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """:func:`episode_accuracies` of a run's model on ``ways``-way episodes, whatever ways it trained on.
+
+    At another number of ways the model is built for ``ways`` outputs with a zero stored head:
+    a way-agnostic head does not use it (it starts from the support set), only its shape.
+    """
+    trained = meta[next(k for k in meta if k.endswith("head.weight"))].shape[0]
+    if ways != trained and run.head_init == "learned":
+        raise ValueError(f"run '{run.label}' has a learned head, which is tied to the {trained} ways it was trained on")
+    exp = Experiment(load_config(CONFIG, replace(run, ways=ways, train_ways=None).overrides()))
+    if ways != trained:
+        shapes = exp.model.param_shapes
+        meta = {k: (torch.zeros(shapes[k]) if k in exp.model.head_keys() else v) for k, v in meta.items()}
+    return episode_accuracies(exp.algorithm, meta, tasks, steps=steps)
+
+
+def _episode_accuracy_vmap(algo: MetaAlgorithm, frozen: Params, tasks: TaskBatch, *, steps: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     def one(sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         adapted = algo.adapt(frozen, sx, sy, steps, first_order=True)
-        pre = (algo.model.forward(weights, qx).argmax(-1) == qy).float().mean()
+        # where the adaptation starts (the model's own head, or ANIL's zero / prototype head)
+        pre = algo.adaptation_curve(frozen, sx, sy, qx, qy, 0)["query_accuracy"][0]
         post = (algo.model.forward(adapted, qx).argmax(-1) == qy).float().mean()
         return pre, post
 
@@ -311,6 +395,18 @@ def episode_figure(exp: Experiment, meta: Params, tasks: TaskBatch, run: Run) ->
 def _train(run: Run, out: Path, quick: bool) -> tuple[Experiment, Params, dict[str, Any]]:
     cfg = load_config(CONFIG, run.overrides())
     exp = Experiment(cfg)
+    if run.start_from is not None:
+        start = out.parent / run.start_from / "checkpoint.pt"
+        if not start.exists():
+            raise SystemExit(f"run '{run.label}' ({run.ways}-way) continues from '{start}', which does not exist: run that one first")
+        params = load_checkpoint(start)["meta_params"]
+        shapes = exp.model.param_shapes
+        wrong = [k for k in params if k in shapes and tuple(params[k].shape) != shapes[k]]
+        if wrong and (run.head_init == "learned" or set(wrong) - set(exp.model.head_keys())):
+            raise SystemExit(f"run '{run.label}' cannot continue from '{start}': parameters {wrong} have other shapes")
+        # a way-agnostic head is not used, only its shape: a zero one of this run's number of ways
+        params = {k: (torch.zeros(shapes[k]) if k in wrong else v) for k, v in params.items()}
+        exp = _Continued(cfg, params)
     t0, c0 = time.perf_counter(), time.process_time()
     summary = run_centralized(cfg, out, experiment=exp)
     rows = read_metrics(out / "metrics.jsonl")
@@ -499,8 +595,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="3 rounds per run and 20 episodes: a smoke test of the script")
     parser.add_argument("--no-write", action="store_true", help="do not touch docs/benchmarks.md")
     parser.add_argument("--only", choices=("5", "20"), help="only the 5-way or the 20-way runs (two processes can share --out)")
-    parser.add_argument("--algorithms", help="comma-separated algorithms to (re)run, e.g. 'anil'; a rerun supersedes the earlier result of the same setting in the report")
+    parser.add_argument(
+        "--algorithms",
+        help="comma-separated algorithms to (re)run, e.g. 'anil' or 'anil-prototypes' (ANIL with its head_init); a rerun supersedes the earlier result of the same setting in the report",
+    )
     parser.add_argument("--report-only", action="store_true", help="rewrite the section from the result files in --out, run nothing")
+    parser.add_argument(
+        "--evaluate-at",
+        type=int,
+        choices=sorted(QUERIES),
+        help="train nothing: evaluate the finished runs chosen by --only/--algorithms (way-agnostic heads only) at this many ways, "
+        "from their checkpoints in --out (results in cross-*.json, merged into the report)",
+    )
     parser.add_argument("--speed", action="store_true", help="only time the per-task meta-gradient formulations (results-speed.json), then report")
     args = parser.parse_args(argv)
     if args.report_only:
@@ -525,6 +631,14 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     episodes = 20 if args.quick else EPISODES
     base = load_config(CONFIG)
+    if args.evaluate_at:
+        chosen = set(args.algorithms.split(",")) if args.algorithms else None
+        for run in RUNS:
+            if (args.only and int(args.only) != run.ways) or (chosen is not None and run.variant not in chosen) or run.head_init == "learned":
+                continue
+            evaluate_elsewhere(run, args.out, args.evaluate_at, base, episodes)
+        print(render_markdown(merge_results(args.out)))
+        return 0
     args.out.mkdir(parents=True, exist_ok=True)
     chosen = set(args.algorithms.split(",")) if args.algorithms else None
     part = f"results-{args.only or 'all'}" + (f"-{'-'.join(sorted(chosen))}-{int(time.time())}" if chosen else "") + ".json"
@@ -542,7 +656,7 @@ def main(argv: list[str] | None = None) -> int:
     for ways in (5, 20):
         if args.only and int(args.only) != ways:
             continue
-        runs = [(_quick(r) if args.quick else r) for r in RUNS if r.ways == ways and (chosen is None or r.algorithm in chosen)]
+        runs = [(_quick(r) if args.quick else r) for r in RUNS if r.ways == ways and (chosen is None or r.variant in chosen)]
         tasks = {}
         for shots in EVAL_SHOTS[ways]:
             fam = _eval_family(base, ways, shots)
@@ -551,13 +665,13 @@ def main(argv: list[str] | None = None) -> int:
             results["floor"][f"{ways}-{shots}"] = mean_ci95(acc)
             log.info("pixel 1-NN %d-way %d-shot: %s", ways, shots, _fmt(*mean_ci95(acc)))
         for run in runs:
-            out = args.out / (f"{ways}way-{run.algorithm}" + (f"-lr{run.outer_lr:g}-{run.iterations}it" if chosen else ""))
+            out = args.out / (f"{ways}way-{run.variant}" + (f"-lr{run.outer_lr:g}-{run.iterations}it" if chosen else ""))
             exp, meta, info = _train(run, out, args.quick)
             row: dict[str, Any] = {"run": run.__dict__, "out": out.name, **{k: v for k, v in info.items() if k != "summary_final"}, "accuracy": {}}
             for shots, batch in tasks.items():
                 t0 = time.perf_counter()
                 counts = tuple(sorted({run.eval_steps, *run.extra_eval_steps}))
-                pre, posts = episode_accuracies(exp.algorithm, meta, batch, steps=counts)
+                pre, posts = _accuracies_at(run, meta, ways, batch, counts)
                 post = posts[run.eval_steps]
                 row["accuracy"][str(shots)] = {
                     "pre": mean_ci95(pre),
@@ -567,6 +681,13 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 log.info("%s %d-way %d-shot: %s (before adaptation %s; by steps %s)", run.label, ways, shots, _fmt(*mean_ci95(post)), _fmt(*mean_ci95(pre)),
                          {k: _fmt(*mean_ci95(v)) for k, v in posts.items()})
+            for other in run.also_eval_ways:
+                for shots in EVAL_SHOTS[other]:
+                    t0 = time.perf_counter()
+                    batch = _eval_family(base, other, shots).sample(make_generator(base.seed, "bench-glyphs", other, shots), episodes, "eval")
+                    pre, post = cross_way_accuracy(run, meta, other, batch)
+                    row.setdefault("cross", {})[f"{other}-{shots}"] = {"pre": mean_ci95(pre), "post": mean_ci95(post), "eval_seconds": time.perf_counter() - t0}
+                    log.info("%s (trained %d-way) at %d-way %d-shot: %s", run.label, ways, other, shots, _fmt(*mean_ci95(post)))
             if ways == 5 and run.algorithm == "maml" and not args.quick and not args.no_write:
                 episode_figure(exp, meta, tasks[1], run)
             results["runs"].append(row)
@@ -593,7 +714,7 @@ def merge_results(folder: Path) -> dict[str, Any]:
             if key in part:
                 merged.setdefault(key, part[key])
         for row in part["runs"]:
-            same = [r for r in merged["runs"] if (r["run"]["ways"], r["run"]["algorithm"]) == (row["run"]["ways"], row["run"]["algorithm"])]
+            same = [r for r in merged["runs"] if (r["run"]["ways"], _variant(r)) == (row["run"]["ways"], _variant(row))]
             for old in same:
                 merged["runs"].remove(old)
                 merged["superseded"].append(old)
@@ -601,14 +722,38 @@ def merge_results(folder: Path) -> dict[str, Any]:
         merged["floor"].update(part["floor"])
         merged["total_seconds"] += part.get("total_seconds", 0.0)
         merged["longest_seconds"] = max(merged.get("longest_seconds", 0.0), part.get("total_seconds", 0.0))
+    for path in sorted(folder.glob("cross-*.json"), key=lambda p: p.stat().st_mtime):
+        part = json.loads(path.read_text())
+        for row in merged["runs"] + merged["superseded"]:
+            if row.get("out") == part["out"]:
+                row.setdefault("cross", {}).update(part["cross"])
     if (folder / "speed.json").exists():
         merged["speed"] = json.loads((folder / "speed.json").read_text())
     for row in merged["runs"] + merged["superseded"]:
         run = row["run"]
         row["trajectory"] = training_trajectory(folder / row.get("out", f"{run['ways']}way-{run['algorithm']}") / "metrics.jsonl")
-    order = {"maml": 0, "fomaml": 0, "metasgd": 1, "anil": 2}
-    merged["runs"].sort(key=lambda r: (r["run"]["ways"], order.get(r["run"]["algorithm"], 9)))
+    order = {"maml": 0, "fomaml": 0, "metasgd": 1, "anil": 2, "anil-zero": 3, "anil-prototypes": 4}
+    merged["runs"].sort(key=lambda r: (r["run"]["ways"], order.get(_variant(r), 9)))
     return merged
+
+
+def _variant(row: dict[str, Any]) -> str:
+    """A result row's :attr:`Run.variant` (rows written before head_init existed: the algorithm)."""
+    run = row["run"]
+    head = run.get("head_init", "learned")
+    name = run["algorithm"] if head == "learned" else f"{run['algorithm']}-{head}"
+    return name + (f"-train{run['train_ways']}" if run.get("train_ways") else "")
+
+
+def _trained_ways(row: dict[str, Any]) -> int:
+    """The number of ways a result row's model was meta-trained on."""
+    return int(row["run"].get("train_ways") or row["run"]["ways"])
+
+
+def _column(variant: str) -> str:
+    """The table column of a variant (the training ways do not make a column of their own)."""
+    base = variant.split("-train")[0]
+    return {"maml": "MAML", "fomaml": "MAML", "metasgd": "Meta-SGD", "anil": "ANIL", "anil-zero": "ANIL, zero head", "anil-prototypes": "ANIL, prototype head"}[base]
 
 
 def training_trajectory(path: Path) -> dict[str, float]:
@@ -629,27 +774,34 @@ def render_markdown(results: dict[str, Any]) -> str:
     settings = [(5, 1), (5, 5), (20, 1)]
     algos: list[str] = []
     for row in results["runs"]:
-        name = row["run"]["algorithm"]
+        name = _variant(row)
         if name not in algos:
             algos.append(name)
-    label = {"maml": "MAML", "fomaml": "MAML", "metasgd": "Meta-SGD", "anil": "ANIL"}
+    crossed: list[str] = []
+
+    def results_at(ways: int, shots: int) -> list[tuple[float, float, dict[str, Any], bool]]:
+        """(accuracy, interval, row, whether the model was trained at another number of ways)."""
+        found = []
+        for row in results["runs"]:
+            if row["run"]["ways"] == ways and str(shots) in row["accuracy"]:
+                found.append((*row["accuracy"][str(shots)]["post"], row, _trained_ways(row) != ways))
+            if f"{ways}-{shots}" in row.get("cross", {}):
+                found.append((*row["cross"][f"{ways}-{shots}"]["post"], row, True))
+        return found
 
     def cell(ways: int, shots: int, algo: str) -> str:
-        for row in results["runs"]:
-            if row["run"]["ways"] == ways and row["run"]["algorithm"] == algo and str(shots) in row["accuracy"]:
-                acc, ci = row["accuracy"][str(shots)]["post"]
-                return _fmt(acc, ci)
-        return "—"
+        mine = [f for f in results_at(ways, shots) if _column(_variant(f[2])) == algo]
+        if not mine:
+            return "—"
+        acc, ci, row, cross = max(mine, key=lambda f: f[0])
+        if not cross:
+            return _fmt(acc, ci)
+        note = f"{row['run']['label']} trained at {_trained_ways(row)}-way"
+        if note not in crossed:
+            crossed.append(note)
+        return _fmt(acc, ci) + "*" * (crossed.index(note) + 1)
 
-    columns = [name for name in ("MAML", "Meta-SGD", "ANIL") if any(label[a] == name for a in algos)]
-
-    def by_label(ways: int, shots: int, name: str) -> str:
-        for algo in algos:
-            if label[algo] == name:
-                value = cell(ways, shots, algo)
-                if value != "—":
-                    return value
-        return "—"
+    columns = [name for name in ("MAML", "Meta-SGD", "ANIL", "ANIL, zero head", "ANIL, prototype head") if any(_column(a) == name for a in algos)]
 
     r = results.get("render") or {}
     lines = [
@@ -669,8 +821,24 @@ def render_markdown(results: dict[str, Any]) -> str:
         floor = results["floor"].get(f"{ways}-{shots}")
         if floor is None:
             continue
-        cells = [by_label(ways, shots, name) for name in columns]
+        cells = [cell(ways, shots, name) for name in columns]
         lines.append(f"| {ways}-way {shots}-shot | {_fmt(*floor)} | " + " | ".join(cells) + f" | {OMNIGLOT_MAML[(ways, shots)]} |")
+    for i, note in enumerate(crossed):
+        lines += ["", f"{'*' * (i + 1)} The model of {note} (its head starts from the support set, so it serves any number of ways); "
+                  "where it is better than the model trained at the table's number of ways, the table shows it, and the row below says what both gave."]
+    others = []
+    for row in results["runs"]:
+        elsewhere = dict(row.get("cross", {}))
+        if _trained_ways(row) != row["run"]["ways"]:
+            elsewhere.update({f"{row['run']['ways']}-{k}": v for k, v in row["accuracy"].items()})
+        for key, value in elsewhere.items():
+            w, k = key.split("-")
+            own = [f for f in results_at(int(w), int(k)) if _column(_variant(f[2])) == _column(_variant(row)) and f[2] is not row]
+            mine = f"{_fmt(*value['post'])} (trained {_trained_ways(row)}-way)"
+            theirs = "; ".join(f"{_fmt(a, c)} (trained {_trained_ways(r)}-way)" for a, c, r, _ in own)
+            others.append(f"{row['run']['label']} at {w}-way {k}-shot: {mine}" + (f", {theirs}" if theirs else ""))
+    if others:
+        lines += ["", "Way-agnostic heads across numbers of ways, same episodes: " + "; ".join(others) + "."]
     lines += [
         "",
         "How each model was meta-trained (5-way models on 1-shot episodes, evaluated at 1 and 5 shots; "
@@ -683,11 +851,15 @@ def render_markdown(results: dict[str, Any]) -> str:
         run = row["run"]
         order = "2nd order" if run["algorithm"] in ("maml", "metasgd", "anil") else "1st order"
         what = {"anil": "head only", "metasgd": "learned per-parameter rates", "maml": "all parameters", "fomaml": "all parameters"}[run["algorithm"]]
+        if run.get("head_init", "learned") != "learned":
+            what += f", from a {'zero' if run['head_init'] == 'zero' else 'prototype'} head"
         decay = run.get("decay_rounds", 0)
         iterations = f"{row['rounds']}" if not decay else f"{row['rounds'] - decay} + {decay} at lr × {run.get('decay_factor', 0.1):g}"
+        if run.get("start_from"):
+            iterations = f"{run['start_iterations']} (from `{run['start_from'].split('/')[0]}`) + {iterations}"
         lines.append(
-            f"| {run['label']} | {run['ways']} | {run['inner_steps']} × {run['inner_lr']:g} ({what}, {order}) | {run['eval_steps']} | "
-            f"{run['meta_batch']} × {run['ways']}-way 1-shot, {run['query']} query/class | {iterations} | {run['outer_lr']:g} | "
+            f"| {run['label']} | {_trained_ways(row)} | {run['inner_steps']} × {run['inner_lr']:g} ({what}, {order}) | {run['eval_steps']} | "
+            f"{run['meta_batch']} × {_trained_ways(row)}-way 1-shot, {run['query']} query/class | {iterations} | {run['outer_lr']:g} | "
             f"{_path_label(row)} | {row['train_seconds'] / 60:.1f} min | {row.get('cpu_seconds', 0) / 60:.1f} min | {row['train_seconds'] / max(row['rounds'], 1):.2f} |"
         )
     for row in results.get("superseded", []):
@@ -741,7 +913,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"{r['episode_images_per_cpu_second']:,.0f} images per CPU-second.",
         ]
     def best(ways: int) -> tuple[float, str]:
-        found = [(row["accuracy"]["1"]["post"][0], row["run"]["label"]) for row in results["runs"] if row["run"]["ways"] == ways and "1" in row["accuracy"]]
+        found = [(a, r["run"]["label"] + (f", trained {r['run']['ways']}-way" if cross else "")) for a, _, r, cross in results_at(ways, 1)]
         return max(found) if found else (math.nan, "—")
 
     if results.get("speed"):

@@ -1,4 +1,21 @@
-"""ANIL (Raghu, Raghu, Bengio & Vinyals, 2020): adapt only the head in the inner loop."""
+"""ANIL (Raghu, Raghu, Bengio & Vinyals, 2020): adapt only the head in the inner loop.
+
+Where the head's adaptation starts is a choice (``meta.head_init``):
+
+* ``learned`` (ANIL as published): the meta-learned head. Its rows belong to episode labels
+  0..N-1, which are a random relabelling per episode, so what it learns is mostly a bias to
+  undo; it also ties the model to one number of ways.
+* ``zero``: a zero head, so every class starts equal (Kao et al., 2022; Ye & Chao, 2022 show the
+  learned head's permutation-sensitivity costs accuracy); the inner steps alone fit it.
+* ``prototypes``: each class's row starts at its support prototype ``c`` (the mean support
+  feature), ``w = 2c``, ``b = -||c||^2``, so the starting logits are the negative squared
+  distances of Prototypical Networks up to a per-example constant (the initialization of
+  Proto-MAML, Triantafillou et al., 2020). Way-agnostic, and the meta-gradient reaches the body
+  through the prototypes as well. Classification only.
+
+With ``zero`` and ``prototypes`` the stored head parameters are not used (their meta-gradient is
+zero); they stay in the checkpoint so every model keeps one shape.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +27,8 @@ from torch.func import grad
 
 from fedmeta.algorithms.base import eager_inner_sgd, grad_dict, inner_sgd, metric_dict, stack_for_tasks, task_accuracies, task_accuracy, task_loss, task_losses
 from fedmeta.algorithms.maml import MAML
+from fedmeta.config import HEAD_INITS
+from fedmeta.models.base import FunctionalModel
 from fedmeta.types import Params, TaskBatch, model_part
 
 __all__ = ["ANIL"]
@@ -26,6 +45,40 @@ class ANIL(MAML):
 
     name: ClassVar[str] = "anil"
 
+    def __init__(self, model: FunctionalModel, *, kind: str, inner_lr: float, inner_steps: int, head_init: str = "learned") -> None:
+        super().__init__(model, kind=kind, inner_lr=inner_lr, inner_steps=inner_steps)
+        if head_init not in HEAD_INITS:
+            raise ValueError(f"head_init must be one of {', '.join(HEAD_INITS)}, got {head_init!r}")
+        if head_init == "prototypes" and kind != "classification":
+            raise ValueError("head_init 'prototypes' needs classification tasks (class prototypes)")
+        self.head_init = head_init
+
+    def start_head(self, head: Params, h: Tensor, y: Tensor) -> Params:
+        """The head the inner loop starts from, for features ``h`` ``[..., N, F]`` and labels ``y`` ``[..., N]``.
+
+        Leading task dimensions are carried through (stacked heads ``[T, W, F]`` with ``[T, N, F]``
+        features), and it is ``vmap``-safe (no data-dependent shapes).
+        """
+        if self.head_init == "learned":
+            return head
+        weight_key, bias_key = self._head_weight_bias(head)
+        if self.head_init == "zero":
+            # multiplied rather than fresh zeros: it stays in the autograd graph (with a zero
+            # gradient), which the eager second-order inner loop differentiates through
+            return {k: v * 0.0 for k, v in head.items()}
+        ways = head[weight_key].shape[-2]
+        onehot = (y.unsqueeze(-1) == torch.arange(ways, device=y.device)).to(h.dtype)  # [..., N, W]
+        counts = onehot.sum(dim=-2).clamp(min=1.0).unsqueeze(-1)  # [..., W, 1]
+        prototypes = onehot.transpose(-1, -2) @ h / counts  # [..., W, F]
+        return {weight_key: 2.0 * prototypes, bias_key: -prototypes.pow(2).sum(dim=-1)}
+
+    def _head_weight_bias(self, head: Params) -> tuple[str, str]:
+        weights = [k for k in head if k.endswith("weight")]
+        biases = [k for k in head if k.endswith("bias")]
+        if len(weights) != 1 or len(biases) != 1:
+            raise ValueError(f"head_init {self.head_init!r} needs a single linear head, got parameters {sorted(head)}")
+        return weights[0], biases[0]
+
     def adapted_keys(self, meta: Params) -> list[str]:
         return self.model.head_keys()
 
@@ -33,7 +86,7 @@ class ANIL(MAML):
         params = model_part(meta)
         hs = self.model.features(params, sx)
         hq = self.model.features(params, qx)
-        head0 = {k: params[k] for k in self.model.head_keys()}
+        head0 = self.start_head({k: params[k] for k in self.model.head_keys()}, hs, sy)
 
         def inner(p: Params) -> Tensor:
             return task_loss(self.kind, self.model.head(p, hs), sy)
@@ -59,7 +112,7 @@ class ANIL(MAML):
         """The head adapted on features computed once; the same result as the generic loop."""
         params = model_part(meta)
         h = self.model.features(params, x)
-        head = {k: params[k] for k in self.model.head_keys()}
+        head = self.start_head({k: params[k] for k in self.model.head_keys()}, h, y)
 
         def inner(p: Params) -> Tensor:
             return task_loss(self.kind, self.model.head(p, h), y)
@@ -72,7 +125,7 @@ class ANIL(MAML):
         params = {k: v.detach() for k, v in model_part(meta).items()}
         hs = self.model.features(params, sx)
         hq = self.model.features(params, qx)
-        head = {k: params[k] for k in self.model.head_keys()}
+        head = self.start_head({k: params[k] for k in self.model.head_keys()}, hs, sy)
 
         def inner(p: Params) -> Tensor:
             return task_loss(self.kind, self.model.head(p, hs), sy)
@@ -106,7 +159,8 @@ class ANIL(MAML):
             params = {k: v.detach() for k, v in params.items()}
         with torch.set_grad_enabled(not first_order):
             h = self.model.features_tasks(params, x)
-        head, start_loss = self._head_adapt_tasks({k: params[k] for k in self.model.head_keys()}, h, y, steps, first_order=first_order)
+        head0 = self.start_head({k: params[k] for k in self.model.head_keys()}, h, y)
+        head, start_loss = self._head_adapt_tasks(head0, h, y, steps, first_order=first_order)
         return {**params, **head}, start_loss
 
     def batched_task_updates(self, meta: Params, tasks: TaskBatch) -> tuple[Params, dict[str, Tensor]]:
@@ -116,7 +170,7 @@ class ANIL(MAML):
         with torch.enable_grad():
             hs = self.model.features_tasks(params, tasks.support_x)
             hq = self.model.features_tasks(params, tasks.query_x)
-            head0 = {k: params[k] for k in self.model.head_keys()}
+            head0 = self.start_head({k: params[k] for k in self.model.head_keys()}, hs, tasks.support_y)
             head, support_loss_pre = self._head_adapt_tasks(head0, hs, tasks.support_y, self.inner_steps, first_order=False)
             pred_q = self.model.head_tasks(head, hq)
             grads = grad_dict(task_losses(self.kind, pred_q, tasks.query_y).sum(), stacked)

@@ -150,3 +150,15 @@ def test_inner_loop_reduces_support_loss() -> None:
 def test_unknown_algorithm_is_refused() -> None:
     with pytest.raises(ConfigError, match="meta.algorithm.*'mamll'"):
         build_algorithm("mamll", MLP((1,), (8,), 1), kind="regression", inner_lr=0.1, inner_steps=1)
+
+
+def test_head_init_is_checked_against_algorithm_and_task_kind() -> None:
+    model = MLP((1,), (16, 16), 1)
+    with pytest.raises(ConfigError, match="meta.head_init.*only meta.algorithm 'anil'"):
+        build_algorithm("maml", model, kind="regression", inner_lr=0.1, inner_steps=1, head_init="zero")
+    with pytest.raises(ConfigError, match="meta.head_init.*classification"):
+        build_algorithm("anil", model, kind="regression", inner_lr=0.1, inner_steps=1, head_init="prototypes")
+    with pytest.raises(ValueError, match="head_init must be one of"):
+        ANIL(model, kind="regression", inner_lr=0.1, inner_steps=1, head_init="random")
+    zero = build_algorithm("anil", model, kind="regression", inner_lr=0.1, inner_steps=1, head_init="zero")
+    assert isinstance(zero, ANIL) and zero.head_init == "zero"

@@ -174,3 +174,60 @@ def test_anil_adaptation_runs_the_body_once_with_the_same_result() -> None:
     curve = algo.adaptation_curve(meta, sx, sy, qx, qy, 4)
     generic = MetaAlgorithm.adaptation_curve(algo, meta, sx, sy, qx, qy, 4)
     _close(curve, generic)
+
+
+@pytest.mark.parametrize("head_init", ["zero", "prototypes"])
+def test_anil_head_init_meta_gradient_batched_vmapped_and_finite_differences(head_init: str) -> None:
+    """ANIL starting from a zero or prototype head: both paths agree, match central differences,
+    the stored head gets no gradient (it is not used) and the body does (through the prototypes too)."""
+    model = _conv4()
+    algo = ANIL(model, kind="classification", inner_lr=0.3, inner_steps=2, head_init=head_init)
+    meta = _params(model, algo, seed=3)
+    tasks = _images(tasks=2)
+    grads, metrics = algo.batched_task_updates(meta, tasks)
+    g_vmap, m_vmap = algo.vmapped_task_updates(meta, tasks)
+    _close(grads, g_vmap)
+    _close(metrics, m_vmap)
+    for k in model.head_keys():
+        assert float(grads[k].abs().max()) == 0.0, k
+    assert all(float(grads[k].abs().sum()) > 0 for k in meta if not k.startswith("head."))
+    gen = torch.Generator().manual_seed(7)
+    direction = {k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in meta.items()}
+    eps = 1e-7
+    for t in range(2):
+        args = (tasks.support_x[t], tasks.support_y[t], tasks.query_x[t], tasks.query_y[t])
+        plus = algo.outer_loss({k: v + eps * direction[k] for k, v in meta.items()}, *args)[0]
+        minus = algo.outer_loss({k: v - eps * direction[k] for k, v in meta.items()}, *args)[0]
+        numeric = float((plus - minus) / (2 * eps))
+        analytic = float(sum((grads[k][t] * direction[k]).sum() for k in meta))
+        assert abs(analytic - numeric) < 1e-6 * max(1.0, abs(numeric)), (analytic, numeric)
+
+
+def test_prototype_head_is_the_nearest_class_mean_classifier() -> None:
+    """Before any step the prototype head scores each class by minus the squared distance to its
+    support mean (plus a per-example constant), so its argmax is the nearest prototype; the
+    batched and per-task adaptations from it agree, and the curve starts there."""
+    model = _conv4()
+    algo = ANIL(model, kind="classification", inner_lr=0.3, inner_steps=1, head_init="prototypes")
+    meta = _params(model, algo)
+    tasks = _images(support=9)
+    sx, sy, qx, qy = tasks.support_x[0], tasks.support_y[0], tasks.query_x[0], tasks.query_y[0]
+    hs, hq = model.features(meta, sx), model.features(meta, qx)
+    means = torch.stack([hs[sy == c].mean(dim=0) for c in range(WAYS)])
+    head = algo.start_head({k: meta[k] for k in model.head_keys()}, hs, sy)
+    torch.testing.assert_close(head["head.weight"], 2 * means)
+    logits = model.head(head, hq)
+    distances = torch.cdist(hq, means).pow(2)
+    torch.testing.assert_close(logits, hq.pow(2).sum(-1, keepdim=True) - distances)
+    nearest = (distances.argmin(-1) == qy).double().mean()
+    curve = algo.adaptation_curve(meta, sx, sy, qx, qy, 2)
+    assert float(curve["query_accuracy"][0]) == pytest.approx(float(nearest))
+    # a stacked start equals the per-task one, and adapt_tasks equals vmapped adapt_with_loss
+    stacked = {k: v.unsqueeze(0).expand(tasks.num_tasks, *v.shape) for k, v in meta.items()}
+    adapted, start = algo.adapt_tasks(stacked, tasks.support_x, tasks.support_y, 3, first_order=True)
+    reference, ref_start = vmap(lambda x, y: algo.adapt_with_loss(meta, x, y, 3, first_order=True))(tasks.support_x, tasks.support_y)
+    _close(adapted, reference)
+    _close({"loss": start}, {"loss": ref_start})
+    # the result does not depend on the stored head at all
+    other = {**meta, "head.weight": torch.randn_like(meta["head.weight"]), "head.bias": torch.randn_like(meta["head.bias"])}
+    _close(algo.adapt_with_loss(other, sx, sy, 3)[0], algo.adapt_with_loss(meta, sx, sy, 3)[0])

@@ -53,6 +53,8 @@ def test_scientific_notation_without_dot_is_a_number(tmp_path: Path) -> None:
         ("meta:\n  inner_lr: -0.1\n", r"'meta.inner_lr'.*-0.1"),
         ("meta:\n  inner_lr: fast\n", r"'meta.inner_lr' must be a number.*'fast'"),
         ("meta:\n  algorithm: mamll\n", r"'meta.algorithm'.*mamll"),
+        ("meta:\n  algorithm: anil\n  head_init: random\n", r"'meta.head_init'.*random"),
+        ("meta:\n  algorithm: maml\n  head_init: prototypes\n", r"'meta.head_init'.*applies to meta.algorithm 'anil' only"),
         ("federation:\n  clients_per_round: 200\n", r"'federation.clients_per_round'.*200"),
         ("federation:\n  rounds: 0\n", r"'federation.rounds'.*0"),
         ("task:\n  shots: 2.5\n", r"'task.shots' must be an integer.*2.5"),
