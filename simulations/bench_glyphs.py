@@ -85,6 +85,8 @@ OMNIGLOT_MAML = {(5, 1): 98.7, (5, 5): 99.9, (20, 1): 95.8}
 EPISODES = 600
 QUERIES = {5: 15, 20: 5}
 EVAL_SHOTS = {5: (1, 5), 20: (1,)}
+#: markers of the table's footnotes (models evaluated at a number of ways they were not trained on)
+FOOTNOTES = ("†", "‡", "§", "¶")
 
 
 @dataclass(frozen=True)
@@ -252,12 +254,25 @@ def episode_accuracies(algo: MetaAlgorithm, meta: Params, tasks: TaskBatch, *, s
     return torch.cat(pres), {s: torch.cat(v) for s, v in posts.items()}
 
 
+def run_folder(run: Run, *, chosen: bool) -> str:
+    """A run's output folder under ``--out``: reruns of chosen algorithms carry their lr and iterations."""
+    return f"{run.ways}way-{run.variant}" + (f"-lr{run.outer_lr:g}-{run.iterations}it" if chosen else "")
+
+
+def _final_checkpoint(out: Path, run: Run | dict[str, Any]) -> Path:
+    decay = run.decay_rounds if isinstance(run, Run) else run.get("decay_rounds", 0)
+    return out / ("decay" if decay else "") / "checkpoint.pt"
+
+
 def evaluate_elsewhere(run: Run, folder: Path, ways: int, base: Config, episodes: int) -> dict[str, Any]:
     """Evaluate a finished run's final checkpoint at ``ways`` (``--evaluate-at``); writes ``cross-<run folder>-<ways>.json``."""
-    name = f"{run.ways}way-{run.variant}-lr{run.outer_lr:g}-{run.iterations}it"
-    final = folder / name / ("decay" if run.decay_rounds else "") / "checkpoint.pt"
-    if not final.exists():
-        raise SystemExit(f"run '{run.label}' ({run.ways}-way) has no checkpoint '{final}': train it first (--only {run.ways} --algorithms {run.variant})")
+    for name in (run_folder(run, chosen=True), run_folder(run, chosen=False)):
+        final = _final_checkpoint(folder / name, run)
+        if final.exists():
+            break
+    else:
+        log.warning("run '%s' (%d-way, %s) has no checkpoint in %s: train it first (--only %d --algorithms %s)", run.label, run.ways, run.variant, folder, run.ways, run.variant)
+        return {}
     meta = load_checkpoint(final)["meta_params"]
     cross: dict[str, Any] = {}
     for shots in EVAL_SHOTS[ways]:
@@ -665,7 +680,7 @@ def main(argv: list[str] | None = None) -> int:
             results["floor"][f"{ways}-{shots}"] = mean_ci95(acc)
             log.info("pixel 1-NN %d-way %d-shot: %s", ways, shots, _fmt(*mean_ci95(acc)))
         for run in runs:
-            out = args.out / (f"{ways}way-{run.variant}" + (f"-lr{run.outer_lr:g}-{run.iterations}it" if chosen else ""))
+            out = args.out / run_folder(run, chosen=chosen is not None)
             exp, meta, info = _train(run, out, args.quick)
             row: dict[str, Any] = {"run": run.__dict__, "out": out.name, **{k: v for k, v in info.items() if k != "summary_final"}, "accuracy": {}}
             for shots, batch in tasks.items():
@@ -724,8 +739,10 @@ def merge_results(folder: Path) -> dict[str, Any]:
         merged["longest_seconds"] = max(merged.get("longest_seconds", 0.0), part.get("total_seconds", 0.0))
     for path in sorted(folder.glob("cross-*.json"), key=lambda p: p.stat().st_mtime):
         part = json.loads(path.read_text())
-        for row in merged["runs"] + merged["superseded"]:
-            if row.get("out") == part["out"]:
+        for row in merged["runs"]:
+            checkpoint = _final_checkpoint(folder / part["out"], row["run"])
+            # a retrained run keeps its folder: an evaluation older than its checkpoint is stale
+            if row.get("out") == part["out"] and not (checkpoint.exists() and checkpoint.stat().st_mtime > path.stat().st_mtime):
                 row.setdefault("cross", {}).update(part["cross"])
     if (folder / "speed.json").exists():
         merged["speed"] = json.loads((folder / "speed.json").read_text())
@@ -799,7 +816,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         note = f"{row['run']['label']} trained at {_trained_ways(row)}-way"
         if note not in crossed:
             crossed.append(note)
-        return _fmt(acc, ci) + "*" * (crossed.index(note) + 1)
+        return _fmt(acc, ci) + FOOTNOTES[crossed.index(note)]
 
     columns = [name for name in ("MAML", "Meta-SGD", "ANIL", "ANIL, zero head", "ANIL, prototype head") if any(_column(a) == name for a in algos)]
 
@@ -824,21 +841,20 @@ def render_markdown(results: dict[str, Any]) -> str:
         cells = [cell(ways, shots, name) for name in columns]
         lines.append(f"| {ways}-way {shots}-shot | {_fmt(*floor)} | " + " | ".join(cells) + f" | {OMNIGLOT_MAML[(ways, shots)]} |")
     for i, note in enumerate(crossed):
-        lines += ["", f"{'*' * (i + 1)} The model of {note} (its head starts from the support set, so it serves any number of ways); "
-                  "where it is better than the model trained at the table's number of ways, the table shows it, and the row below says what both gave."]
+        lines += ["", f"{FOOTNOTES[i]} The model of {note} (its head starts from the support set, so it serves any number of ways); "
+                  "where it is better than the model trained at the table's number of ways, the table shows it; the next paragraph lists both."]
+    # every setting where some model was trained at another number of ways: all models of that
+    # column side by side, so the reader sees what the training ways did
     others = []
-    for row in results["runs"]:
-        elsewhere = dict(row.get("cross", {}))
-        if _trained_ways(row) != row["run"]["ways"]:
-            elsewhere.update({f"{row['run']['ways']}-{k}": v for k, v in row["accuracy"].items()})
-        for key, value in elsewhere.items():
-            w, k = key.split("-")
-            own = [f for f in results_at(int(w), int(k)) if _column(_variant(f[2])) == _column(_variant(row)) and f[2] is not row]
-            mine = f"{_fmt(*value['post'])} (trained {_trained_ways(row)}-way)"
-            theirs = "; ".join(f"{_fmt(a, c)} (trained {_trained_ways(r)}-way)" for a, c, r, _ in own)
-            others.append(f"{row['run']['label']} at {w}-way {k}-shot: {mine}" + (f", {theirs}" if theirs else ""))
+    for ways, shots in settings:
+        found = results_at(ways, shots)
+        for name in columns:
+            mine = sorted((f for f in found if _column(_variant(f[2])) == name), key=lambda f: _trained_ways(f[2]))
+            if any(cross for *_, cross in mine):
+                gave = ", ".join(f"{_fmt(a, c)} trained {_trained_ways(r)}-way" for a, c, r, _ in mine)
+                others.append(f"{name} at {ways}-way {shots}-shot: {gave}")
     if others:
-        lines += ["", "Way-agnostic heads across numbers of ways, same episodes: " + "; ".join(others) + "."]
+        lines += ["", "Models across numbers of ways, same episodes: " + "; ".join(others) + "."]
     lines += [
         "",
         "How each model was meta-trained (5-way models on 1-shot episodes, evaluated at 1 and 5 shots; "
@@ -870,6 +886,13 @@ def render_markdown(results: dict[str, Any]) -> str:
             f"{run['meta_batch']} × {run['ways']}-way 1-shot | {row['rounds']} | {run['outer_lr']:g} | {_path_label(row)} | {row['train_seconds'] / 60:.1f} min | "
             f"{row.get('cpu_seconds', 0) / 60:.1f} min | {row['train_seconds'] / max(row['rounds'], 1):.2f} |"
         )
+    if any(row["run"].get("start_from") for row in results["runs"]):
+        lines += [
+            "",
+            "Rows whose iterations start with \"(from ...)\" continued from that run's final meta-parameters; their times are "
+            "of their own phases only (add the start run's row for the total). The prototype-head runs keep ANIL's inner loop, "
+            "but their head starts at the support prototypes (`meta.head_init: prototypes`, docs/glyphs.md).",
+        ]
     notes = []
     for row in results["runs"] + results.get("superseded", []):
         run, traj = row["run"], row.get("trajectory") or {}
@@ -889,7 +912,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         if others:
             run = row["run"]
             steps_notes.append(
-                f"{run['label']} {run['ways']}-way 1-shot after " + ", ".join(f"{k} steps {_fmt(*by[k])}" for k in others)
+                f"{run['label']} {run['ways']}-way 1-shot (trained {_trained_ways(row)}-way) after " + ", ".join(f"{k} steps {_fmt(*by[k])}" for k in others)
                 + f" (table: {run['eval_steps']} steps)"
             )
     if steps_notes:
@@ -901,7 +924,11 @@ def render_markdown(results: dict[str, Any]) -> str:
         "Rows measured with different paths, or at different machine loads, are not comparable in time.",
     ]
     cpu = sum(row.get("cpu_seconds", 0.0) for row in results["runs"] + results.get("superseded", []))
-    evals = sum(v.get("eval_seconds", 0.0) for row in results["runs"] + results.get("superseded", []) for v in row["accuracy"].values())
+    evals = sum(
+        v.get("eval_seconds", 0.0)
+        for row in results["runs"] + results.get("superseded", [])
+        for v in [*row["accuracy"].values(), *row.get("cross", {}).values()]
+    )
     lines += ["", f"CPU time of all meta-training runs above: {cpu / 60:.0f} min; the 600-episode evaluations took {evals / 60:.0f} min of wall time more."]
     if r:
         lines += [
@@ -913,7 +940,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"{r['episode_images_per_cpu_second']:,.0f} images per CPU-second.",
         ]
     def best(ways: int) -> tuple[float, str]:
-        found = [(a, r["run"]["label"] + (f", trained {r['run']['ways']}-way" if cross else "")) for a, _, r, cross in results_at(ways, 1)]
+        found = [(a, r["run"]["label"] + (f", trained {_trained_ways(r)}-way" if cross else "")) for a, _, r, cross in results_at(ways, 1)]
         return max(found) if found else (math.nan, "—")
 
     if results.get("speed"):

@@ -33,6 +33,9 @@ from fedmeta.types import Params, TaskBatch, model_part
 
 __all__ = ["ANIL"]
 
+#: The starting bias of a class absent from the support set (prototypes): its softmax weight is 0.
+_ABSENT_BIAS = -1e30
+
 
 class ANIL(MAML):
     """Almost No Inner Loop: the body is meta-learned, only the head adapts per task.
@@ -68,9 +71,13 @@ class ANIL(MAML):
             return {k: v * 0.0 for k, v in head.items()}
         ways = head[weight_key].shape[-2]
         onehot = (y.unsqueeze(-1) == torch.arange(ways, device=y.device)).to(h.dtype)  # [..., N, W]
-        counts = onehot.sum(dim=-2).clamp(min=1.0).unsqueeze(-1)  # [..., W, 1]
-        prototypes = onehot.transpose(-1, -2) @ h / counts  # [..., W, F]
-        return {weight_key: 2.0 * prototypes, bias_key: -prototypes.pow(2).sum(dim=-1)}
+        counts = onehot.sum(dim=-2)  # [..., W]
+        prototypes = onehot.transpose(-1, -2) @ h / counts.clamp(min=1.0).unsqueeze(-1)  # [..., W, F]
+        # a class without support examples has no prototype: a bias no score can overcome keeps
+        # it from being predicted (rather than a prototype at the origin)
+        absent = torch.full_like(counts, _ABSENT_BIAS)
+        bias = torch.where(counts > 0, -prototypes.pow(2).sum(dim=-1), absent)
+        return {weight_key: 2.0 * prototypes, bias_key: bias}
 
     def _head_weight_bias(self, head: Params) -> tuple[str, str]:
         weights = [k for k in head if k.endswith("weight")]
@@ -159,7 +166,7 @@ class ANIL(MAML):
             params = {k: v.detach() for k, v in params.items()}
         with torch.set_grad_enabled(not first_order):
             h = self.model.features_tasks(params, x)
-        head0 = self.start_head({k: params[k] for k in self.model.head_keys()}, h, y)
+            head0 = self.start_head({k: params[k] for k in self.model.head_keys()}, h, y)
         head, start_loss = self._head_adapt_tasks(head0, h, y, steps, first_order=first_order)
         return {**params, **head}, start_loss
 

@@ -231,3 +231,23 @@ def test_prototype_head_is_the_nearest_class_mean_classifier() -> None:
     # the result does not depend on the stored head at all
     other = {**meta, "head.weight": torch.randn_like(meta["head.weight"]), "head.bias": torch.randn_like(meta["head.bias"])}
     _close(algo.adapt_with_loss(other, sx, sy, 3)[0], algo.adapt_with_loss(meta, sx, sy, 3)[0])
+
+
+def test_prototype_head_never_predicts_a_class_without_support_examples() -> None:
+    """A class missing from the support set gets no prototype (not one at the origin): no query is
+    assigned to it, in the per-task and the stacked start alike, and the loss stays finite."""
+    model = _conv4()
+    algo = ANIL(model, kind="classification", inner_lr=0.3, inner_steps=1, head_init="prototypes")
+    meta = _params(model, algo)
+    tasks = _images(support=6)
+    sy = tasks.support_y.clone()
+    sy[sy == 2] = 0  # class 2 has no support example now
+    hq = model.features_tasks({k: v.unsqueeze(0).expand(tasks.num_tasks, *v.shape) for k, v in meta.items()}, tasks.query_x)
+    hs = model.features_tasks({k: v.unsqueeze(0).expand(tasks.num_tasks, *v.shape) for k, v in meta.items()}, tasks.support_x)
+    head = algo.start_head({k: meta[k].unsqueeze(0).expand(tasks.num_tasks, *meta[k].shape) for k in model.head_keys()}, hs, sy)
+    predicted = model.head_tasks(head, hq).argmax(-1)
+    assert not bool((predicted == 2).any())
+    assert set(predicted.unique().tolist()) <= {0, 1}
+    adapted, start = algo.adapt_with_loss(meta, tasks.support_x[0], sy[0], 2)
+    assert bool(torch.isfinite(start)) and all(bool(torch.isfinite(v).all()) for v in adapted.values())
+    assert not bool((model.forward(adapted, tasks.query_x[0]).argmax(-1) == 2).any())
