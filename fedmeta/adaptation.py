@@ -67,6 +67,7 @@ __all__ = [
     "load_personalized",
     "PersonalizedModels",
     "adapt_site",
+    "serves_any_ways",
     "format_summary",
     "plot_adaptation",
     "REPORT_NAME",
@@ -260,6 +261,7 @@ def load_initialization(path: str | Path, site: SiteData, *, label: str = "meta"
         raise CheckpointError(
             f"checkpoint '{p}' describes a '{described}' model but its config builds '{model.name}'; the file is inconsistent"
         )
+    state = _fit_head_to_site(state, model, cfg, p, site)
     check_compatible(state, model.param_shapes, path=p, task_kind=site.kind)
     params = {k: v.detach().clone().float() for k, v in state["meta_params"].items()}
     rates = {k for k in params if k.startswith(LR_PREFIX)}
@@ -300,8 +302,49 @@ def load_initialization(path: str | Path, site: SiteData, *, label: str = "meta"
         "inner_lr": cfg.meta.inner_lr,
         "learned_rates": cfg.meta.algorithm == "metasgd",
         "adapts": "head only" if cfg.meta.algorithm == "anil" else "all parameters",
+        "head_init": cfg.meta.head_init,
+        "trained_ways": cfg.task.ways if site.kind == "classification" else None,
+        "serves_any_ways": serves_any_ways(cfg),
     }
     return Initialization(label, params, algo, cfg, str(p), info)
+
+
+def serves_any_ways(cfg: Config) -> bool:
+    """Whether a checkpoint trained with ``cfg`` classifies any number of classes.
+
+    ANIL whose head starts from the support set (``meta.head_init`` ``zero`` or ``prototypes``)
+    never uses its stored head, only that head's shape; every other model's head is tied to the
+    ``task.ways`` it was trained on.
+    """
+    return cfg.meta.algorithm == "anil" and cfg.meta.head_init != "learned"
+
+
+def _fit_head_to_site(state: dict[str, Any], model: FunctionalModel, cfg: Config, path: Path, site: SiteData) -> dict[str, Any]:
+    """The checkpoint with a head of the site's number of classes where the head is way-agnostic.
+
+    A way-agnostic head (:func:`serves_any_ways`) is replaced by zeros of the shape the site
+    needs (it is rebuilt from each support set anyway); a learned head of another shape is an
+    error that says which checkpoints do serve other numbers of ways.
+    """
+    stored = state.get("meta_params")
+    if not isinstance(stored, dict) or site.kind != "classification":
+        return state
+    shapes = model.param_shapes
+    heads = [k for k in model.head_keys() if k in stored and tuple(stored[k].shape) != tuple(shapes[k])]
+    if not heads:
+        return state
+    body_fits = all(tuple(v.shape) == tuple(shapes[k]) for k, v in stored.items() if k in shapes and k not in heads)
+    if not body_fits:
+        return state  # a different model altogether: check_compatible names the first mismatch
+    trained = int(stored[heads[0]].shape[0])
+    if not serves_any_ways(cfg):
+        raise CheckpointError(
+            f"checkpoint '{path}' has a learned {trained}-way head (meta.algorithm {cfg.meta.algorithm!r}, meta.head_init "
+            f"{cfg.meta.head_init!r}): it adapts to {trained}-way episodes only, not {site.family.output_dim}-way ones; "
+            "a checkpoint meta-trained with meta.algorithm 'anil' and meta.head_init 'prototypes' (or 'zero') serves any number of ways"
+        )
+    log.info("checkpoint %s: way-agnostic head (meta.head_init %s) trained %d-way, used %d-way", path, cfg.meta.head_init, trained, site.family.output_dim)
+    return {**state, "meta_params": {k: (torch.zeros(shapes[k]) if k in heads else v) for k, v in stored.items()}}
 
 
 def random_initialization(reference: Initialization, seed: int) -> Initialization:
@@ -449,13 +492,18 @@ class PersonalizedTask:
     seconds: float
 
 
-def _fit_set(task: SiteTask, kind: str, ways: int) -> tuple[Tensor, Tensor, list[Any] | None] | str:
-    """All of a task's support-side examples, relabelled 0..ways-1 for classification, or why not."""
+def _fit_set(task: SiteTask, kind: str, ways: int | None) -> tuple[Tensor, Tensor, list[Any] | None] | str:
+    """All of a task's support-side examples, relabelled 0..ways-1 for classification, or why not.
+
+    ``ways=None`` (a way-agnostic head) takes every class the task has.
+    """
     x, y = (task.x, task.y) if task.x is not None else task.support  # type: ignore[misc]
     if kind != "classification":
         return torch.from_numpy(x), torch.from_numpy(y), None
     labels = np.unique(y)
-    if len(labels) != ways:
+    if ways is None and len(labels) < 2:
+        return f"it has {len(labels)} class; a personalized classifier needs at least 2"
+    if ways is not None and len(labels) != ways:
         return (
             f"it has {len(labels)} classes but the model's head has {ways} outputs; a personalized "
             f"classifier needs exactly {ways} (the episodes above still evaluate {ways}-way subsets)"
@@ -464,6 +512,12 @@ def _fit_set(task: SiteTask, kind: str, ways: int) -> tuple[Tensor, Tensor, list
     yy = np.asarray([remap[int(c)] for c in y], dtype=np.int64)
     names = [task.classes[int(c)] for c in labels] if task.classes is not None else [int(c) for c in labels]
     return torch.from_numpy(x), torch.from_numpy(yy), names
+
+
+def _head_for(model: FunctionalModel, params: Params, ways: int) -> Params:
+    """``params`` with a zero head of ``ways`` rows (a way-agnostic head only uses its shape)."""
+    heads = set(model.head_keys())
+    return {k: (v.new_zeros((ways, *v.shape[1:])) if k in heads else v) for k, v in params.items()}
 
 
 def personalize(init: Initialization, site: SiteData, *, steps: int) -> tuple[dict[str, PersonalizedTask], dict[str, str]]:
@@ -475,21 +529,28 @@ def personalize(init: Initialization, site: SiteData, *, steps: int) -> tuple[di
 
     Returns:
         ``(personalized tasks by name, {skipped task: reason})``. A classification task whose
-        number of classes differs from the head's outputs is skipped.
+        number of classes differs from the head's outputs is skipped, unless the head is
+        way-agnostic (:func:`serves_any_ways`): then each task's model has one output per class
+        the task has.
     """
     algo, meta = init.algorithm, {k: v.detach() for k, v in init.params.items()}
+    any_ways = site.kind == "classification" and serves_any_ways(init.config)
     done: dict[str, PersonalizedTask] = {}
     skipped: dict[str, str] = {}
     for task in site.tasks:
-        fit = _fit_set(task, site.kind, site.family.output_dim)
+        fit = _fit_set(task, site.kind, None if any_ways else site.family.output_dim)
         if isinstance(fit, str):
             skipped[task.name] = fit
             log.warning("task %s: no personalized model saved: %s", task.name, fit)
             continue
         x, y, classes = fit
+        start = meta
+        if any_ways and classes is not None and len(classes) != site.family.output_dim:
+            # the head starts from this task's own support set: give it one row per class it has
+            start = _head_for(init.model, meta, len(classes))
         t0 = time.perf_counter()
         # the loss before the first step is where the inner loop starts (ANIL's prototype head, say)
-        adapted, start_loss = algo.adapt_with_loss(meta, x, y, steps, first_order=True)
+        adapted, start_loss = algo.adapt_with_loss(start, x, y, steps, first_order=True)
         adapted = {k: v.detach().clone() for k, v in adapted.items()}
         seconds = time.perf_counter() - t0
         with torch.no_grad():
@@ -534,6 +595,7 @@ def save_personalized(
         entries[name] = {
             "file": fname,
             "classes": task.classes,
+            "outputs": len(task.classes) if task.classes is not None else site.family.output_dim,
             "examples": task.examples,
             "support_loss_before": task.support_loss_pre,
             "support_loss_after": task.support_loss_post,
@@ -611,7 +673,8 @@ class PersonalizedModels:
         name = self._task(task)
         inputs = self._inputs(x)
         model_cfg = self.manifest.get("config", {}).get("model", {})
-        if model_cfg.get("name") == "conv4" and model_cfg.get("norm") == "batch" and inputs.shape[0] < self.manifest["model"]["outputs"]:
+        classes = int(self.manifest["tasks"][name].get("outputs", self.manifest["model"]["outputs"]))
+        if model_cfg.get("name") == "conv4" and model_cfg.get("norm") == "batch" and inputs.shape[0] < classes:
             log.warning(
                 "this Conv-4 normalizes with the statistics of the batch it is given (model.norm 'batch'): "
                 "predictions for %d input(s) at a time are less reliable; predict a batch like a query set "
@@ -672,10 +735,15 @@ def load_personalized(path: str | Path) -> PersonalizedModels:
         cfg = config_from_dict(manifest["config"], source=str(manifest_path))
         desc = manifest["model"]
         model = build_model(cfg, tuple(desc["input_shape"]), int(desc["outputs"]))
-    except (KeyError, TypeError, ValueError) as exc:
+        # a way-agnostic head personalizes each task with its own number of classes
+        outputs = {name: int((entry or {}).get("outputs", desc["outputs"])) for name, entry in (manifest.get("tasks") or {}).items()}
+        models = {n: build_model(cfg, tuple(desc["input_shape"]), n) for n in set(outputs.values()) - {int(desc["outputs"])}}
+        models[int(desc["outputs"])] = model
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise CheckpointError(f"manifest '{manifest_path}' does not describe a model this fedmeta can build: {exc}") from exc
     params: dict[str, Params] = {}
     for name, entry in (manifest.get("tasks") or {}).items():
+        task_model = models[outputs[name]]
         f = manifest_path.parent / str(entry.get("file", ""))
         if not f.is_file():
             raise CheckpointError(f"personalized model '{f}' of task {name!r} is missing")
@@ -685,9 +753,9 @@ def load_personalized(path: str | Path) -> PersonalizedModels:
             raise CheckpointError(f"personalized model '{f}' is corrupt or not a tensor-only file: {exc}") from exc
         if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
             raise CheckpointError(f"personalized model '{f}' is not a dict of tensors")
-        wrong = {k: tuple(v.shape) for k, v in state.items() if model.param_shapes.get(k) != tuple(v.shape)}
-        if set(state) != set(model.param_shapes) or wrong:
-            raise CheckpointError(f"personalized model '{f}' does not fit the {model.name} model its manifest describes")
+        wrong = {k: tuple(v.shape) for k, v in state.items() if task_model.param_shapes.get(k) != tuple(v.shape)}
+        if set(state) != set(task_model.param_shapes) or wrong:
+            raise CheckpointError(f"personalized model '{f}' does not fit the {task_model.name} model its manifest describes")
         params[name] = state
     return PersonalizedModels(manifest, model, params, manifest_path.parent)
 
@@ -742,6 +810,7 @@ def adapt_site(
     seed: int = 0,
     compare: str | Path | None = None,
     save_models: bool = True,
+    ways: int | None = None,
 ) -> dict[str, Any]:
     """Everything ``fedmeta adapt`` does: load, check, adapt, compare, save, report.
 
@@ -757,6 +826,8 @@ def adapt_site(
         seed: seeds the episodes and the random-initialization baseline.
         compare: a second checkpoint (e.g. FedAvg-trained) adapted on the same episodes.
         save_models: write personalized models for the meta-initialization.
+        ways: classes per episode (classification; default: the checkpoint's ``task.ways``).
+            Another number needs a way-agnostic checkpoint (:func:`serves_any_ways`).
 
     Returns:
         The report written to ``out/adapt_report.json``.
@@ -775,7 +846,24 @@ def adapt_site(
     steps = state_cfg.eval.steps if steps is None else steps
     if steps < 1:
         raise ConfigError(f"--steps must be at least 1, got {steps}")
-    site = open_site(data, shots=shots, query=query, ways=t.ways, split=split)
+    if ways is not None and ways < 2:
+        raise ConfigError(f"--ways must be at least 2, got {ways}")
+    any_ways = serves_any_ways(state_cfg)
+    if ways is not None and ways != t.ways and not any_ways:
+        raise CheckpointError(
+            f"checkpoint '{ckpt}' has a learned {t.ways}-way head (meta.algorithm {state_cfg.meta.algorithm!r}, meta.head_init "
+            f"{state_cfg.meta.head_init!r}): it adapts to {t.ways}-way episodes only, not --ways {ways}; a checkpoint meta-trained "
+            "with meta.algorithm 'anil' and meta.head_init 'prototypes' (or 'zero') serves any number of ways"
+        )
+    try:
+        site = open_site(data, shots=shots, query=query, ways=t.ways if ways is None else ways, split=split)
+    except DataFormatError as exc:
+        if any_ways and ways is None:
+            raise DataFormatError(
+                f"{exc} (checkpoint '{ckpt}' was trained {t.ways}-way, but its head starts from each support set "
+                f"(meta.head_init {state_cfg.meta.head_init!r}), so it serves any number of ways: pass --ways with fewer classes)"
+            ) from exc
+        raise
     meta = load_initialization(ckpt, site, label="meta", state=state)
     inits = [meta, random_initialization(meta, seed)]
     if compare is not None:

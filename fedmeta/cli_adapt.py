@@ -34,6 +34,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         seed=args.seed,
         compare=args.compare,
         save_models=not args.no_save,
+        ways=args.ways,
     )
     if args.json:
         print(json.dumps({k: report[k] for k in ("checkpoint", "site", "settings")} | {
@@ -89,6 +90,13 @@ def register(subparsers: argparse._SubParsersAction, add_common: Callable[..., N
     p.add_argument("--compare", metavar="FILE", default=None, help="another checkpoint to adapt from on the same episodes (e.g. FedAvg-trained)")
     p.add_argument("--shots", type=int, default=None, help="support examples per task, per class for classification (default: the checkpoint's task.shots)")
     p.add_argument("--query", type=int, default=None, help="query examples per task, per class for classification (default: the checkpoint's task.query)")
+    p.add_argument(
+        "--ways",
+        type=int,
+        default=None,
+        help="classes per episode (default: the checkpoint's task.ways; another number needs an ANIL checkpoint with "
+        "meta.head_init prototypes or zero, whose head is rebuilt from each support set)",
+    )
     p.add_argument("--episodes", type=int, default=20, help="support/query draws per task for the 95%% intervals (default 20)")
     p.add_argument("--split", choices=("tasks", "heldout"), default="tasks", help="which folder of the site to adapt to (default tasks/)")
     p.add_argument("--seed", type=int, default=0, help="seeds the episodes and the random-initialization baseline")

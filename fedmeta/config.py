@@ -46,6 +46,8 @@ __all__ = [
 ]
 
 TASK_NAMES = ("sinusoid", "harmonic", "glyphs", "folder")
+#: the generated regression families (a folder site may hold either kind)
+REGRESSION_TASKS = ("sinusoid", "harmonic")
 MODEL_NAMES = ("mlp", "conv4")
 ALGORITHM_NAMES = ("maml", "fomaml", "reptile", "metasgd", "anil", "fedavg")
 HEAD_INITS = ("learned", "zero", "prototypes")
@@ -409,7 +411,13 @@ def validate(cfg: Config) -> Config:
         me.head_init == "learned" or me.algorithm == "anil",
         "meta.head_init",
         me.head_init,
-        f"applies to meta.algorithm 'anil' only ({me.algorithm!r} adapts the whole model); use 'learned'",
+        f"must be 'learned' unless meta.algorithm is 'anil' ({me.algorithm!r} adapts the whole model)",
+    )
+    _require(
+        me.head_init != "prototypes" or t.name not in REGRESSION_TASKS,
+        "meta.head_init",
+        me.head_init,
+        f"must not be 'prototypes' (class prototypes) for regression tasks (task.name {t.name!r}; 'learned' and 'zero' work there)",
     )
     _require(me.inner_lr > 0 and math.isfinite(me.inner_lr), "meta.inner_lr", me.inner_lr, "must be a positive number")
     _require(me.inner_steps >= 1, "meta.inner_steps", me.inner_steps, "must be at least 1")

@@ -224,6 +224,57 @@ def test_classification_models_answer_with_the_sites_labels(tmp_path: Path) -> N
     assert preds.shape == (4,) and set(preds.tolist()) <= {0, 1, 2}
 
 
+def _anil_cfg(site_dir: Path, head_init: str, ways: int = 3) -> dict[str, Any]:
+    return {
+        "task": {"name": "folder", "data_dir": str(site_dir), "ways": ways, "shots": 2, "query": 2},
+        "model": {"name": "mlp", "hidden": [32]},
+        "meta": {"algorithm": "anil", "head_init": head_init, "inner_lr": 0.5},
+    }
+
+
+def test_a_way_agnostic_checkpoint_serves_sites_with_other_numbers_of_classes(tmp_path: Path) -> None:
+    """An ANIL checkpoint with a prototype head, trained 3-way, adapts to 4-way episodes (--ways)
+    and personalizes every task with all of its classes; the random baseline keeps its rule."""
+    trained_on = _image_site(tmp_path / "three", classes=3, per_class=6, tasks=1, seed=0)
+    ckpt = _checkpoint_for(_anil_cfg(trained_on, "prototypes"), trained_on, tmp_path / "proto.pt")
+    site = _image_site(tmp_path / "four", classes=4, per_class=6, tasks=3, seed=1)
+    report = adapt_site(ckpt, site, tmp_path / "out4", episodes=4, steps=3, ways=4)
+    info = report["initializations"]["meta"]["info"]
+    assert report["settings"]["ways"] == 4 and report["site"]["outputs"] == 4
+    assert info["head_init"] == "prototypes" and info["trained_ways"] == 3 and info["serves_any_ways"]
+    meta = report["initializations"]["meta"]["aggregate"]
+    # nearest-prototype on these bright-row images: well above chance (0.25) before any step
+    assert meta["pre_adapt_accuracy"] > 0.6 and meta["post_adapt_accuracy"] > 0.6
+    models = load_personalized(tmp_path / "out4")
+    assert sorted(models.tasks) == ["task-0", "task-1", "task-2"]
+    assert models.params("task-0")["head.weight"].shape[0] == 4
+    x = np.load(site / "tasks" / "task-0.npz")["x"]
+    assert set(models.predict("task-0", x).tolist()) <= {0, 1, 2, 3}
+    # at the checkpoint's own 3 ways the episodes are 3-way subsets, and the models still take
+    # every class of a task (a learned head would skip them: it has 3 outputs)
+    report3 = adapt_site(ckpt, site, tmp_path / "out3", episodes=2, steps=1)
+    assert report3["settings"]["ways"] == 3 and not report3["personalized"]["skipped"]
+    assert load_personalized(tmp_path / "out3").params("task-1")["head.weight"].shape[0] == 4
+
+
+def test_other_numbers_of_ways_are_refused_clearly(tmp_path: Path) -> None:
+    site3 = _image_site(tmp_path / "three", classes=3, per_class=6, tasks=1, seed=0)
+    learned = _checkpoint_for(_anil_cfg(site3, "learned"), site3, tmp_path / "learned.pt")
+    proto = _checkpoint_for(_anil_cfg(site3, "prototypes"), site3, tmp_path / "proto.pt")
+    site4 = _image_site(tmp_path / "four", classes=4, per_class=6, tasks=1, seed=1)
+    with pytest.raises(CheckpointError, match=r"learned.pt' has a learned 3-way head.*not --ways 4.*'prototypes'"):
+        adapt_site(learned, site4, tmp_path / "o1", ways=4)
+    # a learned head compared on a 4-way site: the same message, naming that checkpoint
+    with pytest.raises(CheckpointError, match=r"learned.pt' has a learned 3-way head.*not 4-way ones"):
+        adapt_site(proto, site4, tmp_path / "o2", ways=4, compare=learned)
+    site2 = _image_site(tmp_path / "two", classes=2, per_class=6, tasks=1, seed=2)
+    with pytest.raises(DataFormatError, match=r"only 2 classes.*serves any number of ways: pass --ways"):
+        adapt_site(proto, site2, tmp_path / "o3")
+    with pytest.raises(ConfigError, match="--ways must be at least 2"):
+        adapt_site(proto, site2, tmp_path / "o4", ways=1)
+    assert not any((tmp_path / d).exists() for d in ("o1", "o2", "o3", "o4"))
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input: each a domain error naming the file
 
