@@ -50,7 +50,7 @@ from fedmeta.evaluation import EvalResult, evaluate
 from fedmeta.models import FunctionalModel, build_model
 from fedmeta.rng import make_generator
 from fedmeta.tasks.base import SPLITS
-from fedmeta.tasks.folder import FolderFamily, SiteTask, load_image
+from fedmeta.tasks.folder import FolderFamily, SiteTask, TooFewClassesError, load_image
 from fedmeta.types import LR_PREFIX, Params, TaskBatch, model_part
 
 __all__ = [
@@ -83,7 +83,10 @@ CURVE_NAME = "adaptation_curve.png"
 MODELS_DIR = "models"
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "fedmeta-personalized"
-MANIFEST_VERSION = 1
+#: 2: tasks may have their own number of outputs (``tasks.NAME.outputs``, way-agnostic heads);
+#: version 1 manifests (one ``model.outputs`` for every task) are read too
+MANIFEST_VERSION = 2
+_MANIFEST_VERSIONS = (1, 2)
 #: where a site reads how to join later federated rounds as a SuperNode
 DEPLOYMENT_DOC = "docs/deployment.md"
 _Z95 = 1.96
@@ -122,7 +125,8 @@ def open_site(data: str | Path, *, shots: int, query: int, ways: int, split: str
         data: the site folder (``SITE/tasks/...``).
         shots: support examples per task (per class for classification).
         query: query examples per task (per class for classification).
-        ways: classes per episode (classification; the checkpoint's head fixes it).
+        ways: classes per episode (classification: the checkpoint's ``task.ways``, or any number
+            for a way-agnostic checkpoint, :func:`serves_any_ways`).
         split: ``"tasks"`` or ``"heldout"``: which folder of the site to adapt to.
 
     Raises:
@@ -304,19 +308,19 @@ def load_initialization(path: str | Path, site: SiteData, *, label: str = "meta"
         "adapts": "head only" if cfg.meta.algorithm == "anil" else "all parameters",
         "head_init": cfg.meta.head_init,
         "trained_ways": cfg.task.ways if site.kind == "classification" else None,
-        "serves_any_ways": serves_any_ways(cfg),
+        "serves_any_ways": serves_any_ways(cfg, site.kind),
     }
     return Initialization(label, params, algo, cfg, str(p), info)
 
 
-def serves_any_ways(cfg: Config) -> bool:
-    """Whether a checkpoint trained with ``cfg`` classifies any number of classes.
+def serves_any_ways(cfg: Config, kind: str | None) -> bool:
+    """Whether a checkpoint trained with ``cfg`` on ``kind`` tasks classifies any number of classes.
 
-    ANIL whose head starts from the support set (``meta.head_init`` ``zero`` or ``prototypes``)
-    never uses its stored head, only that head's shape; every other model's head is tied to the
-    ``task.ways`` it was trained on.
+    ANIL whose head is rebuilt for each support set (``meta.head_init`` ``prototypes``: from the
+    support-class means; ``zero``: from zeros) never uses its stored head, only that head's
+    shape; every other classifier's head is tied to the ``task.ways`` it was trained on.
     """
-    return cfg.meta.algorithm == "anil" and cfg.meta.head_init != "learned"
+    return kind == "classification" and cfg.meta.algorithm == "anil" and cfg.meta.head_init != "learned"
 
 
 def _fit_head_to_site(state: dict[str, Any], model: FunctionalModel, cfg: Config, path: Path, site: SiteData) -> dict[str, Any]:
@@ -337,11 +341,12 @@ def _fit_head_to_site(state: dict[str, Any], model: FunctionalModel, cfg: Config
     if not body_fits:
         return state  # a different model altogether: check_compatible names the first mismatch
     trained = int(stored[heads[0]].shape[0])
-    if not serves_any_ways(cfg):
+    if not serves_any_ways(cfg, site.kind):
         raise CheckpointError(
             f"checkpoint '{path}' has a learned {trained}-way head (meta.algorithm {cfg.meta.algorithm!r}, meta.head_init "
             f"{cfg.meta.head_init!r}): it adapts to {trained}-way episodes only, not {site.family.output_dim}-way ones; "
-            "a checkpoint meta-trained with meta.algorithm 'anil' and meta.head_init 'prototypes' (or 'zero') serves any number of ways"
+            "a checkpoint meta-trained with meta.algorithm 'anil' and meta.head_init 'prototypes' (or 'zero'), whose head is rebuilt "
+            "for each support set, serves any number of ways"
         )
     log.info("checkpoint %s: way-agnostic head (meta.head_init %s) trained %d-way, used %d-way", path, cfg.meta.head_init, trained, site.family.output_dim)
     return {**state, "meta_params": {k: (torch.zeros(shapes[k]) if k in heads else v) for k, v in stored.items()}}
@@ -355,7 +360,8 @@ def random_initialization(reference: Initialization, seed: int) -> Initializatio
     before meta-training. This is the "what did meta-training buy us" baseline.
     """
     params = reference.algorithm.init_meta_params(make_generator(seed, "adapt", "random-init"))
-    info = {**reference.info, "path": None, "sha256": None, "round": 0, "seed": seed}
+    # it was never trained: no number of ways it was trained on (it is built for the site's)
+    info = {**reference.info, "path": None, "sha256": None, "round": 0, "seed": seed, "trained_ways": None}
     return Initialization("random", params, reference.algorithm, reference.config, f"random (seed {seed})", info)
 
 
@@ -534,7 +540,7 @@ def personalize(init: Initialization, site: SiteData, *, steps: int) -> tuple[di
         the task has.
     """
     algo, meta = init.algorithm, {k: v.detach() for k, v in init.params.items()}
-    any_ways = site.kind == "classification" and serves_any_ways(init.config)
+    any_ways = serves_any_ways(init.config, site.kind)
     done: dict[str, PersonalizedTask] = {}
     skipped: dict[str, str] = {}
     for task in site.tasks:
@@ -729,20 +735,25 @@ def load_personalized(path: str | Path) -> PersonalizedModels:
         raise CheckpointError(f"manifest '{manifest_path}' is not readable JSON: {exc}") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise CheckpointError(f"'{manifest_path}' is not a fedmeta personalized-model manifest")
-    if manifest.get("version") != MANIFEST_VERSION:
-        raise CheckpointError(f"manifest '{manifest_path}' has version {manifest.get('version')!r}; this fedmeta reads {MANIFEST_VERSION}")
+    if manifest.get("version") not in _MANIFEST_VERSIONS:
+        raise CheckpointError(
+            f"manifest '{manifest_path}' has version {manifest.get('version')!r}; this fedmeta reads versions {', '.join(map(str, _MANIFEST_VERSIONS))}"
+        )
+    tasks_entries = manifest.get("tasks") or {}
+    if not isinstance(tasks_entries, dict) or not all(isinstance(e, dict) for e in tasks_entries.values()):
+        raise CheckpointError(f"manifest '{manifest_path}': 'tasks' must map each task name to an object with its 'file'")
     try:
         cfg = config_from_dict(manifest["config"], source=str(manifest_path))
         desc = manifest["model"]
         model = build_model(cfg, tuple(desc["input_shape"]), int(desc["outputs"]))
         # a way-agnostic head personalizes each task with its own number of classes
-        outputs = {name: int((entry or {}).get("outputs", desc["outputs"])) for name, entry in (manifest.get("tasks") or {}).items()}
+        outputs = {name: int(entry.get("outputs", desc["outputs"])) for name, entry in tasks_entries.items()}
         models = {n: build_model(cfg, tuple(desc["input_shape"]), n) for n in set(outputs.values()) - {int(desc["outputs"])}}
         models[int(desc["outputs"])] = model
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise CheckpointError(f"manifest '{manifest_path}' does not describe a model this fedmeta can build: {exc}") from exc
     params: dict[str, Params] = {}
-    for name, entry in (manifest.get("tasks") or {}).items():
+    for name, entry in tasks_entries.items():
         task_model = models[outputs[name]]
         f = manifest_path.parent / str(entry.get("file", ""))
         if not f.is_file():
@@ -846,21 +857,25 @@ def adapt_site(
     steps = state_cfg.eval.steps if steps is None else steps
     if steps < 1:
         raise ConfigError(f"--steps must be at least 1, got {steps}")
+    trained_kind = state.get("task_kind")
+    if ways is not None and trained_kind == "regression":
+        raise ConfigError(f"--ways applies to classification checkpoints; '{ckpt}' was meta-trained on regression tasks")
     if ways is not None and ways < 2:
         raise ConfigError(f"--ways must be at least 2, got {ways}")
-    any_ways = serves_any_ways(state_cfg)
+    any_ways = serves_any_ways(state_cfg, trained_kind)
     if ways is not None and ways != t.ways and not any_ways:
         raise CheckpointError(
             f"checkpoint '{ckpt}' has a learned {t.ways}-way head (meta.algorithm {state_cfg.meta.algorithm!r}, meta.head_init "
             f"{state_cfg.meta.head_init!r}): it adapts to {t.ways}-way episodes only, not --ways {ways}; a checkpoint meta-trained "
-            "with meta.algorithm 'anil' and meta.head_init 'prototypes' (or 'zero') serves any number of ways"
+            "with meta.algorithm 'anil' and meta.head_init 'prototypes' (or 'zero'), whose head is rebuilt for each support set, "
+            "serves any number of ways"
         )
     try:
         site = open_site(data, shots=shots, query=query, ways=t.ways if ways is None else ways, split=split)
-    except DataFormatError as exc:
+    except TooFewClassesError as exc:
         if any_ways and ways is None:
-            raise DataFormatError(
-                f"{exc} (checkpoint '{ckpt}' was trained {t.ways}-way, but its head starts from each support set "
+            raise TooFewClassesError(
+                f"{exc} (checkpoint '{ckpt}' was trained {t.ways}-way, but its head is rebuilt for each support set "
                 f"(meta.head_init {state_cfg.meta.head_init!r}), so it serves any number of ways: pass --ways with fewer classes)"
             ) from exc
         raise

@@ -95,7 +95,7 @@ def register(subparsers: argparse._SubParsersAction, add_common: Callable[..., N
         type=int,
         default=None,
         help="classes per episode (default: the checkpoint's task.ways; another number needs an ANIL checkpoint with "
-        "meta.head_init prototypes or zero, whose head is rebuilt from each support set)",
+        "meta.head_init prototypes or zero, whose head is rebuilt for each support set)",
     )
     p.add_argument("--episodes", type=int, default=20, help="support/query draws per task for the 95%% intervals (default 20)")
     p.add_argument("--split", choices=("tasks", "heldout"), default="tasks", help="which folder of the site to adapt to (default tasks/)")

@@ -46,6 +46,7 @@ What it does, all centralized (``fedmeta.centralized.run_centralized``, the refe
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -292,6 +293,7 @@ def evaluate_elsewhere(run: Run, folder: Path, ways: int, base: Config, episodes
         log.warning("run '%s' (%d-way, %s) has no checkpoint in %s: train it first (--only %d --algorithms %s)", run.label, run.ways, run.variant, folder, run.ways, run.variant)
         return {}
     meta = load_checkpoint(final)["meta_params"]
+    digest = _sha256(final)
     cross: dict[str, Any] = {}
     for shots in EVAL_SHOTS[ways]:
         t0 = time.perf_counter()
@@ -300,7 +302,7 @@ def evaluate_elsewhere(run: Run, folder: Path, ways: int, base: Config, episodes
         cross[f"{ways}-{shots}"] = {"pre": mean_ci95(pre), "post": mean_ci95(post), "eval_seconds": time.perf_counter() - t0}
         log.info("%s (trained %d-way) at %d-way %d-shot: %s", run.label, run.ways, ways, shots, _fmt(*mean_ci95(post)))
     record.mkdir(parents=True, exist_ok=True)
-    (record / f"cross-{name}-{ways}.json").write_text(json.dumps({"out": name, "written": _now(), "cross": cross}, indent=1) + "\n")
+    (record / f"cross-{name}-{ways}.json").write_text(json.dumps({"out": name, "written": _now(), "checkpoint_sha256": digest, "cross": cross}, indent=1) + "\n")
     return cross
 
 
@@ -430,11 +432,10 @@ def _train(run: Run, out: Path, quick: bool) -> tuple[Experiment, Params, dict[s
     cfg = load_config(CONFIG, run.overrides())
     exp = Experiment(cfg)
     if run.start_from is not None:
-        # the start run's folder as a chosen rerun names it, or as a whole-benchmark (or --quick)
-        # run does: without the lr and iterations
-        named = out.parent / run.start_from / "checkpoint.pt"
-        plain = out.parent / re.sub(r"-lr[^/]*?-\d+it", "", run.start_from) / "checkpoint.pt"
-        start = named if named.exists() or not plain.exists() else plain
+        start = out.parent / run.start_from / "checkpoint.pt"
+        if quick:
+            # a --quick run's start is the --quick run of the same setting (no lr and iterations in its name)
+            start = out.parent / re.sub(r"-lr[^/]*?-\d+it", "", run.start_from) / "checkpoint.pt"
         if not start.exists():
             raise SystemExit(f"run '{run.label}' ({run.ways}-way) continues from '{start}', which does not exist: run that one first")
         params = load_checkpoint(start)["meta_params"]
@@ -471,7 +472,11 @@ def _train(run: Run, out: Path, quick: bool) -> tuple[Experiment, Params, dict[s
         # how the per-task meta-gradients were computed (docs/glyphs.md, "Speed")
         "path": "batched" if exp.model.batched_tasks else "vmap",
         "threads": torch.get_num_threads(),
+        # which model the row describes (a cross-way evaluation must be of this very checkpoint)
+        "checkpoint_sha256": _sha256(_final_checkpoint(out, run)),
     }
+    if run.start_from is not None:
+        info["start_checkpoint"] = {"path": str(start.relative_to(out.parent)), "sha256": _sha256(start)}
     return exp, meta, info
 
 
@@ -605,7 +610,7 @@ def render_speed(speed: dict[str, Any]) -> list[str]:
         "`vmap + functional_call` is the path before the batched one; speedup = its CPU time / the batched path's. "
         "All variants compute the same gradients: in float64 the batched and vmapped ones agree to rounding (~1e-15, a unit test); "
         "the last column is their relative difference in float32 (largest over parameters), where rounding is amplified by second "
-        "derivatives through batch statistics.",
+        "derivatives through batch statistics." + (f" This table is {speed['provenance']}." if speed.get("provenance") else ""),
         "",
         "| meta-batch | " + " | ".join(f"{n} (CPU)" for n in cpu_columns) + " | speedup | batched (wall) | batched, 2 threads (wall) | float32 gap |",
         "| --- | " + " | ".join("---" for _ in cpu_columns) + " | --- | --- | --- | --- |",
@@ -628,7 +633,7 @@ def _fmt(acc: float, ci: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write its section of ``docs/benchmarks.md``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-glyphs", help="run outputs (checkpoints, training logs, montages)")
+    parser.add_argument("--out", type=Path, default=None, help="run outputs: checkpoints, training logs, montages (default runs/bench-glyphs; --quick: runs/bench-glyphs-quick)")
     parser.add_argument(
         "--results",
         type=Path,
@@ -636,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
         "--quick: --out)",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared: 1 by default)")
-    parser.add_argument("--quick", action="store_true", help="3 rounds per run and 20 episodes: a smoke test of the script")
+    parser.add_argument("--quick", action="store_true", help="3 rounds per run and 20 episodes: a smoke test of the script (implies --no-write; results in --out)")
     parser.add_argument("--no-write", action="store_true", help="do not touch docs/benchmarks.md")
     parser.add_argument("--only", choices=("5", "20"), help="only the 5-way or the 20-way runs (two processes can share --out)")
     parser.add_argument(
@@ -653,8 +658,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--speed", action="store_true", help="only time the per-task meta-gradient formulations (speed.json in --results), then report")
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = ROOT / "runs" / ("bench-glyphs-quick" if args.quick else "bench-glyphs")
+    # a smoke run never touches the docs or the committed record
+    args.no_write = args.no_write or args.quick
     record: Path = args.results or (args.out if args.quick else RESULTS)
     if args.report_only:
+        if not any(record.glob("results-*.json")):
+            raise SystemExit(f"no result files (results-*.json) in '{record}' to report from")
         markdown = render_markdown(merge_results(record, args.out))
         print(markdown)
         if not args.no_write:
@@ -762,8 +773,9 @@ def merge_results(folder: Path, runs: Path | None = None) -> dict[str, Any]:
     ``runs`` if that still exists.
     """
     merged: dict[str, Any] = {"runs": [], "floor": {}, "total_seconds": 0.0, "eval_seconds": 0.0, "superseded": [], "machines": [], "dates": [], "provenance": []}
-    parts = [(path, json.loads(path.read_text())) for path in folder.glob("results-*.json")]
-    for path, part in sorted(parts, key=lambda pp: (_written(*pp), pp[0].name)):
+    parts = sorted(((path, json.loads(path.read_text())) for path in folder.glob("results-*.json")), key=lambda pp: (_written(*pp), pp[0].name))
+    rows: list[tuple[str, str, str, int, dict[str, Any]]] = []
+    for path, part in parts:
         for key in ("episodes", "render"):
             if key in part:
                 merged.setdefault(key, part[key])
@@ -773,23 +785,33 @@ def merge_results(folder: Path, runs: Path | None = None) -> dict[str, Any]:
         merged["dates"] += part.get("dates") or [_written(path, part)[:10]]
         if part.get("provenance") and part["runs"]:
             merged["provenance"].append({"file": path.name, "text": part["provenance"], "runs": len(part["runs"]), "dates": part.get("dates", [])})
-        for row in part["runs"]:
+        for i, row in enumerate(part["runs"]):
             row.setdefault("finished", _written(path, part))
-            same = [r for r in merged["runs"] if (r["run"]["ways"], _variant(r)) == (row["run"]["ways"], _variant(row))]
-            for old in same:
-                merged["runs"].remove(old)
-                merged["superseded"].append(old)
-            merged["runs"].append(row)
+            rows.append((row["finished"], _written(path, part), path.name, i, row))
         merged["floor"].update(part["floor"])
         merged["total_seconds"] += part.get("total_seconds", 0.0)
         merged["eval_seconds"] += part.get("eval_seconds", 0.0)
         # a file that gathers several processes' runs (the reconstructed one) says its longest
         merged["longest_seconds"] = max(merged.get("longest_seconds", 0.0), part.get("longest_seconds", part.get("total_seconds", 0.0)))
+    # a process's file is rewritten after each of its runs: rows supersede in the order they finished
+    for *_, row in sorted(rows, key=lambda r: r[:4]):
+        same = [r for r in merged["runs"] if (r["run"]["ways"], _variant(r)) == (row["run"]["ways"], _variant(row))]
+        for old in same:
+            merged["runs"].remove(old)
+            merged["superseded"].append(old)
+        merged["runs"].append(row)
     crosses = [(path, json.loads(path.read_text())) for path in folder.glob("cross-*.json")]
     for path, part in sorted(crosses, key=lambda pp: (_written(*pp), pp[0].name)):
         for row in merged["runs"]:
-            # a retrained run keeps its folder: an evaluation older than the row describes the old model
-            if row.get("out") == part["out"] and _written(path, part) >= row["finished"]:
+            # a retrained run keeps its folder: an evaluation of another checkpoint (or, before
+            # checkpoints were fingerprinted, one older than the row) describes another model
+            if row.get("out") != part["out"]:
+                continue
+            if row.get("checkpoint_sha256") and part.get("checkpoint_sha256"):
+                current = row["checkpoint_sha256"] == part["checkpoint_sha256"]
+            else:
+                current = _written(path, part) >= row["finished"]
+            if current:
                 row.setdefault("cross", {}).update(part["cross"])
     if (folder / "speed.json").exists():
         merged["speed"] = json.loads((folder / "speed.json").read_text())
@@ -801,6 +823,11 @@ def merge_results(folder: Path, runs: Path | None = None) -> dict[str, Any]:
     order = {"maml": 0, "fomaml": 0, "metasgd": 1, "anil": 2, "anil-zero": 3, "anil-prototypes": 4}
     merged["runs"].sort(key=lambda r: (r["run"]["ways"], order.get(_variant(r), 9)))
     return merged
+
+
+def _sha256(path: Path) -> str:
+    """Hex digest of a file (a checkpoint's fingerprint in the record)."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _now() -> str:
@@ -918,7 +945,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         cells = [cell(ways, shots, name) for name in columns]
         lines.append(f"| {ways}-way {shots}-shot | {_fmt(*floor)} | " + " | ".join(cells) + f" | {OMNIGLOT_MAML[(ways, shots)]} |")
     for i, note in enumerate(crossed):
-        lines += ["", f"{FOOTNOTES[i]} The model of {note} (its head starts from the support set, so it serves any number of ways); "
+        lines += ["", f"{FOOTNOTES[i]} The model of {note} (its head is rebuilt for each support set, so it serves any number of ways); "
                   "where it is better than the model trained at the table's number of ways, the table shows it, a choice made on these "
                   "same test episodes (which flatters the cell a little); the next paragraph lists both."]
     # every setting where some model was trained at another number of ways: all models of that
@@ -1029,7 +1056,7 @@ def render_markdown(results: dict[str, Any]) -> str:
     (o5, m5), (o20, m20) = best(5, own_ways=True), best(20, own_ways=True)
     aims = "met" if b5 >= 0.97 and b20 >= 0.90 else "not reached within this compute budget"
     own = (
-        f"; with only the models trained at each setting's own number of ways (no choice among models on the test episodes): "
+        f"; with only the models trained at each setting's own number of ways (no choice among training ways on the test episodes): "
         f"{100 * o5:.1f}% ({m5}) and {100 * o20:.1f}% ({m20}) — {'met' if o5 >= 0.97 and o20 >= 0.90 else 'not met'}"
         if (o5, o20) != (b5, b20)
         else ""

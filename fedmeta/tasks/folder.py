@@ -46,7 +46,7 @@ from fedmeta.rng import derive_seed
 from fedmeta.tasks.base import SPLITS, TaskFamily
 from fedmeta.types import TaskBatch
 
-__all__ = ["SiteTask", "FolderFamily", "load_site_tasks", "list_sites", "write_site", "load_image", "SITE_KINDS", "IMAGE_SUFFIXES"]
+__all__ = ["SiteTask", "FolderFamily", "TooFewClassesError", "load_site_tasks", "list_sites", "write_site", "load_image", "SITE_KINDS", "IMAGE_SUFFIXES"]
 
 SITE_KINDS = ("regression", "classification")
 #: file suffixes read as images in image-folder tasks
@@ -54,6 +54,10 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm", ".tif", ".tif
 _GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 _DECLARED = ("support_x", "support_y", "query_x", "query_y")
 _HINT = "see docs/data-format.md"
+
+
+class TooFewClassesError(DataFormatError):
+    """A classification task has fewer usable classes than the episodes' ``ways``."""
 
 
 @dataclass(frozen=True)
@@ -384,7 +388,7 @@ class FolderFamily(TaskFamily):
                 n = min(len(per_s), len(per_q))
                 usable = int(np.sum((per_s[:n] >= need_s) & (per_q[:n] >= need_q)))
             if usable < self.ways:
-                raise DataFormatError(
+                raise TooFewClassesError(
                     f"task file '{task.path}' has only {usable} classes with enough examples for "
                     f"{self.ways}-way {need_s}-shot episodes with {need_q} queries per class"
                 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -245,6 +246,10 @@ def test_a_way_agnostic_checkpoint_serves_sites_with_other_numbers_of_classes(tm
     meta = report["initializations"]["meta"]["aggregate"]
     # nearest-prototype on these bright-row images: well above chance (0.25) before any step
     assert meta["pre_adapt_accuracy"] > 0.6 and meta["post_adapt_accuracy"] > 0.6
+    # the random baseline adapts with the same rule (its head from the prototypes too), built for 4 ways
+    rand = report["initializations"]["random"]
+    assert rand["algorithm"] == "anil" and rand["info"]["head_init"] == "prototypes" and rand["info"]["trained_ways"] is None
+    assert len(rand["aggregate"]["accuracy_curve"]) == 4
     models = load_personalized(tmp_path / "out4")
     assert sorted(models.tasks) == ["task-0", "task-1", "task-2"]
     assert models.params("task-0")["head.weight"].shape[0] == 4
@@ -254,7 +259,37 @@ def test_a_way_agnostic_checkpoint_serves_sites_with_other_numbers_of_classes(tm
     # every class of a task (a learned head would skip them: it has 3 outputs)
     report3 = adapt_site(ckpt, site, tmp_path / "out3", episodes=2, steps=1)
     assert report3["settings"]["ways"] == 3 and not report3["personalized"]["skipped"]
-    assert load_personalized(tmp_path / "out3").params("task-1")["head.weight"].shape[0] == 4
+    models3 = load_personalized(tmp_path / "out3")
+    assert models3.manifest["model"]["outputs"] == 3 and models3.manifest["tasks"]["task-1"]["outputs"] == 4
+    assert models3.params("task-1")["head.weight"].shape[0] == 4
+    y = np.load(site / "tasks" / "task-1.npz")["y"]
+    x1 = np.load(site / "tasks" / "task-1.npz")["x"]
+    # adapted on these very examples: the 4-class model tells all four classes apart
+    assert float(np.mean(models3.predict("task-1", x1) == y)) > 0.9
+
+
+def test_version_1_manifests_without_per_task_outputs_still_load(tmp_path: Path) -> None:
+    site_dir = _image_site(tmp_path / "cls", classes=3, per_class=6, tasks=1, seed=0)
+    cfg = {"task": {"name": "folder", "data_dir": str(site_dir), "ways": 3, "shots": 2, "query": 2}, "model": {"name": "mlp", "hidden": [16]}}
+    adapt_site(_checkpoint_for(cfg, site_dir, tmp_path / "c.pt"), site_dir, tmp_path / "out", episodes=2, steps=1)
+    manifest_path = tmp_path / "out" / "models" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["version"] == 2
+    manifest["version"] = 1
+    for entry in manifest["tasks"].values():
+        del entry["outputs"]
+    manifest_path.write_text(json.dumps(manifest))
+    assert load_personalized(tmp_path / "out").predict("task-0", np.zeros((3, 1, 8, 8), np.float32)).shape == (3,)
+    manifest["tasks"]["task-0"] = None
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"manifest.json': 'tasks' must map each task name"):
+        load_personalized(tmp_path / "out")
+
+
+def test_ways_is_refused_for_regression_checkpoints(sinusoid_run: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"--ways applies to classification checkpoints; '.*checkpoint.pt' was meta-trained on regression"):
+        adapt_site(sinusoid_run["checkpoint"], sinusoid_run["site"], tmp_path / "o", ways=3)
+    assert not (tmp_path / "o").exists()
 
 
 def test_other_numbers_of_ways_are_refused_clearly(tmp_path: Path) -> None:

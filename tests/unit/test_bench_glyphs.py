@@ -15,7 +15,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from simulations.bench_glyphs import RESULTS, Run, merge_results, render_markdown, training_trajectory
+import pytest
+
+from simulations.bench_glyphs import RESULTS, Run, main, merge_results, render_markdown, training_trajectory
 from simulations.report import BENCHMARKS
 
 
@@ -97,6 +99,34 @@ def test_a_cross_evaluation_older_than_its_run_is_stale(tmp_path: Path) -> None:
     fresh = {**stale, "written": "2026-12-01T13:00:00+00:00"}
     (tmp_path / "cross-5way-anil-prototypes-20.json").write_text(json.dumps(fresh))
     assert merge_results(tmp_path)["runs"][0]["cross"]["20-1"]["post"] == [0.7, 0.01]
+    # where both carry the checkpoint's fingerprint, it decides: a newer evaluation of another
+    # checkpoint in the same folder (a smoke run's, say) is not this row's
+    part["runs"][0]["checkpoint_sha256"] = "a" * 64
+    (tmp_path / "results-5.json").write_text(json.dumps(part))
+    (tmp_path / "cross-5way-anil-prototypes-20.json").write_text(json.dumps({**fresh, "checkpoint_sha256": "b" * 64}))
+    assert "cross" not in merge_results(tmp_path)["runs"][0]
+    (tmp_path / "cross-5way-anil-prototypes-20.json").write_text(json.dumps({**stale, "checkpoint_sha256": "a" * 64}))
+    assert merge_results(tmp_path)["runs"][0]["cross"]["20-1"]["post"] == [0.7, 0.01]
+
+
+def test_rows_supersede_in_the_order_they_finished_not_their_files(tmp_path: Path) -> None:
+    """A process rewrites its file after each run: its file stamp is its last run's, not its first's."""
+    a = _part([_row(MAML, "5way-maml", 0.80, finished="2026-12-01T10:00:00+00:00"),
+               _row(PROTO, "5way-anil-prototypes", 0.95, finished="2026-12-01T14:00:00+00:00")], "2026-12-01T14:00:00+00:00")
+    b = _part([_row(MAML, "5way-maml-lr0.003-100it", 0.90, finished="2026-12-01T12:00:00+00:00")], "2026-12-01T12:00:00+00:00")
+    (tmp_path / "results-a.json").write_text(json.dumps(a))
+    (tmp_path / "results-b.json").write_text(json.dumps(b))
+    merged = merge_results(tmp_path)
+    maml = [r for r in merged["runs"] if r["run"]["algorithm"] == "maml"]
+    assert [r["accuracy"]["1"]["post"][0] for r in maml] == [0.90]
+    assert [r["accuracy"]["1"]["post"][0] for r in merged["superseded"]] == [0.80]
+
+
+def test_a_smoke_run_touches_neither_the_docs_nor_the_record(tmp_path: Path) -> None:
+    before = BENCHMARKS.read_bytes(), sorted(p.name for p in RESULTS.iterdir())
+    with pytest.raises(SystemExit, match="no result files"):
+        main(["--quick", "--report-only", "--out", str(tmp_path)])
+    assert (BENCHMARKS.read_bytes(), sorted(p.name for p in RESULTS.iterdir())) == before
 
 
 def test_training_trajectory_spans_both_phases_of_a_step_decay(tmp_path: Path) -> None:
