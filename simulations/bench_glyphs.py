@@ -133,6 +133,9 @@ class Run:
     #: meta-train on episodes of this many ways instead of ``ways`` (way-agnostic heads only;
     #: Prototypical Networks train with more ways than they test, Snell et al., 2017)
     train_ways: int | None = None
+    #: tells this run's model apart from another of the same algorithm, head and ways (its
+    #: ``--algorithms`` name and its result row's key carry it, e.g. ``anil-prototypes-scratch``)
+    tag: str = ""
 
     @property
     def iterations(self) -> int:
@@ -141,9 +144,8 @@ class Run:
 
     @property
     def variant(self) -> str:
-        """The algorithm with its head initialization: what a row of the table stands for."""
-        name = self.algorithm if self.head_init == "learned" else f"{self.algorithm}-{self.head_init}"
-        return name + (f"-train{self.train_ways}" if self.train_ways else "")
+        """The algorithm with its head initialization (and tag, training ways): what a row of the table stands for."""
+        return _variant(self.__dict__)
 
     def overrides(self) -> list[str]:
         return [
@@ -196,6 +198,12 @@ RUNS: tuple[Run, ...] = (
     # Prototypical Networks do), evaluated at 20 and 5 ways
     Run("ANIL, prototype head", 20, "anil", 3000, 8, 0.1, 10, 25, 0.0005, decay_rounds=1000, decay_factor=0.3, head_init="prototypes",
         start_from="20way-anil-lr0.001-8000it/decay", start_iterations=8000, extra_eval_steps=(1,), train_ways=40, also_eval_ways=(5,)),
+    # the prototype-head recipe without the long learned-head ANIL start (what a new user would
+    # run): from the seed's initialization, 5-way and 40-way (evaluated at 20 and 5 ways)
+    Run("ANIL, prototype head (from scratch)", 5, "anil", 6000, 32, 0.4, 5, 25, 0.001, decay_rounds=1000, head_init="prototypes",
+        tag="scratch", extra_eval_steps=(1,)),
+    Run("ANIL, prototype head (from scratch)", 20, "anil", 4000, 8, 0.1, 10, 25, 0.001, decay_rounds=1000, decay_factor=0.3, head_init="prototypes",
+        tag="scratch", extra_eval_steps=(1,), train_ways=40, also_eval_ways=(5,)),
 )
 
 
@@ -746,7 +754,7 @@ def main(argv: list[str] | None = None) -> int:
                     batch = _eval_family(base, other, shots).sample(make_generator(base.seed, "bench-glyphs", other, shots), episodes, "eval")
                     pre, post = cross_way_accuracy(run, meta, other, batch)
                     row.setdefault("cross", {})[f"{other}-{shots}"] = {"pre": mean_ci95(pre), "post": mean_ci95(post), "eval_seconds": time.perf_counter() - t0}
-                    log.info("%s (trained %d-way) at %d-way %d-shot: %s", run.label, ways, other, shots, _fmt(*mean_ci95(post)))
+                    log.info("%s (trained %d-way) at %d-way %d-shot: %s", run.label, run.train_ways or ways, other, shots, _fmt(*mean_ci95(post)))
             if ways == 5 and run.algorithm == "maml" and not args.quick and not args.no_write:
                 episode_figure(exp, meta, tasks[1], run)
             # what the report needs of the run folder, which is not kept: the training curve's shape
@@ -820,8 +828,8 @@ def merge_results(folder: Path, runs: Path | None = None) -> dict[str, Any]:
             run = row["run"]
             row["trajectory"] = training_trajectory(runs / row.get("out", f"{run['ways']}way-{run['algorithm']}")) if runs else {}
     merged["dates"] = sorted(set(merged["dates"]))
-    order = {"maml": 0, "fomaml": 0, "metasgd": 1, "anil": 2, "anil-zero": 3, "anil-prototypes": 4}
-    merged["runs"].sort(key=lambda r: (r["run"]["ways"], order.get(_variant(r), 9)))
+    order = list(dict.fromkeys(COLUMNS.values()))
+    merged["runs"].sort(key=lambda r: (r["run"]["ways"], order.index(_column(r)), bool(r["run"].get("tag"))))
     return merged
 
 
@@ -852,12 +860,12 @@ def _machine(line: str) -> str:
     return re.split(r", \d{4}-\d{2}-\d{2}", line)[0]
 
 
-def _variant(row: dict[str, Any]) -> str:
-    """A result row's :attr:`Run.variant` (rows written before head_init existed: the algorithm)."""
-    run = row["run"]
+def _variant(run: dict[str, Any]) -> str:
+    """:attr:`Run.variant` of a run's fields, or of a result row's ``run`` (older rows lack the later fields)."""
+    run = run.get("run", run)
     head = run.get("head_init", "learned")
     name = run["algorithm"] if head == "learned" else f"{run['algorithm']}-{head}"
-    return name + (f"-train{run['train_ways']}" if run.get("train_ways") else "")
+    return name + (f"-{run['tag']}" if run.get("tag") else "") + (f"-train{run['train_ways']}" if run.get("train_ways") else "")
 
 
 def _trained_ways(row: dict[str, Any]) -> int:
@@ -865,10 +873,21 @@ def _trained_ways(row: dict[str, Any]) -> int:
     return int(row["run"].get("train_ways") or row["run"]["ways"])
 
 
-def _column(variant: str) -> str:
-    """The table column of a variant (the training ways do not make a column of their own)."""
-    base = variant.split("-train")[0]
-    return {"maml": "MAML", "fomaml": "MAML", "metasgd": "Meta-SGD", "anil": "ANIL", "anil-zero": "ANIL, zero head", "anil-prototypes": "ANIL, prototype head"}[base]
+#: table columns in order, by (algorithm, head initialization); tags and training ways share a column
+COLUMNS = {
+    ("maml", "learned"): "MAML",
+    ("fomaml", "learned"): "MAML",
+    ("metasgd", "learned"): "Meta-SGD",
+    ("anil", "learned"): "ANIL",
+    ("anil", "zero"): "ANIL, zero head",
+    ("anil", "prototypes"): "ANIL, prototype head",
+}
+
+
+def _column(row: dict[str, Any]) -> str:
+    """The table column of a result row."""
+    run = row["run"]
+    return COLUMNS[(run["algorithm"], run.get("head_init", "learned"))]
 
 
 def training_trajectory(folder: Path) -> dict[str, float]:
@@ -892,11 +911,7 @@ def render_markdown(results: dict[str, Any]) -> str:
     """The benchmark's section of docs/benchmarks.md from a results dict."""
     n = results["episodes"]
     settings = [(5, 1), (5, 5), (20, 1)]
-    algos: list[str] = []
-    for row in results["runs"]:
-        name = _variant(row)
-        if name not in algos:
-            algos.append(name)
+    present = {_column(row) for row in results["runs"]}
     crossed: list[str] = []
 
     def results_at(ways: int, shots: int) -> list[tuple[float, float, dict[str, Any], bool]]:
@@ -910,7 +925,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         return found
 
     def cell(ways: int, shots: int, algo: str) -> str:
-        mine = [f for f in results_at(ways, shots) if _column(_variant(f[2])) == algo]
+        mine = [f for f in results_at(ways, shots) if _column(f[2]) == algo]
         if not mine:
             return "—"
         acc, ci, row, cross = max(mine, key=lambda f: f[0])
@@ -921,7 +936,7 @@ def render_markdown(results: dict[str, Any]) -> str:
             crossed.append(note)
         return _fmt(acc, ci) + FOOTNOTES[crossed.index(note)]
 
-    columns = [name for name in ("MAML", "Meta-SGD", "ANIL", "ANIL, zero head", "ANIL, prototype head") if any(_column(a) == name for a in algos)]
+    columns = [name for name in dict.fromkeys(COLUMNS.values()) if name in present]
 
     r = results.get("render") or {}
     lines = [
@@ -954,9 +969,9 @@ def render_markdown(results: dict[str, Any]) -> str:
     for ways, shots in settings:
         found = results_at(ways, shots)
         for name in columns:
-            mine = sorted((f for f in found if _column(_variant(f[2])) == name), key=lambda f: _trained_ways(f[2]))
+            mine = sorted((f for f in found if _column(f[2]) == name), key=lambda f: _trained_ways(f[2]))
             if any(cross for *_, cross in mine):
-                gave = ", ".join(f"{_fmt(a, c)} trained {_trained_ways(r)}-way" for a, c, r, _ in mine)
+                gave = ", ".join(f"{_fmt(a, c)} trained {_trained_ways(r)}-way" + (" from scratch" if r["run"].get("tag") == "scratch" else "") for a, c, r, _ in mine)
                 others.append(f"{name} at {ways}-way {shots}-shot: {gave}")
     if others:
         lines += ["", "Models across numbers of ways, same episodes: " + "; ".join(others) + "."]
