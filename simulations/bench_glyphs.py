@@ -308,7 +308,7 @@ def evaluate_elsewhere(run: Run, folder: Path, ways: int, base: Config, episodes
         batch = _eval_family(base, ways, shots).sample(make_generator(base.seed, "bench-glyphs", ways, shots), episodes, "eval")
         pre, post = cross_way_accuracy(run, meta, ways, batch)
         cross[f"{ways}-{shots}"] = {"pre": mean_ci95(pre), "post": mean_ci95(post), "eval_seconds": time.perf_counter() - t0}
-        log.info("%s (trained %d-way) at %d-way %d-shot: %s", run.label, run.ways, ways, shots, _fmt(*mean_ci95(post)))
+        log.info("%s (trained %d-way) at %d-way %d-shot: %s", run.label, run.train_ways or run.ways, ways, shots, _fmt(*mean_ci95(post)))
     record.mkdir(parents=True, exist_ok=True)
     (record / f"cross-{name}-{ways}.json").write_text(json.dumps({"out": name, "written": _now(), "checkpoint_sha256": digest, "cross": cross}, indent=1) + "\n")
     return cross
@@ -1081,12 +1081,13 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"Against the aims: best 5-way 1-shot {100 * b5:.1f}% ({l5}; aim ≥ 97%), best 20-way 1-shot {100 * b20:.1f}% "
         f"({l20}; aim ≥ 90%) — {aims}{own}.",
     ]
+    total_iterations = [row["rounds"] + row["run"].get("start_iterations", 0) for row in results["runs"]]
     lines += [
         "",
         "Reading the table: the floor is what raw pixels give; MAML's Omniglot numbers come from 60,000 "
-        "meta-iterations of meta-batch 32 (5-way) on a GPU, these runs from a few hundred to a few "
-        "thousand iterations on two shared CPU cores, so the gap to them is mostly training budget. "
-        "The benchmark and its construction are described in docs/glyphs.md.",
+        f"meta-iterations of meta-batch 32 (5-way) on a GPU, these models from {min(total_iterations, default=0):,} to "
+        f"{max(total_iterations, default=0):,} iterations (counting the runs they continued) on two shared CPU cores, so the gap "
+        "to them is mostly training budget. The benchmark and its construction are described in docs/glyphs.md.",
     ]
     return "\n".join(lines)
 
