@@ -16,10 +16,21 @@ def _write(tmp_path: Path, text: str) -> Path:
     return p
 
 
-@pytest.mark.parametrize("name", ["sinusoid.yaml", "harmonic.yaml"])
+SHIPPED = sorted(p.name for p in (Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+
+
+def test_the_shipped_configs_are_found() -> None:
+    assert {"sinusoid.yaml", "harmonic.yaml", "glyphs.yaml", "glyphs-anil.yaml", "sinusoid-dp.yaml"} <= set(SHIPPED)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_configs_load(repo_root: Path, name: str) -> None:
     cfg = load_config(repo_root / "configs" / name)
     assert isinstance(cfg, Config)
+    if name == "glyphs-anil.yaml":
+        # the recipe the comment describes: a way-agnostic head trained on 40-way episodes
+        assert (cfg.meta.algorithm, cfg.meta.head_init, cfg.task.ways) == ("anil", "prototypes", 40)
+        assert cfg.federation.clients_per_round * cfg.meta.tasks_per_client == 8
 
 
 def test_spec_keys_have_spec_defaults() -> None:
