@@ -23,6 +23,20 @@ SHAPE = (1, 20, 20)  # 2x2 maps after four stride-2 blocks: group statistics sta
 WAYS = 3
 
 
+def _assert_matches_finite_differences(algo: MetaAlgorithm, meta: dict[str, torch.Tensor], tasks: TaskBatch, grads: dict[str, torch.Tensor]) -> None:
+    """Each task's batched meta-gradient, along a random direction, equals a central difference of its outer loss (float64)."""
+    gen = torch.Generator().manual_seed(7)
+    direction = {k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in meta.items()}
+    eps = 1e-7  # tiny: the loss is only piecewise smooth (ReLU kinks)
+    for t in range(tasks.num_tasks):
+        args = (tasks.support_x[t], tasks.support_y[t], tasks.query_x[t], tasks.query_y[t])
+        plus = algo.outer_loss({k: v + eps * direction[k] for k, v in meta.items()}, *args)[0]
+        minus = algo.outer_loss({k: v - eps * direction[k] for k, v in meta.items()}, *args)[0]
+        numeric = float((plus - minus) / (2 * eps))
+        analytic = float(sum((grads[k][t] * direction[k]).sum() for k in meta))
+        assert abs(analytic - numeric) < 1e-6 * max(1.0, abs(numeric)), (analytic, numeric)
+
+
 def _conv4(norm: str = "batch", pool: str = "stride", batched: bool = True) -> Conv4:
     return Conv4(SHAPE, WAYS, channels=16 if norm == "group" else 8, norm=norm, pool=pool, batched_tasks=batched)
 
@@ -117,16 +131,7 @@ def test_batched_meta_gradient_matches_finite_differences(cls: type[MAML]) -> No
     meta = _params(model, algo, seed=3)
     tasks = _images(tasks=2)
     grads, _ = algo.batched_task_updates(meta, tasks)
-    gen = torch.Generator().manual_seed(7)
-    direction = {k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in meta.items()}
-    eps = 1e-7  # tiny: the loss is only piecewise smooth (ReLU kinks)
-    for t in range(2):
-        args = (tasks.support_x[t], tasks.support_y[t], tasks.query_x[t], tasks.query_y[t])
-        plus = algo.outer_loss({k: v + eps * direction[k] for k, v in meta.items()}, *args)[0]
-        minus = algo.outer_loss({k: v - eps * direction[k] for k, v in meta.items()}, *args)[0]
-        numeric = float((plus - minus) / (2 * eps))
-        analytic = float(sum((grads[k][t] * direction[k]).sum() for k in meta))
-        assert abs(analytic - numeric) < 1e-6 * max(1.0, abs(numeric)), (analytic, numeric)
+    _assert_matches_finite_differences(algo, meta, tasks, grads)
 
 
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))
@@ -191,16 +196,7 @@ def test_anil_head_init_meta_gradient_batched_vmapped_and_finite_differences(hea
     for k in model.head_keys():
         assert float(grads[k].abs().max()) == 0.0, k
     assert all(float(grads[k].abs().sum()) > 0 for k in meta if not k.startswith("head."))
-    gen = torch.Generator().manual_seed(7)
-    direction = {k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in meta.items()}
-    eps = 1e-7
-    for t in range(2):
-        args = (tasks.support_x[t], tasks.support_y[t], tasks.query_x[t], tasks.query_y[t])
-        plus = algo.outer_loss({k: v + eps * direction[k] for k, v in meta.items()}, *args)[0]
-        minus = algo.outer_loss({k: v - eps * direction[k] for k, v in meta.items()}, *args)[0]
-        numeric = float((plus - minus) / (2 * eps))
-        analytic = float(sum((grads[k][t] * direction[k]).sum() for k in meta))
-        assert abs(analytic - numeric) < 1e-6 * max(1.0, abs(numeric)), (analytic, numeric)
+    _assert_matches_finite_differences(algo, meta, tasks, grads)
 
 
 def test_prototype_head_is_the_nearest_class_mean_classifier() -> None:
