@@ -25,7 +25,6 @@ cannot run code, and personalized models are written as tensor-only files plus a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -43,7 +42,7 @@ import torch
 from torch import Tensor
 
 from fedmeta.algorithms import MetaAlgorithm, build_algorithm
-from fedmeta.checkpoint import atomic_write_bytes, check_compatible, load_checkpoint
+from fedmeta.checkpoint import atomic_write_bytes, check_compatible, file_sha256, load_checkpoint
 from fedmeta.config import Config, config_from_dict, to_dict
 from fedmeta.errors import CheckpointError, ConfigError, DataFormatError
 from fedmeta.evaluation import EvalResult, evaluate
@@ -183,14 +182,6 @@ class Initialization:
         return self.algorithm.model
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _read_checkpoint(path: Path) -> dict[str, Any]:
     """:func:`load_checkpoint`, with every failure of a corrupt file reported as a CheckpointError.
 
@@ -298,7 +289,7 @@ def load_initialization(path: str | Path, site: SiteData, *, label: str = "meta"
         )
     info = {
         "path": str(p),
-        "sha256": _sha256(p),
+        "sha256": file_sha256(p),
         "round": state.get("round"),
         "algorithm": cfg.meta.algorithm,
         "task": cfg.task.name,
@@ -342,14 +333,19 @@ def _fit_head_to_site(state: dict[str, Any], model: FunctionalModel, cfg: Config
         return state  # a different model altogether: check_compatible names the first mismatch
     trained = int(stored[heads[0]].shape[0])
     if not serves_any_ways(cfg, site.kind):
-        raise CheckpointError(
-            f"checkpoint '{path}' has a learned {trained}-way head (meta.algorithm {cfg.meta.algorithm!r}, meta.head_init "
-            f"{cfg.meta.head_init!r}): it adapts to {trained}-way episodes only, not {site.family.output_dim}-way ones; "
-            "a checkpoint meta-trained with meta.algorithm 'anil' and meta.head_init 'prototypes' (or 'zero'), whose head is rebuilt "
-            "for each support set, serves any number of ways"
-        )
+        raise _learned_head_error(path, cfg, trained, f"{site.family.output_dim}-way ones")
     log.info("checkpoint %s: way-agnostic head (meta.head_init %s) trained %d-way, used %d-way", path, cfg.meta.head_init, trained, site.family.output_dim)
-    return {**state, "meta_params": {k: (torch.zeros(shapes[k]) if k in heads else v) for k, v in stored.items()}}
+    return {**state, "meta_params": _head_for(model, stored, site.family.output_dim)}
+
+
+def _learned_head_error(path: Path, cfg: Config, trained: int, wanted: str) -> CheckpointError:
+    """Why a checkpoint with a learned ``trained``-way head cannot adapt to ``wanted`` episodes, and which can."""
+    return CheckpointError(
+        f"checkpoint '{path}' has a learned {trained}-way head (meta.algorithm {cfg.meta.algorithm!r}, meta.head_init "
+        f"{cfg.meta.head_init!r}): it adapts to {trained}-way episodes only, not {wanted}; a checkpoint meta-trained with "
+        "meta.algorithm 'anil' and meta.head_init 'prototypes' (or 'zero'), whose head is rebuilt for each support set, "
+        "serves any number of ways"
+    )
 
 
 def random_initialization(reference: Initialization, seed: int) -> Initialization:
@@ -864,12 +860,7 @@ def adapt_site(
         raise ConfigError(f"--ways must be at least 2, got {ways}")
     any_ways = serves_any_ways(state_cfg, trained_kind)
     if ways is not None and ways != t.ways and not any_ways:
-        raise CheckpointError(
-            f"checkpoint '{ckpt}' has a learned {t.ways}-way head (meta.algorithm {state_cfg.meta.algorithm!r}, meta.head_init "
-            f"{state_cfg.meta.head_init!r}): it adapts to {t.ways}-way episodes only, not --ways {ways}; a checkpoint meta-trained "
-            "with meta.algorithm 'anil' and meta.head_init 'prototypes' (or 'zero'), whose head is rebuilt for each support set, "
-            "serves any number of ways"
-        )
+        raise _learned_head_error(ckpt, state_cfg, t.ways, f"--ways {ways}")
     try:
         site = open_site(data, shots=shots, query=query, ways=t.ways if ways is None else ways, split=split)
     except TooFewClassesError as exc:

@@ -8,6 +8,7 @@ config it was trained with.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -18,10 +19,19 @@ import torch
 from fedmeta.errors import CheckpointError
 from fedmeta.types import Params
 
-__all__ = ["save_checkpoint", "load_checkpoint", "check_compatible", "FORMAT", "VERSION"]
+__all__ = ["save_checkpoint", "load_checkpoint", "check_compatible", "file_sha256", "FORMAT", "VERSION"]
 
 FORMAT = "fedmeta-checkpoint"
 VERSION = 1
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks: a checkpoint's fingerprint in reports and records."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

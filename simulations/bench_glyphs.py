@@ -46,7 +46,6 @@ What it does, all centralized (``fedmeta.centralized.run_centralized``, the refe
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import math
@@ -67,7 +66,7 @@ from torch.func import vmap
 from fedmeta.algorithms import ANIL
 from fedmeta.algorithms.base import MetaAlgorithm, task_accuracies
 from fedmeta.centralized import run_centralized
-from fedmeta.checkpoint import load_checkpoint
+from fedmeta.checkpoint import file_sha256, load_checkpoint
 from fedmeta.config import Config, load_config
 from fedmeta.evaluation import mean_ci95
 from fedmeta.experiment import Experiment
@@ -301,7 +300,7 @@ def evaluate_elsewhere(run: Run, folder: Path, ways: int, base: Config, episodes
         log.warning("run '%s' (%d-way, %s) has no checkpoint in %s: train it first (--only %d --algorithms %s)", run.label, run.ways, run.variant, folder, run.ways, run.variant)
         return {}
     meta = load_checkpoint(final)["meta_params"]
-    digest = _sha256(final)
+    digest = file_sha256(final)
     cross: dict[str, Any] = {}
     for shots in EVAL_SHOTS[ways]:
         t0 = time.perf_counter()
@@ -481,10 +480,10 @@ def _train(run: Run, out: Path, quick: bool) -> tuple[Experiment, Params, dict[s
         "path": "batched" if exp.model.batched_tasks else "vmap",
         "threads": torch.get_num_threads(),
         # which model the row describes (a cross-way evaluation must be of this very checkpoint)
-        "checkpoint_sha256": _sha256(_final_checkpoint(out, run)),
+        "checkpoint_sha256": file_sha256(_final_checkpoint(out, run)),
     }
     if run.start_from is not None:
-        info["start_checkpoint"] = {"path": str(start.relative_to(out.parent)), "sha256": _sha256(start)}
+        info["start_checkpoint"] = {"path": str(start.relative_to(out.parent)), "sha256": file_sha256(start)}
     return exp, meta, info
 
 
@@ -708,7 +707,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = set(args.algorithms.split(",")) if args.algorithms else None
     # one file per process and start, never overwritten by a later run: the record keeps every result
     part = f"results-{args.only or 'all'}" + (f"-{'-'.join(sorted(chosen))}" if chosen else "") + f"-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}.json"
-    results: dict[str, Any] = {"machine": machine_line(), "dates": [_today()], "episodes": episodes, "runs": [], "floor": {}}
+    results: dict[str, Any] = {"machine": machine_line(), "dates": [_now()[:10]], "episodes": episodes, "runs": [], "floor": {}}
 
     def save() -> None:
         results["written"] = _now()
@@ -833,18 +832,9 @@ def merge_results(folder: Path, runs: Path | None = None) -> dict[str, Any]:
     return merged
 
 
-def _sha256(path: Path) -> str:
-    """Hex digest of a file (a checkpoint's fingerprint in the record)."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _now() -> str:
     """The current UTC time, ISO 8601 to the second (result files are ordered by it)."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _today() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%d")
 
 
 def _written(path: Path, part: dict[str, Any]) -> str:
