@@ -41,7 +41,7 @@ from fedmeta import flower as fl  # first: sets Flower's environment before flwr
 from fedmeta.config import Config
 from fedmeta.errors import BudgetExhausted
 from fedmeta.experiment import Experiment
-from fedmeta.federated import COMPUTE_SECONDS, check_received_meta, describe_client, evaluate_on_client, resolve_client_id, train_on_client
+from fedmeta.federation.client import COMPUTE_SECONDS, check_received_meta, describe_client, evaluate_on_client, resolve_client_id, train_on_client
 from fedmeta.privacy.facade import CLIP_NORM_KEY
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp

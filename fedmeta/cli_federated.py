@@ -6,7 +6,7 @@ client (``federation.clients_total``) and one Ray actor per CPU core.
 
 Differential privacy (``privacy.mode``) runs inside those apps: the server's
 :class:`~fedmeta.privacy.facade.ServerPrivacy` (the default policy of
-:class:`~fedmeta.federated.MetaServer`) and each client's
+:class:`~fedmeta.federation.loop.RoundLoop`) and each client's
 :class:`~fedmeta.privacy.facade.ClientPrivacy`. The budget is checked here before Ray starts, so
 a refused config fails in seconds; the simulated sites keep their accountants in
 ``OUT/client_privacy/`` so that a resumed run continues them.

@@ -125,6 +125,13 @@ class MetaConfig:
     outer_optimizer: str = "adam"
     outer_lr: float = 0.001
     outer_momentum: float = 0.0
+    # The server optimizer's step size over the rounds (fedmeta/federation/stages.py OuterSchedule):
+    # constant | linear | cosine (outer_lr to outer_lr_final) | step (x outer_gamma after each
+    # round in outer_milestones).
+    outer_schedule: str = "constant"
+    outer_lr_final: float = 0.0
+    outer_milestones: tuple[int, ...] = ()
+    outer_gamma: float = 0.1
     tasks_per_client: int = 1
     local_steps: int = 1
     # Step size of the local SGD steps on the meta-parameters when local_steps > 1 (FedMeta /
@@ -337,6 +344,30 @@ def _check_range(key: str, value: Range | None, *, low: float | None = None) -> 
         _require(lo >= low, key, list(value), f"must lie at or above {low}")
 
 
+def _validate_outer_schedule(cfg: Config) -> None:
+    """``meta.outer_schedule`` and its keys (fedmeta/federation/stages.py)."""
+    from fedmeta.federation.stages import OUTER_SCHEDULES
+
+    me = cfg.meta
+    _require(me.outer_schedule in OUTER_SCHEDULES, "meta.outer_schedule", me.outer_schedule, f"must be one of {', '.join(OUTER_SCHEDULES)}")
+    _require(
+        0 <= me.outer_lr_final <= me.outer_lr and math.isfinite(me.outer_lr_final),
+        "meta.outer_lr_final",
+        me.outer_lr_final,
+        "must be in [0, meta.outer_lr]",
+    )
+    _require(0 < me.outer_gamma <= 1, "meta.outer_gamma", me.outer_gamma, "must be in (0, 1]")
+    ms = list(me.outer_milestones)
+    _require(
+        all(1 <= m < cfg.federation.rounds for m in ms) and ms == sorted(set(ms)),
+        "meta.outer_milestones",
+        ms,
+        "must be increasing rounds in 1 .. federation.rounds - 1",
+    )
+    if me.outer_schedule == "step":
+        _require(bool(ms), "meta.outer_milestones", ms, "must name at least one round for meta.outer_schedule 'step'")
+
+
 def validate(cfg: Config) -> Config:
     """Check value constraints and cross-key consistency.
 
@@ -429,6 +460,7 @@ def validate(cfg: Config) -> Config:
     )
     _require(me.outer_lr > 0 and math.isfinite(me.outer_lr), "meta.outer_lr", me.outer_lr, "must be a positive number")
     _require(0 <= me.outer_momentum < 1, "meta.outer_momentum", me.outer_momentum, "must be in [0, 1)")
+    _validate_outer_schedule(cfg)
     _require(me.tasks_per_client >= 1, "meta.tasks_per_client", me.tasks_per_client, "must be at least 1")
     _require(me.local_steps >= 1, "meta.local_steps", me.local_steps, "must be at least 1")
     _require(

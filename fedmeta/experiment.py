@@ -30,13 +30,29 @@ log = logging.getLogger(__name__)
 
 
 class RoundResult:
-    """What one round produced: per-client updates stacked, their weights, and mean metrics."""
+    """What one round produced: per-client updates stacked, their weights, and metrics.
 
-    def __init__(self, clients: list[int], updates: Params, weights: torch.Tensor, metrics: dict[str, float]) -> None:
+    Attributes:
+        clients: the client ids, in the order of the stacked updates.
+        updates: ``{key: [C, *shape]}``, each client's mean meta-update.
+        weights: each client's task count (float64).
+        metrics: means over all of the round's tasks.
+        client_metrics: each client's means over its own tasks (what it would send alone).
+    """
+
+    def __init__(
+        self,
+        clients: list[int],
+        updates: Params,
+        weights: torch.Tensor,
+        metrics: dict[str, float],
+        client_metrics: list[dict[str, float]] | None = None,
+    ) -> None:
         self.clients = clients
         self.updates = updates
         self.weights = weights
         self.metrics = metrics
+        self.client_metrics = client_metrics if client_metrics is not None else [{} for _ in clients]
 
 
 class Experiment:
@@ -112,7 +128,7 @@ class Experiment:
                 k: sum(u.metrics[k] * u.num_tasks for u in updates) / total for k in updates[0].metrics
             }
             stacked = {k: torch.stack([u.gradient[k] for u in updates]) for k in updates[0].gradient}
-            return RoundResult(clients, stacked, weights, mean_metrics)
+            return RoundResult(clients, stacked, weights, mean_metrics, [dict(u.metrics) for u in updates])
         batches = [self.source.client_tasks(round_idx, c) for c in clients]
         tasks = TaskBatch.concat(batches)
         grads, metrics = self.algorithm.task_updates(meta, tasks)
@@ -125,7 +141,12 @@ class Experiment:
             for k, v in grads.items()
         }
         mean_metrics = {k: float(v.mean()) for k, v in metrics.items()}
-        return RoundResult(clients, per_client, sizes.to(torch.float64), mean_metrics)
+        client_means = {
+            k: torch.zeros(len(clients), dtype=torch.float64).index_add_(0, owner, v.double()) / sizes.double()
+            for k, v in metrics.items()
+        }
+        client_metrics = [{k: float(v[i]) for k, v in client_means.items()} for i in range(len(clients))]
+        return RoundResult(clients, per_client, sizes.to(torch.float64), mean_metrics, client_metrics)
 
     def aggregate(self, result: RoundResult) -> Params:
         """Combine a round's client updates with the configured aggregation rule."""

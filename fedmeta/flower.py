@@ -58,7 +58,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from fedmeta.algorithms import MetaUpdate  # noqa: E402
 from fedmeta.config import Config, RunOptions, config_from_run_config  # noqa: E402
 from fedmeta.errors import UpdateRejected  # noqa: E402
-from fedmeta.federated import ClientIdentity  # noqa: E402
+from fedmeta.federation.client import ClientIdentity  # noqa: E402
 from fedmeta.types import Params  # noqa: E402
 
 __all__ = [

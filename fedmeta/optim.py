@@ -38,6 +38,11 @@ class ServerOptimizer:
             raise ValueError(f"outer optimizer must be 'adam' or 'sgd', got {name!r}")
         self.name = name
 
+    def set_lr(self, lr: float) -> None:
+        """Use step size ``lr`` from the next :meth:`step` on (an outer-lr schedule sets it every round)."""
+        for group in self._opt.param_groups:
+            group["lr"] = float(lr)
+
     @property
     def params(self) -> Params:
         """Current meta-parameters (detached copies)."""

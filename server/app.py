@@ -18,10 +18,10 @@ from typing import Any
 from fedmeta import flower as fl  # first: sets Flower's environment before flwr is imported
 from fedmeta.config import Config
 from fedmeta.experiment import Experiment
-from fedmeta.federated import AggregateTransform, ClientIdentity, MetaServer, RoundPolicy, UpdateTransform, needs_site_layout, site_layout
+from fedmeta.federation import AggregateTransform, ClientIdentity, ProgressFn, RoundLoop, RoundPolicy, UpdateTransform, needs_site_layout, site_layout
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
-from server.meta_strategy import FedMetaStrategy, ProgressFn, ask_sites
+from server.meta_strategy import FlowerTransport, ask_sites
 
 __all__ = ["app", "build_server_app", "run_server"]
 
@@ -46,7 +46,7 @@ def run_server(
 
     A server whose config has on-disk sites but no ``task.data_dir`` (a deployment: every
     SuperNode has its own ``data-dir``) builds its model from the sites' start-up answers
-    (:func:`fedmeta.federated.site_layout`) and evaluates only through them (``eval.clients``).
+    (:func:`fedmeta.federation.directory.site_layout`) and evaluates only through them (``eval.clients``).
 
     Args:
         grid: Flower's grid (simulation or deployment).
@@ -73,7 +73,7 @@ def run_server(
         family = site_layout([a for a in answers.values() if isinstance(a, ClientIdentity)])
         log.info("no site data on the server: model built for %s inputs of shape %s with %d outputs, as the sites report", family.kind, family.input_shape, family.output_dim)
         experiment = Experiment(cfg, family=family)
-    server = MetaServer(
+    loop = RoundLoop(
         cfg,
         out_dir,
         mode=mode,
@@ -83,10 +83,10 @@ def run_server(
         update_transforms=update_transforms,
         aggregate_transforms=aggregate_transforms,
     )
-    strategy = FedMetaStrategy(server, progress=progress)
+    transport = FlowerTransport(grid, answers=answers)
     if answers is not None:
-        strategy.timings["discovery_seconds"] = time.perf_counter() - started
-    return strategy.run(grid, answers)
+        transport.timings["discovery_seconds"] = time.perf_counter() - started
+    return loop.run(transport, progress=progress)
 
 
 def build_server_app(cfg: Config, out_dir: str | Path, *, resume: bool = False, mode: str = "simulation", **kwargs: Any) -> ServerApp:

@@ -26,7 +26,7 @@ from fedmeta.config import Config, RunOptions, load_config, run_config_for
 from fedmeta.datagen import make_sites
 from fedmeta.deploy import FINISHED_COMPLETED, LocalDeployment, deployment_config, start_sites
 from fedmeta.experiment import Experiment
-from fedmeta.federated import combine_eval_metrics, evaluate_on_client
+from fedmeta.federation import combine_eval_metrics, evaluate_on_client
 from fedmeta.outputs import read_metrics
 
 pytestmark = pytest.mark.slow

@@ -22,7 +22,7 @@ from fedmeta.checkpoint import load_checkpoint
 from fedmeta.config import Config
 from fedmeta.errors import InconsistentReplies
 from fedmeta.experiment import Experiment
-from fedmeta.federated import ClientReply
+from fedmeta.federation import ClientReply
 from fedmeta.outputs import read_metrics
 from fedmeta.privacy.clipping import clip_by_global_norm, clipped_sum, gaussian_noise, global_l2_norm
 from fedmeta.privacy.facade import ServerPrivacy

@@ -67,10 +67,12 @@ def test_epsilon_every_round_equals_opacus_and_a_resumed_run_equals_an_uninterru
     assert full["privacy"]["epsilon"] == pytest.approx(expected_epsilon(cfg, 6), rel=1e-6)
     assert full["privacy"]["mode"] == mode and full["privacy"]["clip_norm"] == 0.5 and full["privacy"]["noise_multiplier"] == 1.2
 
-    # interrupted after round 4 (last checkpoint: round 3), then resumed: nothing counted twice
+    # interrupted after round 4, then resumed: nothing counted twice. The reference is the
+    # federated server's round loop, which checkpoints every round (it used to checkpoint only on
+    # evaluation rounds, here round 3), so the checkpoint holds round 4.
     with pytest.raises(_Stop):
         run_centralized(cfg, tmp_path / "cut", progress=_interrupt_at(4))
-    assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["round"] == 3
+    assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["round"] == 4
     resumed = run_centralized(cfg, tmp_path / "cut", resume=True)
     again = {r["round"]: r for r in read_metrics(tmp_path / "cut" / "metrics.jsonl") if r["round"] > 0}
     assert sorted(again) == list(range(1, 7))

@@ -16,7 +16,7 @@ from fedmeta.config import config_from_dict, load_config
 from fedmeta.deploy import LocalDeployment, ManagedProcess, deployment_config, flower_env, prepare_sites, terminate_on_signals
 from fedmeta.errors import ConfigError, DeploymentError, InconsistentReplies
 from fedmeta.experiment import Experiment
-from fedmeta.federated import ClientIdentity, MetaServer, SiteLayoutFamily, describe_client, needs_site_layout, site_layout
+from fedmeta.federation import ClientIdentity, RoundLoop, SiteLayoutFamily, describe_client, needs_site_layout, site_layout
 
 
 @pytest.fixture()
@@ -173,7 +173,7 @@ def test_server_builds_its_model_from_the_sites_and_refuses_mismatched_ones(sinu
     # what each site says at start-up, computed as its ClientApp does
     answers = [describe_client(Experiment(cfg, data_dir=str(s)), c, str(s)) for c, s in enumerate(sites)]
     family = site_layout(answers)
-    server = MetaServer(cfg, tmp_path / "out", experiment=Experiment(cfg, family=family))
+    server = RoundLoop(cfg, tmp_path / "out", experiment=Experiment(cfg, family=family))
     site_exp = Experiment(cfg, data_dir=str(sites[0]))
     assert server.exp.model.param_shapes == site_exp.model.param_shapes
     assert {k: tuple(v.shape) for k, v in server.meta.items()} == {k: tuple(v.shape) for k, v in site_exp.initial_meta_params().items()}

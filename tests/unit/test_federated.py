@@ -13,11 +13,11 @@ from fedmeta.centralized import run_centralized
 from fedmeta.config import Config, load_config
 from fedmeta.errors import InconsistentReplies, UpdateRejected
 from fedmeta.experiment import Experiment
-from fedmeta.federated import (
+from fedmeta.federation import (
     ClientDirectory,
     ClientIdentity,
     ClientReply,
-    MetaServer,
+    RoundLoop,
     combine_eval_metrics,
     describe_client,
     eval_cohort,
@@ -120,7 +120,7 @@ def test_local_meta_update_is_sgd_on_meta_gradients(small_cfg: Config) -> None:
     assert out.num_tasks == 3 * small_cfg.meta.tasks_per_client
 
 
-def _replies(server: MetaServer, round_idx: int, clients: list[int]) -> list[ClientReply]:
+def _replies(server: RoundLoop, round_idx: int, clients: list[int]) -> list[ClientReply]:
     out = []
     for c in clients:
         u = server.exp.client_update(server.meta, round_idx, c)
@@ -129,7 +129,7 @@ def _replies(server: MetaServer, round_idx: int, clients: list[int]) -> list[Cli
 
 
 def test_server_rounds_match_centralized_and_reject_bad_updates(small_cfg: Config, tmp_path: Path) -> None:
-    server = MetaServer(small_cfg, tmp_path / "fed")
+    server = RoundLoop(small_cfg, tmp_path / "fed")
     server.start()
     for _ in range(small_cfg.federation.rounds):
         book = server.begin_round()
@@ -153,7 +153,7 @@ def test_server_rounds_match_centralized_and_reject_bad_updates(small_cfg: Confi
 
 
 def test_too_few_replies_raise_and_keep_the_last_checkpoint(small_cfg: Config, tmp_path: Path) -> None:
-    server = MetaServer(small_cfg, tmp_path)
+    server = RoundLoop(small_cfg, tmp_path)
     book = server.begin_round()
     for r in _replies(server, 1, book.sampled):
         server.accept(book, r)
@@ -164,7 +164,7 @@ def test_too_few_replies_raise_and_keep_the_last_checkpoint(small_cfg: Config, t
         server.fail(book, c, "boom")
     with pytest.raises(InconsistentReplies, match="round 2: only 1 valid replies.*holds round 1"):
         server.complete_round(book)
-    resumed = MetaServer(small_cfg, tmp_path, resume=True)
+    resumed = RoundLoop(small_cfg, tmp_path, resume=True)
     assert resumed.round == 1
     assert all(torch.equal(resumed.meta[k], server.meta[k]) for k in server.meta)
     assert resumed.optimizer.state_dict()["state"][0]["step"] == server.optimizer.state_dict()["state"][0]["step"]

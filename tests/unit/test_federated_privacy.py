@@ -1,4 +1,4 @@
-"""The federated server under DP without Flower's transport: MetaServer fed by the client code.
+"""The federated server under DP without Flower's transport: RoundLoop fed by the client code.
 
 Replies come from :func:`fedmeta.privacy.client_update.private_round`, exactly what the Flower
 ``ClientApp`` runs; the real simulations are in ``tests/integration/test_privacy_simulation.py``.
@@ -16,7 +16,7 @@ import torch
 from fedmeta.centralized import run_centralized
 from fedmeta.checkpoint import load_checkpoint
 from fedmeta.errors import BudgetExhausted
-from fedmeta.federated import ClientReply, MetaServer, RoundLog
+from fedmeta.federation import ClientReply, RoundLoop, RoundLog
 from fedmeta.outputs import read_metrics
 from fedmeta.privacy.accountant import epsilon_for
 from fedmeta.privacy.client_update import private_round
@@ -26,7 +26,7 @@ from fedmeta.privacy.randomness import privacy_generator
 from tests.privacy_helpers import dp_config
 
 
-def _play_round(server: MetaServer, states: dict[int, Any]) -> dict[str, Any]:
+def _play_round(server: RoundLoop, states: dict[int, Any]) -> dict[str, Any]:
     """One round as the Flower apps play it: instructions out, private_round on each client, replies in."""
     book = server.begin_round()
     for cid in book.sampled:
@@ -40,7 +40,7 @@ def _play_round(server: MetaServer, states: dict[int, Any]) -> dict[str, Any]:
 
 
 def test_required_replies_scale_with_the_cohort_actually_drawn(tmp_path: Path) -> None:
-    server = MetaServer(dp_config("client-central", total=40, per_round=10), tmp_path)
+    server = RoundLoop(dp_config("client-central", total=40, per_round=10), tmp_path)
     assert server.cfg.min_replies == 5
     need = {n: server.required_replies(RoundLog(1, list(range(n)))) for n in (0, 1, 3, 10, 15)}
     assert need == {0: 0, 1: 1, 3: 2, 10: 5, 15: 8}
@@ -49,7 +49,7 @@ def test_required_replies_scale_with_the_cohort_actually_drawn(tmp_path: Path) -
 @pytest.mark.parametrize("mode", ["client-central", "client-local", "task"])
 def test_meta_server_releases_what_the_centralized_reference_releases(mode: str, tmp_path: Path) -> None:
     cfg = dp_config(mode, rounds=4)
-    server = MetaServer(cfg, tmp_path / "fed")
+    server = RoundLoop(cfg, tmp_path / "fed")
     server.start()
     states: dict[int, Any] = {}
     while not server.finished:
@@ -73,7 +73,7 @@ def test_an_empty_poisson_cohort_is_a_round_that_releases_pure_noise(tmp_path: P
     cfg = dp_config("client-central", total=40, per_round=1, rounds=12, noise_multiplier=1.5)
     probe = ServerPrivacy(cfg)
     empty = next(r for r in range(1, 13) if not probe.sample_clients(r))
-    server = MetaServer(cfg, tmp_path)
+    server = RoundLoop(cfg, tmp_path)
     states: dict[int, Any] = {}
     for _ in range(empty - 1):
         _play_round(server, states)
@@ -90,7 +90,7 @@ def test_an_empty_poisson_cohort_is_a_round_that_releases_pure_noise(tmp_path: P
 
 def test_meta_server_stops_cleanly_at_the_budget_and_refuses_a_spent_one(tmp_path: Path) -> None:
     cfg = dp_config("client-local", rounds=30, noise_multiplier=6.0, target_epsilon=4.0, on_budget="stop")
-    server = MetaServer(cfg, tmp_path / "stop")
+    server = RoundLoop(cfg, tmp_path / "stop")
     assert 0 < server.rounds_limit < 30
     states: dict[int, Any] = {}
     while not server.finished:
@@ -105,6 +105,6 @@ def test_meta_server_stops_cleanly_at_the_budget_and_refuses_a_spent_one(tmp_pat
         assert sum(state["steps"]) == server.policy.client_accountants[cid].steps  # type: ignore[attr-defined]
     refused = dp_config("client-local", rounds=30, noise_multiplier=6.0, target_epsilon=4.0)
     with pytest.raises(BudgetExhausted, match=f"only {server.rounds_limit} rounds fit"):
-        MetaServer(refused, tmp_path / "refused")
+        RoundLoop(refused, tmp_path / "refused")
     assert not (tmp_path / "refused" / "metrics.jsonl").exists()
     assert math.isfinite(summary["privacy"]["epsilon"])

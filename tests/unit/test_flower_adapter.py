@@ -13,7 +13,7 @@ from fedmeta.algorithms import MetaUpdate
 from fedmeta.config import RunOptions, config_from_run_config, load_config, run_config_for
 from fedmeta.errors import ConfigError, UpdateRejected
 from fedmeta.experiment import Experiment
-from fedmeta.federated import ClientIdentity
+from fedmeta.federation import ClientIdentity
 from flwr.app import Message, RecordDict
 from flwr.app.metadata import Metadata
 

@@ -1,0 +1,292 @@
+"""Server stages: what happens to a round's validated replies, as a chain of small objects.
+
+Like torchopt's ``chain`` or Flower's strategy wrappers, each stage does one thing to the round in
+flight (a :class:`RoundState`) and keeps its own state, saved under its name in the checkpoint::
+
+    replies --[reply stages: e.g. per-client clipping]--> replies
+            --[the aggregation stage: the rule, or DP clip+sum+noise]--> aggregate
+            --[aggregate stages: e.g. noise, mixing in a server meta-gradient]--> aggregate
+            --[the optimizer stage: server optimizer + outer-lr schedule]--> new meta-parameters
+
+:func:`build_stages` makes the default chain of a run; a caller may insert stages before or after
+the aggregation (the constraint generators mix their meta-gradient in as an aggregate stage).
+A stage that cannot act on an empty cohort (no replies, or no aggregate) leaves the round as is.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from fedmeta.aggregation import global_norm
+from fedmeta.config import Config
+from fedmeta.errors import CheckpointError, ConfigError
+from fedmeta.optim import ServerOptimizer
+from fedmeta.types import Params
+
+if TYPE_CHECKING:
+    from fedmeta.federation.loop import AggregateTransform, ClientReply, RoundPolicy, UpdateTransform
+
+__all__ = [
+    "RoundState",
+    "Stage",
+    "ReplyTransformStage",
+    "AggregationStage",
+    "AggregateTransformStage",
+    "OptimizerStage",
+    "OuterSchedule",
+    "OUTER_SCHEDULES",
+    "build_stages",
+    "stage_states",
+    "load_stage_states",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundState:
+    """One round in flight through the stages.
+
+    Attributes:
+        round_idx: the round (1-based).
+        reference: the meta-parameters the clients started from.
+        replies: the validated replies, by client id order.
+        aggregate: the aggregated meta-gradient (``None`` until aggregated, or for an empty cohort
+            outside client-central DP).
+        meta: the new meta-parameters once the optimizer stage has stepped (``None``: no step).
+        info: entries stages add to the round's metrics row (e.g. ``outer_lr``).
+    """
+
+    round_idx: int
+    reference: Params
+    replies: list[ClientReply]
+    aggregate: Params | None = None
+    meta: Params | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Stage(Protocol):
+    """One server stage: a name (its key in the checkpoint), an action, and its own state."""
+
+    name: str
+
+    def __call__(self, state: RoundState) -> None:
+        """Act on the round in flight (in place)."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """The stage's state for the checkpoint (``{}``: stateless)."""
+        ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        ...
+
+
+class _Stateless:
+    name = "stateless"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        return None
+
+
+class ReplyTransformStage(_Stateless):
+    """Post-process the per-client replies before aggregation (``(round, replies) -> replies``)."""
+
+    def __init__(self, name: str, transform: UpdateTransform) -> None:
+        self.name = name
+        self.transform = transform
+
+    def __call__(self, state: RoundState) -> None:
+        if state.replies:
+            state.replies = self.transform(state.round_idx, state.replies)
+
+
+class AggregationStage(_Stateless):
+    """The aggregation rule, through the run's :class:`~fedmeta.federation.loop.RoundPolicy`.
+
+    Without DP that is ``federation.aggregation`` weighted by task counts; under client-central DP
+    it is clip, sum and noise (an empty Poisson cohort releases pure noise); under client-local and
+    task-level DP the already private updates are combined. The policy's own state (accountant,
+    adaptive clip norm) is saved in the checkpoint's accountant entry, not here.
+    """
+
+    name = "aggregate"
+
+    def __init__(self, policy: RoundPolicy) -> None:
+        self.policy = policy
+
+    def __call__(self, state: RoundState) -> None:
+        reports = [{"num_tasks": rep.num_tasks, **rep.metrics} for rep in state.replies]
+        updates = [rep.update for rep in state.replies]
+        try:
+            state.aggregate = self.policy.aggregate(state.round_idx, updates, reference=state.reference, reports=reports)
+        except ValueError:
+            if state.replies:
+                raise
+            log.info("round %d: empty cohort, no update", state.round_idx)  # e.g. Poisson sampling drew nobody
+            state.aggregate = None
+
+
+class AggregateTransformStage(_Stateless):
+    """Post-process the aggregate before the optimizer (``(round, aggregate, replies) -> aggregate``)."""
+
+    def __init__(self, name: str, transform: AggregateTransform) -> None:
+        self.name = name
+        self.transform = transform
+
+    def __call__(self, state: RoundState) -> None:
+        if state.aggregate is not None:
+            state.aggregate = self.transform(state.round_idx, state.aggregate, state.replies)
+
+
+#: ``meta.outer_schedule`` names.
+OUTER_SCHEDULES = ("constant", "linear", "step", "cosine")
+
+
+@dataclass(frozen=True)
+class OuterSchedule:
+    """The server optimizer's step size in round ``r`` of ``rounds`` (``meta.outer_schedule``).
+
+    * ``constant``: ``lr`` every round.
+    * ``linear``: from ``lr`` in round 1 to ``final_lr`` in the last round.
+    * ``cosine``: ``final_lr + (lr - final_lr) (1 + cos(pi t)) / 2`` with ``t = (r - 1) / (rounds - 1)``.
+    * ``step``: ``lr × gamma^k`` where ``k`` counts the milestones strictly before ``r`` (a
+      milestone ``m`` means rounds after ``m`` take the decayed rate). Unlike the glyph benchmark's
+      old two-phase decay, the optimizer's moments carry on across a milestone.
+
+    Args:
+        name: one of :data:`OUTER_SCHEDULES`.
+        lr: ``meta.outer_lr``.
+        rounds: ``federation.rounds`` (the schedule's length).
+        final_lr: ``meta.outer_lr_final`` (linear, cosine).
+        milestones: ``meta.outer_milestones`` (step).
+        gamma: ``meta.outer_gamma`` (step).
+    """
+
+    name: str
+    lr: float
+    rounds: int
+    final_lr: float = 0.0
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> OuterSchedule:
+        """The schedule of ``cfg.meta``."""
+        m = cfg.meta
+        return cls(
+            m.outer_schedule,
+            m.outer_lr,
+            cfg.federation.rounds,
+            final_lr=m.outer_lr_final,
+            milestones=tuple(int(x) for x in m.outer_milestones),
+            gamma=m.outer_gamma,
+        )
+
+    def lr_at(self, round_idx: int) -> float:
+        """The step size of round ``round_idx`` (1-based; rounds past the end keep the last value).
+
+        Raises:
+            ConfigError: for an unknown schedule name (names ``meta.outer_schedule``).
+        """
+        if self.name == "constant":
+            return self.lr
+        if self.name == "step":
+            return self.lr * self.gamma ** sum(1 for m in self.milestones if round_idx > m)
+        t = 1.0 if self.rounds <= 1 else min(1.0, max(0.0, (round_idx - 1) / (self.rounds - 1)))
+        if self.name == "linear":
+            return self.lr + (self.final_lr - self.lr) * t
+        if self.name == "cosine":
+            return self.final_lr + (self.lr - self.final_lr) * (1.0 + math.cos(math.pi * t)) / 2.0
+        raise ConfigError(f"config key 'meta.outer_schedule' is {self.name!r}; must be one of {', '.join(OUTER_SCHEDULES)}")
+
+
+class OptimizerStage:
+    """The server optimizer (FedOpt: the aggregate is a pseudo-gradient) with its outer-lr schedule.
+
+    Its state is the optimizer's (moments, step counts), saved in the checkpoint's optimizer entry.
+    """
+
+    name = "optimizer"
+
+    def __init__(self, optimizer: ServerOptimizer, schedule: OuterSchedule) -> None:
+        self.optimizer = optimizer
+        self.schedule = schedule
+
+    def __call__(self, state: RoundState) -> None:
+        if state.aggregate is None:
+            return
+        state.info["update_norm"] = global_norm(state.aggregate)
+        if self.schedule.name != "constant":
+            lr = self.schedule.lr_at(state.round_idx)
+            self.optimizer.set_lr(lr)
+            state.info["outer_lr"] = lr
+        state.meta = self.optimizer.step(state.aggregate)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.optimizer.load_state_dict(dict(state))
+
+
+def build_stages(
+    cfg: Config,
+    policy: RoundPolicy,
+    optimizer: ServerOptimizer,
+    *,
+    update_transforms: Sequence[UpdateTransform] = (),
+    aggregate_transforms: Sequence[AggregateTransform] = (),
+) -> list[Stage]:
+    """The default chain: reply transforms, the aggregation, aggregate transforms, the optimizer.
+
+    Transforms are named ``replies-<i>`` / ``update-<i>`` after their position, or by their
+    ``stage_name`` attribute when they have one.
+    """
+
+    def named(fn: Callable[..., Any], default: str) -> str:
+        return str(getattr(fn, "stage_name", default))
+
+    stages: list[Stage] = [ReplyTransformStage(named(t, f"replies-{i}"), t) for i, t in enumerate(update_transforms)]
+    stages.append(AggregationStage(policy))
+    stages += [AggregateTransformStage(named(t, f"update-{i}"), t) for i, t in enumerate(aggregate_transforms)]
+    stages.append(OptimizerStage(optimizer, OuterSchedule.from_config(cfg)))
+    names = [s.name for s in stages]
+    if len(set(names)) != len(names):
+        raise ValueError(f"server stage names must be unique, got {names}")
+    return stages
+
+
+def stage_states(stages: Sequence[Stage], *, skip: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
+    """``{name: state}`` of the stages that keep state (except ``skip``), for the checkpoint."""
+    out = {}
+    for stage in stages:
+        if stage.name in skip:
+            continue
+        state = stage.state_dict()
+        if state:
+            out[stage.name] = state
+    return out
+
+
+def load_stage_states(stages: Sequence[Stage], states: Mapping[str, Mapping[str, Any]], *, path: str) -> None:
+    """Restore :func:`stage_states` by name.
+
+    Raises:
+        CheckpointError: if the checkpoint holds state for a stage this run does not have (a run
+            resumed with another server chain).
+    """
+    by_name = {s.name: s for s in stages}
+    unknown = sorted(set(states) - set(by_name))
+    if unknown:
+        raise CheckpointError(f"checkpoint '{path}' holds state of server stages {unknown} this run does not have")
+    for name, state in states.items():
+        by_name[name].load_state_dict(state)
