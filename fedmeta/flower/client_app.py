@@ -24,9 +24,10 @@ while a handler runs. The :class:`~fedmeta.experiment.Experiment` (model skeleto
 task family — for a site, its files) is a pure function of the config and data folder and is memoized per process, which
 in simulation is a Ray actor serving many virtual clients.
 
-``app`` (for ``flwr run``) reads its config from ``context.run_config``;
-:func:`build_client_app` binds a config directly (``fedmeta simulate``, whose run_config is
-empty) and takes Flower mods per handler (e.g. differential-privacy mods on ``train`` only).
+:func:`build_client_app` without a config builds the app ``flwr run`` loads (``client/app.py``),
+which reads its config from ``context.run_config``; with one it binds that config directly
+(``fedmeta simulate``, whose run_config is empty). It takes Flower mods per handler (e.g.
+differential-privacy mods on ``train`` only).
 """
 
 from __future__ import annotations
@@ -37,19 +38,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fedmeta import flower as fl  # first: sets Flower's environment before flwr is imported
 from fedmeta.config import Config
 from fedmeta.errors import BudgetExhausted
 from fedmeta.experiment import Experiment
 from fedmeta.federated import COMPUTE_SECONDS, check_received_meta, describe_client, evaluate_on_client, resolve_client_id, train_on_client
+from fedmeta.flower import records as fl
+from fedmeta.flower.run_config import run_settings
 from fedmeta.privacy.facade import CLIP_NORM_KEY
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-__all__ = ["app", "build_client_app"]
-
-#: The app directory (repository root or unpacked app bundle): ``configs/`` lives here.
-APP_DIR = Path(__file__).resolve().parents[1]
+__all__ = ["build_client_app"]
 
 
 @functools.lru_cache(maxsize=4)
@@ -70,8 +69,8 @@ def _rdp_curves() -> dict[tuple[float, float], Any]:
 
 
 @functools.lru_cache(maxsize=4)
-def _run_config(items: tuple[tuple[str, Any], ...]) -> Config:
-    cfg, _ = fl.run_settings(dict(items), app_dir=APP_DIR)
+def _run_config(items: tuple[tuple[str, Any], ...], app_dir: Path | None) -> Config:
+    cfg, _ = run_settings(dict(items), app_dir=app_dir)
     return cfg
 
 
@@ -82,6 +81,7 @@ def build_client_app(
     train_mods: Sequence[Any] = (),
     evaluate_mods: Sequence[Any] = (),
     privacy_state_dir: str | Path | None = None,
+    app_dir: str | Path | None = None,
 ) -> ClientApp:
     """A fedmeta ``ClientApp``.
 
@@ -92,11 +92,17 @@ def build_client_app(
         evaluate_mods: Flower mods around the evaluate handler only.
         privacy_state_dir: where clients keep their privacy accountants across runs (a node's
             ``privacy-state-dir`` node config takes precedence).
+        app_dir: the app directory (repository root or unpacked app bundle) where a relative
+            ``config-file`` of the run_config is looked up first (``cfg=None`` only).
+
+    Returns:
+        The ``ClientApp``.
     """
     app = ClientApp(mods=list(mods))
+    base = Path(app_dir) if app_dir is not None else None
 
     def setup(context: Context) -> tuple[Experiment, int | None, str | None]:
-        config = cfg if cfg is not None else _run_config(tuple(sorted(context.run_config.items())))
+        config = cfg if cfg is not None else _run_config(tuple(sorted(context.run_config.items())), base)
         own_id, data_dir = fl.node_settings(context)
         return _experiment(config, data_dir), own_id, data_dir
 
@@ -149,7 +155,3 @@ def _int_or_none(value: Any) -> int | None:
 
 def _float_or_none(value: Any) -> float | None:
     return None if value is None else float(value)
-
-
-#: The ClientApp ``flwr run`` loads (``[tool.flwr.app.components] clientapp``).
-app = build_client_app()

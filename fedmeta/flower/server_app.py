@@ -1,10 +1,11 @@
-"""The fedmeta Flower ``ServerApp``.
+"""The fedmeta Flower ``ServerApp``: :func:`run_server` and the builders of the app.
 
-``app`` is what ``flwr run`` loads (``[tool.flwr.app.components] serverapp``): it reads the
-config from ``context.run_config`` (``[tool.flwr.app.config]``: ``config-file`` or
-``config-yaml``, ``overrides``, ``out-dir``, ``resume``). :func:`build_server_app` binds a
-config, an output directory and options directly; ``fedmeta simulate`` uses it because Flower's
-``run_simulation`` leaves ``run_config`` empty.
+:func:`build_server_app` binds a config, an output directory and options directly; ``fedmeta
+simulate`` uses it because Flower's ``run_simulation`` leaves ``run_config`` empty.
+:func:`build_run_config_server_app` builds the app ``flwr run`` loads (``server/app.py``,
+``[tool.flwr.app.components] serverapp``): it reads the config from ``context.run_config``
+(``[tool.flwr.app.config]``: ``config-file`` or ``config-yaml``, ``overrides``, ``out-dir``,
+``resume``).
 """
 
 from __future__ import annotations
@@ -15,19 +16,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fedmeta import flower as fl  # first: sets Flower's environment before flwr is imported
 from fedmeta.config import Config
 from fedmeta.experiment import Experiment
 from fedmeta.federated import AggregateTransform, ClientIdentity, MetaServer, RoundPolicy, UpdateTransform, needs_site_layout, site_layout
+from fedmeta.flower import records as fl
+from fedmeta.flower.run_config import run_settings
+from fedmeta.flower.strategy import FedMetaStrategy, ProgressFn, ask_sites
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
-from server.meta_strategy import FedMetaStrategy, ProgressFn, ask_sites
 
-__all__ = ["app", "build_server_app", "run_server"]
+__all__ = ["build_run_config_server_app", "build_server_app", "run_server"]
 
 log = logging.getLogger(__name__)
-
-APP_DIR = Path(__file__).resolve().parents[1]
 
 
 def run_server(
@@ -100,14 +100,26 @@ def build_server_app(cfg: Config, out_dir: str | Path, *, resume: bool = False, 
     return server_app
 
 
-#: The ServerApp ``flwr run`` loads.
-app = ServerApp()
+def build_run_config_server_app(app_dir: str | Path | None = None) -> ServerApp:
+    """The ``ServerApp`` ``flwr run`` loads: config and options from ``context.run_config``.
 
+    Args:
+        app_dir: the app directory (repository root or unpacked app bundle): a relative
+            ``config-file`` is looked up there first.
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    """Entry point under ``flwr run``: config and options from ``context.run_config``."""
-    cfg, options = fl.run_settings(context.run_config, app_dir=APP_DIR)
-    out = Path(options.out_dir) if options.out_dir else Path.cwd() / "runs" / f"flwr-run-{context.run_id}"
-    log.warning("fedmeta ServerApp: writing outputs to %s", out.resolve())
-    run_server(grid, cfg, out, resume=options.resume, mode="flwr-run")
+    Returns:
+        The ``ServerApp``; its outputs go to ``out-dir``, or ``runs/flwr-run-RUN_ID`` under the
+        current directory.
+    """
+    base = Path(app_dir) if app_dir is not None else None
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        """Entry point under ``flwr run``: config and options from ``context.run_config``."""
+        cfg, options = run_settings(context.run_config, app_dir=base)
+        out = Path(options.out_dir) if options.out_dir else Path.cwd() / "runs" / f"flwr-run-{context.run_id}"
+        log.warning("fedmeta ServerApp: writing outputs to %s", out.resolve())
+        run_server(grid, cfg, out, resume=options.resume, mode="flwr-run")
+
+    return app

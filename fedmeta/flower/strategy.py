@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from fedmeta import flower as fl
+from fedmeta.flower import records as fl
 from fedmeta.errors import InconsistentReplies, UpdateRejected
 from fedmeta.config import Config
 from fedmeta.federated import ClientIdentity, ClientReply, MetaServer, RoundLog, eval_cohort
