@@ -1,1 +1,1 @@
-"""The Flower ClientApp of fedmeta (see :mod:`client.app`)."""
+"""What ``flwr run`` loads as fedmeta's ClientApp (:mod:`client.app`); the code: :mod:`fedmeta.flower.client_app`."""

@@ -1,155 +1,21 @@
-"""The fedmeta Flower ``ClientApp``: thin handlers that unpack, call :mod:`fedmeta`, and pack.
+"""The ``ClientApp`` that ``flwr run`` loads (``[tool.flwr.app.components] clientapp``).
 
-* ``query``: the server's start-up question; the node answers with its client id (simulation:
-  Flower's ``partition-id``; deployment: ``client-id`` or ``partition-id`` from
-  ``--node-config``) and a description of its data (kind, task count, shapes), which lets the
-  server map cohorts onto nodes and refuse mismatched sites before training.
-* ``train``: receive the meta-parameters (Meta-SGD rates included) and the round; draw this
-  client's tasks (generated from ``(seed, round, client)``, or read from the site's
-  ``data-dir``), run the configured algorithm, reply with the mean meta-update, the number of
-  tasks and mean metrics only.
-* ``evaluate``: adapt on this client's held-out tasks and reply with aggregate metrics only.
-
-Under differential privacy (``privacy.mode``) the train handler runs
-:func:`fedmeta.privacy.client_update.private_round` instead: under ``client-local`` the client
-clips and noises its own update, under ``task`` the site runs Opacus' DP-SGD over its task pool;
-the reply then carries only the privatized update, a nominal task count and ``privacy.*``
-scalars (:func:`fedmeta.privacy.releasable_metrics`). The client's accountant lives in the
-node's ``context.state`` for the run and, when the node has a ``privacy-state-dir`` (node config)
-or the app was built with one, in a file there across runs. A client whose own budget is spent
-answers with an error and sends nothing.
-
-Apart from that privacy state, clients are stateless between messages: task data exists only
-while a handler runs. The :class:`~fedmeta.experiment.Experiment` (model skeleton, algorithm,
-task family — for a site, its files) is a pure function of the config and data folder and is memoized per process, which
-in simulation is a Ray actor serving many virtual clients.
-
-``app`` (for ``flwr run``) reads its config from ``context.run_config``;
-:func:`build_client_app` binds a config directly (``fedmeta simulate``, whose run_config is
-empty) and takes Flower mods per handler (e.g. differential-privacy mods on ``train`` only).
+The handlers live in :mod:`fedmeta.flower.client_app`; this shim sets Flower's environment, then
+builds the app with this directory's parent (the repository root or the unpacked app bundle,
+where ``configs/`` lives) as the app directory.
 """
 
 from __future__ import annotations
 
-import functools
-import time
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from fedmeta import flower as fl  # first: sets Flower's environment before flwr is imported
-from fedmeta.config import Config
-from fedmeta.errors import BudgetExhausted
-from fedmeta.experiment import Experiment
-from fedmeta.federation.client import COMPUTE_SECONDS, check_received_meta, describe_client, evaluate_on_client, resolve_client_id, train_on_client
-from fedmeta.privacy.facade import CLIP_NORM_KEY
-from flwr.app import Context, Message
-from flwr.clientapp import ClientApp
+from fedmeta.flower.env import configure_environment
 
-__all__ = ["app", "build_client_app"]
+configure_environment()  # before flwr is imported: the app's process may not have it set
 
-#: The app directory (repository root or unpacked app bundle): ``configs/`` lives here.
-APP_DIR = Path(__file__).resolve().parents[1]
+from fedmeta.flower.client_app import build_client_app  # noqa: E402
 
+__all__ = ["app"]
 
-@functools.lru_cache(maxsize=4)
-def _experiment(cfg: Config, data_dir: str | None) -> Experiment:
-    return Experiment(cfg, data_dir=data_dir)
-
-
-@functools.lru_cache(maxsize=1)
-def _rdp_curves() -> dict[tuple[float, float], Any]:
-    """Opacus' per-step RDP curves by (sigma, q), a pure function of them, kept per process.
-
-    Clients rebuild their accountants from their node state every round, and a curve at q < 1
-    costs ~0.3 s. A function, not a module-level dict: in simulation the handlers travel to the
-    Ray actors by value with every message (cloudpickle copies the dicts they use), while a
-    module-level function is looked up in the actor's own module, like :func:`_experiment`.
-    """
-    return {}
-
-
-@functools.lru_cache(maxsize=4)
-def _run_config(items: tuple[tuple[str, Any], ...]) -> Config:
-    cfg, _ = fl.run_settings(dict(items), app_dir=APP_DIR)
-    return cfg
-
-
-def build_client_app(
-    cfg: Config | None = None,
-    *,
-    mods: Sequence[Any] = (),
-    train_mods: Sequence[Any] = (),
-    evaluate_mods: Sequence[Any] = (),
-    privacy_state_dir: str | Path | None = None,
-) -> ClientApp:
-    """A fedmeta ``ClientApp``.
-
-    Args:
-        cfg: the run config; ``None`` reads it from ``context.run_config`` on every message.
-        mods: Flower mods around every handler.
-        train_mods: Flower mods around the train handler only (e.g. client-side DP).
-        evaluate_mods: Flower mods around the evaluate handler only.
-        privacy_state_dir: where clients keep their privacy accountants across runs (a node's
-            ``privacy-state-dir`` node config takes precedence).
-    """
-    app = ClientApp(mods=list(mods))
-
-    def setup(context: Context) -> tuple[Experiment, int | None, str | None]:
-        config = cfg if cfg is not None else _run_config(tuple(sorted(context.run_config.items())))
-        own_id, data_dir = fl.node_settings(context)
-        return _experiment(config, data_dir), own_id, data_dir
-
-    @app.query()
-    def query(message: Message, context: Context) -> Message:
-        exp, own_id, data_dir = setup(context)
-        return Message(fl.pack_identity(describe_client(exp, own_id, data_dir)), reply_to=message)
-
-    @app.train(mods=list(train_mods))
-    def train(message: Message, context: Context) -> Message:
-        started = time.perf_counter()
-        exp, own_id, _ = setup(context)
-        meta, config = fl.unpack_instructions(message)
-        client_id = resolve_client_id(own_id, _int_or_none(config.get("client-id")))
-        round_idx = int(config["round"])
-        if exp.cfg.privacy.mode == "none":
-            update = train_on_client(exp, meta, round_idx, client_id)
-            return Message(fl.pack_update(update, {COMPUTE_SECONDS: time.perf_counter() - started}), reply_to=message)
-        from fedmeta.privacy.client_update import private_round
-
-        check_received_meta(exp, meta)
-        node_dir = context.node_config.get("privacy-state-dir")
-        state_dir = str(node_dir) if node_dir not in (None, "") else privacy_state_dir
-        try:
-            update, releasable, state = private_round(
-                exp, meta, round_idx, client_id, state=fl.load_node_state(context, fl.PRIVACY_STATE),
-                clip_norm=_float_or_none(config.get(CLIP_NORM_KEY)), state_dir=state_dir, rdp_cache=_rdp_curves(),
-            )  # fmt: skip
-        except BudgetExhausted as exc:
-            return fl.reply_error(message, f"BudgetExhausted: {exc}")
-        if state:
-            fl.store_node_state(context, fl.PRIVACY_STATE, state)
-        # only the privatized update, a nominal task count and privacy.* scalars leave the client
-        return Message(fl.pack_update(update, releasable), reply_to=message)
-
-    @app.evaluate(mods=list(evaluate_mods))
-    def evaluate(message: Message, context: Context) -> Message:
-        exp, own_id, _ = setup(context)
-        meta, config = fl.unpack_instructions(message)
-        client_id = resolve_client_id(own_id, _int_or_none(config.get("client-id")))
-        metrics, num_tasks = evaluate_on_client(exp, meta, client_id, num_tasks=int(config["eval-tasks"]))
-        return Message(fl.pack_eval_metrics(metrics, num_tasks), reply_to=message)
-
-    return app
-
-
-def _int_or_none(value: Any) -> int | None:
-    return None if value is None else int(value)
-
-
-def _float_or_none(value: Any) -> float | None:
-    return None if value is None else float(value)
-
-
-#: The ClientApp ``flwr run`` loads (``[tool.flwr.app.components] clientapp``).
-app = build_client_app()
+#: The ClientApp ``flwr run`` loads; its config comes from ``context.run_config``.
+app = build_client_app(app_dir=Path(__file__).resolve().parents[1])

@@ -3,8 +3,8 @@
 Every key of SPEC §10 is here (more are added as features need them; none is ever renamed).
 :func:`load_config` reads a YAML file, applies ``--set dotted.key=value`` overrides and returns a
 :class:`Config`; any unknown key, wrong type or out-of-range value raises :class:`ConfigError`
-naming the dotted key and the offending value. Flower's flat ``run_config`` mapping is converted
-here too (:func:`to_flat` / :func:`from_flat`) and nowhere else.
+naming the dotted key and the offending value. :func:`to_flat` / :func:`from_flat` give a config
+as dotted keys; Flower's ``run_config`` mapping is read and written in :mod:`fedmeta.flower.run_config`.
 """
 
 from __future__ import annotations
@@ -35,10 +35,6 @@ __all__ = [
     "to_dict",
     "to_flat",
     "from_flat",
-    "RunOptions",
-    "RUN_CONFIG_KEYS",
-    "config_from_run_config",
-    "run_config_for",
     "TASK_NAMES",
     "MODEL_NAMES",
     "ALGORITHM_NAMES",
@@ -743,83 +739,3 @@ def from_flat(flat: dict[str, Any]) -> Config:
             value = yaml.safe_load(value)
         node[parts[-1]] = value
     return config_from_dict(nested, source="run_config")
-
-
-# ---------------------------------------------------------------------------------------------
-# Flower's run_config (``[tool.flwr.app.config]`` in pyproject.toml, ``--run-config`` of flwr run).
-
-#: The keys of ``[tool.flwr.app.config]``. Flower only lets ``flwr run --run-config`` override
-#: keys that pyproject.toml declares, so every key the apps read is listed there.
-RUN_CONFIG_KEYS = ("config-file", "config-yaml", "overrides", "out-dir", "resume")
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    """What a Flower run needs besides the :class:`Config`: where outputs go, and whether to resume."""
-
-    out_dir: str = ""
-    resume: bool = False
-
-
-def config_from_run_config(run_config: dict[str, Any], *, base_dirs: tuple[Path, ...] = ()) -> tuple[Config, RunOptions]:
-    """Build the run's :class:`Config` from Flower's ``run_config`` mapping.
-
-    Keys (all optional):
-
-    * ``config-yaml``: the whole config as YAML text (wins over ``config-file``);
-    * ``config-file``: a YAML config file, absolute or relative to one of ``base_dirs`` (the app
-      directory, which Flower's app bundle ships with ``configs/``) or the current directory;
-    * ``overrides``: space-separated ``dotted.key=value`` items, exactly like ``--set``;
-    * any dotted config key (``meta.inner_lr``), as :func:`to_flat` writes them;
-    * ``out-dir`` and ``resume``: returned as :class:`RunOptions`.
-
-    Raises:
-        ConfigError: for an unknown key, an unreadable file, or an invalid config.
-    """
-    import shlex
-
-    flat = dict(run_config)
-    options = RunOptions(out_dir=str(flat.pop("out-dir", "") or ""), resume=bool(flat.pop("resume", False)))
-    text = str(flat.pop("config-yaml", "") or "")
-    path = str(flat.pop("config-file", "") or "")
-    overrides = shlex.split(str(flat.pop("overrides", "") or ""))
-    for key, value in flat.items():
-        if "." not in key:
-            raise ConfigError(f"unknown run_config key '{key}' (known: {', '.join(RUN_CONFIG_KEYS)} and dotted config keys)")
-        if isinstance(value, str) and (value == "null" or value.startswith("[")):
-            value = yaml.safe_load(value)
-        overrides.append(f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}")
-    if text:
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"run_config key 'config-yaml' is not valid YAML: {exc}") from exc
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"run_config key 'config-yaml' must hold a YAML mapping, got {type(data).__name__}")
-        return config_from_dict(apply_overrides(data, overrides), source="run_config 'config-yaml'"), options
-    if path:
-        candidate = Path(path)
-        if not candidate.is_absolute():
-            for base in (*base_dirs, Path.cwd()):
-                if (base / candidate).is_file():
-                    candidate = base / candidate
-                    break
-        return load_config(candidate, overrides), options
-    return config_from_dict(apply_overrides({}, overrides), source="run_config"), options
-
-
-def run_config_for(cfg: Config, options: RunOptions | None = None) -> dict[str, Any]:
-    """The ``run_config`` mapping that makes :func:`config_from_run_config` return ``cfg``.
-
-    Used by launchers that pass a config to ``flwr run`` (``--run-config`` with a TOML file).
-    """
-    options = options or RunOptions()
-    return {
-        "config-yaml": yaml.safe_dump(to_dict(cfg), sort_keys=False),
-        "config-file": "",
-        "overrides": "",
-        "out-dir": options.out_dir,
-        "resume": options.resume,
-    }

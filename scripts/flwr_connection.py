@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--root-certificates", default=None, help="CA certificate for TLS")
     args = parser.parse_args()
     os.environ.setdefault("FLWR_HOME", args.home)
-    from fedmeta.flower import write_superlink_connection
+    from fedmeta.flower.env import write_superlink_connection
 
     path = write_superlink_connection(
         args.name,

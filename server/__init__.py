@@ -1,1 +1,1 @@
-"""The Flower ServerApp of fedmeta (:mod:`server.app`) and its strategy (:mod:`server.meta_strategy`)."""
+"""What ``flwr run`` loads as fedmeta's ServerApp (:mod:`server.app`); the code: :mod:`fedmeta.flower.server_app`."""

@@ -2,7 +2,7 @@
 
 Writes the ``deployment`` section of ``docs/benchmarks.md``. One run measures, side by side:
 
-* **deployment**: ``fedmeta deploy-local`` (:func:`fedmeta.deploy.run_local`): a SuperLink and
+* **deployment**: ``fedmeta deploy-local`` (:func:`fedmeta.flower.deploy.local.run_local`): a SuperLink and
   one SuperNode per site on 127.0.0.1 with TLS and SuperNode authentication, each site reading its
   own folder (written by ``make-data``), the server holding no data;
 * **simulation**: ``fedmeta simulate`` of the same deployment config over the same site folders
@@ -32,12 +32,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from fedmeta import flower as fl  # noqa: F401  (sets Flower's environment before anything imports flwr)
 from fedmeta.centralized import run_centralized
 from fedmeta.checkpoint import load_checkpoint
-from fedmeta.cli_federated import simulate
 from fedmeta.config import Config, load_config
-from fedmeta.deploy import deployment_config, prepare_sites, run_local
+from fedmeta.flower.deploy.local import deployment_config, prepare_sites, run_local
+from fedmeta.flower.env import configure_environment
+from fedmeta.flower.simulation import quiet_flower_logs, simulate
 from fedmeta.outputs import read_metrics
 from simulations.report import machine_line, update_section
 
@@ -163,8 +163,9 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the measurements to this file")
     parser.add_argument("--render", default=None, metavar="JSON", help="only rewrite the section from measurements saved with --json")
     args = parser.parse_args()
+    configure_environment()  # before anything imports flwr
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    fl.quiet_flower_logs()
+    quiet_flower_logs()
     if args.render:
         res = json.loads(Path(args.render).read_text(encoding="utf-8"))
     else:

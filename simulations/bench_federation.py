@@ -38,11 +38,11 @@ from typing import Any
 
 import torch
 
-from fedmeta import flower as fl  # sets Flower's environment first
 from fedmeta.centralized import run_centralized
-from fedmeta.cli_federated import simulate
 from fedmeta.config import Config, load_config
 from fedmeta.experiment import Experiment
+from fedmeta.flower.env import configure_environment
+from fedmeta.flower.simulation import simulate
 from fedmeta.outputs import read_metrics
 from simulations.report import machine_line, update_section
 
@@ -145,6 +145,8 @@ def _centralized_round_seconds(cfg: Config, out: Path, threads: int) -> float:
 def _serialization_ms(cfg: Config, repeats: int = 50) -> dict[str, float]:
     """Per-message cost of the conversions a simulated round adds: tensors <-> ArrayRecord and
     the pickling Ray does to move a message's content to an actor and back."""
+    from fedmeta.flower import records as fl  # imports flwr: after configure_environment (main)
+
     meta = Experiment(cfg).initial_meta_params()
     t = time.perf_counter()
     for _ in range(repeats):
@@ -446,6 +448,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--actors", type=int, default=os.cpu_count() or 2, help="Ray actors (one per CPU by default)")
     ap.add_argument("--no-write", action="store_true", help="print the section instead of updating docs/benchmarks.md")
     args = ap.parse_args(argv)
+    configure_environment()  # before anything imports flwr
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

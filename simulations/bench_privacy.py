@@ -177,7 +177,7 @@ def utility(out: Path) -> dict[str, Any]:
 
 def confirm(out: Path) -> dict[str, Any]:
     """The 1,000-client, epsilon-8 point through ``fedmeta simulate`` next to the centralized run."""
-    from fedmeta.cli_federated import simulate
+    from fedmeta.flower.simulation import simulate
 
     cfg = calibrated(1_000, 8.0)
     t0 = time.perf_counter()
@@ -206,7 +206,7 @@ def _per_round(out: Path) -> tuple[float, float]:
 
 def overhead(out: Path) -> dict[str, Any]:
     """Per-round wall time of each mode through both paths, side by side."""
-    from fedmeta.cli_federated import simulate
+    from fedmeta.flower.simulation import simulate
 
     rows = []
     for mode in ("none", "client-central", "client-local", "task"):

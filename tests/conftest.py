@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from fedmeta.flower.env import configure_environment
+
 _HOME = Path(tempfile.gettempdir()) / f"fedmeta-tests-{os.getpid()}"
-os.environ.setdefault("FLWR_HOME", str(_HOME / "flwr"))
-os.environ.setdefault("RAY_TMPDIR", str(_HOME / "ray"))
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+# before any test module imports flwr or ray (each variable only if not set already)
+configure_environment(flwr_home=_HOME / "flwr", ray_tmpdir=_HOME / "ray")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 REPO = Path(__file__).resolve().parents[1]

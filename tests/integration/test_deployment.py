@@ -20,13 +20,14 @@ import pytest
 import torch
 
 from fedmeta.centralized import run_centralized
-from fedmeta.certs import make_node_key, make_tls
 from fedmeta.checkpoint import load_checkpoint
-from fedmeta.config import Config, RunOptions, load_config, run_config_for
+from fedmeta.config import Config, load_config
 from fedmeta.datagen import make_sites
-from fedmeta.deploy import FINISHED_COMPLETED, LocalDeployment, deployment_config, start_sites
 from fedmeta.experiment import Experiment
 from fedmeta.federation import combine_eval_metrics, evaluate_on_client
+from fedmeta.flower.deploy.certs import make_node_key, make_tls
+from fedmeta.flower.deploy.local import FINISHED_COMPLETED, LocalDeployment, deployment_config, start_sites
+from fedmeta.flower.run_config import RunOptions, run_config_for
 from fedmeta.outputs import read_metrics
 
 pytestmark = pytest.mark.slow

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fedmeta.flower import write_superlink_connection
+from fedmeta.flower.env import write_superlink_connection
 
 pytestmark = pytest.mark.slow
 

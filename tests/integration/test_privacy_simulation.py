@@ -61,7 +61,7 @@ class Recorder:
 
 
 def _simulate(cfg: Config, out: Path, recorder: Recorder, **kwargs: Any) -> dict[str, Any]:
-    from fedmeta.cli_federated import simulate
+    from fedmeta.flower.simulation import simulate
 
     return simulate(cfg, out, aggregate_transforms=[recorder], num_cpus=2, **kwargs)
 

@@ -72,7 +72,7 @@ def test_simulation_learns_and_survives_faulty_clients(repo_root: Path, tmp_path
     once, and one sends NaN (rejected, never aggregated); enough valid replies arrive every
     round, so failed clients are skipped rather than retried. The timeout leaves room for a
     loaded machine (the first round also warms the actors); the slow client sleeps past it."""
-    from fedmeta.cli_federated import simulate
+    from fedmeta.flower.simulation import simulate
 
     rounds, total, per_round = 25, 20, 10
     cfg = load_config(
@@ -118,7 +118,7 @@ def test_too_few_replies_stop_cleanly_and_the_run_resumes(repo_root: Path, tmp_p
     travel with the meta-parameters) and several local meta-steps on local meta-batches
     (FedMeta-style pseudo-gradients), so the equivalence covers those paths too."""
     from fedmeta.centralized import run_centralized
-    from fedmeta.cli_federated import simulate
+    from fedmeta.flower.simulation import simulate
 
     cfg = load_config(
         repo_root / "configs" / "sinusoid.yaml",
@@ -152,7 +152,7 @@ def test_too_few_replies_stop_cleanly_and_the_run_resumes(repo_root: Path, tmp_p
 
 def test_simulation_learns_glyphs(repo_root: Path, tmp_path: Path) -> None:
     """A real simulation of Conv-4 MAML on glyphs 5-way 1-shot improves held-out accuracy."""
-    from fedmeta.cli_federated import simulate
+    from fedmeta.flower.simulation import simulate
 
     cfg = load_config(
         repo_root / "configs" / "glyphs.yaml",

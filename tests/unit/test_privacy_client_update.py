@@ -133,7 +133,7 @@ def test_flower_node_state_keeps_an_accountant_including_an_empty_one() -> None:
     from flwr.app import Context, RecordDict
     from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 
-    from fedmeta import flower as fl
+    from fedmeta.flower import records as fl
 
     ctx = Context(run_id=1, node_id=2, node_config={}, state=RecordDict(), run_config={})
     assert fl.load_node_state(ctx, fl.PRIVACY_STATE) is None

@@ -1,8 +1,9 @@
-"""``fedmeta simulate``: federated meta-training through Flower's simulation engine (Ray backend).
+"""Federated meta-training through Flower's simulation engine (Ray backend): ``fedmeta simulate``.
 
-The same ``ClientApp`` (``client/app.py``) and ``ServerApp`` (``server/app.py``) that run in a
-deployment are started by Flower's ``run_simulation`` with one virtual SuperNode per registered
-client (``federation.clients_total``) and one Ray actor per CPU core.
+The same ``ClientApp`` (:mod:`fedmeta.flower.client_app`) and ``ServerApp``
+(:mod:`fedmeta.flower.server_app`) that run in a deployment are started by Flower's
+``run_simulation`` with one virtual SuperNode per registered client (``federation.clients_total``)
+and one Ray actor per CPU core.
 
 Differential privacy (``privacy.mode``) runs inside those apps: the server's
 :class:`~fedmeta.privacy.facade.ServerPrivacy` (the default policy of
@@ -14,19 +15,20 @@ a refused config fails in seconds; the simulated sites keep their accountants in
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from fedmeta.config import Config
 from fedmeta.errors import FedMetaError
+from fedmeta.flower.env import configure_environment
 
-__all__ = ["register", "simulate", "cmd_simulate", "CLIENT_PRIVACY_DIR"]
+__all__ = ["simulate", "run_flower_simulation", "quiet_flower_logs", "CLIENT_PRIVACY_DIR"]
 
 #: Sub-folder of a simulation's output where the simulated sites keep their privacy accountants.
 CLIENT_PRIVACY_DIR = "client_privacy"
@@ -57,7 +59,7 @@ def simulate(
         cpus_per_client: Ray CPUs per ClientApp actor.
         num_cpus: CPUs Ray may use (default: all cores).
         verbose: keep Flower's and Ray's logs.
-        **server_kwargs: passed to :func:`server.app.run_server` (policy, transforms).
+        **server_kwargs: passed to :func:`fedmeta.flower.server_app.run_server` (policy, transforms).
 
     Returns:
         The summary written to ``summary.json``, with ``wall_seconds`` measured around the
@@ -68,8 +70,7 @@ def simulate(
         BudgetExhausted: if the privacy budget refuses the run (before Ray starts).
         FedMetaError: what the server raised (e.g. ``InconsistentReplies``).
     """
-    from fedmeta import flower as fl  # sets Flower's environment before flwr/ray load
-
+    configure_environment()  # before flwr and ray load (each variable only if not set)
     out = Path(out_dir)
     state_dir: Path | None = None
     if cfg.privacy.mode != "none":
@@ -81,13 +82,13 @@ def simulate(
         if not resume and state_dir.is_dir():
             # a fresh simulation has fresh simulated sites: their old accountants do not apply
             shutil.rmtree(state_dir)
-    from client.app import build_client_app
-    from server.app import build_server_app
+    from fedmeta.flower.client_app import build_client_app
+    from fedmeta.flower.server_app import build_server_app
 
     started = time.perf_counter()
     server_app = build_server_app(cfg, out, resume=resume, mode="simulation", progress=progress, **server_kwargs)
     client_app = build_client_app(cfg, mods=client_mods, privacy_state_dir=state_dir)
-    fl.run_flower_simulation(
+    run_flower_simulation(
         server_app,
         client_app,
         num_supernodes=cfg.federation.clients_total,
@@ -106,31 +107,40 @@ def simulate(
     return summary
 
 
-def cmd_simulate(args: argparse.Namespace) -> int:
-    """``fedmeta simulate CONFIG``."""
-    from fedmeta.cli import _default_out, _Progress, _report
-    from fedmeta.config import load_config
+def quiet_flower_logs(level: int = logging.ERROR) -> None:
+    """Set Flower's logger (``flwr``) level and keep it off the root handlers (no duplicates).
 
-    cfg = load_config(args.config, args.overrides)
-    out = Path(args.out) if args.out else _default_out("simulate", args.config)
-    start = 0
-    if args.resume:
-        from fedmeta.checkpoint import load_checkpoint
-
-        start = int(load_checkpoint(out / "checkpoint.pt")["round"])
-    bar = _Progress(cfg.federation.rounds, enabled=not args.quiet, start=start)
-    try:
-        summary = simulate(cfg, out, resume=args.resume, progress=bar, verbose=args.debug)
-    finally:
-        bar.close()
-    _report(summary, out)
-    return 0
+    Flower logs per message at INFO and warns on every ``run_simulation`` call that it is
+    deprecated; fedmeta reports what matters through its own logger.
+    """
+    logger = logging.getLogger("flwr")
+    logger.setLevel(level)
+    logger.propagate = False
 
 
-def register(subparsers: Any, add_common: Callable[..., None]) -> None:
-    """Add ``simulate`` to the ``fedmeta`` command line."""
-    p = subparsers.add_parser("simulate", help="federated meta-training through Flower's simulation engine")
-    p.add_argument("config", help="YAML config file")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt at the next round")
-    add_common(p)
-    p.set_defaults(func=cmd_simulate)
+def run_flower_simulation(server_app: Any, client_app: Any, *, num_supernodes: int, cpus_per_client: float = 1.0, num_cpus: int | None = None, verbose: bool = False) -> None:
+    """Run a ServerApp and a ClientApp in Flower's simulation engine (Ray backend).
+
+    Args:
+        server_app: the ``ServerApp``.
+        client_app: the ``ClientApp``.
+        num_supernodes: virtual nodes (registered clients).
+        cpus_per_client: Ray CPUs per ClientApp actor (1: one actor per core).
+        num_cpus: CPUs Ray may use (default: all).
+        verbose: keep Flower's INFO logs and Ray's worker output.
+    """
+    from flwr.simulation import run_simulation
+
+    init_args: dict[str, Any] = {"include_dashboard": False, "log_to_driver": verbose}
+    if num_cpus is not None:
+        init_args["num_cpus"] = num_cpus
+    backend = {
+        "client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
+        "init_args": init_args,
+    }
+    if not verbose:
+        quiet_flower_logs()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_supernodes, backend_config=backend)

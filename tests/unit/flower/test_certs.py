@@ -14,8 +14,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from fedmeta.certs import load_tls, make_node_key, make_server_certificate, make_tls
 from fedmeta.errors import ConfigError
+from fedmeta.flower.deploy.certs import load_tls, make_node_key, make_server_certificate, make_tls
 
 
 def _mode(path: Path) -> int:

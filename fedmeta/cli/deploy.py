@@ -2,7 +2,7 @@
 
 ``deploy-local`` runs a config through a real Flower deployment on this machine — a SuperLink
 and one SuperNode per site on 127.0.0.1, with TLS and SuperNode authentication unless
-``--insecure`` — and writes the usual outputs (:func:`fedmeta.deploy.run_local`). The two key
+``--insecure`` — and writes the usual outputs (:func:`fedmeta.flower.deploy.local.run_local`). The two key
 commands create what an operator needs for a deployment across machines
 (``docs/deployment.md``): a CA and the SuperLink's certificate, and a site's node key pair.
 """
@@ -23,10 +23,12 @@ log = logging.getLogger(__name__)
 
 def cmd_deploy_local(args: argparse.Namespace) -> int:
     """``fedmeta deploy-local CONFIG --sites N --out DIR``."""
-    from fedmeta.cli import _Progress, _report
+    from fedmeta.cli.common import Progress, report
     from fedmeta.config import load_config
-    from fedmeta.deploy import run_local, terminate_on_signals
+    from fedmeta.flower.deploy.local import run_local, terminate_on_signals
+    from fedmeta.flower.env import configure_environment
 
+    configure_environment()  # the Flower processes inherit this environment
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out)
     start = 0
@@ -37,7 +39,7 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
     secure = not args.insecure
     if not secure:
         log.warning("--insecure: plain HTTP without TLS and without SuperNode authentication (use only on a trusted machine)")
-    bar = _Progress(cfg.federation.rounds, enabled=not args.quiet, start=start)
+    bar = Progress(cfg.federation.rounds, enabled=not args.quiet, start=start)
     try:
         with terminate_on_signals():
             result = run_local(
@@ -60,13 +62,13 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
         f"start-up {d['startup_seconds']:.1f}s, run {d['run_seconds']:.1f}s (run id {result.run_id})",
         file=sys.stdout,
     )
-    _report(result.summary, out)
+    report(result.summary, out)
     return 0
 
 
 def cmd_make_certs(args: argparse.Namespace) -> int:
     """``fedmeta make-certs --out DIR [--host H ...]``."""
-    from fedmeta.certs import make_tls
+    from fedmeta.flower.deploy.certs import make_tls
 
     files = make_tls(args.out, hosts=args.host or ["127.0.0.1", "localhost"], days=args.days)
     print(
@@ -78,7 +80,7 @@ def cmd_make_certs(args: argparse.Namespace) -> int:
 
 def cmd_make_node_key(args: argparse.Namespace) -> int:
     """``fedmeta make-node-key PATH``."""
-    from fedmeta.certs import make_node_key
+    from fedmeta.flower.deploy.certs import make_node_key
 
     path = Path(args.path)
     if path.exists() and not args.force:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from fedmeta import flower as fl
+from fedmeta.flower import records as fl
 from fedmeta.errors import InconsistentReplies, UpdateRejected
 from fedmeta.config import Config
 from fedmeta.federation.client import ClientIdentity

@@ -41,9 +41,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedmeta.certs import TlsFiles
 from fedmeta.config import Config
 from fedmeta.errors import ConfigError, DeploymentError
+from fedmeta.flower.deploy.certs import TlsFiles
 
 __all__ = [
     "BIN",
@@ -411,7 +411,7 @@ class LocalDeployment:
         raise DeploymentError(last)
 
     def _write_connection(self) -> None:
-        from fedmeta.flower import write_superlink_connection
+        from fedmeta.flower.env import write_superlink_connection
 
         write_superlink_connection(
             self.connection,
@@ -726,7 +726,7 @@ def default_workdir(prefix: str = "fedmeta-deploy-") -> Path:
 
 
 #: The Flower app (``pyproject.toml`` with ``[tool.flwr.app]``): the repository root.
-APP_DIR = Path(__file__).resolve().parents[1]
+APP_DIR = Path(__file__).resolve().parents[3]
 #: Sub-folder of the output directory with the deployment's own files (logs, keys, homes).
 DEPLOY_DIR = "deploy"
 
@@ -828,7 +828,7 @@ def start_sites(
     Returns:
         ``site name -> node id`` (``None`` without node authentication: ids are assigned on connect).
     """
-    from fedmeta.certs import make_node_key
+    from fedmeta.flower.deploy.certs import make_node_key
 
     ids: dict[str, int | None] = {}
     for i, site in enumerate(sites):
@@ -907,8 +907,8 @@ def run_local(
     """
     import shutil
 
-    from fedmeta.certs import make_tls
-    from fedmeta.config import RunOptions, run_config_for
+    from fedmeta.flower.deploy.certs import make_tls
+    from fedmeta.flower.run_config import RunOptions, run_config_for
     from fedmeta.outputs import METRICS, SUMMARY, RunRecorder
 
     if node_auth and not tls:

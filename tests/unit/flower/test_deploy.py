@@ -13,10 +13,17 @@ from pathlib import Path
 import pytest
 
 from fedmeta.config import config_from_dict, load_config
-from fedmeta.deploy import LocalDeployment, ManagedProcess, deployment_config, flower_env, prepare_sites, terminate_on_signals
 from fedmeta.errors import ConfigError, DeploymentError, InconsistentReplies
 from fedmeta.experiment import Experiment
 from fedmeta.federation import ClientIdentity, RoundLoop, SiteLayoutFamily, describe_client, needs_site_layout, site_layout
+from fedmeta.flower.deploy.local import (
+    LocalDeployment,
+    ManagedProcess,
+    deployment_config,
+    flower_env,
+    prepare_sites,
+    terminate_on_signals,
+)
 
 
 @pytest.fixture()
@@ -90,7 +97,7 @@ def test_managed_process_stop_ends_the_group_and_descendants_in_other_sessions(t
     # (as Flower's SuperLink starts flower-superexec): all must go
     script = "trap '' TERM; setsid sleep 301 & sleep 300 & wait"
     proc = ManagedProcess("stubborn", ["bash", "-c", script], env=flower_env(tmp_path / "home"), log_path=tmp_path / "p.log", cwd=tmp_path)
-    from fedmeta.deploy import _descendants
+    from fedmeta.flower.deploy.local import _descendants
 
     deadline = time.monotonic() + 10
     tree: list[int] = []
@@ -144,7 +151,7 @@ def test_node_authentication_requires_tls(tmp_path: Path, repo_root: Path) -> No
 
 
 def test_deploy_local_refuses_node_auth_without_tls(sinusoid, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from fedmeta.deploy import run_local
+    from fedmeta.flower.deploy.local import run_local
 
     with pytest.raises(ConfigError, match="needs TLS"):
         run_local(sinusoid, tmp_path, sites=1, tls=False, node_auth=True)

@@ -1,16 +1,9 @@
-"""The one adapter between fedmeta and Flower: records, messages, environment, simulation.
+"""The records adapter between fedmeta and Flower: parameters, metrics and messages.
 
-Everything else in :mod:`fedmeta` is Flower-free; the Flower apps in ``client/`` and ``server/``
-unpack a message with the functions here, call the library, and pack the reply with the
-functions here.
-
-Importing this module sets, *before* Flower or Ray is imported, the environment every run
-needs on these offline machines (each only if not already set): ``FLWR_TELEMETRY_ENABLED=0``,
-``FLWR_DISABLE_UPDATE_CHECK=1``, ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1`` (otherwise a
-SuperLink runs ``uv sync`` on the app's dependencies), ``FLWR_HOME`` (``./.flwr_home`` under the
-current directory: connections, installed apps and logs stay with the project instead of
-``~/.flwr``) and ``RAY_TMPDIR`` (a short path under the system temp dir: Ray's socket paths
-have a length limit).
+The Flower apps (:mod:`fedmeta.flower.client_app`, :mod:`fedmeta.flower.server_app` and the
+transport in :mod:`fedmeta.flower.transport`) unpack a message with the functions here, call the
+library, and pack the reply with the functions here. Importing this module imports ``flwr``: call
+:func:`fedmeta.flower.env.configure_environment` before (the entry points do).
 
 Message protocol (``RecordDict`` keys):
 
@@ -26,40 +19,18 @@ Message protocol (``RecordDict`` keys):
 
 from __future__ import annotations
 
-import os
-import tempfile
-from pathlib import Path
+import logging
+from collections.abc import Mapping
+from typing import Any
 
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-def _set_environment_defaults() -> None:
-    defaults = {
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_HOME": str(Path.cwd() / ".flwr_home"),
-        "RAY_TMPDIR": str(Path(tempfile.gettempdir()) / f"fedmeta-ray-{os.getuid()}"),
-        # Ray would otherwise print a FutureWarning per run about accelerator env vars.
-        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-    }
-    for key, value in defaults.items():
-        os.environ.setdefault(key, value)
-
-
-_set_environment_defaults()
-
-import logging  # noqa: E402  (the environment above must be set before Flower and Ray load)
-from collections.abc import Mapping  # noqa: E402
-from typing import Any  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
-
-from fedmeta.algorithms import MetaUpdate  # noqa: E402
-from fedmeta.config import Config, RunOptions, config_from_run_config  # noqa: E402
-from fedmeta.errors import UpdateRejected  # noqa: E402
-from fedmeta.federation.client import ClientIdentity  # noqa: E402
-from fedmeta.types import Params  # noqa: E402
+from fedmeta.algorithms import MetaUpdate
+from fedmeta.errors import UpdateRejected
+from fedmeta.federation.client import ClientIdentity
+from fedmeta.types import Params
 
 __all__ = [
     "QUERY",
@@ -83,11 +54,7 @@ __all__ = [
     "unpack_eval_metrics",
     "reply_error",
     "node_settings",
-    "run_settings",
     "prepare_grid",
-    "run_flower_simulation",
-    "quiet_flower_logs",
-    "write_superlink_connection",
     "PRIVACY_STATE",
     "load_node_state",
     "store_node_state",
@@ -276,7 +243,7 @@ def reply_error(message: Message, reason: str) -> Message:
     return Message(Error(code=0, reason=reason), reply_to=message)
 
 
-# -- node and run settings --------------------------------------------------------------------
+# -- node settings and state ------------------------------------------------------------------
 
 
 #: Key of the client's privacy state (its accountant) in ``context.state``.
@@ -313,24 +280,7 @@ def node_settings(context: Context) -> tuple[int | None, str | None]:
     return client_id, (str(data_dir) if data_dir not in (None, "") else None)
 
 
-def run_settings(run_config: Mapping[str, Any], *, app_dir: Path | None = None) -> tuple[Config, RunOptions]:
-    """The run's config and options from ``context.run_config`` (``flwr run``: ``[tool.flwr.app.config]``).
-
-    Raises:
-        ConfigError: if the run_config is empty (``run_simulation`` leaves it empty: the
-            ``fedmeta simulate`` apps carry their config instead) or invalid.
-    """
-    from fedmeta.errors import ConfigError
-
-    if not run_config:
-        raise ConfigError(
-            "the Flower run_config is empty: start runs with `fedmeta simulate CONFIG` or with "
-            "`flwr run .` (which reads [tool.flwr.app.config] in pyproject.toml)"
-        )
-    return config_from_run_config(dict(run_config), base_dirs=(app_dir,) if app_dir else ())
-
-
-# -- simulation -------------------------------------------------------------------------------
+# -- grid -------------------------------------------------------------------------------------
 
 
 def prepare_grid(grid: Any, *, pull_interval: float = 0.02) -> None:
@@ -343,97 +293,3 @@ def prepare_grid(grid: Any, *, pull_interval: float = 0.02) -> None:
 
     if isinstance(grid, InMemoryGrid):
         grid.pull_interval = pull_interval
-
-
-def quiet_flower_logs(level: int = logging.ERROR) -> None:
-    """Set Flower's logger (``flwr``) level and keep it off the root handlers (no duplicates).
-
-    Flower logs per message at INFO and warns on every ``run_simulation`` call that it is
-    deprecated; fedmeta reports what matters through its own logger.
-    """
-    logger = logging.getLogger("flwr")
-    logger.setLevel(level)
-    logger.propagate = False
-
-
-def run_flower_simulation(server_app: Any, client_app: Any, *, num_supernodes: int, cpus_per_client: float = 1.0, num_cpus: int | None = None, verbose: bool = False) -> None:
-    """Run a ServerApp and a ClientApp in Flower's simulation engine (Ray backend).
-
-    Args:
-        server_app: the ``ServerApp``.
-        client_app: the ``ClientApp``.
-        num_supernodes: virtual nodes (registered clients).
-        cpus_per_client: Ray CPUs per ClientApp actor (1: one actor per core).
-        num_cpus: CPUs Ray may use (default: all).
-        verbose: keep Flower's INFO logs and Ray's worker output.
-    """
-    import warnings
-
-    from flwr.simulation import run_simulation
-
-    init_args: dict[str, Any] = {"include_dashboard": False, "log_to_driver": verbose}
-    if num_cpus is not None:
-        init_args["num_cpus"] = num_cpus
-    backend = {
-        "client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
-        "init_args": init_args,
-    }
-    if not verbose:
-        quiet_flower_logs()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_supernodes, backend_config=backend)
-
-
-# -- flwr run connections ---------------------------------------------------------------------
-
-
-def write_superlink_connection(
-    name: str,
-    address: str = ":local:",
-    *,
-    home: str | Path | None = None,
-    insecure: bool | None = None,
-    root_certificates: str | None = None,
-    make_default: bool = True,
-) -> Path:
-    """Add (or replace) a SuperLink connection in ``$FLWR_HOME/config.toml`` for ``flwr run``.
-
-    Flower 1.41/1.42 read ``flwr run . NAME``'s second argument from this file, never from
-    pyproject.toml (where a ``[tool.flwr.federations]`` section would be moved here by Flower).
-
-    Args:
-        name: the connection name (``flwr run . NAME``).
-        address: ``":local:"`` (Flower starts a local simulation SuperLink on first use, on
-            ``$FLWR_LOCAL_SUPERLINK_HTTP_API_PORT``, default 39091) or ``host:port`` of a running
-            SuperLink.
-        home: the Flower home (default: ``$FLWR_HOME``).
-        insecure: connect without TLS (``host:port`` addresses).
-        root_certificates: CA certificate file for TLS.
-        make_default: make it the connection ``flwr run .`` uses when none is named.
-
-    Returns:
-        The config file written.
-    """
-    import tomllib
-
-    import tomli_w
-
-    root = Path(home) if home is not None else Path(os.environ["FLWR_HOME"])
-    path = root / "config.toml"
-    data: dict[str, Any] = {}
-    if path.is_file():
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    links = data.setdefault("superlink", {})
-    entry: dict[str, Any] = {"address": address}
-    if insecure is not None:
-        entry["insecure"] = insecure
-    if root_certificates:
-        entry["root-certificates"] = str(Path(root_certificates).resolve())
-    links[name] = entry
-    if make_default or "default" not in links:
-        links["default"] = name
-    root.mkdir(parents=True, exist_ok=True)
-    path.write_text(tomli_w.dumps(data), encoding="utf-8")
-    return path

@@ -1,4 +1,4 @@
-"""The Flower adapter: records round-trip exactly, replies decode or are refused, run_config maps."""
+"""The Flower records adapter: records round-trip exactly, replies decode or are refused."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedmeta import flower as fl
 from fedmeta.algorithms import MetaUpdate
-from fedmeta.config import RunOptions, config_from_run_config, load_config, run_config_for
-from fedmeta.errors import ConfigError, UpdateRejected
+from fedmeta.config import load_config
+from fedmeta.errors import UpdateRejected
 from fedmeta.experiment import Experiment
 from fedmeta.federation import ClientIdentity
+from fedmeta.flower import records as fl
 from flwr.app import Message, RecordDict
 from flwr.app.metadata import Metadata
 
@@ -79,68 +79,3 @@ def test_eval_metrics_reply_refuses_non_finite() -> None:
     assert metrics == {"post_adapt_loss": 0.5} and n == 3
     with pytest.raises(UpdateRejected):
         fl.unpack_eval_metrics(_reply(fl.pack_eval_metrics({"post_adapt_loss": math.nan}, 3)))
-
-
-def test_run_config_round_trip(repo_root: Path) -> None:
-    cfg = load_config(repo_root / "configs" / "harmonic.yaml", ["meta.algorithm=fomaml", "model.hidden=[20, 30]"])
-    back, options = config_from_run_config(run_config_for(cfg, RunOptions(out_dir="/tmp/x", resume=True)))
-    assert back == cfg
-    assert options == RunOptions(out_dir="/tmp/x", resume=True)
-
-
-def test_run_config_file_overrides_and_dotted_keys(repo_root: Path) -> None:
-    run_config = {
-        "config-file": "configs/sinusoid.yaml",
-        "config-yaml": "",
-        "overrides": "federation.rounds=7 meta.inner_lr=0.02",
-        "out-dir": "",
-        "resume": False,
-        "task.amplitude": "[0.5, 1.0]",
-        "eval.tasks": 11,
-    }
-    cfg, options = config_from_run_config(run_config, base_dirs=(repo_root,))
-    assert (cfg.federation.rounds, cfg.meta.inner_lr, cfg.task.amplitude, cfg.eval.tasks) == (7, 0.02, (0.5, 1.0), 11)
-    assert options == RunOptions()
-
-
-def test_run_config_errors_name_the_key(repo_root: Path) -> None:
-    with pytest.raises(ConfigError, match="unknown run_config key 'bogus'"):
-        config_from_run_config({"bogus": 1})
-    with pytest.raises(ConfigError, match="meta.inner_lr"):
-        config_from_run_config({"config-file": "configs/sinusoid.yaml", "overrides": "meta.inner_lr=-1"}, base_dirs=(repo_root,))
-    with pytest.raises(ConfigError, match="run_config is empty"):
-        fl.run_settings({})
-
-
-def test_pyproject_app_config_is_what_the_apps_read(repo_root: Path) -> None:
-    import tomllib
-
-    from fedmeta.config import RUN_CONFIG_KEYS
-
-    project = tomllib.loads((repo_root / "pyproject.toml").read_text(encoding="utf-8"))
-    app = project["tool"]["flwr"]["app"]
-    assert "federations" not in project["tool"]["flwr"]
-    assert app["components"] == {"serverapp": "server.app:app", "clientapp": "client.app:app"}
-    assert set(app["config"]) == set(RUN_CONFIG_KEYS)
-    cfg, _ = config_from_run_config(app["config"], base_dirs=(repo_root,))
-    assert cfg == load_config(repo_root / "configs" / "sinusoid.yaml")
-
-
-def test_connection_file_keeps_other_connections(tmp_path: Path) -> None:
-    import tomllib
-
-    fl.write_superlink_connection("lab", "10.0.0.5:9093", home=tmp_path, insecure=True)
-    path = fl.write_superlink_connection("fedmeta-local", home=tmp_path)
-    data = tomllib.loads(path.read_text(encoding="utf-8"))["superlink"]
-    assert data["default"] == "fedmeta-local"
-    assert data["lab"] == {"address": "10.0.0.5:9093", "insecure": True}
-    assert data["fedmeta-local"] == {"address": ":local:"}
-
-
-def test_environment_defaults_are_set_before_flower_loads() -> None:
-    import os
-
-    for key in ("FLWR_HOME", "RAY_TMPDIR"):
-        assert os.environ.get(key)
-    assert os.environ["FLWR_TELEMETRY_ENABLED"] == "0"
-    assert os.environ["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"

@@ -1,0 +1,36 @@
+"""``fedmeta centralized``: the same meta-learning math in one process, the reference for federated runs."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["register", "cmd_centralized"]
+
+
+def cmd_centralized(args: argparse.Namespace) -> int:
+    """``fedmeta centralized CONFIG``."""
+    from fedmeta.centralized import run_centralized
+    from fedmeta.cli.common import Progress, default_out, report
+    from fedmeta.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out) if args.out else default_out("centralized", args.config)
+    bar = Progress(cfg.federation.rounds, enabled=not args.quiet)
+    try:
+        summary = run_centralized(cfg, out, resume=args.resume, progress=bar)
+    finally:
+        bar.close()
+    report(summary, out)
+    return 0
+
+
+def register(subparsers: Any, add_common: Callable[..., None]) -> None:
+    """Add ``centralized`` to the ``fedmeta`` command line."""
+    p = subparsers.add_parser("centralized", help="the same meta-learning math in one process: the reference")
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    add_common(p)
+    p.set_defaults(func=cmd_centralized)

@@ -1,0 +1,88 @@
+"""What the ``fedmeta`` commands share: the common options, default output folders, the progress bar, the report."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_common", "default_out", "Progress", "report"]
+
+log = logging.getLogger("fedmeta")
+
+
+def add_common(p: argparse.ArgumentParser, *, out: bool = True, overrides: bool = True) -> None:
+    """Add ``--out`` (unless ``out=False``), ``--set`` (unless ``overrides=False``), ``--debug``, ``--quiet`` to ``p``."""
+    if out:
+        p.add_argument("--out", metavar="DIR", help="output directory (default: runs/<command>-<config name>)")
+    if overrides:
+        p.add_argument(
+            "--set",
+            dest="overrides",
+            metavar="KEY=VALUE",
+            action="extend",
+            nargs="+",
+            default=[],
+            help="override a config key by its dotted path, e.g. --set meta.inner_lr=0.02",
+        )
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+
+
+def default_out(command: str, config: str) -> Path:
+    """``runs/<command>-<config name>``: where a command writes when ``--out`` is not given."""
+    return Path("runs") / f"{command}-{Path(config).stem}"
+
+
+class Progress:
+    """A tqdm bar over rounds showing the latest training and evaluation losses."""
+
+    def __init__(self, total: int, *, enabled: bool, start: int = 0) -> None:
+        from tqdm import tqdm
+
+        # tqdm disables itself when stderr is not a terminal (disable=None); then eval rows are logged
+        self.bar = tqdm(total=total, initial=start, unit="round", disable=None if enabled else True, dynamic_ncols=True, file=sys.stderr)
+        self.log_evals = enabled and bool(self.bar.disable)
+
+    def __call__(self, round_idx: int, row: dict[str, Any]) -> None:
+        post: dict[str, str] = {}
+        train = row.get("train") or {}
+        if "query_loss_post" in train:
+            post["train"] = f"{train['query_loss_post']:.3f}"
+        ev = row.get("eval") or {}
+        if "post_adapt_loss" in ev:
+            post["heldout"] = f"{ev['post_adapt_loss']:.3f}"
+        if "post_adapt_accuracy" in ev:
+            post["acc"] = f"{ev['post_adapt_accuracy']:.3f}"
+        if row.get("privacy", {}).get("epsilon") is not None:
+            post["eps"] = f"{row['privacy']['epsilon']:.2f}"
+        if post:
+            self.bar.set_postfix(post, refresh=False)
+        self.bar.update(1)
+        if self.log_evals and ev:
+            log.info("round %d: %s", round_idx, ", ".join(f"{k}={v}" for k, v in post.items()))
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def report(summary: dict[str, Any], out: Path) -> None:
+    """Print a run's outcome in one line: rounds, held-out loss and accuracy, privacy spent, outputs."""
+    final = summary.get("final") or {}
+    parts = [f"{summary.get('algorithm')} on {summary.get('task')}: {summary.get('rounds_completed')} rounds"]
+    if "pre_adapt_loss" in final:
+        parts.append(
+            f"held-out loss {final['pre_adapt_loss']:.4f} before adaptation, "
+            f"{final['post_adapt_loss']:.4f} ± {final.get('post_adapt_loss_ci95', 0):.4f} after {final.get('steps')} steps"
+        )
+    if "post_adapt_accuracy" in final:
+        parts.append(
+            f"accuracy {final['pre_adapt_accuracy']:.3f} -> {final['post_adapt_accuracy']:.3f} ± {final.get('post_adapt_accuracy_ci95', 0):.3f}"
+        )
+    eps = (summary.get("privacy") or {}).get("epsilon")
+    parts.append("no differential privacy" if eps is None else f"privacy spent: epsilon={eps:.3f}, delta={summary['privacy']['delta']:g}")
+    if (summary.get("privacy") or {}).get("stopped_by_budget"):
+        parts.append(f"stopped by privacy.target_epsilon after {summary.get('rounds_completed')} of {summary.get('rounds_planned')} rounds")
+    print("; ".join(parts) + f". Outputs in {out}/", file=sys.stdout)
