@@ -1,4 +1,4 @@
-"""Validating and combining client meta-updates: weighted mean and robust alternatives."""
+"""Client meta-updates before a rule combines them: shape and finiteness checks, stacking, norms."""
 
 from __future__ import annotations
 
@@ -9,13 +9,11 @@ import torch
 from fedmeta.errors import UpdateRejected
 from fedmeta.types import Params
 
-__all__ = ["validate_update", "aggregate", "stack", "AGGREGATORS", "global_norm"]
-
-AGGREGATORS = ("mean", "median", "trimmed_mean")
+__all__ = ["validate_update", "stack", "global_norm"]
 
 
 def global_norm(update: Params) -> float:
-    """L2 norm of all tensors of ``update`` taken together."""
+    """L2 norm of all tensors of ``update`` taken together (in float64)."""
     return math.sqrt(sum(float(v.double().pow(2).sum()) for v in update.values()))
 
 
@@ -42,40 +40,11 @@ def validate_update(update: Params, reference: Params, *, source: str = "client"
 
 
 def stack(updates: list[Params]) -> Params:
-    """Stack a list of updates into ``{key: [C, *shape]}``."""
+    """Stack a list of updates into ``{key: [C, *shape]}``.
+
+    Raises:
+        ValueError: if ``updates`` is empty.
+    """
     if not updates:
         raise ValueError("no updates to stack")
     return {k: torch.stack([u[k] for u in updates]) for k in updates[0]}
-
-
-def aggregate(stacked: Params, weights: torch.Tensor, *, method: str = "mean", trim_fraction: float = 0.1) -> Params:
-    """Combine ``C`` stacked client updates into one.
-
-    Args:
-        stacked: ``{key: [C, *shape]}``.
-        weights: ``[C]`` non-negative weights (number of tasks per client) for ``mean``.
-        method: ``"mean"`` (weighted mean), ``"median"`` (coordinate-wise median; bounds the
-            influence of a minority of arbitrary updates) or ``"trimmed_mean"`` (coordinate-wise,
-            dropping the ``trim_fraction`` largest and smallest values; Yin et al., 2018).
-        trim_fraction: share trimmed at each end for ``trimmed_mean``.
-
-    Returns:
-        ``{key: [*shape]}``.
-    """
-    if method == "mean":
-        w = weights.to(torch.float64)
-        if float(w.sum()) <= 0:
-            raise ValueError("aggregation weights sum to zero")
-        w = w / w.sum()
-        return {k: torch.tensordot(w.to(v.dtype), v, dims=1) for k, v in stacked.items()}
-    if method == "median":
-        return {k: v.median(dim=0).values if v.shape[0] % 2 else v.quantile(0.5, dim=0) for k, v in stacked.items()}
-    if method == "trimmed_mean":
-        out: Params = {}
-        for k, v in stacked.items():
-            c = v.shape[0]
-            cut = int(math.floor(trim_fraction * c))
-            srt = v.sort(dim=0).values
-            out[k] = srt[cut : c - cut].mean(dim=0)
-        return out
-    raise ValueError(f"aggregation method must be one of {AGGREGATORS}, got {method!r}")
