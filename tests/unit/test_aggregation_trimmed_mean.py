@@ -20,7 +20,8 @@ def test_drops_floor_of_trim_fraction_times_cohort_at_each_end() -> None:
     values = torch.tensor([-100.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 100.0])  # C = 10
     updates = {"w": values[torch.randperm(10, generator=torch.Generator().manual_seed(0))].unsqueeze(1)}
     torch.testing.assert_close(TrimmedMean(0.1).aggregate(updates, torch.ones(10))["w"], torch.tensor([4.5]))
-    torch.testing.assert_close(TrimmedMean(0.25).aggregate(updates, torch.ones(10))["w"], torch.tensor([4.5]))  # 2 each end
+    # 0.25: two dropped at each end
+    torch.testing.assert_close(TrimmedMean(0.25).aggregate(updates, torch.ones(10))["w"], torch.tensor([4.5]))
     torch.testing.assert_close(TrimmedMean(0.0).aggregate(updates, torch.ones(10))["w"], values.mean().view(1))
 
 
