@@ -1,10 +1,14 @@
-"""Typed run configuration: frozen dataclasses loaded from YAML and validated in one place.
+"""Typed run configuration: frozen dataclasses loaded from YAML and validated at the boundary.
 
 Every key of SPEC §10 is here (more are added as features need them; none is ever renamed).
 :func:`load_config` reads a YAML file, applies ``--set dotted.key=value`` overrides and returns a
 :class:`Config`; any unknown key, wrong type or out-of-range value raises :class:`ConfigError`
-naming the dotted key and the offending value. :func:`to_flat` / :func:`from_flat` give a config
-as dotted keys; Flower's ``run_config`` mapping is read and written in :mod:`fedmeta.flower.run_config`.
+naming the dotted key and the offending value. :func:`validate` keeps the section-wide and
+cross-section rules; the options of a component (a task family, a model, an aggregation rule)
+are checked by the component itself (its ``check_config``), which :func:`validate` calls for
+every component its registry holds; the component names come from those registries.
+:func:`to_flat` / :func:`from_flat` give a config as dotted keys; Flower's ``run_config``
+mapping is read and written in :mod:`fedmeta.flower.run_config`.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 import yaml
 
 from fedmeta.errors import ConfigError
+from fedmeta.registry import require as _require
 
 __all__ = [
     "TaskConfig",
@@ -35,29 +40,39 @@ __all__ = [
     "to_dict",
     "to_flat",
     "from_flat",
-    "TASK_NAMES",
-    "MODEL_NAMES",
+    "TASK_NAMES",  # noqa: F822 (module __getattr__: the task-family registry's names)
+    "MODEL_NAMES",  # noqa: F822 (module __getattr__: the model registry's names)
     "ALGORITHM_NAMES",
     "PRIVACY_MODES",
 ]
 
-TASK_NAMES = ("sinusoid", "harmonic", "glyphs", "folder")
 #: the generated regression families (a folder site may hold either kind)
 REGRESSION_TASKS = ("sinusoid", "harmonic")
-MODEL_NAMES = ("mlp", "conv4")
 ALGORITHM_NAMES = ("maml", "fomaml", "reptile", "metasgd", "anil", "fedavg")
 HEAD_INITS = ("learned", "zero", "prototypes")
 PRIVACY_MODES = ("none", "client-central", "client-local", "task")
 OUTER_OPTIMIZERS = ("adam", "sgd")
-AGGREGATIONS = ("mean", "median", "trimmed_mean")
 SAMPLINGS = ("uniform", "poisson")
 ACCOUNTANTS = ("rdp", "prv", "gdp")
 BUDGET_ACTIONS = ("refuse", "stop")
-GLYPH_PARTITIONS = ("iid", "style", "script", "dirichlet")
-CONV_NORMS = ("batch", "group", "layer", "none")
-CONV_POOLS = ("stride", "max")
 
 Range = tuple[float, float]
+
+
+def __getattr__(name: str) -> tuple[str, ...]:
+    """``TASK_NAMES`` and ``MODEL_NAMES``: the names the task-family and model registries hold.
+
+    Looked up on use (PEP 562) because the registries import torch and this module does not.
+    """
+    if name == "TASK_NAMES":
+        from fedmeta.tasks import TASK_FAMILIES
+
+        return TASK_FAMILIES.names()
+    if name == "MODEL_NAMES":
+        from fedmeta.models import MODELS
+
+        return MODELS.names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -326,20 +341,6 @@ def _build(cls: Any, data: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def _require(cond: bool, key: str, value: Any, why: str) -> None:
-    if not cond:
-        raise ConfigError(f"config key '{key}' {why}, got {value!r}")
-
-
-def _check_range(key: str, value: Range | None, *, low: float | None = None) -> None:
-    if value is None:
-        return
-    lo, hi = value
-    _require(lo <= hi, key, list(value), "must be [low, high] with low <= high")
-    if low is not None:
-        _require(lo >= low, key, list(value), f"must lie at or above {low}")
-
-
 def _validate_outer_schedule(cfg: Config) -> None:
     """``meta.outer_schedule`` and its keys (fedmeta/federation/stages.py)."""
     from fedmeta.federation.stages import OUTER_SCHEDULES
@@ -376,9 +377,15 @@ def validate(cfg: Config) -> Config:
     Raises:
         ConfigError: naming the first key whose value is out of range or inconsistent.
     """
+    # The component registries (which import torch) are imported here, not at module level, so
+    # that importing fedmeta.config stays light; each component validates its own options.
+    from fedmeta.aggregation import AGGREGATORS
+    from fedmeta.models import MODELS
+    from fedmeta.tasks import TASK_FAMILIES
+
     t, m, me, f, p, e = cfg.task, cfg.model, cfg.meta, cfg.federation, cfg.privacy, cfg.eval
     _require(cfg.seed >= 0, "seed", cfg.seed, "must be a non-negative integer")
-    _require(t.name in TASK_NAMES, "task.name", t.name, f"must be one of {', '.join(TASK_NAMES)}")
+    _require(t.name in TASK_FAMILIES, "task.name", t.name, f"must be one of {', '.join(TASK_FAMILIES)}")
     _require(t.shots >= 1, "task.shots", t.shots, "must be at least 1")
     _require(t.query >= 1, "task.query", t.query, "must be at least 1")
     _require(t.ways >= 2, "task.ways", t.ways, "must be at least 2")
@@ -388,44 +395,12 @@ def validate(cfg: Config) -> Config:
         t.tasks_per_site,
         "must be null or at least 1",
     )
-    _check_range("task.amplitude", t.amplitude)
-    _check_range("task.phase", t.phase)
-    _check_range("task.x_range", t.x_range)
-    _check_range("task.omega", t.omega, low=0.0)
-    _check_range("task.damping", t.damping, low=0.0)
-    if t.damping is not None:
-        _require(t.damping[1] < 1.0, "task.damping", list(t.damping), "must stay below 1 (underdamped)")
-    _require(t.noise_std >= 0, "task.noise_std", t.noise_std, "must be >= 0")
-    if t.name == "folder" and e.server:
-        # A deployment server without site data (each SuperNode has its own data-dir) leaves it
-        # null; it then evaluates only through the sites (eval.server false, eval.clients > 0).
-        _require(
-            bool(t.data_dir),
-            "task.data_dir",
-            t.data_dir,
-            "must name a site folder for task.name 'folder' (a deployment server without data: set eval.server false and eval.clients > 0)",
-        )
-    _require(16 <= t.image_size <= 128, "task.image_size", t.image_size, "must be between 16 and 128 pixels")
-    _require(t.drawings >= 2, "task.drawings", t.drawings, "must be at least 2")
-    _require(t.partition in GLYPH_PARTITIONS, "task.partition", t.partition, f"must be one of {', '.join(GLYPH_PARTITIONS)}")
-    _require(t.dirichlet_alpha > 0 and math.isfinite(t.dirichlet_alpha), "task.dirichlet_alpha", t.dirichlet_alpha, "must be a positive number")
-    _require(t.render_seed >= 0, "task.render_seed", t.render_seed, "must be a non-negative integer")
-    _require(t.cache_dir is None or bool(t.cache_dir.strip()), "task.cache_dir", t.cache_dir, "must be null or a folder path")
-    if t.name == "glyphs":
-        _require(
-            t.shots + t.query <= t.drawings,
-            "task.query",
-            t.query,
-            f"plus task.shots ({t.shots}) must not exceed task.drawings ({t.drawings}), the drawings per character",
-        )
+    for _, family in TASK_FAMILIES.items():
+        family.check_config(cfg)
 
-    _require(m.name in MODEL_NAMES, "model.name", m.name, f"must be one of {', '.join(MODEL_NAMES)}")
-    _require(all(h >= 1 for h in m.hidden) and len(m.hidden) >= 1, "model.hidden", list(m.hidden), "must be a non-empty list of positive widths")
-    _require(m.channels >= 1, "model.channels", m.channels, "must be at least 1")
-    _require(m.norm in CONV_NORMS, "model.norm", m.norm, f"must be one of {', '.join(CONV_NORMS)}")
-    _require(m.pool in CONV_POOLS, "model.pool", m.pool, f"must be one of {', '.join(CONV_POOLS)}")
-    if m.name == "conv4" and m.norm == "group":
-        _require(m.channels % 8 == 0, "model.channels", m.channels, "must be a multiple of 8 for model.norm 'group' (8 groups)")
+    _require(m.name in MODELS, "model.name", m.name, f"must be one of {', '.join(MODELS)}")
+    for _, model in MODELS.items():
+        model.check_config(cfg)
 
     _require(
         me.algorithm in ALGORITHM_NAMES,
@@ -489,8 +464,14 @@ def validate(cfg: Config) -> Config:
         f"must be null or between 1 and federation.clients_per_round ({f.clients_per_round})",
     )
     _require(f.round_timeout > 0, "federation.round_timeout", f.round_timeout, "must be positive (seconds)")
-    _require(f.aggregation in AGGREGATIONS, "federation.aggregation", f.aggregation, f"must be one of {', '.join(AGGREGATIONS)}")
-    _require(0 <= f.trim_fraction < 0.5, "federation.trim_fraction", f.trim_fraction, "must be in [0, 0.5)")
+    _require(
+        f.aggregation in AGGREGATORS,
+        "federation.aggregation",
+        f.aggregation,
+        f"must be one of {', '.join(AGGREGATORS)}",
+    )
+    for _, rule in AGGREGATORS.items():
+        rule.check_config(cfg)
     _require(f.sampling in SAMPLINGS, "federation.sampling", f.sampling, f"must be one of {', '.join(SAMPLINGS)}")
     _require(f.join_timeout > 0, "federation.join_timeout", f.join_timeout, "must be positive (seconds)")
     _require(f.max_retries >= 0, "federation.max_retries", f.max_retries, "must be a non-negative integer")
@@ -572,11 +553,10 @@ def validate(cfg: Config) -> Config:
     )
     _require(e.server or e.clients > 0, "eval.server", e.server, "may be false only when eval.clients > 0 (something must evaluate)")
 
-    needs_images = t.name == "glyphs"
-    if needs_images:
-        _require(m.name == "conv4", "model.name", m.name, "must be 'conv4' for task.name 'glyphs'")
-    if t.name in ("sinusoid", "harmonic"):
-        _require(m.name == "mlp", "model.name", m.name, f"must be 'mlp' for task.name '{t.name}'")
+    fits = TASK_FAMILIES.get(t.name).models
+    if fits is not None:
+        why = f"must be {' or '.join(map(repr, fits))} for task.name '{t.name}'"
+        _require(m.name in fits, "model.name", m.name, why)
     return cfg
 
 

@@ -11,7 +11,8 @@ A component registers itself where it is defined::
 and everything else (config validation, the CLI's listings, error messages) asks the registry for
 the names, so a new component is one module and its test. ``key`` is the config key that selects
 from the registry; unknown names raise a :class:`~fedmeta.errors.ConfigError` naming that key,
-the bad value and the known names.
+the bad value and the known names. :func:`require` is the one way components (and config) refuse an
+option value, so every such message reads ``config key '<key>' <why>, got <value>``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Generic, TypeVar
 
 from fedmeta.errors import ConfigError
 
-__all__ = ["Registry"]
+__all__ = ["Registry", "require"]
 
 T = TypeVar("T")
 
@@ -89,3 +90,19 @@ class Registry(Generic[T]):
     def items(self) -> list[tuple[str, T]]:
         """``(name, component)`` pairs in registration order."""
         return list(self._entries.items())
+
+
+def require(cond: bool, key: str, value: object, why: str) -> None:
+    """Refuse a config value: the one message format of a bad option, for config and components alike.
+
+    Args:
+        cond: what must hold.
+        key: the dotted config key (``"federation.trim_fraction"``).
+        value: the offending value, quoted with ``repr`` in the message.
+        why: what the value must be (``"must be in [0, 0.5)"``).
+
+    Raises:
+        ConfigError: ``config key '<key>' <why>, got <value>`` when ``cond`` is false.
+    """
+    if not cond:
+        raise ConfigError(f"config key '{key}' {why}, got {value!r}")

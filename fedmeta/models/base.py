@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from fedmeta.types import Params
+
+if TYPE_CHECKING:
+    from fedmeta.config import Config
 
 __all__ = ["FunctionalModel", "uniform_fan_in"]
 
@@ -43,6 +47,27 @@ class FunctionalModel(ABC):
     #: True when :meth:`forward_tasks` and friends are native batched implementations (the
     #: algorithms' batched eager path is used); False: the algorithms ``vmap`` over tasks.
     batched_tasks: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: Config, input_shape: tuple[int, ...], outputs: int) -> FunctionalModel:
+        """Build the model from its ``model.*`` options for a task family's inputs and outputs.
+
+        Raises:
+            ConfigError: if the options or the task's inputs do not suit the model.
+        """
+        raise NotImplementedError(f"{cls.__name__} cannot be built from a config")
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """Validate the ``model.*`` options this model owns (none by default).
+
+        Config validation calls it for every registered model on every config, whichever model the
+        config selects, so that a config never carries an invalid value; rules that apply only when
+        this model is selected test ``cfg.model.name == cls.name``.
+
+        Raises:
+            ConfigError: naming the key and the bad value.
+        """
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module

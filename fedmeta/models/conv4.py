@@ -39,15 +39,19 @@ nested ``torch.func.grad`` (docs/glyphs.md, "Speed").
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fedmeta.config import Config
 from fedmeta.errors import ConfigError
 from fedmeta.models.base import FunctionalModel, uniform_fan_in
+from fedmeta.registry import require
 from fedmeta.types import Params
+
+if TYPE_CHECKING:
+    from fedmeta.config import Config
 
 __all__ = ["Conv4", "NORMS", "POOLS"]
 
@@ -220,6 +224,17 @@ class Conv4(FunctionalModel):
             return cls(input_shape, outputs, channels=m.channels, norm=m.norm, pool=m.pool)
         except ValueError as exc:
             raise ConfigError(f"config key 'model.name' is 'conv4' but {exc} (task '{cfg.task.name}')") from exc
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """``model.channels`` / ``model.norm`` / ``model.pool`` in range; group norm's 8 groups divide the channels."""
+        m = cfg.model
+        require(m.channels >= 1, "model.channels", m.channels, "must be at least 1")
+        require(m.norm in NORMS, "model.norm", m.norm, f"must be one of {', '.join(NORMS)}")
+        require(m.pool in POOLS, "model.pool", m.pool, f"must be one of {', '.join(POOLS)}")
+        if m.name == cls.name and m.norm == "group":
+            why = "must be a multiple of 8 for model.norm 'group' (8 groups)"
+            require(m.channels % _GROUPS == 0, "model.channels", m.channels, why)
 
     def init_params(self, gen: torch.Generator) -> Params:
         """He-uniform convolutions (ReLU gain), unit/zero normalization affine, fan-in uniform head."""

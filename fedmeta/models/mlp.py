@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fedmeta.models.base import FunctionalModel, uniform_fan_in
+from fedmeta.registry import require
 from fedmeta.types import Params
+
+if TYPE_CHECKING:
+    from fedmeta.config import Config
 
 __all__ = ["MLP"]
 
@@ -47,6 +52,18 @@ class MLP(FunctionalModel):
         self.out_features = out_features
         super().__init__(_MLPModule(self.in_features, self.hidden, out_features))
         self._hidden_layers = [f"body.{i}" for i, m in enumerate(self.module.body) if isinstance(m, nn.Linear)]
+
+    @classmethod
+    def from_config(cls, cfg: Config, input_shape: tuple[int, ...], outputs: int) -> MLP:
+        """Build from ``model.hidden``."""
+        return cls(input_shape, cfg.model.hidden, outputs)
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """``model.hidden`` must be a non-empty list of positive widths."""
+        hidden = cfg.model.hidden
+        why = "must be a non-empty list of positive widths"
+        require(all(h >= 1 for h in hidden) and len(hidden) >= 1, "model.hidden", list(hidden), why)
 
     # A hand-written forward pass: torch.func.functional_call swaps module parameters on every
     # call, which costs about a third of a small MLP's meta-gradient under vmap.

@@ -1,5 +1,9 @@
 """Task families and the rules by which clients and evaluation draw tasks from them.
 
+:data:`TASK_FAMILIES` registers the families by ``task.name``; each family class owns its name,
+how it is built from its ``task.*`` options (``from_config``), their validation
+(``check_config``) and the models its tasks fit (``models``).
+
 :class:`TaskSource` is the one place that decides which tasks client ``c`` sees in round ``r``
 and which tasks are held out for evaluation. The centralized reference and the Flower client
 both call it, so the same seed gives the same tasks on both paths.
@@ -13,13 +17,22 @@ import torch
 
 from fedmeta.config import Config
 from fedmeta.errors import ConfigError
+from fedmeta.registry import Registry
 from fedmeta.rng import make_generator
 from fedmeta.tasks.base import SPLITS, TaskFamily
 from fedmeta.tasks.folder import FolderFamily, list_sites
+from fedmeta.tasks.glyphs.family import GlyphFamily
 from fedmeta.tasks.regression import HarmonicFamily, SinusoidFamily
 from fedmeta.types import TaskBatch
 
-__all__ = ["TaskFamily", "TaskSource", "build_family", "SPLITS"]
+__all__ = ["TaskFamily", "TaskSource", "build_family", "TASK_FAMILIES", "SPLITS"]
+
+#: The task families by ``task.name``, in the order messages list them (the default first).
+TASK_FAMILIES = Registry[type[TaskFamily]]("task family", key="task.name")
+TASK_FAMILIES.add(SinusoidFamily.name, SinusoidFamily)
+TASK_FAMILIES.add(HarmonicFamily.name, HarmonicFamily)
+TASK_FAMILIES.add(GlyphFamily.name, GlyphFamily)
+TASK_FAMILIES.add(FolderFamily.name, FolderFamily)
 
 
 def build_family(cfg: Config, *, site: str | Path | None = None) -> TaskFamily:
@@ -30,35 +43,10 @@ def build_family(cfg: Config, *, site: str | Path | None = None) -> TaskFamily:
         site: for the ``folder`` family, the site folder to read (defaults to ``task.data_dir``).
 
     Raises:
-        ConfigError: for an unknown family name.
+        ConfigError: for an unknown family name (naming ``task.name`` and the known names).
         DataFormatError: if a site folder does not match the documented format.
     """
-    t = cfg.task
-    if t.name == "sinusoid":
-        return SinusoidFamily(
-            shots=t.shots, query=t.query, amplitude=t.amplitude, phase=t.phase, x_range=t.x_range, noise_std=t.noise_std
-        )
-    if t.name == "harmonic":
-        return HarmonicFamily(
-            shots=t.shots,
-            query=t.query,
-            amplitude=t.amplitude,
-            omega=t.omega,
-            damping=t.damping,
-            phase=t.phase,
-            x_range=t.x_range,
-            noise_std=t.noise_std,
-        )
-    if t.name == "folder":
-        where = site if site is not None else t.data_dir
-        if where is None:
-            raise ConfigError("config key 'task.data_dir' must name a site folder for task.name 'folder'")
-        return FolderFamily(where, shots=t.shots, query=t.query, ways=t.ways)
-    if t.name == "glyphs":
-        from fedmeta.tasks.glyphs import build_glyph_family  # heavy: fonts and image cache
-
-        return build_glyph_family(cfg)
-    raise ConfigError(f"config key 'task.name' has no task family {t.name!r}")
+    return TASK_FAMILIES.get(cfg.task.name).from_config(cfg, site=site)
 
 
 class TaskSource:

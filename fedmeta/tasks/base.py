@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor
 
 from fedmeta.types import TaskBatch
+
+if TYPE_CHECKING:
+    from fedmeta.config import Config
 
 __all__ = ["TaskFamily", "SPLITS"]
 
@@ -24,12 +29,42 @@ class TaskFamily(ABC):
     touch the global random state.
     """
 
+    #: the ``task.name`` that selects the family (registered in :data:`fedmeta.tasks.TASK_FAMILIES`).
+    name: ClassVar[str] = ""
+    #: the ``model.name`` values the family's tasks fit (``None``: any model); config refuses others.
+    models: ClassVar[tuple[str, ...] | None] = None
     #: ``"regression"`` or ``"classification"``.
     kind: str = "regression"
     #: shape of one input example (without batch dimensions).
     input_shape: tuple[int, ...] = (1,)
     #: number of outputs of the model (regression targets or classes per episode).
     output_dim: int = 1
+
+    @classmethod
+    def from_config(cls, cfg: Config, *, site: str | Path | None = None) -> TaskFamily:
+        """Build the family from its ``task.*`` options.
+
+        Args:
+            cfg: the run configuration.
+            site: for families read from disk, the site folder (default: the config's).
+
+        Raises:
+            ConfigError: if the options do not allow the family.
+            DataFormatError: if data on disk does not match the documented format.
+        """
+        raise NotImplementedError(f"{cls.__name__} cannot be built from a config")
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """Validate the ``task.*`` options this family owns (none by default).
+
+        Config validation calls it for every registered family on every config, whichever family
+        the config selects, so that a config never carries an invalid value; rules that apply only
+        when this family is selected test ``cfg.task.name == cls.name``.
+
+        Raises:
+            ConfigError: naming the key and the bad value.
+        """
 
     @abstractmethod
     def sample_params(self, gen: torch.Generator, n: int, split: str) -> Tensor:

@@ -35,16 +35,21 @@ from __future__ import annotations
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import yaml
 from torch import Tensor
 
-from fedmeta.errors import DataFormatError
+from fedmeta.errors import ConfigError, DataFormatError
+from fedmeta.registry import require
 from fedmeta.rng import derive_seed
 from fedmeta.tasks.base import SPLITS, TaskFamily
 from fedmeta.types import TaskBatch
+
+if TYPE_CHECKING:
+    from fedmeta.config import Config
 
 __all__ = ["SiteTask", "FolderFamily", "TooFewClassesError", "load_site_tasks", "list_sites", "write_site", "load_image", "SITE_KINDS", "IMAGE_SUFFIXES"]
 
@@ -347,6 +352,37 @@ class FolderFamily(TaskFamily):
     ``tasks/``, ``"eval"`` from ``heldout/`` (an error if the site has none). When more tasks are
     requested than the site stores, tasks repeat with new support/query draws (episodes).
     """
+
+    name = "folder"
+
+    @classmethod
+    def from_config(cls, cfg: Config, *, site: str | Path | None = None) -> FolderFamily:
+        """The site folder ``site`` (default: ``task.data_dir``) with ``task.shots``/``query``/``ways``.
+
+        Raises:
+            ConfigError: if neither ``site`` nor ``task.data_dir`` names a folder.
+            DataFormatError: if the folder does not match docs/data-format.md.
+        """
+        t = cfg.task
+        where = site if site is not None else t.data_dir
+        if where is None:
+            raise ConfigError("config key 'task.data_dir' must name a site folder for task.name 'folder'")
+        return cls(where, shots=t.shots, query=t.query, ways=t.ways)
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """When selected and the server evaluates, ``task.data_dir`` must name the site folder(s)."""
+        t = cfg.task
+        if t.name == cls.name and cfg.eval.server:
+            # A deployment server without site data (each SuperNode has its own data-dir) leaves it
+            # null; it then evaluates only through the sites (eval.server false, eval.clients > 0).
+            require(
+                bool(t.data_dir),
+                "task.data_dir",
+                t.data_dir,
+                "must name a site folder for task.name 'folder' (a deployment server without data: "
+                "set eval.server false and eval.clients > 0)",
+            )
 
     def __init__(self, site: str | Path, *, shots: int, query: int, ways: int = 5, kind: str | None = None) -> None:
         self.site = Path(site)

@@ -3,24 +3,58 @@
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from abc import abstractmethod
-
+from fedmeta.registry import require
 from fedmeta.tasks.base import SPLITS, TaskFamily, uniform
 from fedmeta.types import TaskBatch
 
+if TYPE_CHECKING:
+    from fedmeta.config import Config
+
 __all__ = ["SinusoidFamily", "HarmonicFamily"]
+
+
+Range = tuple[float, float]
+
+
+def _check_range(key: str, value: Range | None, *, low: float | None = None) -> None:
+    if value is None:
+        return
+    lo, hi = value
+    require(lo <= hi, key, list(value), "must be [low, high] with low <= high")
+    if low is not None:
+        require(lo >= low, key, list(value), f"must lie at or above {low}")
 
 
 class _GeneratedRegression(TaskFamily):
     """Shared machinery: task parameters -> x drawn uniformly -> y = f(x; params) + noise."""
 
     kind = "regression"
+    models = ("mlp",)
     input_shape = (1,)
     output_dim = 1
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """The range keys of the generated families (``task.amplitude``, ``phase``, ``x_range``, ``omega``,
+        ``damping``) are ``[low, high]`` (``omega`` and ``damping`` non-negative, damping below 1), and
+        ``task.noise_std >= 0``.
+        """
+        t = cfg.task
+        _check_range("task.amplitude", t.amplitude)
+        _check_range("task.phase", t.phase)
+        _check_range("task.x_range", t.x_range)
+        _check_range("task.omega", t.omega, low=0.0)
+        _check_range("task.damping", t.damping, low=0.0)
+        if t.damping is not None:
+            require(t.damping[1] < 1.0, "task.damping", list(t.damping), "must stay below 1 (underdamped)")
+        require(t.noise_std >= 0, "task.noise_std", t.noise_std, "must be >= 0")
 
     def __init__(self, *, shots: int, query: int, x_range: tuple[float, float], noise_std: float) -> None:
         self.shots = shots
@@ -58,6 +92,8 @@ class SinusoidFamily(_GeneratedRegression):
     from independent random streams, so a held-out task is never a training task.
     """
 
+    name = "sinusoid"
+
     def __init__(
         self,
         *,
@@ -71,6 +107,14 @@ class SinusoidFamily(_GeneratedRegression):
         super().__init__(shots=shots, query=query, x_range=x_range or (-5.0, 5.0), noise_std=noise_std)
         self.amplitude = amplitude or (0.1, 5.0)
         self.phase = phase or (0.0, math.pi)
+
+    @classmethod
+    def from_config(cls, cfg: Config, *, site: str | Path | None = None) -> SinusoidFamily:
+        """From ``task.shots``/``query`` and the range keys (``None`` keeps MAML's defaults)."""
+        t = cfg.task
+        return cls(
+            shots=t.shots, query=t.query, amplitude=t.amplitude, phase=t.phase, x_range=t.x_range, noise_std=t.noise_std
+        )
 
     def sample_params(self, gen: torch.Generator, n: int, split: str) -> Tensor:
         if split not in SPLITS:
@@ -96,6 +140,8 @@ class HarmonicFamily(_GeneratedRegression):
     hard as MAML's sinusoid for a 40-40 MLP, with frequency and damping varying across tasks).
     """
 
+    name = "harmonic"
+
     def __init__(
         self,
         *,
@@ -113,6 +159,21 @@ class HarmonicFamily(_GeneratedRegression):
         self.omega = omega or (0.5, 2.0)
         self.damping = damping or (0.0, 0.2)
         self.phase = phase or (0.0, math.pi)
+
+    @classmethod
+    def from_config(cls, cfg: Config, *, site: str | Path | None = None) -> HarmonicFamily:
+        """From ``task.shots``/``query`` and the range keys (``None`` keeps the defaults above)."""
+        t = cfg.task
+        return cls(
+            shots=t.shots,
+            query=t.query,
+            amplitude=t.amplitude,
+            omega=t.omega,
+            damping=t.damping,
+            phase=t.phase,
+            x_range=t.x_range,
+            noise_std=t.noise_std,
+        )
 
     def sample_params(self, gen: torch.Generator, n: int, split: str) -> Tensor:
         if split not in SPLITS:

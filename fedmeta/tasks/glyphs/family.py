@@ -12,6 +12,7 @@ rotations the glyph list marks as distinct. Evaluation classes are never rotated
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -21,12 +22,13 @@ from torch import Tensor
 
 from fedmeta.config import Config
 from fedmeta.errors import ConfigError
+from fedmeta.registry import require
 from fedmeta.rng import make_generator
 from fedmeta.tasks.base import SPLITS, TaskFamily
 from fedmeta.tasks.folder import write_site
 from fedmeta.tasks.glyphs.cache import cache_dir, load_bank
 from fedmeta.tasks.glyphs.catalog import GlyphCatalog, load_catalog
-from fedmeta.tasks.glyphs.partition import client_partition
+from fedmeta.tasks.glyphs.partition import PARTITIONS, client_partition
 from fedmeta.types import TaskBatch
 
 __all__ = ["GlyphFamily", "build_glyph_family", "make_glyph_sites", "ROTATIONS"]
@@ -68,7 +70,39 @@ class GlyphFamily(TaskFamily):
         eager_eval: load the evaluation drawings now rather than on first use.
     """
 
+    name = "glyphs"
+    models = ("conv4",)
     kind = "classification"
+
+    @classmethod
+    def from_config(cls, cfg: Config, *, site: str | Path | None = None) -> TaskFamily:
+        """The whole benchmark (:func:`build_glyph_family` without a client; ``site`` is not used)."""
+        return build_glyph_family(cfg)
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """The glyph keys of ``task`` in range; when selected, ``shots + query`` drawings per character exist."""
+        t = cfg.task
+        require(16 <= t.image_size <= 128, "task.image_size", t.image_size, "must be between 16 and 128 pixels")
+        require(t.drawings >= 2, "task.drawings", t.drawings, "must be at least 2")
+        require(t.partition in PARTITIONS, "task.partition", t.partition, f"must be one of {', '.join(PARTITIONS)}")
+        require(
+            t.dirichlet_alpha > 0 and math.isfinite(t.dirichlet_alpha),
+            "task.dirichlet_alpha",
+            t.dirichlet_alpha,
+            "must be a positive number",
+        )
+        require(t.render_seed >= 0, "task.render_seed", t.render_seed, "must be a non-negative integer")
+        require(
+            t.cache_dir is None or bool(t.cache_dir.strip()), "task.cache_dir", t.cache_dir, "must be null or a folder path"
+        )
+        if t.name == cls.name:
+            require(
+                t.shots + t.query <= t.drawings,
+                "task.query",
+                t.query,
+                f"plus task.shots ({t.shots}) must not exceed task.drawings ({t.drawings}), the drawings per character",
+            )
 
     def __init__(
         self,

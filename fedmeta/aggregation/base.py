@@ -1,0 +1,115 @@
+"""The aggregation-rule interface and its registry: one rule per module, selected by ``federation.aggregation``.
+
+A rule is an object built from its own options (:meth:`Aggregator.from_config`), which it validates
+itself (:meth:`Aggregator.check_config`), and that combines a round's ``C`` stacked client updates
+given their weights and the current model. Adding a rule is one module that registers itself::
+
+    @AGGREGATORS.register("krum")
+    class Krum(Aggregator): ...
+
+plus its import in ``fedmeta/aggregation/__init__.py`` and its test.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
+
+import torch
+
+from fedmeta.registry import Registry
+from fedmeta.types import Params
+
+if TYPE_CHECKING:
+    from fedmeta.config import Config
+
+__all__ = ["Aggregator", "AGGREGATORS", "build_aggregator", "aggregate"]
+
+
+class Aggregator(ABC):
+    """One rule that combines ``C`` client updates into one.
+
+    Built once per run from the rule's own options; :meth:`aggregate` is then called every round.
+    """
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Aggregator:
+        """Build the rule from its options (in the ``federation`` section; none by default).
+
+        Raises:
+            ConfigError: if an option is out of range (naming its key).
+        """
+        return cls()
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """Validate the options this rule owns (none by default).
+
+        Config validation calls it for every registered rule on every config, whichever rule the
+        config selects, so that a config never carries an invalid value (as before rules had
+        modules of their own); a rule with rules that apply only when it is selected tests
+        ``cfg.federation.aggregation`` itself.
+
+        Raises:
+            ConfigError: naming the key and the bad value.
+        """
+
+    @abstractmethod
+    def aggregate(self, updates: Params, weights: torch.Tensor, *, reference: Params | None = None) -> Params:
+        """Combine stacked client updates into one.
+
+        Args:
+            updates: ``{key: [C, *shape]}``, one row per client.
+            weights: ``[C]`` non-negative weights (the number of tasks behind each update).
+            reference: the current model ``{key: [*shape]}`` the updates were computed at, for rules
+                that compare updates with it; ``None`` when the caller has none to give (the rules
+                of today do not use it; a rule that needs it raises ``ValueError`` on ``None``).
+
+        Returns:
+            ``{key: [*shape]}``.
+
+        Raises:
+            ValueError: if the weights or the updates do not allow the rule (e.g. weights summing to zero).
+        """
+
+
+#: The aggregation rules, by their ``federation.aggregation`` name (filled by the rule modules).
+AGGREGATORS = Registry[type[Aggregator]]("aggregator", key="federation.aggregation")
+
+
+def build_aggregator(cfg: Config) -> Aggregator:
+    """The rule ``cfg.federation.aggregation`` names, built from its options.
+
+    Raises:
+        ConfigError: for an unknown name (naming ``federation.aggregation`` and the known names) or
+            an invalid option of the rule.
+    """
+    return AGGREGATORS.get(cfg.federation.aggregation).from_config(cfg)
+
+
+def aggregate(stacked: Params, weights: torch.Tensor, *, method: str = "mean", trim_fraction: float = 0.1) -> Params:
+    """Combine ``C`` stacked client updates into one with the rule named ``method``.
+
+    The functional form of :func:`build_aggregator` + :meth:`Aggregator.aggregate` (no reference model).
+
+    Args:
+        stacked: ``{key: [C, *shape]}``.
+        weights: ``[C]`` non-negative weights (number of tasks per client) for ``mean``.
+        method: a registered rule: ``"mean"`` (weighted mean), ``"median"`` (coordinate-wise median;
+            bounds the influence of a minority of arbitrary updates) or ``"trimmed_mean"``
+            (coordinate-wise, dropping the ``trim_fraction`` largest and smallest values; Yin et al., 2018).
+        trim_fraction: share trimmed at each end for ``trimmed_mean``.
+
+    Returns:
+        ``{key: [*shape]}``.
+
+    Raises:
+        ValueError: for an unknown ``method``, or weights summing to zero under ``mean``.
+        ConfigError: for a ``trim_fraction`` outside ``[0, 0.5)`` under ``trimmed_mean``.
+    """
+    from fedmeta.config import Config, FederationConfig  # light (no torch); config imports this package lazily
+
+    if method not in AGGREGATORS:
+        raise ValueError(f"aggregation method must be one of {AGGREGATORS.names()}, got {method!r}")
+    cfg = Config(federation=FederationConfig(aggregation=method, trim_fraction=trim_fraction))
+    return build_aggregator(cfg).aggregate(stacked, weights)
