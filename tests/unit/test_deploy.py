@@ -8,7 +8,9 @@ import signal
 import sys
 import time
 from dataclasses import replace
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -183,3 +185,83 @@ def test_server_builds_its_model_from_the_sites_and_refuses_mismatched_ones(sinu
     with pytest.raises(ConfigError, match="holds no task data"):
         server.exp.source.eval_tasks()
     assert isinstance(server.exp.source.family(None), SiteLayoutFamily)
+
+
+# -- a resumed run takes over its out-dir ------------------------------------------------------
+
+
+class _FakeSuperLink:
+    """Answers ``LocalDeployment.flwr`` as a SuperLink would, and records the commands."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+        self.status: dict[int, str] = {}
+        self.stop_takes_effect = True
+
+    def __call__(self, args: Sequence[str], *, timeout: float = 120.0, check: bool = True) -> dict[str, Any]:
+        self.calls.append(list(args))
+        if args[0] == "run":
+            run_id = len(self.status) + 1
+            self.status[run_id] = "running"
+            return {"success": True, "run-id": run_id}
+        if args[0] == "ls":
+            ids = [int(args[args.index("--run-id") + 1])] if "--run-id" in args else sorted(self.status)
+            runs = [{"run-id": str(i), "status": self.status[i]} for i in ids if i in self.status]
+            return {"success": True, "runs": runs}
+        if args[0] == "stop":
+            if not self.stop_takes_effect:
+                return {"success": False, "error-message": "no {such} luck"}
+            self.status[int(args[1])] = "finished:stopped"
+            return {"success": True}
+        raise AssertionError(f"unexpected flwr {args}")
+
+    def commands(self) -> list[tuple[str, ...]]:
+        return [tuple(a for a in c if not a.startswith("/") and a != "fedmeta-deploy") for c in self.calls]
+
+
+def _config(out: Path, *, resume: bool) -> dict[str, Any]:
+    return {"config-yaml": "", "out-dir": str(out), "resume": resume}
+
+
+def test_resumed_submission_stops_the_unfinished_run_into_the_same_out_dir(
+    tmp_path: Path, repo_root: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    deployment = LocalDeployment(tmp_path / "work", app_dir=repo_root)
+    fake = _FakeSuperLink()
+    monkeypatch.setattr(deployment, "flwr", fake)
+    killed = deployment.submit(_config(tmp_path / "a", resume=False))
+    other = deployment.submit(_config(tmp_path / "b", resume=False))
+    fake.status[3] = "running"  # a run of someone else, into no folder this deployment knows
+    fake.calls.clear()
+
+    with caplog.at_level("WARNING", logger="fedmeta.deploy"):
+        resumed = deployment.submit(_config(tmp_path / "a" / ".." / "a", resume=True))
+    # the killed run into the same folder is stopped, and only then the resumed run submitted
+    assert fake.commands() == [("ls",), ("stop", str(killed)), ("ls", "--run-id", str(killed)), ("run", "--run-config")]
+    assert fake.status[killed] == "finished:stopped"
+    assert fake.status[other] == fake.status[3] == "running"
+    assert resumed == 4
+    assert f"run {killed} into {(tmp_path / 'a').resolve()} is still 'running': stopping it" in caplog.text
+
+    # a run already finished (Flower expired it) is left as it is; a fresh run stops nothing
+    fake.status[resumed] = "finished:failed"
+    fake.calls.clear()
+    deployment.submit(_config(tmp_path / "a", resume=True))
+    deployment.submit(_config(tmp_path / "b", resume=False))
+    assert [c[0] for c in fake.commands()] == ["ls", "run", "run"]
+    assert fake.status[other] == "running"
+    deployment.close()
+
+
+def test_a_run_that_does_not_stop_fails_the_resumed_submission(
+    tmp_path: Path, repo_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    deployment = LocalDeployment(tmp_path / "work", app_dir=repo_root)
+    fake = _FakeSuperLink()
+    fake.stop_takes_effect = False
+    monkeypatch.setattr(deployment, "flwr", fake)
+    deployment.submit(_config(tmp_path / "a", resume=False))
+    with pytest.raises(DeploymentError, match=r"run 1 to finish after `flwr stop` \(refused: no \{such\} luck"):
+        deployment.stop_runs_writing_to(tmp_path / "a", timeout=0.0)
+    assert [c[0] for c in fake.commands()] == ["run", "ls", "stop", "ls"]
+    deployment.close()
