@@ -87,41 +87,47 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _wait_children(proc: ManagedProcess, count: int, timeout: float = 30.0) -> list[int]:
+    """The process's descendants once there are ``count`` of them (bounded wait)."""
+    from fedmeta.deploy import _descendants
+
+    deadline = time.monotonic() + timeout
+    tree = [pid for pid, _ in _descendants(proc.pid)]
+    while len(tree) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+        tree = [pid for pid, _ in _descendants(proc.pid)]
+    assert len(tree) >= count, f"{proc.name} started {len(tree)} of {count} children within {timeout:g}s"
+    return tree
+
+
 def test_managed_process_stop_ends_the_group_and_descendants_in_other_sessions(tmp_path: Path) -> None:
     # a leader that ignores SIGTERM, a child in its group, and a child in a session of its own
     # (as Flower's SuperLink starts flower-superexec): all must go
     script = "trap '' TERM; setsid sleep 301 & sleep 300 & wait"
     proc = ManagedProcess("stubborn", ["bash", "-c", script], env=flower_env(tmp_path / "home"), log_path=tmp_path / "p.log", cwd=tmp_path)
-    from fedmeta.deploy import _descendants
-
-    deadline = time.monotonic() + 10
-    tree: list[int] = []
-    while len(tree) < 2 and time.monotonic() < deadline:  # both children started
-        time.sleep(0.1)
-        tree = [pid for pid, _ in _descendants(proc.pid)]
+    tree = _wait_children(proc, 2)  # both children started
     assert proc.alive and _group_alive(proc.pid) and len(tree) == 2
     assert any(os.getsid(pid) != os.getsid(proc.pid) for pid in tree)  # one escaped the session
-    started = time.monotonic()
     proc.stop(timeout=1.0)
-    assert not proc.alive
+    assert proc.returncode == -signal.SIGKILL  # it ignored SIGTERM: killed once the timeout passed
     deadline = time.monotonic() + 10  # SIGKILL is delivered asynchronously: give the kernel a moment
     while (_group_alive(proc.pid) or any(_alive(pid) for pid in tree)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _group_alive(proc.pid)
     assert not any(_alive(pid) for pid in tree)
-    assert time.monotonic() - started < 20
     assert "sleep 300" in proc.tail()
 
 
 def test_managed_process_kill_is_immediate(tmp_path: Path) -> None:
     proc = ManagedProcess("victim", ["bash", "-c", "sleep 300 & sleep 300"], env=flower_env(tmp_path / "home"), log_path=tmp_path / "v.log", cwd=tmp_path)
-    time.sleep(0.3)
+    children = _wait_children(proc, 1)  # the background sleep has started: there is a group to kill
     proc.kill()
     assert proc.returncode == -signal.SIGKILL
     deadline = time.monotonic() + 10
-    while _group_alive(proc.pid) and time.monotonic() < deadline:
+    while (_group_alive(proc.pid) or any(_alive(pid) for pid in children)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _group_alive(proc.pid)
+    assert not any(_alive(pid) for pid in children)
 
 
 def test_flower_env_is_offline_and_local(tmp_path: Path) -> None:
