@@ -1,7 +1,8 @@
 """Fault injection for real Flower simulations: a Flower mod that makes chosen clients misbehave.
 
 A mod wraps the real ClientApp handler (nothing is mocked): it can raise instead of calling it,
-delay it past the round timeout, or replace the real reply's update with NaNs.
+hold its reply until the test says the server has moved on (a reply that is certain to come after
+the round timeout, however loaded the machine), or replace the real reply's update with NaNs.
 """
 
 from __future__ import annotations
@@ -24,13 +25,15 @@ class Faults:
     Attributes:
         raise_always: client ids whose handler raises every time.
         nan_reply: client ids whose update is replaced with NaN.
-        slow_first_try: ``(client, round)`` pairs that sleep ``sleep_seconds`` on their first
-            attempt (a timeout), then answer normally when retried.
+        slow_first_try: ``(client, round)`` pairs whose first attempt holds its reply until the
+            test calls :meth:`release` for that round (once the server has closed the round
+            without it: a timeout), then answers; a retry answers at once.
         fail_from_round: every client raises from this round on.
         fail_first_try_round: every client raises on its first attempt in this round and
             answers normally when retried.
-        marker_dir: where first attempts are recorded (shared by all Ray actors).
-        sleep_seconds: how long a slow attempt sleeps.
+        marker_dir: where first attempts and releases are recorded (shared by all Ray actors).
+        hold_limit: seconds a held attempt waits for its release before it raises (a bound
+            against a hang, not a timing the test relies on).
     """
 
     raise_always: tuple[int, ...] = ()
@@ -39,7 +42,11 @@ class Faults:
     fail_from_round: int | None = None
     fail_first_try_round: int | None = None
     marker_dir: str = ""
-    sleep_seconds: float = 0.0
+    hold_limit: float = 900.0
+
+    def release(self, rnd: int) -> None:
+        """Let the held attempts of round ``rnd`` answer (call once the server has closed that round)."""
+        (Path(self.marker_dir) / f"release-{rnd}").write_text("released")
 
     def __call__(self, message: Message, context: Context, call_next: Any) -> Message:
         if message.metadata.message_type != "train":
@@ -53,7 +60,7 @@ class Faults:
         if cid in self.raise_always:
             raise RuntimeError(f"injected failure of client {cid}")
         if (cid, rnd) in self.slow_first_try and self._first_attempt(cid, rnd):
-            time.sleep(self.sleep_seconds)
+            self._hold(rnd)
         reply = call_next(message, context)
         if cid in self.nan_reply and not reply.has_error():
             update = reply.content.array_records["update"]
@@ -61,6 +68,14 @@ class Faults:
             content = RecordDict({"update": poisoned, "metrics": reply.content.metric_records["metrics"]})
             return Message(content, reply_to=message)
         return reply
+
+    def _hold(self, rnd: int) -> None:
+        released = Path(self.marker_dir) / f"release-{rnd}"
+        deadline = time.monotonic() + self.hold_limit
+        while not released.exists():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"round {rnd} was not released within {self.hold_limit:g}s")
+            time.sleep(0.1)
 
     def _first_attempt(self, cid: int, rnd: int) -> bool:
         marker = Path(self.marker_dir) / f"{cid}-{rnd}"

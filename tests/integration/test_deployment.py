@@ -202,7 +202,9 @@ def _assert_same(a: Any, b: Any, where: str = "state") -> None:
         assert a == b, f"{where}: {a!r} != {b!r}"
 
 
-def test_server_side_stopped_after_round_1_resumes_at_round_2_with_identical_state(federation: Federation, reference_run: Path) -> None:
+def test_server_side_stopped_after_round_1_resumes_at_round_2_with_identical_state(
+    federation: Federation, reference_run: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     fed = federation
     _ensure_all_online(fed)  # the node killed by the previous test has rejoined
     out = fed.root / "resumed"
@@ -216,9 +218,16 @@ def test_server_side_stopped_after_round_1_resumes_at_round_2_with_identical_sta
     # SuperNodes, which kept retrying, reconnect; the run is submitted again with resume
     fed.deployment.start_superlink(database=fed.database, port=port)
     fed.deployment.wait_nodes_online(SITES, timeout=180)
-    resumed_id = _submit(fed, fed.cfg, out, resume=True)
+    with caplog.at_level("WARNING", logger="fedmeta.flower.deploy.local"):
+        resumed_id = _submit(fed, fed.cfg, out, resume=True)
+    # the killed run is over before the resumed one starts: the resumed submission stopped it,
+    # unless the SuperLink had already failed it for its missing heartbeats (2 x 30 s after the last)
+    killed = fed.deployment.run_status(run_id)
+    assert killed in ("finished:stopped", "finished:failed"), killed
+    if killed == "finished:stopped":
+        assert f"run {run_id} into {out.resolve()} is still 'running': stopping it" in caplog.text
     _finish(fed, resumed_id)
-    assert fed.deployment.run_status(run_id).startswith("finished")  # the killed run is not left running
+    assert fed.deployment.run_status(run_id) == killed  # the killed run is not left running
 
     rows = _train_rows(out)
     assert [r["round"] for r in rows] == [1, 2]  # round 1 is not redone, nothing counted twice

@@ -47,6 +47,20 @@ def _deployment_processes(home_root: Path) -> list[str]:
     return found
 
 
+def _wait_gone(home_root: Path, timeout: float = 30.0) -> list[str]:
+    """The deployment's processes still alive once none is left, or after ``timeout`` seconds.
+
+    SIGKILL is delivered asynchronously: a process killed just before ``fedmeta`` exited may
+    still be listed for a moment.
+    """
+    deadline = time.monotonic() + timeout
+    left = _deployment_processes(home_root)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.2)
+        left = _deployment_processes(home_root)
+    return left
+
+
 def test_deploy_local_interrupted_leaves_nothing_running_and_resumes(repo_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     args = [
@@ -76,8 +90,7 @@ def test_deploy_local_interrupted_leaves_nothing_running_and_resumes(repo_root: 
     finally:
         if proc.poll() is None:
             proc.kill()
-    time.sleep(1.0)
-    assert _deployment_processes(homes) == []
+    assert _wait_gone(homes) == []
     assert "interrupted" in log_path.read_text()
     assert load_checkpoint(out / "checkpoint.pt")["round"] == 1
     assert (out / "deploy" / "logs" / "superlink.log").is_file()  # kept after a failure
@@ -108,4 +121,4 @@ def test_deploy_local_interrupted_leaves_nothing_running_and_resumes(repo_root: 
     assert summary["privacy"]["mode"] == "client-central" and summary["privacy"]["delta"] == DELTA
     assert (out / "learning_curves.png").is_file()
     assert not (out / "deploy").exists()  # removed after success (no --keep-logs)
-    assert _deployment_processes(homes) == []
+    assert _wait_gone(homes) == []

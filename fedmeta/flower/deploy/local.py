@@ -16,7 +16,9 @@ CLI — and adds what a scripted deployment needs around them:
   On Linux the children also get SIGTERM if this process dies without cleaning up
   (``PR_SET_PDEATHSIG``);
 * a run's real outcome comes from ``flwr ls --run-id ID --format json`` (``flwr run --stream``
-  exits 0 even when the run failed).
+  exits 0 even when the run failed);
+* a resumed run first stops (``flwr stop``) any earlier run into the same ``out-dir`` that the
+  SuperLink still lists as unfinished, e.g. one whose ServerApp died with the SuperLink.
 
 Nothing here is fedmeta-specific except the defaults; the Flower app is whatever ``app_dir``
 holds (its ``pyproject.toml``).
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -316,6 +319,7 @@ class LocalDeployment:
         self.nodes: dict[str, _Node] = {}
         self._retired: list[ManagedProcess] = []
         self._runs = 0
+        self._out_dirs: dict[int, Path] = {}  # run id -> the out-dir of its run config
         self._closed = False
         self.logs.mkdir(parents=True, exist_ok=True)
         atexit.register(self.close)
@@ -563,9 +567,19 @@ class LocalDeployment:
         """``flwr run APP_DIR CONNECTION --run-config FILE``: submit a run and return its id.
 
         The run config goes through a TOML file, so values of any length and content survive.
+        A resumed run (``resume`` true) first ends any earlier run of this deployment into the
+        same ``out-dir`` that the SuperLink still lists as unfinished
+        (:meth:`stop_runs_writing_to`).
+
+        Raises:
+            DeploymentError: if ``flwr run`` fails or returns no run id, or an earlier run into
+                the same ``out-dir`` cannot be stopped.
         """
         import tomli_w
 
+        out_dir = run_config.get("out-dir")
+        if run_config.get("resume") and out_dir:
+            self.stop_runs_writing_to(out_dir)
         self._runs += 1
         path = self.workdir / f"run-config-{self._runs}.toml"
         path.write_text(tomli_w.dumps(dict(run_config)), encoding="utf-8")
@@ -574,6 +588,8 @@ class LocalDeployment:
         if run_id is None:
             raise DeploymentError(f"`flwr run` did not return a run id: {answer}")
         log.info("submitted run %s", run_id)
+        if out_dir:
+            self._out_dirs[int(run_id)] = Path(out_dir).resolve()
         return int(run_id)
 
     def run_status(self, run_id: int) -> str:
@@ -613,9 +629,61 @@ class LocalDeployment:
         self._wait(done, timeout, f"run {run_id} to finish (last status: {{status}})", [p for p in [self.superlink] if p], interval=interval, status=lambda: status)
         return status
 
-    def stop_run(self, run_id: int) -> None:
-        """``flwr stop RUN_ID``."""
-        self.flwr(["stop", str(run_id), self.connection], timeout=60, check=False)
+    def run_statuses(self) -> dict[int, str]:
+        """``run id -> status`` of every run the SuperLink lists (``flwr ls``)."""
+        answer = self.flwr(["ls", self.connection], timeout=60)
+        return {int(r["run-id"]): str(r["status"]) for r in answer.get("runs") or []}
+
+    def stop_run(self, run_id: int) -> dict[str, Any]:
+        """``flwr stop RUN_ID``; returns its JSON answer (``success``, ``error-message``)."""
+        return self.flwr(["stop", str(run_id), self.connection], timeout=60, check=False)
+
+    def stop_runs_writing_to(self, out_dir: str | Path, *, timeout: float = 60.0) -> list[int]:
+        """Stop every unfinished run this deployment submitted into ``out_dir``, and wait until it is finished.
+
+        A run whose ServerApp died with the SuperLink (a crash, SIGKILL) stays ``running`` in
+        a SuperLink state kept in a database until the SuperLink notices that its heartbeats
+        stopped (Flower: up to 2 x 30 s after the last one; it then shows
+        ``finished:failed``). A run whose ServerApp still lives would go on writing into
+        ``out_dir``. Before a resumed run takes over that folder, neither may be left running:
+        each is stopped with ``flwr stop`` (it then shows ``finished:stopped``) and logged.
+
+        Args:
+            out_dir: the run config's ``out-dir``.
+            timeout: seconds to wait for a stopped run to be listed as finished.
+
+        Returns:
+            The ids of the runs it stopped (runs the SuperLink no longer lists are skipped).
+
+        Raises:
+            DeploymentError: if a stopped run is not listed as finished within ``timeout``.
+        """
+        target = Path(out_dir).resolve()
+        mine = [run_id for run_id, path in self._out_dirs.items() if path == target]
+        if not mine:
+            return []
+        statuses = self.run_statuses()
+        stopped = []
+        for run_id in mine:
+            status = statuses.get(run_id)
+            if status is None or status.startswith("finished"):
+                continue
+            log.warning("run %d into %s is still '%s': stopping it before the resumed run", run_id, target, status)
+            answer = self.stop_run(run_id)
+            said = "accepted" if answer.get("success") else f"refused: {answer.get('error-message') or answer}"
+            said = said.replace("{", "{{").replace("}", "}}")  # `_wait` formats the text
+            self._wait(
+                functools.partial(self._finished, run_id),
+                timeout,
+                f"run {run_id} to finish after `flwr stop` ({said})",
+                self._core_processes(),
+                interval=1.0,
+            )
+            stopped.append(run_id)
+        return stopped
+
+    def _finished(self, run_id: int) -> bool:
+        return self.run_status(run_id).startswith("finished")
 
     def run_logs(self, run_id: int, *, timeout: float = 30.0) -> str:
         """The ServerApp's logs of a run as the SuperLink kept them (``flwr log --show``)."""

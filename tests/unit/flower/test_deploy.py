@@ -8,7 +8,9 @@ import signal
 import sys
 import time
 from dataclasses import replace
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -92,41 +94,47 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _wait_children(proc: ManagedProcess, count: int, timeout: float = 30.0) -> list[int]:
+    """The process's descendants once there are ``count`` of them (bounded wait)."""
+    from fedmeta.flower.deploy.local import _descendants
+
+    deadline = time.monotonic() + timeout
+    tree = [pid for pid, _ in _descendants(proc.pid)]
+    while len(tree) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+        tree = [pid for pid, _ in _descendants(proc.pid)]
+    assert len(tree) >= count, f"{proc.name} started {len(tree)} of {count} children within {timeout:g}s"
+    return tree
+
+
 def test_managed_process_stop_ends_the_group_and_descendants_in_other_sessions(tmp_path: Path) -> None:
     # a leader that ignores SIGTERM, a child in its group, and a child in a session of its own
     # (as Flower's SuperLink starts flower-superexec): all must go
     script = "trap '' TERM; setsid sleep 301 & sleep 300 & wait"
     proc = ManagedProcess("stubborn", ["bash", "-c", script], env=flower_env(tmp_path / "home"), log_path=tmp_path / "p.log", cwd=tmp_path)
-    from fedmeta.flower.deploy.local import _descendants
-
-    deadline = time.monotonic() + 10
-    tree: list[int] = []
-    while len(tree) < 2 and time.monotonic() < deadline:  # both children started
-        time.sleep(0.1)
-        tree = [pid for pid, _ in _descendants(proc.pid)]
+    tree = _wait_children(proc, 2)  # both children started
     assert proc.alive and _group_alive(proc.pid) and len(tree) == 2
     assert any(os.getsid(pid) != os.getsid(proc.pid) for pid in tree)  # one escaped the session
-    started = time.monotonic()
     proc.stop(timeout=1.0)
-    assert not proc.alive
+    assert proc.returncode == -signal.SIGKILL  # it ignored SIGTERM: killed once the timeout passed
     deadline = time.monotonic() + 10  # SIGKILL is delivered asynchronously: give the kernel a moment
     while (_group_alive(proc.pid) or any(_alive(pid) for pid in tree)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _group_alive(proc.pid)
     assert not any(_alive(pid) for pid in tree)
-    assert time.monotonic() - started < 20
     assert "sleep 300" in proc.tail()
 
 
 def test_managed_process_kill_is_immediate(tmp_path: Path) -> None:
     proc = ManagedProcess("victim", ["bash", "-c", "sleep 300 & sleep 300"], env=flower_env(tmp_path / "home"), log_path=tmp_path / "v.log", cwd=tmp_path)
-    time.sleep(0.3)
+    children = _wait_children(proc, 1)  # the background sleep has started: there is a group to kill
     proc.kill()
     assert proc.returncode == -signal.SIGKILL
     deadline = time.monotonic() + 10
-    while _group_alive(proc.pid) and time.monotonic() < deadline:
+    while (_group_alive(proc.pid) or any(_alive(pid) for pid in children)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _group_alive(proc.pid)
+    assert not any(_alive(pid) for pid in children)
 
 
 def test_flower_env_is_offline_and_local(tmp_path: Path) -> None:
@@ -190,3 +198,83 @@ def test_server_builds_its_model_from_the_sites_and_refuses_mismatched_ones(sinu
     with pytest.raises(ConfigError, match="holds no task data"):
         server.exp.source.eval_tasks()
     assert isinstance(server.exp.source.family(None), SiteLayoutFamily)
+
+
+# -- a resumed run takes over its out-dir ------------------------------------------------------
+
+
+class _FakeSuperLink:
+    """Answers ``LocalDeployment.flwr`` as a SuperLink would, and records the commands."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+        self.status: dict[int, str] = {}
+        self.stop_takes_effect = True
+
+    def __call__(self, args: Sequence[str], *, timeout: float = 120.0, check: bool = True) -> dict[str, Any]:
+        self.calls.append(list(args))
+        if args[0] == "run":
+            run_id = len(self.status) + 1
+            self.status[run_id] = "running"
+            return {"success": True, "run-id": run_id}
+        if args[0] == "ls":
+            ids = [int(args[args.index("--run-id") + 1])] if "--run-id" in args else sorted(self.status)
+            runs = [{"run-id": str(i), "status": self.status[i]} for i in ids if i in self.status]
+            return {"success": True, "runs": runs}
+        if args[0] == "stop":
+            if not self.stop_takes_effect:
+                return {"success": False, "error-message": "no {such} luck"}
+            self.status[int(args[1])] = "finished:stopped"
+            return {"success": True}
+        raise AssertionError(f"unexpected flwr {args}")
+
+    def commands(self) -> list[tuple[str, ...]]:
+        return [tuple(a for a in c if not a.startswith("/") and a != "fedmeta-deploy") for c in self.calls]
+
+
+def _config(out: Path, *, resume: bool) -> dict[str, Any]:
+    return {"config-yaml": "", "out-dir": str(out), "resume": resume}
+
+
+def test_resumed_submission_stops_the_unfinished_run_into_the_same_out_dir(
+    tmp_path: Path, repo_root: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    deployment = LocalDeployment(tmp_path / "work", app_dir=repo_root)
+    fake = _FakeSuperLink()
+    monkeypatch.setattr(deployment, "flwr", fake)
+    killed = deployment.submit(_config(tmp_path / "a", resume=False))
+    other = deployment.submit(_config(tmp_path / "b", resume=False))
+    fake.status[3] = "running"  # a run of someone else, into no folder this deployment knows
+    fake.calls.clear()
+
+    with caplog.at_level("WARNING", logger="fedmeta.flower.deploy.local"):
+        resumed = deployment.submit(_config(tmp_path / "a" / ".." / "a", resume=True))
+    # the killed run into the same folder is stopped, and only then the resumed run submitted
+    assert fake.commands() == [("ls",), ("stop", str(killed)), ("ls", "--run-id", str(killed)), ("run", "--run-config")]
+    assert fake.status[killed] == "finished:stopped"
+    assert fake.status[other] == fake.status[3] == "running"
+    assert resumed == 4
+    assert f"run {killed} into {(tmp_path / 'a').resolve()} is still 'running': stopping it" in caplog.text
+
+    # a run already finished (Flower expired it) is left as it is; a fresh run stops nothing
+    fake.status[resumed] = "finished:failed"
+    fake.calls.clear()
+    deployment.submit(_config(tmp_path / "a", resume=True))
+    deployment.submit(_config(tmp_path / "b", resume=False))
+    assert [c[0] for c in fake.commands()] == ["ls", "run", "run"]
+    assert fake.status[other] == "running"
+    deployment.close()
+
+
+def test_a_run_that_does_not_stop_fails_the_resumed_submission(
+    tmp_path: Path, repo_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    deployment = LocalDeployment(tmp_path / "work", app_dir=repo_root)
+    fake = _FakeSuperLink()
+    fake.stop_takes_effect = False
+    monkeypatch.setattr(deployment, "flwr", fake)
+    deployment.submit(_config(tmp_path / "a", resume=False))
+    with pytest.raises(DeploymentError, match=r"run 1 to finish after `flwr stop` \(refused: no \{such\} luck"):
+        deployment.stop_runs_writing_to(tmp_path / "a", timeout=0.0)
+    assert [c[0] for c in fake.commands()] == ["run", "ls", "stop", "ls"]
+    deployment.close()
