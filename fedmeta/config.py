@@ -49,8 +49,6 @@ TASK_NAMES = ("sinusoid", "harmonic", "glyphs", "folder")
 #: the generated regression families (a folder site may hold either kind)
 REGRESSION_TASKS = ("sinusoid", "harmonic")
 MODEL_NAMES = ("mlp", "conv4")
-ALGORITHM_NAMES = ("maml", "fomaml", "reptile", "metasgd", "anil", "fedavg")
-HEAD_INITS = ("learned", "zero", "prototypes")
 PRIVACY_MODES = ("none", "client-central", "client-local", "task")
 OUTER_OPTIMIZERS = ("adam", "sgd")
 AGGREGATIONS = ("mean", "median", "trimmed_mean")
@@ -117,6 +115,8 @@ class MetaConfig:
     """Inner loop (adaptation) and outer loop (server optimizer) settings."""
 
     algorithm: str = "maml"
+    # one of fedmeta.algorithms.ALGORITHMS (maml, fomaml, reptile, metasgd, anil, fedavg, protonet;
+    # protonet: Prototypical Networks, classification only, ignores inner_lr / inner_steps)
     # anil only: where the head's adaptation starts (learned | zero | prototypes; see
     # fedmeta/algorithms/anil.py); prototypes needs classification tasks
     head_init: str = "learned"
@@ -230,6 +230,15 @@ class Config:
 
 # ---------------------------------------------------------------------------------------------
 # Generic conversion of nested mappings into the dataclasses above.
+
+
+def __getattr__(name: str) -> Any:
+    """``ALGORITHM_NAMES``: the algorithm registry's names (read when asked for; the registry imports this module)."""
+    if name == "ALGORITHM_NAMES":
+        from fedmeta.algorithms import ALGORITHMS
+
+        return ALGORITHMS.names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _type_name(tp: Any) -> str:
@@ -400,24 +409,12 @@ def validate(cfg: Config) -> Config:
     if m.name == "conv4" and m.norm == "group":
         _require(m.channels % 8 == 0, "model.channels", m.channels, "must be a multiple of 8 for model.norm 'group' (8 groups)")
 
-    _require(
-        me.algorithm in ALGORITHM_NAMES,
-        "meta.algorithm",
-        me.algorithm,
-        f"must be one of {', '.join(ALGORITHM_NAMES)}",
-    )
-    _require(me.head_init in HEAD_INITS, "meta.head_init", me.head_init, f"must be one of {', '.join(HEAD_INITS)}")
-    _require(
-        me.head_init == "learned" or me.algorithm == "anil",
-        "meta.head_init",
-        me.head_init,
-        f"must be 'learned' unless meta.algorithm is 'anil' ({me.algorithm!r} adapts the whole model)",
-    )
-    _require(
-        me.head_init != "prototypes" or t.name not in REGRESSION_TASKS,
-        "meta.head_init",
-        me.head_init,
-        f"must not be 'prototypes' (class prototypes) for regression tasks (task.name {t.name!r}; 'learned' and 'zero' work there)",
+    # the algorithm registry owns the names and each algorithm its option rules (imported here:
+    # the algorithms import the models, which import this module)
+    from fedmeta.algorithms import ALGORITHMS
+
+    ALGORITHMS.get(me.algorithm).check_options(
+        kind="regression" if t.name in REGRESSION_TASKS else None, head_init=me.head_init, task=t.name
     )
     _require(me.inner_lr > 0 and math.isfinite(me.inner_lr), "meta.inner_lr", me.inner_lr, "must be a positive number")
     _require(me.inner_steps >= 1, "meta.inner_steps", me.inner_steps, "must be at least 1")

@@ -25,18 +25,34 @@ import torch
 from torch import Tensor
 from torch.func import grad
 
-from fedmeta.algorithms.base import eager_inner_sgd, grad_dict, inner_sgd, metric_dict, stack_for_tasks, task_accuracies, task_accuracy, task_loss, task_losses
+from fedmeta.algorithms.base import (
+    ALGORITHMS,
+    class_prototypes,
+    eager_inner_sgd,
+    grad_dict,
+    inner_sgd,
+    metric_dict,
+    stack_for_tasks,
+    task_accuracies,
+    task_accuracy,
+    task_loss,
+    task_losses,
+)
 from fedmeta.algorithms.maml import MAML
-from fedmeta.config import HEAD_INITS
+from fedmeta.errors import ConfigError
 from fedmeta.models.base import FunctionalModel
 from fedmeta.types import Params, TaskBatch, model_part
 
-__all__ = ["ANIL"]
+__all__ = ["ANIL", "HEAD_INITS"]
+
+#: Where the head's adaptation starts (``meta.head_init``; see the module docstring).
+HEAD_INITS = ("learned", "zero", "prototypes")
 
 #: The starting bias of a class absent from the support set (prototypes): its softmax weight is 0.
 _ABSENT_BIAS = -1e30
 
 
+@ALGORITHMS.register("anil")
 class ANIL(MAML):
     """Almost No Inner Loop: the body is meta-learned, only the head adapts per task.
 
@@ -47,14 +63,43 @@ class ANIL(MAML):
     """
 
     name: ClassVar[str] = "anil"
+    adapts: ClassVar[str] = "head only"
 
     def __init__(self, model: FunctionalModel, *, kind: str, inner_lr: float, inner_steps: int, head_init: str = "learned") -> None:
         super().__init__(model, kind=kind, inner_lr=inner_lr, inner_steps=inner_steps)
-        if head_init not in HEAD_INITS:
-            raise ValueError(f"head_init must be one of {', '.join(HEAD_INITS)}, got {head_init!r}")
-        if head_init == "prototypes" and kind != "classification":
-            raise ValueError("head_init 'prototypes' needs classification tasks (class prototypes)")
+        self.check_options(kind=kind, head_init=head_init)
         self.head_init = head_init
+
+    @classmethod
+    def check_options(cls, *, kind: str | None, head_init: str, task: str | None = None) -> None:
+        """``meta.head_init`` is one of :data:`HEAD_INITS`; ``prototypes`` needs classification tasks.
+
+        Raises:
+            ConfigError: naming ``meta.head_init`` and the bad value.
+        """
+        if head_init not in HEAD_INITS:
+            raise ConfigError(f"config key 'meta.head_init' is {head_init!r}: head_init must be one of {', '.join(HEAD_INITS)}")
+        if head_init == "prototypes" and kind == "regression":
+            where = f"task.name {task!r}; 'learned' and 'zero' work there" if task else "these are regression"
+            raise ConfigError(
+                f"config key 'meta.head_init' must not be 'prototypes' for regression tasks (class prototypes need classification "
+                f"tasks; {where}), got 'prototypes'"
+            )
+
+    @classmethod
+    def build(cls, model: FunctionalModel, *, kind: str, inner_lr: float, inner_steps: int, head_init: str = "learned") -> ANIL:
+        """ANIL with its ``head_init`` (checked by :meth:`check_options`)."""
+        return cls(model, kind=kind, inner_lr=inner_lr, inner_steps=inner_steps, head_init=head_init)
+
+    @classmethod
+    def serves_any_ways(cls, *, head_init: str) -> bool:
+        """A head rebuilt for each support set (``zero`` or ``prototypes``) serves any number of ways."""
+        return head_init != "learned"
+
+    @property
+    def rebuilds_head(self) -> bool:
+        """True for ``zero`` and ``prototypes``: each adaptation starts its head from the support set."""
+        return self.serves_any_ways(head_init=self.head_init)
 
     def start_head(self, head: Params, h: Tensor, y: Tensor) -> Params:
         """The head the inner loop starts from, for features ``h`` ``[..., N, F]`` and labels ``y`` ``[..., N]``.
@@ -69,10 +114,7 @@ class ANIL(MAML):
             # multiplied rather than fresh zeros: it stays in the autograd graph (with a zero
             # gradient), which the eager second-order inner loop differentiates through
             return {k: v * 0.0 for k, v in head.items()}
-        ways = head[weight_key].shape[-2]
-        onehot = (y.unsqueeze(-1) == torch.arange(ways, device=y.device)).to(h.dtype)  # [..., N, W]
-        counts = onehot.sum(dim=-2)  # [..., W]
-        prototypes = onehot.transpose(-1, -2) @ h / counts.clamp(min=1.0).unsqueeze(-1)  # [..., W, F]
+        prototypes, counts = class_prototypes(h, y, head[weight_key].shape[-2])
         # a class without support examples has no prototype: a bias no score can overcome keeps
         # it from being predicted (rather than a prototype at the origin)
         absent = torch.full_like(counts, _ABSENT_BIAS)

@@ -30,10 +30,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import grad, grad_and_value, vmap
 
+from fedmeta.errors import ConfigError
 from fedmeta.models.base import FunctionalModel
+from fedmeta.registry import Registry
 from fedmeta.types import LR_PREFIX, Params, TaskBatch, lr_part, model_part
 
 __all__ = [
+    "ALGORITHMS",
     "MetaAlgorithm",
     "MetaUpdate",
     "task_loss",
@@ -45,6 +48,7 @@ __all__ = [
     "inner_sgd",
     "eager_inner_sgd",
     "metric_dict",
+    "class_prototypes",
     "METRIC_NAMES",
 ]
 
@@ -57,6 +61,25 @@ def task_loss(kind: str, pred: Tensor, y: Tensor) -> Tensor:
     if kind == "classification":
         return F.cross_entropy(pred, y)
     return F.mse_loss(pred, y)
+
+
+def class_prototypes(h: Tensor, y: Tensor, ways: int) -> tuple[Tensor, Tensor]:
+    """Mean embedding of each class's examples, and how many examples each class has.
+
+    Args:
+        h: embeddings ``[..., N, F]``.
+        y: labels ``[..., N]`` in ``0..ways-1``.
+        ways: number of classes.
+
+    Returns:
+        ``(prototypes [..., W, F], counts [..., W])``; a class without examples gets a zero
+        prototype and count 0. Leading task dimensions are carried through; ``vmap``-safe (no
+        data-dependent shapes).
+    """
+    onehot = (y.unsqueeze(-1) == torch.arange(ways, device=y.device)).to(h.dtype)  # [..., N, W]
+    counts = onehot.sum(dim=-2)  # [..., W]
+    prototypes = onehot.transpose(-1, -2) @ h / counts.clamp(min=1.0).unsqueeze(-1)  # [..., W, F]
+    return prototypes, counts
 
 
 def task_accuracy(pred: Tensor, y: Tensor) -> Tensor:
@@ -188,6 +211,8 @@ class MetaAlgorithm(ABC):
     name: ClassVar[str] = ""
     #: True when the outer gradient differentiates through the inner loop.
     second_order: ClassVar[bool] = False
+    #: What the inner loop changes, in words (``fedmeta adapt``'s report).
+    adapts: ClassVar[str] = "all parameters"
 
     def __init__(self, model: FunctionalModel, *, kind: str, inner_lr: float, inner_steps: int) -> None:
         if kind not in ("regression", "classification"):
@@ -201,11 +226,55 @@ class MetaAlgorithm(ABC):
         self.inner_lr = inner_lr
         self.inner_steps = inner_steps
 
+    # -- options (the one place each algorithm's option rules live; config validation calls it) --
+
+    @classmethod
+    def check_options(cls, *, kind: str | None, head_init: str, task: str | None = None) -> None:
+        """Refuse options this algorithm cannot use: by default ``meta.head_init`` must be ``learned``.
+
+        Args:
+            kind: the task kind (``None`` where it is not known yet, e.g. a folder site at config time).
+            head_init: ``meta.head_init``.
+            task: ``task.name``, for messages.
+
+        Raises:
+            ConfigError: naming the key and the bad value.
+        """
+        if head_init != "learned":
+            raise ConfigError(
+                f"config key 'meta.head_init' must be 'learned' unless meta.algorithm is 'anil' (only meta.algorithm 'anil' "
+                f"takes another; {cls.name!r} adapts {cls.adapts}), got {head_init!r}"
+            )
+
+    @classmethod
+    def build(cls, model: FunctionalModel, *, kind: str, inner_lr: float, inner_steps: int, head_init: str = "learned") -> MetaAlgorithm:
+        """The algorithm for ``model`` with the config's options, checked by :meth:`check_options` first.
+
+        Raises:
+            ConfigError: for options this algorithm or the task kind cannot use.
+        """
+        cls.check_options(kind=kind, head_init=head_init)
+        return cls(model, kind=kind, inner_lr=inner_lr, inner_steps=inner_steps)
+
+    @classmethod
+    def serves_any_ways(cls, *, head_init: str) -> bool:
+        """Whether a checkpoint of this algorithm classifies any number of classes (its head is rebuilt per support set)."""
+        return False
+
+    @property
+    def rebuilds_head(self) -> bool:
+        """True when adaptation rebuilds the head from the support set (so the stored head is unused)."""
+        return False
+
     # -- parameters --------------------------------------------------------------------------
 
     def init_meta_params(self, gen: torch.Generator) -> Params:
         """Initial meta-parameters (the model's; Meta-SGD adds its learning rates)."""
         return self.model.init_params(gen)
+
+    def start_head(self, head: Params, h: Tensor, y: Tensor) -> Params:
+        """The head adaptation starts from, for support features ``h`` and labels ``y``: the stored one by default."""
+        return head
 
     def adapted_keys(self, meta: Params) -> list[str]:
         """Names of the parameters the inner loop changes (all model parameters by default)."""
@@ -414,3 +483,7 @@ def has_learned_rates(meta: Params) -> bool:
 def learned_rates(meta: Params) -> Params:
     """Meta-SGD rates keyed by parameter name."""
     return lr_part(meta)
+
+
+#: The algorithms by config name (``meta.algorithm``); each module registers its class.
+ALGORITHMS: Registry[type[MetaAlgorithm]] = Registry("algorithm", key="meta.algorithm")

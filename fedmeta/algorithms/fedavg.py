@@ -8,12 +8,13 @@ import torch
 from torch import Tensor
 from torch.func import grad
 
-from fedmeta.algorithms.base import MetaAlgorithm, grad_dict, stack_for_tasks
+from fedmeta.algorithms.base import ALGORITHMS, MetaAlgorithm, grad_dict, stack_for_tasks
 from fedmeta.types import Params, TaskBatch
 
 __all__ = ["FedAvg"]
 
 
+@ALGORITHMS.register("fedavg")
 class FedAvg(MetaAlgorithm):
     """Train one model on all of a task's examples (support and query together).
 

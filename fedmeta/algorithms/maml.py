@@ -8,12 +8,13 @@ import torch
 from torch import Tensor
 from torch.func import grad
 
-from fedmeta.algorithms.base import MetaAlgorithm, grad_dict, stack_for_tasks, task_loss, task_losses
+from fedmeta.algorithms.base import ALGORITHMS, MetaAlgorithm, grad_dict, stack_for_tasks, task_loss, task_losses
 from fedmeta.types import Params, TaskBatch
 
 __all__ = ["MAML"]
 
 
+@ALGORITHMS.register("maml")
 class MAML(MetaAlgorithm):
     """Model-Agnostic Meta-Learning.
 

@@ -6,12 +6,13 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from fedmeta.algorithms.base import MetaAlgorithm, stack_for_tasks
+from fedmeta.algorithms.base import ALGORITHMS, MetaAlgorithm, stack_for_tasks
 from fedmeta.types import Params, TaskBatch
 
 __all__ = ["Reptile"]
 
 
+@ALGORITHMS.register("reptile")
 class Reptile(MetaAlgorithm):
     """Reptile's pseudo-gradient ``θ - φ``, with ``φ`` the result of ``inner_steps`` SGD steps.
 
