@@ -19,7 +19,7 @@ zero); they stay in the checkpoint so every model keeps one shape.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -29,19 +29,17 @@ from fedmeta.algorithms.base import (
     ALGORITHMS,
     class_prototypes,
     eager_inner_sgd,
-    grad_dict,
     inner_sgd,
     metric_dict,
-    stack_for_tasks,
-    task_accuracies,
     task_accuracy,
     task_loss,
     task_losses,
 )
+from fedmeta.algorithms.engine import TaskOps
 from fedmeta.algorithms.maml import MAML
 from fedmeta.errors import ConfigError
 from fedmeta.models.base import FunctionalModel
-from fedmeta.types import Params, TaskBatch, model_part
+from fedmeta.types import Params, model_part
 
 __all__ = ["ANIL", "HEAD_INITS"]
 
@@ -131,29 +129,29 @@ class ANIL(MAML):
     def adapted_keys(self, meta: Params) -> list[str]:
         return self.model.head_keys()
 
-    def outer_loss(self, meta: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def objective(self, ops: TaskOps, meta: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, dict[str, Any]]:
+        """Query loss after the head's inner steps on body features computed once per set (second order)."""
         params = model_part(meta)
-        hs = self.model.features(params, sx)
-        hq = self.model.features(params, qx)
+        hs = ops.features(params, sx)
+        hq = ops.features(params, qx)
         head0 = self.start_head({k: params[k] for k in self.model.head_keys()}, hs, sy)
+        head, support_loss_pre = ops.sgd(lambda p: ops.loss(ops.head(p, hs), sy), head0, dict.fromkeys(head0, self.inner_lr), self.inner_steps)
+        pred_q = ops.head(head, hq)
+        state = {"adapted": {**params, **head}, "head": head, "head0": head0, "hs": hs, "hq": hq, "support_loss_pre": support_loss_pre, "query_pred_post": pred_q}
+        return ops.loss(pred_q, qy), state
 
-        def inner(p: Params) -> Tensor:
-            return task_loss(self.kind, self.model.head(p, hs), sy)
-
-        head, support_loss_pre = inner_sgd(inner, head0, dict.fromkeys(head0, self.inner_lr), self.inner_steps)
-        pred_q = self.model.head(head, hq)
-        query_loss = task_loss(self.kind, pred_q, qy)
-        metrics = metric_dict(
+    def metrics(self, ops: TaskOps, meta: Params, state: dict[str, Any], sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> dict[str, Tensor]:
+        """The standard metrics from the head on the features the objective computed."""
+        return metric_dict(
             self.kind,
-            lambda pred, y: task_loss(self.kind, pred, y),
-            task_accuracy,
-            support_loss_pre=support_loss_pre,
-            support_loss_post=task_loss(self.kind, self.model.head(head, hs), sy),
-            query_pred_pre=self.model.head(head0, hq),
-            query_pred_post=pred_q,
+            ops.loss,
+            ops.accuracy,
+            support_loss_pre=state["support_loss_pre"],
+            support_loss_post=ops.loss(ops.head(state["head"], state["hs"]), sy),
+            query_pred_pre=ops.head(state["head0"], state["hq"]),
+            query_pred_post=state["query_pred_post"],
             query_y=qy,
         )
-        return query_loss, metrics
 
     # -- adaptation: the body once, the steps on the head ------------------------------------
 
@@ -211,27 +209,3 @@ class ANIL(MAML):
             head0 = self.start_head({k: params[k] for k in self.model.head_keys()}, h, y)
         head, start_loss = self._head_adapt_tasks(head0, h, y, steps, first_order=first_order)
         return {**params, **head}, start_loss
-
-    def batched_task_updates(self, meta: Params, tasks: TaskBatch) -> tuple[Params, dict[str, Tensor]]:
-        """Exact meta-gradients of all tasks: batched body features, batched second-order head steps."""
-        stacked = stack_for_tasks(meta, tasks.num_tasks)
-        params = model_part(stacked)
-        with torch.enable_grad():
-            hs = self.model.features_tasks(params, tasks.support_x)
-            hq = self.model.features_tasks(params, tasks.query_x)
-            head0 = self.start_head({k: params[k] for k in self.model.head_keys()}, hs, tasks.support_y)
-            head, support_loss_pre = self._head_adapt_tasks(head0, hs, tasks.support_y, self.inner_steps, first_order=False)
-            pred_q = self.model.head_tasks(head, hq)
-            grads = grad_dict(task_losses(self.kind, pred_q, tasks.query_y).sum(), stacked)
-        with torch.no_grad():
-            metrics = metric_dict(
-                self.kind,
-                lambda pred, y: task_losses(self.kind, pred, y),
-                task_accuracies,
-                support_loss_pre=support_loss_pre,
-                support_loss_post=task_losses(self.kind, self.model.head_tasks(head, hs), tasks.support_y),
-                query_pred_pre=self.model.head_tasks(head0, hq),
-                query_pred_post=pred_q,
-                query_y=tasks.query_y,
-            )
-        return grads, metrics

@@ -25,27 +25,24 @@ prototype head). Classification only.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
-from torch.func import grad
 
 from fedmeta.algorithms.base import (
     ALGORITHMS,
     MetaAlgorithm,
     class_prototypes,
-    grad_dict,
     metric_dict,
-    stack_for_tasks,
-    task_accuracies,
     task_accuracy,
     task_loss,
     task_losses,
 )
+from fedmeta.algorithms.engine import PerTaskOps, TaskOps
 from fedmeta.errors import ConfigError
 from fedmeta.models.base import FunctionalModel
-from fedmeta.types import Params, TaskBatch, model_part
+from fedmeta.types import Params, model_part
 
 __all__ = ["ProtoNet", "prototype_logits"]
 
@@ -122,7 +119,9 @@ class ProtoNet(MetaAlgorithm):
         weights = [k for k in keys if k.endswith("weight")]
         biases = [k for k in keys if k.endswith("bias")]
         if len(weights) != 1 or len(biases) != 1:
-            raise ValueError(f"protonet needs a single linear head to hold the prototypes, got parameters {sorted(keys)}")
+            raise ValueError(
+                f"protonet needs a single linear head to hold the prototypes, got parameters {sorted(keys)}"
+            )
         return weights[0], biases[0]
 
     def start_head(self, head: Params, h: Tensor, y: Tensor) -> Params:
@@ -136,61 +135,54 @@ class ProtoNet(MetaAlgorithm):
         bias = torch.where(counts > 0, -prototypes.pow(2).sum(dim=-1), torch.full_like(counts, _ABSENT_LOGIT))
         return {weight_key: 2.0 * prototypes, bias_key: bias}
 
-    def _scores(self, params: Params, sx: Tensor, sy: Tensor, qx: Tensor, *, tasks: bool) -> tuple[Tensor, Tensor]:
-        """Logits of the support and the query examples under the prototypes of the support set."""
-        features = self.model.features_tasks if tasks else self.model.features
-        hs = features(params, sx)
-        hq = features(params, qx)
-        ways = params[self._head_weight_bias()[0]].shape[-2]
-        prototypes, counts = class_prototypes(hs, sy, ways)
-        return prototype_logits(hs, prototypes, counts), prototype_logits(hq, prototypes, counts)
+    def objective(
+        self, ops: TaskOps, meta: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor
+    ) -> tuple[Tensor, dict[str, Any]]:
+        """Query cross-entropy of the negative squared distances to the support prototypes (no inner loop)."""
+        params = model_part(meta)
+        hs = ops.features(params, sx)
+        hq = ops.features(params, qx)
+        weight_key, _ = self._head_weight_bias()
+        prototypes, counts = class_prototypes(hs, sy, params[weight_key].shape[-2])
+        query_logits = prototype_logits(hq, prototypes, counts)
+        state = {
+            "params": params,
+            "hs": hs,
+            "sy": sy,
+            "prototypes": prototypes,
+            "counts": counts,
+            "query_logits": query_logits,
+        }
+        return ops.loss(query_logits, qy), state
 
-    def outer_loss(self, meta: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """Query cross-entropy under the support prototypes, with the task's metrics as aux output."""
-        support_logits, query_logits = self._scores(model_part(meta), sx, sy, qx, tasks=False)
-        query_loss = task_loss(self.kind, query_logits, qy)
-        support_loss = task_loss(self.kind, support_logits, sy)
-        metrics = metric_dict(
+    def adapted_model(self, state: dict[str, Any]) -> Params:
+        """The adapted model of an objective's state: the body with the prototype classifier's head."""
+        weight_key, bias_key = self._head_weight_bias()
+        prototypes, counts = state["prototypes"], state["counts"]
+        bias = torch.where(counts > 0, -prototypes.pow(2).sum(dim=-1), torch.full_like(counts, _ABSENT_LOGIT))
+        return {**state["params"], weight_key: 2.0 * prototypes, bias_key: bias}
+
+    def metrics(
+        self, ops: TaskOps, meta: Params, state: dict[str, Any], sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor
+    ) -> dict[str, Tensor]:
+        """Support and query loss and accuracy of the prototype classifier ("pre" = "post": nothing steps)."""
+        support_loss = ops.loss(prototype_logits(state["hs"], state["prototypes"], state["counts"]), sy)
+        return metric_dict(
             self.kind,
-            lambda pred, y: task_loss(self.kind, pred, y),
-            task_accuracy,
+            ops.loss,
+            ops.accuracy,
             support_loss_pre=support_loss,
             support_loss_post=support_loss,
-            query_pred_pre=query_logits,
-            query_pred_post=query_logits,
+            query_pred_pre=state["query_logits"],
+            query_pred_post=state["query_logits"],
             query_y=qy,
         )
-        return query_loss, metrics
-
-    def task_update(self, meta: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Params, dict[str, Tensor]]:
-        grads, metrics = grad(self.outer_loss, has_aux=True)(meta, sx, sy, qx, qy)
-        return grads, metrics
-
-    def batched_task_updates(self, meta: Params, tasks: TaskBatch) -> tuple[Params, dict[str, Tensor]]:
-        """All tasks' meta-gradients from one batched body pass (per-task copies of ``meta``, eager autograd)."""
-        stacked = stack_for_tasks(meta, tasks.num_tasks)
-        with torch.enable_grad():
-            support_logits, query_logits = self._scores(
-                model_part(stacked), tasks.support_x, tasks.support_y, tasks.query_x, tasks=True
-            )
-            grads = grad_dict(task_losses(self.kind, query_logits, tasks.query_y).sum(), stacked)
-        with torch.no_grad():
-            support_loss = task_losses(self.kind, support_logits, tasks.support_y)
-            metrics = metric_dict(
-                self.kind,
-                lambda pred, y: task_losses(self.kind, pred, y),
-                task_accuracies,
-                support_loss_pre=support_loss,
-                support_loss_post=support_loss,
-                query_pred_pre=query_logits,
-                query_pred_post=query_logits,
-                query_y=tasks.query_y,
-            )
-        return grads, metrics
 
     # -- adaptation: the prototype head, no steps ----------------------------------------------
 
-    def adapt_with_loss(self, meta: Params, x: Tensor, y: Tensor, steps: int, *, first_order: bool = False) -> tuple[Params, Tensor]:
+    def adapt_with_loss(
+        self, meta: Params, x: Tensor, y: Tensor, steps: int, *, first_order: bool = False
+    ) -> tuple[Params, Tensor]:
         """The model with its head set to the prototype classifier of ``(x, y)``; ``steps`` is ignored.
 
         Returns:
@@ -205,7 +197,9 @@ class ProtoNet(MetaAlgorithm):
         loss = task_loss(self.kind, self.model.head(adapted, h), y)
         return adapted, loss.detach()
 
-    def adapt_tasks(self, meta: Params, x: Tensor, y: Tensor, steps: int, *, first_order: bool = False) -> tuple[Params, Tensor]:
+    def adapt_tasks(
+        self, meta: Params, x: Tensor, y: Tensor, steps: int, *, first_order: bool = False
+    ) -> tuple[Params, Tensor]:
         """:meth:`adapt_with_loss` for ``T`` tasks at once (stacked parameters)."""
         params = model_part(meta)
         if first_order:
@@ -217,10 +211,13 @@ class ProtoNet(MetaAlgorithm):
             loss = task_losses(self.kind, self.model.head_tasks(adapted, h), y)
         return adapted, loss.detach()
 
-    def adaptation_curve(self, meta: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, steps: int) -> dict[str, Tensor]:
+    def adaptation_curve(
+        self, meta: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, steps: int
+    ) -> dict[str, Tensor]:
         """Query loss and accuracy of the prototype classifier, the same at every one of ``0..steps``."""
         params = {k: v.detach() for k, v in model_part(meta).items()}
-        _, logits = self._scores(params, sx, sy, qx, tasks=False)
+        _, state = self.objective(PerTaskOps(self), params, sx, sy, qx, qy)
+        logits = state["query_logits"]
         loss = task_loss(self.kind, logits, qy)
         acc = task_accuracy(logits, qy)
         return {"query_loss": loss.expand(steps + 1).clone(), "query_accuracy": acc.expand(steps + 1).clone()}

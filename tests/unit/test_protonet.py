@@ -48,7 +48,9 @@ def _images(tasks: int = 3, support: int = 6, query: int = 9, seed: int = 1) -> 
     return TaskBatch(sx, sy, qx, qy, "classification")
 
 
-def _hand_written_loss(model: Conv4 | MLP, params: dict[str, torch.Tensor], sx, sy, qx, qy) -> tuple[torch.Tensor, float]:
+def _hand_written_loss(
+    model: Conv4 | MLP, params: dict[str, torch.Tensor], sx, sy, qx, qy
+) -> tuple[torch.Tensor, float]:
     """Snell et al.'s objective written out with plain loops: prototypes, distances, softmax, cross-entropy."""
     hs, hq = model.features(params, sx), model.features(params, qx)
     prototypes = []
@@ -67,7 +69,10 @@ def _hand_written_loss(model: Conv4 | MLP, params: dict[str, torch.Tensor], sx, 
 
 def _mean_outer_loss(algo: ProtoNet, meta: dict[str, torch.Tensor], tasks: TaskBatch) -> torch.Tensor:
     return torch.stack(
-        [algo.outer_loss(meta, tasks.support_x[t], tasks.support_y[t], tasks.query_x[t], tasks.query_y[t])[0] for t in range(tasks.num_tasks)]
+        [
+            algo.outer_loss(meta, tasks.support_x[t], tasks.support_y[t], tasks.query_x[t], tasks.query_y[t])[0]
+            for t in range(tasks.num_tasks)
+        ]
     ).mean()
 
 
@@ -76,7 +81,7 @@ def test_objective_equals_a_hand_written_implementation() -> None:
     algo = ProtoNet(model, kind="classification", inner_lr=0.1, inner_steps=1)
     meta = _params(algo)
     tasks = _images()
-    grads, metrics = algo.task_updates(meta, tasks)
+    _, metrics = algo.task_updates(meta, tasks)
     for t in range(tasks.num_tasks):
         args = (tasks.support_x[t], tasks.support_y[t], tasks.query_x[t], tasks.query_y[t])
         expected, accuracy = _hand_written_loss(model, meta, *args)
@@ -132,12 +137,17 @@ def test_mlp_body_works_on_the_vmap_path() -> None:
     meta = {k: v.double() for k, v in algo.init_meta_params(torch.Generator().manual_seed(0)).items()}
     gen = torch.Generator().manual_seed(1)
     tasks = TaskBatch(
-        torch.randn(2, 6, 4, generator=gen, dtype=torch.float64), torch.arange(6).remainder(WAYS).expand(2, -1).clone(),
-        torch.randn(2, 5, 4, generator=gen, dtype=torch.float64), torch.randint(0, WAYS, (2, 5), generator=gen), "classification",
+        torch.randn(2, 6, 4, generator=gen, dtype=torch.float64),
+        torch.arange(6).remainder(WAYS).expand(2, -1).clone(),
+        torch.randn(2, 5, 4, generator=gen, dtype=torch.float64),
+        torch.randint(0, WAYS, (2, 5), generator=gen),
+        "classification",
     )
     grads, metrics = algo.task_updates(meta, tasks)
     for t in range(2):
-        expected, _ = _hand_written_loss(model, meta, tasks.support_x[t], tasks.support_y[t], tasks.query_x[t], tasks.query_y[t])
+        expected, _ = _hand_written_loss(
+            model, meta, tasks.support_x[t], tasks.support_y[t], tasks.query_x[t], tasks.query_y[t]
+        )
         assert float(metrics["query_loss_post"][t]) == pytest.approx(float(expected), rel=1e-12)
     assert float(grads["body.1.weight"].abs().sum()) > 0
 
@@ -157,7 +167,11 @@ def test_adapted_model_is_the_prototype_classifier() -> None:
     distances = torch.cdist(hq, means).pow(2)
     torch.testing.assert_close(model.forward(adapted, qx), hq.pow(2).sum(-1, keepdim=True) - distances)
     torch.testing.assert_close(start_loss, algo.loss(adapted, sx, sy))
-    other = {**meta, "head.weight": torch.randn_like(meta["head.weight"]), "head.bias": torch.randn_like(meta["head.bias"])}
+    other = {
+        **meta,
+        "head.weight": torch.randn_like(meta["head.weight"]),
+        "head.bias": torch.randn_like(meta["head.bias"]),
+    }
     for k, v in algo.adapt_with_loss(other, sx, sy, 5)[0].items():
         torch.testing.assert_close(v, adapted[k])
     curve = algo.adaptation_curve(meta, sx, sy, qx, qy, 3)
@@ -166,7 +180,9 @@ def test_adapted_model_is_the_prototype_classifier() -> None:
     assert curve["query_loss"].shape == (4,) and float(curve["query_loss"].std()) == 0.0
     stacked = {k: v.unsqueeze(0).expand(tasks.num_tasks, *v.shape) for k, v in meta.items()}
     batched, batched_start = algo.adapt_tasks(stacked, tasks.support_x, tasks.support_y, 2, first_order=True)
-    reference, ref_start = vmap(lambda x, y: algo.adapt_with_loss(meta, x, y, 2, first_order=True))(tasks.support_x, tasks.support_y)
+    reference, ref_start = vmap(lambda x, y: algo.adapt_with_loss(meta, x, y, 2, first_order=True))(
+        tasks.support_x, tasks.support_y
+    )
     for k in reference:
         torch.testing.assert_close(batched[k], reference[k], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(batched_start, ref_start)
@@ -181,7 +197,9 @@ def test_evaluation_at_any_number_of_steps_is_the_prototype_classifier() -> None
     result = evaluate(algo, meta, tasks, steps=3, batch=3)
     assert result.accuracy is not None and result.accuracy.shape == (4, 4)
     for t in range(4):
-        _, accuracy = _hand_written_loss(model, meta, tasks.support_x[t], tasks.support_y[t], tasks.query_x[t], tasks.query_y[t])
+        _, accuracy = _hand_written_loss(
+            model, meta, tasks.support_x[t], tasks.support_y[t], tasks.query_x[t], tasks.query_y[t]
+        )
         assert result.accuracy[t].tolist() == pytest.approx([accuracy] * 4)
 
 
@@ -191,10 +209,20 @@ def test_regression_is_refused_naming_meta_algorithm(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"'meta.algorithm' is 'protonet'.*task.name 'sinusoid' is regression"):
         config_from_dict({"task": {"name": "sinusoid"}, "meta": {"algorithm": "protonet"}})
     with pytest.raises(ConfigError, match=r"'meta.head_init' must be 'learned'.*'protonet'.*got 'prototypes'"):
-        config_from_dict({"task": {"name": "glyphs"}, "model": {"name": "conv4"}, "meta": {"algorithm": "protonet", "head_init": "prototypes"}})
+        config_from_dict(
+            {
+                "task": {"name": "glyphs"},
+                "model": {"name": "conv4"},
+                "meta": {"algorithm": "protonet", "head_init": "prototypes"},
+            }
+        )
     # a folder site's kind is known only when it is opened: then the algorithm refuses it
-    site = write_site(tmp_path / "reg", [("t", np.zeros((6, 1), np.float32), np.zeros((6, 1), np.float32))], kind="regression")
-    cfg = config_from_dict({"task": {"name": "folder", "data_dir": str(site), "shots": 2, "query": 2}, "meta": {"algorithm": "protonet"}})
+    site = write_site(
+        tmp_path / "reg", [("t", np.zeros((6, 1), np.float32), np.zeros((6, 1), np.float32))], kind="regression"
+    )
+    cfg = config_from_dict(
+        {"task": {"name": "folder", "data_dir": str(site), "shots": 2, "query": 2}, "meta": {"algorithm": "protonet"}}
+    )
     with pytest.raises(ConfigError, match=r"'meta.algorithm' is 'protonet'"):
         Experiment(cfg)
 
@@ -223,14 +251,21 @@ def test_checkpoint_adapts_at_a_new_site_with_other_ways(tmp_path: Path) -> None
     """A ProtoNet checkpoint (3-way) at a new site of 4 classes: ``fedmeta adapt --ways 4``, a flat curve,
     personalized models that classify with every class of their task."""
     trained_on = _image_site(tmp_path / "three", classes=3, per_class=6, tasks=1, seed=0)
-    cfg = config_from_dict({
-        "task": {"name": "folder", "data_dir": str(trained_on), "ways": 3, "shots": 2, "query": 2},
-        "model": {"name": "mlp", "hidden": [32]},
-        "meta": {"algorithm": "protonet"},
-    })
+    cfg = config_from_dict(
+        {
+            "task": {"name": "folder", "data_dir": str(trained_on), "ways": 3, "shots": 2, "query": 2},
+            "model": {"name": "mlp", "hidden": [32]},
+            "meta": {"algorithm": "protonet"},
+        }
+    )
     exp = Experiment(cfg, data_dir=str(trained_on))
     ckpt = save_checkpoint(
-        tmp_path / "proto.pt", meta_params=exp.initial_meta_params(), round_idx=0, config=to_dict(cfg), model=exp.model.describe(), task_kind=exp.kind
+        tmp_path / "proto.pt",
+        meta_params=exp.initial_meta_params(),
+        round_idx=0,
+        config=to_dict(cfg),
+        model=exp.model.describe(),
+        task_kind=exp.kind,
     )
     site = _image_site(tmp_path / "four", classes=4, per_class=6, tasks=2, seed=1)
     report = adapt_site(ckpt, site, tmp_path / "out", episodes=4, steps=3, ways=4)
@@ -255,8 +290,18 @@ def test_short_glyph_run_learns(tmp_path: Path) -> None:
     root = Path(__file__).resolve().parents[2]
     cfg = load_config(
         root / "configs" / "glyphs-protonet.yaml",
-        ["model.channels=8", "task.ways=5", "federation.rounds=20", "federation.clients_total=1", "federation.clients_per_round=1",
-         "meta.tasks_per_client=2", "eval.tasks=40", "eval.every=20", "eval.batch=40", "task.partition=iid"],
+        [
+            "model.channels=8",
+            "task.ways=5",
+            "federation.rounds=20",
+            "federation.clients_total=1",
+            "federation.clients_per_round=1",
+            "meta.tasks_per_client=2",
+            "eval.tasks=40",
+            "eval.every=20",
+            "eval.batch=40",
+            "task.partition=iid",
+        ],
     )
     summary = run_centralized(cfg, tmp_path / "run")
     untrained = read_metrics(tmp_path / "run" / "metrics.jsonl")[0]["eval"]
