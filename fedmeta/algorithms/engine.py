@@ -38,6 +38,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -318,9 +319,7 @@ def vmapped_task_updates(
     """
     if terms:
         return batched_task_updates(algo, meta, tasks, terms)
-    fn: Callable[..., tuple[Params, dict[str, Tensor]]] = vmap(
-        lambda m, sx, sy, qx, qy: task_update(algo, m, sx, sy, qx, qy), in_dims=(None, 0, 0, 0, 0)
-    )
+    fn: Callable[..., tuple[Params, dict[str, Tensor]]] = vmap(partial(task_update, algo), in_dims=(None, 0, 0, 0, 0))
     grads, metrics = fn(meta, tasks.support_x, tasks.support_y, tasks.query_x, tasks.query_y)
     return _detached(grads), _detached(metrics)
 
