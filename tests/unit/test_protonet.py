@@ -314,3 +314,30 @@ def test_shipped_config_is_the_benchmark_recipe() -> None:
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "glyphs-protonet.yaml")
     assert (cfg.meta.algorithm, cfg.task.ways, cfg.task.shots, cfg.task.query) == ("protonet", 20, 1, 5)
     assert cfg.federation.clients_per_round * cfg.meta.tasks_per_client == 4
+
+
+def test_local_meta_steps_vectorize_over_clients() -> None:
+    """Several local meta-steps (vmap over clients of the per-task update): one client equals its own run."""
+    from fedmeta.local_update import local_meta_update, local_meta_updates
+
+    model = MLP((4,), (16,), WAYS)
+    algo = ProtoNet(model, kind="classification", inner_lr=0.1, inner_steps=1)
+    meta = algo.init_meta_params(torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(1)
+
+    def batch() -> TaskBatch:
+        sy = torch.arange(6).remainder(WAYS).expand(2, -1).clone()
+        return TaskBatch(
+            torch.randn(2, 6, 4, generator=gen),
+            sy,
+            torch.randn(2, 5, 4, generator=gen),
+            torch.randint(0, WAYS, (2, 5), generator=gen),
+            "classification",
+        )
+
+    steps = [[batch(), batch()], [batch(), batch()]]
+    both = local_meta_updates(algo, meta, steps, lr=0.05)
+    alone = local_meta_update(algo, meta, [steps[0][1], steps[1][1]], lr=0.05)
+    for k in meta:
+        torch.testing.assert_close(both[1].gradient[k], alone.gradient[k], rtol=1e-5, atol=1e-6)
+    assert float(both[0].gradient["body.1.weight"].abs().sum()) > 0
