@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fedmeta.algorithms import MetaAlgorithm, build_algorithm
+from fedmeta.algorithms import ALGORITHMS, MetaAlgorithm, build_algorithm
 from fedmeta.checkpoint import atomic_write_bytes, check_compatible, file_sha256, load_checkpoint
 from fedmeta.config import Config, config_from_dict, to_dict
 from fedmeta.errors import CheckpointError, ConfigError, DataFormatError
@@ -296,7 +296,7 @@ def load_initialization(path: str | Path, site: SiteData, *, label: str = "meta"
         "model": model.name,
         "inner_lr": cfg.meta.inner_lr,
         "learned_rates": cfg.meta.algorithm == "metasgd",
-        "adapts": "head only" if cfg.meta.algorithm == "anil" else "all parameters",
+        "adapts": type(algo).adapts,
         "head_init": cfg.meta.head_init,
         "trained_ways": cfg.task.ways if site.kind == "classification" else None,
         "serves_any_ways": serves_any_ways(cfg, site.kind),
@@ -307,11 +307,12 @@ def load_initialization(path: str | Path, site: SiteData, *, label: str = "meta"
 def serves_any_ways(cfg: Config, kind: str | None) -> bool:
     """Whether a checkpoint trained with ``cfg`` on ``kind`` tasks classifies any number of classes.
 
-    ANIL whose head is rebuilt for each support set (``meta.head_init`` ``prototypes``: from the
-    support-class means; ``zero``: from zeros) never uses its stored head, only that head's
-    shape; every other classifier's head is tied to the ``task.ways`` it was trained on.
+    The algorithm says (:meth:`~fedmeta.algorithms.MetaAlgorithm.serves_any_ways`): ANIL whose head
+    is rebuilt for each support set (``meta.head_init`` ``prototypes``: from the support-class
+    means; ``zero``: from zeros) and Prototypical Networks never use their stored head, only that
+    head's shape; every other classifier's head is tied to the ``task.ways`` it was trained on.
     """
-    return kind == "classification" and cfg.meta.algorithm == "anil" and cfg.meta.head_init != "learned"
+    return kind == "classification" and ALGORITHMS.get(cfg.meta.algorithm).serves_any_ways(head_init=cfg.meta.head_init)
 
 
 def _fit_head_to_site(state: dict[str, Any], model: FunctionalModel, cfg: Config, path: Path, site: SiteData) -> dict[str, Any]:
@@ -343,7 +344,8 @@ def _learned_head_error(path: Path, cfg: Config, trained: int, wanted: str) -> C
     return CheckpointError(
         f"checkpoint '{path}' has a learned {trained}-way head (meta.algorithm {cfg.meta.algorithm!r}, meta.head_init "
         f"{cfg.meta.head_init!r}): it adapts to {trained}-way episodes only, not {wanted}; a checkpoint meta-trained with "
-        "meta.algorithm 'anil' and meta.head_init 'prototypes' (or 'zero'), whose head is rebuilt for each support set, "
+        "meta.algorithm 'anil' and meta.head_init 'prototypes' (or 'zero'), or with meta.algorithm 'protonet', whose head is "
+        "rebuilt for each support set, "
         "serves any number of ways"
     )
 

@@ -42,14 +42,12 @@ __all__ = [
     "from_flat",
     "TASK_NAMES",  # noqa: F822 (module __getattr__: the task-family registry's names)
     "MODEL_NAMES",  # noqa: F822 (module __getattr__: the model registry's names)
-    "ALGORITHM_NAMES",
+    "ALGORITHM_NAMES",  # noqa: F822 (module __getattr__: the algorithm registry's names)
     "PRIVACY_MODES",
 ]
 
 #: the generated regression families (a folder site may hold either kind)
 REGRESSION_TASKS = ("sinusoid", "harmonic")
-ALGORITHM_NAMES = ("maml", "fomaml", "reptile", "metasgd", "anil", "fedavg")
-HEAD_INITS = ("learned", "zero", "prototypes")
 PRIVACY_MODES = ("none", "client-central", "client-local", "task")
 OUTER_OPTIMIZERS = ("adam", "sgd")
 SAMPLINGS = ("uniform", "poisson")
@@ -60,9 +58,10 @@ Range = tuple[float, float]
 
 
 def __getattr__(name: str) -> tuple[str, ...]:
-    """``TASK_NAMES`` and ``MODEL_NAMES``: the names the task-family and model registries hold.
+    """``TASK_NAMES``, ``MODEL_NAMES``, ``ALGORITHM_NAMES``: the names their registries hold.
 
-    Looked up on use (PEP 562) because the registries import torch and this module does not.
+    Looked up on use (PEP 562) because the registries import torch (and import this module) and
+    this module does not.
     """
     if name == "TASK_NAMES":
         from fedmeta.tasks import TASK_FAMILIES
@@ -72,6 +71,10 @@ def __getattr__(name: str) -> tuple[str, ...]:
         from fedmeta.models import MODELS
 
         return MODELS.names()
+    if name == "ALGORITHM_NAMES":
+        from fedmeta.algorithms import ALGORITHMS
+
+        return ALGORITHMS.names()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -128,6 +131,8 @@ class MetaConfig:
     """Inner loop (adaptation) and outer loop (server optimizer) settings."""
 
     algorithm: str = "maml"
+    # one of fedmeta.algorithms.ALGORITHMS (maml, fomaml, reptile, metasgd, anil, fedavg, protonet;
+    # protonet: Prototypical Networks, classification only, ignores inner_lr / inner_steps)
     # anil only: where the head's adaptation starts (learned | zero | prototypes; see
     # fedmeta/algorithms/anil.py); prototypes needs classification tasks
     head_init: str = "learned"
@@ -402,24 +407,12 @@ def validate(cfg: Config) -> Config:
     for _, model in MODELS.items():
         model.check_config(cfg)
 
-    _require(
-        me.algorithm in ALGORITHM_NAMES,
-        "meta.algorithm",
-        me.algorithm,
-        f"must be one of {', '.join(ALGORITHM_NAMES)}",
-    )
-    _require(me.head_init in HEAD_INITS, "meta.head_init", me.head_init, f"must be one of {', '.join(HEAD_INITS)}")
-    _require(
-        me.head_init == "learned" or me.algorithm == "anil",
-        "meta.head_init",
-        me.head_init,
-        f"must be 'learned' unless meta.algorithm is 'anil' ({me.algorithm!r} adapts the whole model)",
-    )
-    _require(
-        me.head_init != "prototypes" or t.name not in REGRESSION_TASKS,
-        "meta.head_init",
-        me.head_init,
-        f"must not be 'prototypes' (class prototypes) for regression tasks (task.name {t.name!r}; 'learned' and 'zero' work there)",
+    # the algorithm registry owns the names and each algorithm its option rules (imported here:
+    # the algorithms import the models, which import this module)
+    from fedmeta.algorithms import ALGORITHMS
+
+    ALGORITHMS.get(me.algorithm).check_options(
+        kind="regression" if t.name in REGRESSION_TASKS else None, head_init=me.head_init, task=t.name
     )
     _require(me.inner_lr > 0 and math.isfinite(me.inner_lr), "meta.inner_lr", me.inner_lr, "must be a positive number")
     _require(me.inner_steps >= 1, "meta.inner_steps", me.inner_steps, "must be at least 1")

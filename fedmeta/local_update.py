@@ -71,10 +71,13 @@ def local_meta_updates(algorithm: MetaAlgorithm, meta: Params, steps: Sequence[S
         steps and ``metrics`` their means.
 
     Raises:
-        ValueError: if there are no steps or clients, or ``lr`` is not positive.
+        ValueError: if there are no steps or clients, ``lr`` is not positive, or the algorithm
+            carries objective terms (they need the whole meta-batch, which this vmap does not give).
     """
     if not steps or not steps[0]:
         raise ValueError("local_meta_updates needs at least one step and one client")
+    if algorithm.terms:
+        raise ValueError("objective terms are not supported with several local meta-steps (meta.local_steps > 1) yet")
     if lr <= 0:
         raise ValueError(f"local step size must be positive, got {lr}")
     clients = len(steps[0])

@@ -63,7 +63,7 @@ import numpy as np
 import torch
 from torch.func import vmap
 
-from fedmeta.algorithms import ANIL
+from fedmeta.algorithms import ALGORITHMS
 from fedmeta.algorithms.base import MetaAlgorithm, task_accuracies
 from fedmeta.centralized import run_centralized
 from fedmeta.checkpoint import file_sha256, load_checkpoint
@@ -142,6 +142,11 @@ class Run:
         return self.rounds + self.decay_rounds
 
     @property
+    def way_agnostic(self) -> bool:
+        """Whether this run's model rebuilds its head for each support set (serves any number of ways)."""
+        return ALGORITHMS.get(self.algorithm).serves_any_ways(head_init=self.head_init)
+
+    @property
     def variant(self) -> str:
         """The algorithm with its head initialization (and tag, training ways): what a row of the table stands for."""
         return _variant(self.__dict__)
@@ -203,6 +208,10 @@ RUNS: tuple[Run, ...] = (
         tag="scratch", extra_eval_steps=(1,)),
     Run("ANIL, prototype head (from scratch)", 20, "anil", 4000, 8, 0.1, 10, 25, 0.001, decay_rounds=1000, decay_factor=0.3, head_init="prototypes",
         tag="scratch", extra_eval_steps=(1,), train_ways=40, also_eval_ways=(5,)),
+    # Prototypical Networks (Snell et al., 2017): no inner loop (inner lr and steps are ignored,
+    # as are test-time steps), trained with more ways than tested (20-way, 5 queries per class, 4
+    # episodes per iteration), from the seed's initialization
+    Run("ProtoNets", 5, "protonet", 2500, 4, 0.4, 1, 1, 0.001, query=5, decay_rounds=500, train_ways=20),
 )
 
 
@@ -246,9 +255,9 @@ def episode_accuracy(algo: MetaAlgorithm, meta: Params, tasks: TaskBatch, *, ste
 def episode_accuracies(algo: MetaAlgorithm, meta: Params, tasks: TaskBatch, *, steps: tuple[int, ...], batch: int = 50) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """:func:`episode_accuracy` after each of several step counts (one adaptation, scored on the way)."""
     frozen = {k: v.detach() for k, v in meta.items()}
-    # an ANIL head that starts from the support set (zero / prototypes) is rebuilt by every
-    # adaptation call, so each step count adapts from the start rather than continuing
-    restart = getattr(algo, "head_init", "learned") != "learned"
+    # a head that starts from the support set (ANIL's zero / prototypes, ProtoNets) is rebuilt
+    # by every adaptation call, so each step count adapts from the start rather than continuing
+    restart = algo.rebuilds_head
     if not algo.model.batched_tasks:
         pre, _ = _episode_accuracy_vmap(algo, frozen, tasks, steps=1, batch=batch)
         return pre, {s: _episode_accuracy_vmap(algo, frozen, tasks, steps=s, batch=batch)[1] for s in steps}
@@ -260,7 +269,6 @@ def episode_accuracies(algo: MetaAlgorithm, meta: Params, tasks: TaskBatch, *, s
             stacked = {k: v.unsqueeze(0).expand(chunk.num_tasks, *v.shape) for k, v in frozen.items()}
             start = model_part(stacked)
             if restart:
-                assert isinstance(algo, ANIL)
                 h = algo.model.features_tasks(start, chunk.support_x)
                 start = {**start, **algo.start_head({k: start[k] for k in algo.model.head_keys()}, h, chunk.support_y)}
             pres.append(task_accuracies(algo.model.forward_tasks(start, chunk.query_x), chunk.query_y))
@@ -326,7 +334,7 @@ def _accuracies_at(run: Run, meta: Params, ways: int, tasks: TaskBatch, steps: t
     a way-agnostic head does not use it (it starts from the support set), only its shape.
     """
     trained = meta[next(k for k in meta if k.endswith("head.weight"))].shape[0]
-    if ways != trained and run.head_init == "learned":
+    if ways != trained and not run.way_agnostic:
         raise ValueError(f"run '{run.label}' has a learned head, which is tied to the {trained} ways it was trained on")
     exp = Experiment(load_config(CONFIG, replace(run, ways=ways, train_ways=None).overrides()))
     if ways != trained:
@@ -448,7 +456,7 @@ def _train(run: Run, out: Path, quick: bool) -> tuple[Experiment, Params, dict[s
         params = load_checkpoint(start)["meta_params"]
         shapes = exp.model.param_shapes
         wrong = [k for k in params if k in shapes and tuple(params[k].shape) != shapes[k]]
-        if wrong and (run.head_init == "learned" or set(wrong) - set(exp.model.head_keys())):
+        if wrong and (not run.way_agnostic or set(wrong) - set(exp.model.head_keys())):
             raise SystemExit(f"run '{run.label}' cannot continue from '{start}': parameters {wrong} have other shapes")
         # a way-agnostic head is not used, only its shape: a zero one of this run's number of ways
         params = {k: (torch.zeros(shapes[k]) if k in wrong else v) for k, v in params.items()}
@@ -697,7 +705,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.evaluate_at:
         chosen = set(args.algorithms.split(",")) if args.algorithms else None
         for run in RUNS:
-            if (args.only and int(args.only) != run.ways) or (chosen is not None and run.variant not in chosen) or run.head_init == "learned":
+            if (args.only and int(args.only) != run.ways) or (chosen is not None and run.variant not in chosen) or not run.way_agnostic:
                 continue
             evaluate_elsewhere(run, args.out, args.evaluate_at, base, episodes, record)
         print(render_markdown(merge_results(record, args.out)))
@@ -871,6 +879,7 @@ COLUMNS = {
     ("anil", "learned"): "ANIL",
     ("anil", "zero"): "ANIL, zero head",
     ("anil", "prototypes"): "ANIL, prototype head",
+    ("protonet", "learned"): "ProtoNets",
 }
 
 
@@ -976,15 +985,18 @@ def render_markdown(results: dict[str, Any]) -> str:
     for row in results["runs"]:
         run = row["run"]
         order = "2nd order" if run["algorithm"] in ("maml", "metasgd", "anil") else "1st order"
-        what = {"anil": "head only", "metasgd": "learned per-parameter rates", "maml": "all parameters", "fomaml": "all parameters"}[run["algorithm"]]
+        what = {"anil": "head only", "metasgd": "learned per-parameter rates", "maml": "all parameters", "fomaml": "all parameters"}.get(run["algorithm"], "")
         if run.get("head_init", "learned") != "learned":
             what += f", from a {'zero' if run['head_init'] == 'zero' else 'prototype'} head"
+        inner = f"{run['inner_steps']} × {run['inner_lr']:g} ({what}, {order})"
+        if run["algorithm"] == "protonet":
+            inner = "none (class prototypes of the support set; query cross-entropy of the negative squared distances)"
         decay = run.get("decay_rounds", 0)
         iterations = f"{row['rounds']}" if not decay else f"{row['rounds'] - decay} + {decay} at lr × {run.get('decay_factor', 0.1):g}"
         if run.get("start_from"):
             iterations = f"{run['start_iterations']} (from `{run['start_from'].split('/')[0]}`) + {iterations}"
         lines.append(
-            f"| {run['label']} | {_trained_ways(row)} | {run['inner_steps']} × {run['inner_lr']:g} ({what}, {order}) | {run['eval_steps']} | "
+            f"| {run['label']} | {_trained_ways(row)} | {inner} | {run['eval_steps'] if run['algorithm'] != 'protonet' else '—'} | "
             f"{run['meta_batch']} × {_trained_ways(row)}-way 1-shot, {run['query']} query/class | {iterations} | {run['outer_lr']:g} | "
             f"{_path_label(row)} | {row['train_seconds'] / 60:.1f} min | {row.get('cpu_seconds', 0) / 60:.1f} min | {row['train_seconds'] / max(row['rounds'], 1):.2f} |"
         )

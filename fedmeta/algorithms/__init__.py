@@ -1,15 +1,26 @@
-"""Meta-learning algorithms behind one signature, and the registry that maps config names to them."""
+"""Meta-learning algorithms behind one signature, and the registry that maps config names to them.
+
+Each algorithm module registers its class in :data:`ALGORITHMS` (``@ALGORITHMS.register("maml")``)
+and owns its option rules (:meth:`MetaAlgorithm.check_options`); importing this package imports
+every module, so the registry is complete. A new algorithm is one module, its import below and
+its test (ProtoNets, :mod:`fedmeta.algorithms.protonet`, is the worked example).
+"""
 
 from __future__ import annotations
 
-from fedmeta.algorithms.anil import ANIL
-from fedmeta.algorithms.base import METRIC_NAMES, MetaAlgorithm, MetaUpdate, task_accuracy, task_loss
-from fedmeta.algorithms.fedavg import FedAvg
-from fedmeta.algorithms.fomaml import FOMAML
+from fedmeta.algorithms.base import ALGORITHMS, METRIC_NAMES, MetaAlgorithm, MetaUpdate, task_accuracy, task_loss
+
+# isort: off
+# imported in this order, which is the order of the registry's names (messages list them)
 from fedmeta.algorithms.maml import MAML
-from fedmeta.algorithms.metasgd import MetaSGD
+from fedmeta.algorithms.fomaml import FOMAML
 from fedmeta.algorithms.reptile import Reptile
-from fedmeta.errors import ConfigError
+from fedmeta.algorithms.metasgd import MetaSGD
+from fedmeta.algorithms.anil import ANIL
+from fedmeta.algorithms.fedavg import FedAvg
+from fedmeta.algorithms.protonet import ProtoNet
+
+# isort: on
 from fedmeta.models.base import FunctionalModel
 
 __all__ = [
@@ -21,16 +32,13 @@ __all__ = [
     "MetaSGD",
     "ANIL",
     "FedAvg",
+    "ProtoNet",
     "ALGORITHMS",
     "build_algorithm",
     "task_loss",
     "task_accuracy",
     "METRIC_NAMES",
 ]
-
-ALGORITHMS: dict[str, type[MetaAlgorithm]] = {
-    cls.name: cls for cls in (MAML, FOMAML, Reptile, MetaSGD, ANIL, FedAvg)
-}
 
 
 def build_algorithm(
@@ -39,22 +47,11 @@ def build_algorithm(
     """Instantiate the algorithm registered under ``name``.
 
     ``head_init`` (``meta.head_init``) is where ANIL's head adaptation starts; other algorithms
-    take only ``learned``.
+    take only ``learned``. The options are checked by the algorithm's own
+    :meth:`~MetaAlgorithm.check_options`, the rule config validation applies too.
 
     Raises:
-        ConfigError: for a name that is not registered (the message lists the known ones), or a
-            ``head_init`` the algorithm or task kind cannot use.
+        ConfigError: for a name that is not registered (the message lists the known ones), or
+            options the algorithm or task kind cannot use.
     """
-    try:
-        cls = ALGORITHMS[name]
-    except KeyError:
-        raise ConfigError(
-            f"config key 'meta.algorithm' has no algorithm {name!r} (known: {', '.join(ALGORITHMS)})"
-        ) from None
-    if cls is ANIL:
-        if head_init == "prototypes" and kind != "classification":
-            raise ConfigError(f"config key 'meta.head_init' is 'prototypes', which needs classification tasks; these are {kind}")
-        return ANIL(model, kind=kind, inner_lr=inner_lr, inner_steps=inner_steps, head_init=head_init)
-    if head_init != "learned":
-        raise ConfigError(f"config key 'meta.head_init' is {head_init!r}, which only meta.algorithm 'anil' takes ({name!r} adapts the whole model)")
-    return cls(model, kind=kind, inner_lr=inner_lr, inner_steps=inner_steps)
+    return ALGORITHMS.get(name).build(model, kind=kind, inner_lr=inner_lr, inner_steps=inner_steps, head_init=head_init)

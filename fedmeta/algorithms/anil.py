@@ -19,24 +19,38 @@ zero); they stay in the checkpoint so every model keeps one shape.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 from torch.func import grad
 
-from fedmeta.algorithms.base import eager_inner_sgd, grad_dict, inner_sgd, metric_dict, stack_for_tasks, task_accuracies, task_accuracy, task_loss, task_losses
+from fedmeta.algorithms.base import (
+    ALGORITHMS,
+    class_prototypes,
+    eager_inner_sgd,
+    inner_sgd,
+    metric_dict,
+    task_accuracy,
+    task_loss,
+    task_losses,
+)
+from fedmeta.algorithms.engine import TaskOps
 from fedmeta.algorithms.maml import MAML
-from fedmeta.config import HEAD_INITS
+from fedmeta.errors import ConfigError
 from fedmeta.models.base import FunctionalModel
-from fedmeta.types import Params, TaskBatch, model_part
+from fedmeta.types import Params, model_part
 
-__all__ = ["ANIL"]
+__all__ = ["ANIL", "HEAD_INITS"]
+
+#: Where the head's adaptation starts (``meta.head_init``; see the module docstring).
+HEAD_INITS = ("learned", "zero", "prototypes")
 
 #: The starting bias of a class absent from the support set (prototypes): its softmax weight is 0.
 _ABSENT_BIAS = -1e30
 
 
+@ALGORITHMS.register("anil")
 class ANIL(MAML):
     """Almost No Inner Loop: the body is meta-learned, only the head adapts per task.
 
@@ -47,14 +61,43 @@ class ANIL(MAML):
     """
 
     name: ClassVar[str] = "anil"
+    adapts: ClassVar[str] = "head only"
 
     def __init__(self, model: FunctionalModel, *, kind: str, inner_lr: float, inner_steps: int, head_init: str = "learned") -> None:
         super().__init__(model, kind=kind, inner_lr=inner_lr, inner_steps=inner_steps)
-        if head_init not in HEAD_INITS:
-            raise ValueError(f"head_init must be one of {', '.join(HEAD_INITS)}, got {head_init!r}")
-        if head_init == "prototypes" and kind != "classification":
-            raise ValueError("head_init 'prototypes' needs classification tasks (class prototypes)")
+        self.check_options(kind=kind, head_init=head_init)
         self.head_init = head_init
+
+    @classmethod
+    def check_options(cls, *, kind: str | None, head_init: str, task: str | None = None) -> None:
+        """``meta.head_init`` is one of :data:`HEAD_INITS`; ``prototypes`` needs classification tasks.
+
+        Raises:
+            ConfigError: naming ``meta.head_init`` and the bad value.
+        """
+        if head_init not in HEAD_INITS:
+            raise ConfigError(f"config key 'meta.head_init' is {head_init!r}: head_init must be one of {', '.join(HEAD_INITS)}")
+        if head_init == "prototypes" and kind == "regression":
+            where = f"task.name {task!r}; 'learned' and 'zero' work there" if task else "these are regression"
+            raise ConfigError(
+                f"config key 'meta.head_init' must not be 'prototypes' for regression tasks (class prototypes need classification "
+                f"tasks; {where}), got 'prototypes'"
+            )
+
+    @classmethod
+    def build(cls, model: FunctionalModel, *, kind: str, inner_lr: float, inner_steps: int, head_init: str = "learned") -> ANIL:
+        """ANIL with its ``head_init`` (checked by :meth:`check_options`)."""
+        return cls(model, kind=kind, inner_lr=inner_lr, inner_steps=inner_steps, head_init=head_init)
+
+    @classmethod
+    def serves_any_ways(cls, *, head_init: str) -> bool:
+        """A head rebuilt for each support set (``zero`` or ``prototypes``) serves any number of ways."""
+        return head_init != "learned"
+
+    @property
+    def rebuilds_head(self) -> bool:
+        """True for ``zero`` and ``prototypes``: each adaptation starts its head from the support set."""
+        return self.serves_any_ways(head_init=self.head_init)
 
     def start_head(self, head: Params, h: Tensor, y: Tensor) -> Params:
         """The head the inner loop starts from, for features ``h`` ``[..., N, F]`` and labels ``y`` ``[..., N]``.
@@ -69,10 +112,7 @@ class ANIL(MAML):
             # multiplied rather than fresh zeros: it stays in the autograd graph (with a zero
             # gradient), which the eager second-order inner loop differentiates through
             return {k: v * 0.0 for k, v in head.items()}
-        ways = head[weight_key].shape[-2]
-        onehot = (y.unsqueeze(-1) == torch.arange(ways, device=y.device)).to(h.dtype)  # [..., N, W]
-        counts = onehot.sum(dim=-2)  # [..., W]
-        prototypes = onehot.transpose(-1, -2) @ h / counts.clamp(min=1.0).unsqueeze(-1)  # [..., W, F]
+        prototypes, counts = class_prototypes(h, y, head[weight_key].shape[-2])
         # a class without support examples has no prototype: a bias no score can overcome keeps
         # it from being predicted (rather than a prototype at the origin)
         absent = torch.full_like(counts, _ABSENT_BIAS)
@@ -89,29 +129,29 @@ class ANIL(MAML):
     def adapted_keys(self, meta: Params) -> list[str]:
         return self.model.head_keys()
 
-    def outer_loss(self, meta: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def objective(self, ops: TaskOps, meta: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, dict[str, Any]]:
+        """Query loss after the head's inner steps on body features computed once per set (second order)."""
         params = model_part(meta)
-        hs = self.model.features(params, sx)
-        hq = self.model.features(params, qx)
+        hs = ops.features(params, sx)
+        hq = ops.features(params, qx)
         head0 = self.start_head({k: params[k] for k in self.model.head_keys()}, hs, sy)
+        head, support_loss_pre = ops.sgd(lambda p: ops.loss(ops.head(p, hs), sy), head0, dict.fromkeys(head0, self.inner_lr), self.inner_steps)
+        pred_q = ops.head(head, hq)
+        state = {"adapted": {**params, **head}, "head": head, "head0": head0, "hs": hs, "hq": hq, "support_loss_pre": support_loss_pre, "query_pred_post": pred_q}
+        return ops.loss(pred_q, qy), state
 
-        def inner(p: Params) -> Tensor:
-            return task_loss(self.kind, self.model.head(p, hs), sy)
-
-        head, support_loss_pre = inner_sgd(inner, head0, dict.fromkeys(head0, self.inner_lr), self.inner_steps)
-        pred_q = self.model.head(head, hq)
-        query_loss = task_loss(self.kind, pred_q, qy)
-        metrics = metric_dict(
+    def metrics(self, ops: TaskOps, meta: Params, state: dict[str, Any], sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> dict[str, Tensor]:
+        """The standard metrics from the head on the features the objective computed."""
+        return metric_dict(
             self.kind,
-            lambda pred, y: task_loss(self.kind, pred, y),
-            task_accuracy,
-            support_loss_pre=support_loss_pre,
-            support_loss_post=task_loss(self.kind, self.model.head(head, hs), sy),
-            query_pred_pre=self.model.head(head0, hq),
-            query_pred_post=pred_q,
+            ops.loss,
+            ops.accuracy,
+            support_loss_pre=state["support_loss_pre"],
+            support_loss_post=ops.loss(ops.head(state["head"], state["hs"]), sy),
+            query_pred_pre=ops.head(state["head0"], state["hq"]),
+            query_pred_post=state["query_pred_post"],
             query_y=qy,
         )
-        return query_loss, metrics
 
     # -- adaptation: the body once, the steps on the head ------------------------------------
 
@@ -169,27 +209,3 @@ class ANIL(MAML):
             head0 = self.start_head({k: params[k] for k in self.model.head_keys()}, h, y)
         head, start_loss = self._head_adapt_tasks(head0, h, y, steps, first_order=first_order)
         return {**params, **head}, start_loss
-
-    def batched_task_updates(self, meta: Params, tasks: TaskBatch) -> tuple[Params, dict[str, Tensor]]:
-        """Exact meta-gradients of all tasks: batched body features, batched second-order head steps."""
-        stacked = stack_for_tasks(meta, tasks.num_tasks)
-        params = model_part(stacked)
-        with torch.enable_grad():
-            hs = self.model.features_tasks(params, tasks.support_x)
-            hq = self.model.features_tasks(params, tasks.query_x)
-            head0 = self.start_head({k: params[k] for k in self.model.head_keys()}, hs, tasks.support_y)
-            head, support_loss_pre = self._head_adapt_tasks(head0, hs, tasks.support_y, self.inner_steps, first_order=False)
-            pred_q = self.model.head_tasks(head, hq)
-            grads = grad_dict(task_losses(self.kind, pred_q, tasks.query_y).sum(), stacked)
-        with torch.no_grad():
-            metrics = metric_dict(
-                self.kind,
-                lambda pred, y: task_losses(self.kind, pred, y),
-                task_accuracies,
-                support_loss_pre=support_loss_pre,
-                support_loss_post=task_losses(self.kind, self.model.head_tasks(head, hs), tasks.support_y),
-                query_pred_pre=self.model.head_tasks(head0, hq),
-                query_pred_post=pred_q,
-                query_y=tasks.query_y,
-            )
-        return grads, metrics

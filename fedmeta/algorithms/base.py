@@ -20,20 +20,25 @@ Nothing here mutates the meta-parameters.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import ABC
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.func import grad, grad_and_value, vmap
+from torch.func import grad, grad_and_value
 
+from fedmeta.algorithms import engine
+from fedmeta.algorithms.engine import ObjectiveTerm, PerTaskOps, TaskOps
+from fedmeta.errors import ConfigError
 from fedmeta.models.base import FunctionalModel
+from fedmeta.registry import Registry
 from fedmeta.types import LR_PREFIX, Params, TaskBatch, lr_part, model_part
 
 __all__ = [
+    "ALGORITHMS",
     "MetaAlgorithm",
     "MetaUpdate",
     "task_loss",
@@ -45,6 +50,7 @@ __all__ = [
     "inner_sgd",
     "eager_inner_sgd",
     "metric_dict",
+    "class_prototypes",
     "METRIC_NAMES",
 ]
 
@@ -57,6 +63,25 @@ def task_loss(kind: str, pred: Tensor, y: Tensor) -> Tensor:
     if kind == "classification":
         return F.cross_entropy(pred, y)
     return F.mse_loss(pred, y)
+
+
+def class_prototypes(h: Tensor, y: Tensor, ways: int) -> tuple[Tensor, Tensor]:
+    """Mean embedding of each class's examples, and how many examples each class has.
+
+    Args:
+        h: embeddings ``[..., N, F]``.
+        y: labels ``[..., N]`` in ``0..ways-1``.
+        ways: number of classes.
+
+    Returns:
+        ``(prototypes [..., W, F], counts [..., W])``; a class without examples gets a zero
+        prototype and count 0. Leading task dimensions are carried through; ``vmap``-safe (no
+        data-dependent shapes).
+    """
+    onehot = (y.unsqueeze(-1) == torch.arange(ways, device=y.device)).to(h.dtype)  # [..., N, W]
+    counts = onehot.sum(dim=-2)  # [..., W]
+    prototypes = onehot.transpose(-1, -2) @ h / counts.clamp(min=1.0).unsqueeze(-1)  # [..., W, F]
+    return prototypes, counts
 
 
 def task_accuracy(pred: Tensor, y: Tensor) -> Tensor:
@@ -188,6 +213,10 @@ class MetaAlgorithm(ABC):
     name: ClassVar[str] = ""
     #: True when the outer gradient differentiates through the inner loop.
     second_order: ClassVar[bool] = False
+    #: How the update follows from the objective (:data:`fedmeta.algorithms.engine.UPDATE_RULES`).
+    update_rule: ClassVar[str] = "exact"
+    #: What the inner loop changes, in words (``fedmeta adapt``'s report).
+    adapts: ClassVar[str] = "all parameters"
 
     def __init__(self, model: FunctionalModel, *, kind: str, inner_lr: float, inner_steps: int) -> None:
         if kind not in ("regression", "classification"):
@@ -200,12 +229,58 @@ class MetaAlgorithm(ABC):
         self.kind = kind
         self.inner_lr = inner_lr
         self.inner_steps = inner_steps
+        #: batch-level objective terms added to the outer objective (:meth:`with_terms`)
+        self.terms: tuple[ObjectiveTerm, ...] = ()
+
+    # -- options (the one place each algorithm's option rules live; config validation calls it) --
+
+    @classmethod
+    def check_options(cls, *, kind: str | None, head_init: str, task: str | None = None) -> None:
+        """Refuse options this algorithm cannot use: by default ``meta.head_init`` must be ``learned``.
+
+        Args:
+            kind: the task kind (``None`` where it is not known yet, e.g. a folder site at config time).
+            head_init: ``meta.head_init``.
+            task: ``task.name``, for messages.
+
+        Raises:
+            ConfigError: naming the key and the bad value.
+        """
+        if head_init != "learned":
+            raise ConfigError(
+                f"config key 'meta.head_init' must be 'learned' unless meta.algorithm is 'anil' (only meta.algorithm 'anil' "
+                f"takes another; {cls.name!r} adapts {cls.adapts}), got {head_init!r}"
+            )
+
+    @classmethod
+    def build(cls, model: FunctionalModel, *, kind: str, inner_lr: float, inner_steps: int, head_init: str = "learned") -> MetaAlgorithm:
+        """The algorithm for ``model`` with the config's options, checked by :meth:`check_options` first.
+
+        Raises:
+            ConfigError: for options this algorithm or the task kind cannot use.
+        """
+        cls.check_options(kind=kind, head_init=head_init)
+        return cls(model, kind=kind, inner_lr=inner_lr, inner_steps=inner_steps)
+
+    @classmethod
+    def serves_any_ways(cls, *, head_init: str) -> bool:
+        """Whether a checkpoint of this algorithm classifies any number of classes (its head is rebuilt per support set)."""
+        return False
+
+    @property
+    def rebuilds_head(self) -> bool:
+        """True when adaptation rebuilds the head from the support set (so the stored head is unused)."""
+        return False
 
     # -- parameters --------------------------------------------------------------------------
 
     def init_meta_params(self, gen: torch.Generator) -> Params:
         """Initial meta-parameters (the model's; Meta-SGD adds its learning rates)."""
         return self.model.init_params(gen)
+
+    def start_head(self, head: Params, h: Tensor, y: Tensor) -> Params:
+        """The head adaptation starts from, for support features ``h`` and labels ``y``: the stored one by default."""
+        return head
 
     def adapted_keys(self, meta: Params) -> list[str]:
         """Names of the parameters the inner loop changes (all model parameters by default)."""
@@ -273,73 +348,98 @@ class MetaAlgorithm(ABC):
             out["query_accuracy"] = torch.stack(accs)
         return out
 
-    # -- the outer objective -----------------------------------------------------------------
+    # -- the outer objective, declared once (fedmeta/algorithms/engine.py runs it) -------------
 
-    @abstractmethod
+    def objective(self, ops: TaskOps, meta: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, dict[str, Any]]:
+        """The outer objective of the ``exact`` rule: the query loss after adaptation, and the state the metrics need.
+
+        Written with ``ops`` (:class:`~fedmeta.algorithms.engine.TaskOps`), so the same code gives one
+        task's loss or ``T`` stacked tasks' losses ``[T]``. The state holds at least ``adapted``
+        (the adapted model parameters, for objective terms); :meth:`metrics` reads it.
+
+        Raises:
+            NotImplementedError: for an algorithm with another update rule.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has update rule {self.update_rule!r}; only 'exact' has an objective")
+
+    def adapted_model(self, state: dict[str, Any]) -> Params:
+        """The adapted model parameters of an :meth:`objective`'s state (what objective terms see)."""
+        return state["adapted"]
+
+    def adaptation_state(self, ops: TaskOps, meta: Params, sx: Tensor, sy: Tensor) -> dict[str, Any]:
+        """The inner loop of the ``first_order``, ``reptile`` and ``pooled`` rules (first order), as a metrics state."""
+        adapted, support_loss_pre = ops.adapt(meta, sx, sy, self.inner_steps, first_order=True)
+        return {"adapted": adapted, "support_loss_pre": support_loss_pre}
+
+    def metrics(self, ops: TaskOps, meta: Params, state: dict[str, Any], sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> dict[str, Tensor]:
+        """The standard metrics (:data:`METRIC_NAMES`, query accuracies for classification), detached.
+
+        Values the objective computed (``support_loss_pre``, optionally ``query_pred_post``) come
+        from ``state`` so that no forward pass runs twice.
+        """
+        adapted = state["adapted"]
+        pred_post = state.get("query_pred_post")
+        return metric_dict(
+            self.kind,
+            ops.loss,
+            ops.accuracy,
+            support_loss_pre=state["support_loss_pre"],
+            support_loss_post=ops.losses_of(adapted, sx, sy),
+            query_pred_pre=ops.forward(model_part(meta), qx),
+            query_pred_post=ops.forward(model_part(adapted), qx) if pred_post is None else pred_post,
+            query_y=qy,
+        )
+
+    def outer_loss(self, meta: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """One task's :meth:`objective` (``torch.func``-traceable) and its metrics."""
+        ops = PerTaskOps(self)
+        loss, state = self.objective(ops, meta, sx, sy, qx, qy)
+        return loss, self.metrics(ops, meta, state, sx, sy, qx, qy)
+
     def task_update(self, meta: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Params, dict[str, Tensor]]:
-        """Meta-gradient (or pseudo-gradient) of one task and its metrics.
+        """Meta-gradient (or pseudo-gradient) of one task and its metrics (:func:`fedmeta.algorithms.engine.task_update`).
 
         Returns:
             A dict with the same keys and shapes as ``meta``, and a dict of scalar metrics with at
             least :data:`METRIC_NAMES` (plus ``query_accuracy_pre/post`` for classification).
         """
-
-    def _metrics(
-        self,
-        meta: Params,
-        adapted: Params,
-        sx: Tensor,
-        sy: Tensor,
-        qx: Tensor,
-        qy: Tensor,
-        *,
-        support_loss_pre: Tensor | None = None,
-        query_pred_post: Tensor | None = None,
-    ) -> dict[str, Tensor]:
-        """The standard per-task metrics, detached.
-
-        Values the caller already computed (the support loss before the first inner step, the
-        adapted model's query predictions) are passed in so that no forward pass runs twice.
-        """
-        return metric_dict(
-            self.kind,
-            lambda pred, y: task_loss(self.kind, pred, y),
-            task_accuracy,
-            support_loss_pre=self.loss(meta, sx, sy) if support_loss_pre is None else support_loss_pre,
-            support_loss_post=self.loss(adapted, sx, sy),
-            query_pred_pre=self.model.forward(model_part(meta), qx),
-            query_pred_post=self.model.forward(adapted, qx) if query_pred_post is None else query_pred_post,
-            query_y=qy,
-        )
+        return engine.task_update(self, meta, sx, sy, qx, qy)
 
     def task_updates(self, meta: Params, tasks: TaskBatch) -> tuple[Params, dict[str, Tensor]]:
         """Per-task meta-gradients for a batch of tasks, with no Python loop over tasks.
 
         Uses :meth:`batched_task_updates` when the model runs all tasks in one native pass
         (``model.batched_tasks``) and :meth:`vmapped_task_updates` otherwise; both return the same
-        values (up to floating-point summation order).
+        values (up to floating-point summation order). :attr:`terms` are added to the objective.
 
         Returns:
             ``({name: [T, *shape]}, {metric: [T]})``, detached.
         """
-        if self.model.batched_tasks:
-            return self.batched_task_updates(meta, tasks)
-        return self.vmapped_task_updates(meta, tasks)
+        return engine.task_updates(self, meta, tasks, self.terms)
 
     def vmapped_task_updates(self, meta: Params, tasks: TaskBatch) -> tuple[Params, dict[str, Tensor]]:
         """:meth:`task_update` vectorized over tasks with ``vmap``."""
-        fn: Callable[..., tuple[Params, dict[str, Tensor]]] = vmap(self.task_update, in_dims=(None, 0, 0, 0, 0))
-        grads, metrics = fn(meta, tasks.support_x, tasks.support_y, tasks.query_x, tasks.query_y)
-        return {k: v.detach() for k, v in grads.items()}, {k: v.detach() for k, v in metrics.items()}
+        return engine.vmapped_task_updates(self, meta, tasks, self.terms)
 
     def batched_task_updates(self, meta: Params, tasks: TaskBatch) -> tuple[Params, dict[str, Tensor]]:
         """The same per-task updates as :meth:`vmapped_task_updates`, from one batched pass with eager autograd.
 
         Works with any model (the default batched model methods ``vmap`` the single-task ones);
-        fast with a model whose ``forward_tasks`` is native. Algorithms override this; the base
-        falls back to ``vmap``.
+        fast with a model whose ``forward_tasks`` is native.
         """
-        return self.vmapped_task_updates(meta, tasks)
+        return engine.batched_task_updates(self, meta, tasks, self.terms)
+
+    def with_terms(self, *terms: ObjectiveTerm) -> MetaAlgorithm:
+        """This algorithm with ``terms`` added to its outer objective (returns ``self``).
+
+        Raises:
+            ValueError: if the algorithm's update rule is not ``exact``.
+        """
+        if terms and self.update_rule != "exact":
+            raise ValueError(f"objective terms need the 'exact' update rule; {self.name!r} has {self.update_rule!r}")
+        self.terms = (*self.terms, *terms)
+        return self
+
 
     # -- the batched eager path: T tasks at once, parameters stacked [T, *shape] ---------------
 
@@ -371,31 +471,6 @@ class MetaAlgorithm(ABC):
         fast, start_loss = eager_inner_sgd(lambda p: self.losses_tasks({**frozen, **p}, x, y), fast, sizes, steps, first_order=first_order)
         return {**frozen, **fast}, start_loss
 
-    def _metrics_tasks(
-        self,
-        meta: Params,
-        adapted: Params,
-        sx: Tensor,
-        sy: Tensor,
-        qx: Tensor,
-        qy: Tensor,
-        *,
-        support_loss_pre: Tensor,
-        query_pred_post: Tensor | None = None,
-    ) -> dict[str, Tensor]:
-        """:meth:`_metrics` for ``T`` tasks (stacked parameters), computed without a graph; ``{name: [T]}``."""
-        with torch.no_grad():
-            return metric_dict(
-                self.kind,
-                lambda pred, y: task_losses(self.kind, pred, y),
-                task_accuracies,
-                support_loss_pre=support_loss_pre,
-                support_loss_post=self.losses_tasks(adapted, sx, sy),
-                query_pred_pre=self.model.forward_tasks(model_part(meta), qx),
-                query_pred_post=self.model.forward_tasks(model_part(adapted), qx) if query_pred_post is None else query_pred_post,
-                query_y=qy,
-            )
-
     def meta_gradient(self, meta: Params, tasks: TaskBatch) -> MetaUpdate:
         """The mean meta-gradient over ``tasks`` with mean metrics: what one client computes."""
         grads, metrics = self.task_updates(meta, tasks)
@@ -414,3 +489,7 @@ def has_learned_rates(meta: Params) -> bool:
 def learned_rates(meta: Params) -> Params:
     """Meta-SGD rates keyed by parameter name."""
     return lr_part(meta)
+
+
+#: The algorithms by config name (``meta.algorithm``); each module registers its class.
+ALGORITHMS: Registry[type[MetaAlgorithm]] = Registry("algorithm", key="meta.algorithm")

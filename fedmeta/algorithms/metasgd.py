@@ -7,12 +7,14 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from fedmeta.algorithms.base import ALGORITHMS
 from fedmeta.algorithms.maml import MAML
 from fedmeta.types import LR_PREFIX, Params, lr_part, model_part
 
 __all__ = ["MetaSGD"]
 
 
+@ALGORITHMS.register("metasgd")
 class MetaSGD(MAML):
     """The inner update is ``θ - α ⊙ ∇L_support(θ)`` with ``α`` a learned tensor per parameter.
 

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from fedmeta.algorithms import MetaUpdate
+from fedmeta.algorithms.engine import require_separable
 from fedmeta.checkpoint import atomic_write_bytes
 from fedmeta.config import Config
 from fedmeta.errors import BudgetExhausted, CheckpointError
@@ -128,6 +129,7 @@ def private_task_update(exp: Experiment, meta: Params, round_idx: int, client_id
         BudgetExhausted: if the round's steps would take the site past ``privacy.target_epsilon``
             (checked before any step: nothing is computed or accounted).
     """
+    require_separable(exp.algorithm.terms, why="task-level DP (privacy.mode 'task') clips each task's meta-gradient on its own")
     cfg = exp.cfg
     steps = cfg.meta.local_steps
     lr = cfg.meta.local_step_size
