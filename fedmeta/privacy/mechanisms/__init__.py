@@ -22,6 +22,7 @@ from fedmeta.privacy.mechanisms.base import (
     NOISE_ADDERS,
     UNITS,
     PrivacyMechanism,
+    declarations_table,
     mechanism_for,
 )
 
@@ -43,5 +44,6 @@ __all__ = [
     "NoPrivacy",
     "PrivacyMechanism",
     "TaskPrivacy",
+    "declarations_table",
     "mechanism_for",
 ]

@@ -49,6 +49,7 @@ __all__ = [
     "PrivacyMechanism",
     "MECHANISMS",
     "mechanism_for",
+    "declarations_table",
     "CLIP_BIT_KEY",
     "CLIP_NORM_KEY",
     "UNITS",
@@ -354,3 +355,16 @@ def mechanism_for(cfg: Config | str) -> PrivacyMechanism:
     mode = cfg if isinstance(cfg, str) else cfg.privacy.mode
     return MECHANISMS.get(mode)()
 
+
+
+def declarations_table() -> str:
+    """The mechanisms' declarations as the Markdown table ``docs/privacy.md`` shows (a test keeps them equal).
+
+    Returns:
+        One header row, one rule and one row per registered mode: mode, unit protected, who adds
+        the noise, what leaves a site.
+    """
+    rows = ["| `privacy.mode` | unit protected | noise added by | what leaves a site |", "| --- | --- | --- | --- |"]
+    for name, mech in MECHANISMS.items():
+        rows.append(f"| `{name}` | {mech.unit} | {mech.noise_added_by} | {mech.leaves_site} |")
+    return "\n".join(rows)
