@@ -92,7 +92,8 @@ def test_unknown_mode_names_the_key_and_the_known_modes() -> None:
 
 
 def test_declared_aggregations_are_registered_rules() -> None:
-    for _, mech in MECHANISMS.items():
+    for name in MECHANISMS:
+        mech = MECHANISMS.get(name)
         if mech.aggregations is not None:
             assert set(mech.aggregations) <= set(AGGREGATORS.names())
     central = mechanism_for("client-central")
