@@ -105,10 +105,9 @@ class InProcessTransport:
     def train(self, loop: RoundLoop, book: RoundLog) -> None:
         """Compute the cohort's replies and file them."""
         from fedmeta.federation.loop import ClientReply
-
-        t0 = time.perf_counter()
         from fedmeta.privacy.mechanisms import mechanism_for
 
+        t0 = time.perf_counter()
         cfg, r, clients = loop.cfg, book.round_idx, book.sampled
         mechanism = mechanism_for(cfg)
         if not mechanism.batched_cohort:  # each site runs its own private steps (task-level DP)
