@@ -43,12 +43,11 @@ __all__ = [
     "TASK_NAMES",  # noqa: F822 (module __getattr__: the task-family registry's names)
     "MODEL_NAMES",  # noqa: F822 (module __getattr__: the model registry's names)
     "ALGORITHM_NAMES",  # noqa: F822 (module __getattr__: the algorithm registry's names)
-    "PRIVACY_MODES",
+    "PRIVACY_MODES",  # noqa: F822 (module __getattr__: the privacy-mechanism registry's names)
 ]
 
 #: the generated regression families (a folder site may hold either kind)
 REGRESSION_TASKS = ("sinusoid", "harmonic")
-PRIVACY_MODES = ("none", "client-central", "client-local", "task")
 OUTER_OPTIMIZERS = ("adam", "sgd")
 SAMPLINGS = ("uniform", "poisson")
 ACCOUNTANTS = ("rdp", "prv", "gdp")
@@ -58,7 +57,7 @@ Range = tuple[float, float]
 
 
 def __getattr__(name: str) -> tuple[str, ...]:
-    """``TASK_NAMES``, ``MODEL_NAMES``, ``ALGORITHM_NAMES``: the names their registries hold.
+    """``TASK_NAMES``, ``MODEL_NAMES``, ``ALGORITHM_NAMES``, ``PRIVACY_MODES``: the names their registries hold.
 
     Looked up on use (PEP 562) because the registries import torch (and import this module) and
     this module does not.
@@ -75,6 +74,10 @@ def __getattr__(name: str) -> tuple[str, ...]:
         from fedmeta.algorithms import ALGORITHMS
 
         return ALGORITHMS.names()
+    if name == "PRIVACY_MODES":
+        from fedmeta.privacy.mechanisms import MECHANISMS
+
+        return MECHANISMS.names()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -211,9 +214,9 @@ class PrivacyConfig:
             return self.clipped_count_stddev
         if self.noise_multiplier == 0:
             return 0.0
-        if self.mode == "client-local":
-            return self.noise_multiplier
-        return clients_per_round / 20.0
+        from fedmeta.privacy.mechanisms import mechanism_for
+
+        return mechanism_for(self.mode).default_count_stddev(self.noise_multiplier, clients_per_round)
 
 
 @dataclass(frozen=True)
@@ -386,6 +389,7 @@ def validate(cfg: Config) -> Config:
     # that importing fedmeta.config stays light; each component validates its own options.
     from fedmeta.aggregation import AGGREGATORS
     from fedmeta.models import MODELS
+    from fedmeta.privacy.mechanisms import MECHANISMS
     from fedmeta.tasks import TASK_FAMILIES
 
     t, m, me, f, p, e = cfg.task, cfg.model, cfg.meta, cfg.federation, cfg.privacy, cfg.eval
@@ -469,7 +473,7 @@ def validate(cfg: Config) -> Config:
     _require(f.join_timeout > 0, "federation.join_timeout", f.join_timeout, "must be positive (seconds)")
     _require(f.max_retries >= 0, "federation.max_retries", f.max_retries, "must be a non-negative integer")
 
-    _require(p.mode in PRIVACY_MODES, "privacy.mode", p.mode, f"must be one of {', '.join(PRIVACY_MODES)}")
+    _require(p.mode in MECHANISMS, "privacy.mode", p.mode, f"must be one of {', '.join(MECHANISMS)}")
     _require(p.clip_norm > 0 and math.isfinite(p.clip_norm), "privacy.clip_norm", p.clip_norm, "must be a positive number")
     _require(p.noise_multiplier >= 0 and math.isfinite(p.noise_multiplier), "privacy.noise_multiplier", p.noise_multiplier, "must be a non-negative number")
     _require(0 < p.delta < 1, "privacy.delta", p.delta, "must lie strictly between 0 and 1")
@@ -490,49 +494,9 @@ def validate(cfg: Config) -> Config:
         "must be null or a non-negative number",
     )
     _require(p.noise_seed is None or p.noise_seed >= 0, "privacy.noise_seed", p.noise_seed, "must be null or a non-negative integer")
-    if p.adaptive_clipping:
-        _require(
-            p.mode in ("client-central", "client-local"),
-            "privacy.adaptive_clipping",
-            p.adaptive_clipping,
-            f"applies to privacy.mode client-central or client-local only (mode is '{p.mode}')",
-        )
-        count_std = p.count_stddev(f.clients_per_round)
-        # Andrew et al. (2021), Thm. 1: the update noise left after paying for the noisy count is
-        # (z^-2 - (2 sigma_b)^-2)^-1/2, which exists only when 2 sigma_b > z.
-        _require(
-            p.noise_multiplier == 0 or 2 * count_std > p.noise_multiplier,
-            "privacy.clipped_count_stddev",
-            count_std,
-            f"must exceed privacy.noise_multiplier / 2 = {p.noise_multiplier / 2:g} for adaptive clipping "
-            "(the clipped-count noise is paid out of the noise budget; null means "
-            + ("noise_multiplier" if p.mode == "client-local" else "clients_per_round / 20")
-            + ")",
-        )
-    if p.mode == "client-central":
-        # The accountant's amplification by subsampling assumes each client joins a round
-        # independently with probability q = clients_per_round / clients_total.
-        _require(
-            f.sampling == "poisson",
-            "federation.sampling",
-            f.sampling,
-            "must be 'poisson' for privacy.mode 'client-central' (the privacy accountant assumes Poisson "
-            "sampling of clients with rate clients_per_round / clients_total)",
-        )
-        _require(
-            f.aggregation == "mean",
-            "federation.aggregation",
-            f.aggregation,
-            "must be 'mean' for privacy.mode 'client-central' (the noise is calibrated to the clipped sum)",
-        )
-    if p.mode == "task":
-        _require(
-            t.tasks_per_site is not None or t.name == "folder",
-            "task.tasks_per_site",
-            t.tasks_per_site,
-            "must be set for privacy.mode 'task' (the site's fixed pool of tasks is what task-level DP "
-            "protects; its sampling rate is meta.tasks_per_client / task.tasks_per_site)",
-        )
+    # the rules that depend on the mode (adaptive clipping, cohort sampling, the aggregation rule,
+    # a known task pool) belong to its mechanism
+    MECHANISMS.get(p.mode)().check_config(cfg)
 
     _require(e.tasks >= 1, "eval.tasks", e.tasks, "must be at least 1")
     _require(e.steps >= 1, "eval.steps", e.steps, "must be at least 1")

@@ -19,9 +19,11 @@ __all__ = ["register", "cmd_privacy", "privacy_report"]
 
 def _pool_size(cfg: Any, given: int | None) -> int | None:
     """Task mode: the smallest site's pool (the worst case) when it is not in the config."""
+    from fedmeta.privacy.mechanisms import mechanism_for
+
     if given is not None:
         return given
-    if cfg.privacy.mode != "task" or cfg.task.tasks_per_site is not None:
+    if not mechanism_for(cfg).counts_site_pools or cfg.task.tasks_per_site is not None:
         return None
     from fedmeta.privacy import site_pool_size
     from fedmeta.tasks import TaskSource
@@ -40,11 +42,13 @@ def privacy_report(cfg: Any, *, calibrate: bool = False, target_epsilon: float |
     """
     from fedmeta.errors import ConfigError
     from fedmeta.privacy import calibrate_config_noise_multiplier, plan_privacy
+    from fedmeta.privacy.mechanisms import mechanism_for
 
+    mechanism = mechanism_for(cfg)
     pool = _pool_size(cfg, pool_size)
     plan = plan_privacy(cfg, pool_size=pool)
     out = plan.to_dict()
-    out["pool_size"] = pool if pool is not None else (cfg.task.tasks_per_site if cfg.privacy.mode == "task" else None)
+    out["pool_size"] = pool if pool is not None else (cfg.task.tasks_per_site if mechanism.counts_site_pools else None)
     out["on_budget"] = cfg.privacy.on_budget
     if plan.within_budget:
         out["rounds_to_run"] = plan.rounds
@@ -55,7 +59,7 @@ def privacy_report(cfg: Any, *, calibrate: bool = False, target_epsilon: float |
         out["refuses_to_start"] = not stop
     if calibrate:
         target = target_epsilon if target_epsilon is not None else cfg.privacy.target_epsilon
-        if cfg.privacy.mode == "none":
+        if not mechanism.enabled:
             raise ConfigError("--calibrate needs a privacy mode: privacy.mode is 'none'")
         if target is None:
             raise ConfigError("--calibrate needs a target: set privacy.target_epsilon or pass --target-epsilon")
@@ -68,8 +72,11 @@ def privacy_report(cfg: Any, *, calibrate: bool = False, target_epsilon: float |
 
 
 def _human(report: dict[str, Any], config: str) -> str:
+    from fedmeta.privacy.mechanisms import mechanism_for
+
+    mechanism = mechanism_for(str(report["mode"]))
     lines = [f"{config}: privacy.mode {report['mode']}"]
-    if report["mode"] == "none":
+    if not mechanism.enabled:
         lines.append("  no differential privacy: nothing is clipped or noised (epsilon is unbounded)")
         return "\n".join(lines)
     eps = "unbounded (noise_multiplier 0)" if report["epsilon_unbounded"] else f"{report['epsilon']:.4f}"
@@ -85,7 +92,7 @@ def _human(report: dict[str, Any], config: str) -> str:
         )
         + f", clip_norm {report['clip_norm']:g}",
         f"  spends:          epsilon = {eps} at delta = {report['delta']:g} after {report['rounds']} rounds"
-        + (" (a client or site taking part in every round)" if report["mode"] in ("client-local", "task") else ""),
+        + (" (a client or site taking part in every round)" if mechanism.per_participant_accounting else ""),
     ]
     if report["target_epsilon"] is not None:
         if report["within_budget"]:

@@ -163,7 +163,9 @@ class PlainPolicy:
 
 def default_policy(exp: Experiment) -> RoundPolicy:
     """The round policy of ``exp.cfg``: :class:`ServerPrivacy` under DP, :class:`PlainPolicy` without."""
-    if exp.cfg.privacy.mode == "none":
+    from fedmeta.privacy.mechanisms import mechanism_for
+
+    if not mechanism_for(exp.cfg).enabled:
         return PlainPolicy(exp)
     from fedmeta.privacy.facade import ServerPrivacy
 

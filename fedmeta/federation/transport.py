@@ -87,9 +87,10 @@ class InProcessTransport:
     Without differential privacy, or under ``client-central`` and ``client-local``, the whole
     cohort's updates come from one vectorized pass (:meth:`Experiment.round_updates`), each
     client's slice equal to what that client computes alone; each client-level DP client then
-    privatizes its own slice with its :class:`~fedmeta.privacy.facade.ClientPrivacy`
-    (:func:`~fedmeta.privacy.client_update.privatize_client_update`). Under ``task`` every site
-    runs its DP-SGD steps over its pool (:func:`~fedmeta.privacy.client_update.private_round`).
+    privatizes its own slice with its :class:`~fedmeta.privacy.facade.ClientPrivacy` (the
+    mechanism's :meth:`~fedmeta.privacy.mechanisms.PrivacyMechanism.privatize_client_update`).
+    A mechanism without a batched cohort (``task``) has every site run its DP-SGD steps over its
+    pool (:func:`~fedmeta.privacy.client_update.private_round`).
     The clients' accountants live here and in the checkpoint, as a site's live in its node state;
     a client whose own budget is spent sends nothing, as a Flower client answers with an error.
     """
@@ -104,11 +105,12 @@ class InProcessTransport:
     def train(self, loop: RoundLoop, book: RoundLog) -> None:
         """Compute the cohort's replies and file them."""
         from fedmeta.federation.loop import ClientReply
+        from fedmeta.privacy.mechanisms import mechanism_for
 
         t0 = time.perf_counter()
         cfg, r, clients = loop.cfg, book.round_idx, book.sampled
-        mode = cfg.privacy.mode
-        if mode == "task":
+        mechanism = mechanism_for(cfg)
+        if not mechanism.batched_cohort:  # each site runs its own private steps (task-level DP)
             from fedmeta.privacy.client_update import private_round
 
             for cid in clients:
@@ -125,7 +127,7 @@ class InProcessTransport:
             raw = loop.exp.round_updates(loop.meta, r, clients)
             for i, cid in enumerate(clients):
                 update = MetaUpdate({k: v[i] for k, v in raw.updates.items()}, int(raw.weights[i]), raw.client_metrics[i])
-                if mode != "none":
+                if mechanism.enabled:
                     try:
                         update, extra = self._privatize(loop, cid, update, r)
                     except BudgetExhausted as exc:
@@ -138,14 +140,14 @@ class InProcessTransport:
 
     def _privatize(self, loop: RoundLoop, cid: int, update: MetaUpdate, round_idx: int) -> tuple[MetaUpdate, dict[str, float]]:
         """A client-level DP client's privatized update (its accountant kept under client-local)."""
-        from fedmeta.privacy.client_update import privatize_client_update
         from fedmeta.privacy.facade import CLIP_NORM_KEY, ClientPrivacy
 
         cfg = loop.cfg
         clip_norm = loop.instructions(round_idx, cid).get(CLIP_NORM_KEY)
         client = ClientPrivacy(cfg, cid, state=self.client_states.get(cid), rdp_cache=self.rdp_cache)
-        sent, extra = privatize_client_update(cfg, client, update, round_idx=round_idx, clip_norm=clip_norm)
-        if cfg.privacy.mode == "client-local":  # only a client-local client's accountant is its own
+        mechanism = client.mechanism
+        sent, extra = mechanism.privatize_client_update(cfg, client, update, round_idx=round_idx, clip_norm=clip_norm)
+        if mechanism.client_keeps_state:  # only a client that adds its own noise keeps an accountant
             self.client_states[cid] = client.state_dict()
         return sent, extra
 

@@ -10,7 +10,7 @@
   tasks and mean metrics only.
 * ``evaluate``: adapt on this client's held-out tasks and reply with aggregate metrics only.
 
-Under differential privacy (``privacy.mode``) the train handler runs
+Under differential privacy (the mechanism of ``privacy.mode`` is enabled) the train handler runs
 :func:`fedmeta.privacy.client_update.private_round` instead: under ``client-local`` the client
 clips and noises its own update, under ``task`` the site runs Opacus' DP-SGD over its task pool;
 the reply then carries only the privatized update, a nominal task count and ``privacy.*``
@@ -44,7 +44,7 @@ from fedmeta.experiment import Experiment
 from fedmeta.federation import COMPUTE_SECONDS, check_received_meta, describe_client, evaluate_on_client, resolve_client_id, train_on_client
 from fedmeta.flower import records as fl
 from fedmeta.flower.run_config import run_settings
-from fedmeta.privacy.facade import CLIP_NORM_KEY
+from fedmeta.privacy.mechanisms import CLIP_NORM_KEY, mechanism_for
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
@@ -118,7 +118,7 @@ def build_client_app(
         meta, config = fl.unpack_instructions(message)
         client_id = resolve_client_id(own_id, _int_or_none(config.get("client-id")))
         round_idx = int(config["round"])
-        if exp.cfg.privacy.mode == "none":
+        if not mechanism_for(exp.cfg).enabled:
             update = train_on_client(exp, meta, round_idx, client_id)
             return Message(fl.pack_update(update, {COMPUTE_SECONDS: time.perf_counter() - started}), reply_to=message)
         from fedmeta.privacy.client_update import private_round

@@ -73,10 +73,13 @@ def simulate(
     configure_environment()  # before flwr and ray load (each variable only if not set)
     out = Path(out_dir)
     state_dir: Path | None = None
-    if cfg.privacy.mode != "none":
+    from fedmeta.privacy.mechanisms import mechanism_for
+
+    mechanism = mechanism_for(cfg)
+    if mechanism.enabled:
         from fedmeta.privacy.budget import enforce_budget
 
-        if cfg.privacy.mode != "task" or cfg.task.tasks_per_site is not None:
+        if not mechanism.counts_site_pools or cfg.task.tasks_per_site is not None:
             enforce_budget(cfg)  # the server checks again; this fails before Ray's start-up
         state_dir = out / CLIENT_PRIVACY_DIR
         if not resume and state_dir.is_dir():

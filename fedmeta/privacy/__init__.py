@@ -5,9 +5,14 @@
    (quantile-based adaptive clipping, Andrew et al., 2021).
 2. Accounting: :class:`PrivacyAccountant` wraps Opacus' ``rdp`` / ``prv`` / ``gdp`` accountants;
    :mod:`~fedmeta.privacy.budget` plans budgets and calibrates sigma with Opacus.
-3. The facade used by server and client: :class:`ServerPrivacy`, :class:`ClientPrivacy`
-   (task-level DP inside a site runs through Opacus' ``DPOptimizer``:
-   :class:`TaskLevelPrivacy`).
+3. The modes: :mod:`fedmeta.privacy.mechanisms`, one :class:`PrivacyMechanism` per
+   ``privacy.mode`` (registered in ``fedmeta.privacy.mechanisms.MECHANISMS``; not to be confused
+   with :data:`MECHANISMS` here, the Opacus accountants), each declaring what it protects, who adds
+   the noise, what leaves a site and what it is compatible with, and implementing its client and
+   server side; :func:`mechanism_for` gives a config's.
+4. The facade used by server and client: :class:`ServerPrivacy`, :class:`ClientPrivacy`, which
+   hold the state (accountants, clip norm) and delegate to the mechanism (task-level DP inside a
+   site runs through Opacus' ``DPOptimizer``: :class:`TaskLevelPrivacy`).
 
 What each mode protects, who adds the noise and what ``sample_rate`` means:
 :data:`MODES` and ``docs/privacy.md``. Importing this package does not import Opacus (6-9 s);
@@ -37,6 +42,7 @@ from fedmeta.privacy.clipping import (
     privatize_update,
 )
 from fedmeta.privacy.facade import CLIP_BIT_KEY, CLIP_NORM_KEY, ClientPrivacy, ServerPrivacy
+from fedmeta.privacy.mechanisms import PrivacyMechanism, mechanism_for
 from fedmeta.privacy.modes import (
     MODES,
     AccountingParameters,
@@ -59,6 +65,7 @@ __all__ = [
     "ClientPrivacy",
     "ModeDescription",
     "PrivacyAccountant",
+    "PrivacyMechanism",
     "PrivacyPlan",
     "ServerPrivacy",
     "TaskLevelPrivacy",
@@ -75,6 +82,7 @@ __all__ = [
     "epsilon_for",
     "gaussian_noise",
     "global_l2_norm",
+    "mechanism_for",
     "noise_share_std",
     "plan_privacy",
     "poisson_indices",

@@ -19,7 +19,8 @@ from typing import Any
 from fedmeta.config import Config
 from fedmeta.errors import BudgetExhausted
 from fedmeta.privacy.accountant import PrivacyAccountant
-from fedmeta.privacy.modes import LOCAL_SENSITIVITY_FACTOR, accounting_parameters, describe_mode
+from fedmeta.privacy.mechanisms import mechanism_for
+from fedmeta.privacy.modes import accounting_parameters, describe_mode
 
 __all__ = [
     "PrivacyPlan",
@@ -169,8 +170,9 @@ def calibrate_config_noise_multiplier(cfg: Config, *, target_epsilon: float | No
     Raises:
         ValueError: without DP, without a target, or when the target cannot be reached.
     """
+    mechanism = mechanism_for(cfg)
     target = target_epsilon if target_epsilon is not None else cfg.privacy.target_epsilon
-    if cfg.privacy.mode == "none":
+    if not mechanism.enabled:
         raise ValueError("privacy.mode is 'none': there is no noise multiplier to calibrate")
     if target is None:
         raise ValueError("no target epsilon: set privacy.target_epsilon or pass one")
@@ -185,7 +187,7 @@ def calibrate_config_noise_multiplier(cfg: Config, *, target_epsilon: float | No
         tolerance=tolerance,
     )
     # the accountant's z is z / 2 under local DP; adaptive clipping keeps z as the effective total
-    return sigma * LOCAL_SENSITIVITY_FACTOR if cfg.privacy.mode == "client-local" else sigma
+    return mechanism.noise_multiplier_for(sigma)
 
 
 def plan_privacy(cfg: Config, *, pool_size: int | None = None) -> PrivacyPlan:
@@ -229,9 +231,7 @@ def plan_privacy(cfg: Config, *, pool_size: int | None = None) -> PrivacyPlan:
 
 def budget_message(plan: PrivacyPlan, *, calibrated: float | None = None) -> str:
     """One paragraph saying that and by how much ``plan`` exceeds its target, and what to do."""
-    who = "a client that takes part in every round" if plan.mode == "client-local" else (
-        "a site that takes part in every round" if plan.mode == "task" else "the run"
-    )
+    who = mechanism_for(plan.mode).budget_holder
     eps = "unbounded" if plan.epsilon is not None and math.isinf(plan.epsilon) else f"{plan.epsilon:.4g}"
     text = (
         f"privacy.target_epsilon={plan.target_epsilon:g} would be exceeded: {plan.rounds} rounds of "

@@ -1,4 +1,4 @@
-"""What a client computes and sends in one round under each privacy mode.
+"""What a client computes and sends in one round under each privacy mode (the mechanism's client side).
 
 The Flower ``ClientApp`` and the centralized reference both call these functions, so a DP run
 does the same math on both paths (with ``privacy.noise_seed`` fixed they release the same
@@ -13,6 +13,10 @@ aggregates; ``tests/integration/test_privacy_simulation.py`` checks it):
   ``torch.func`` at the client's current parameters, and lets Opacus clip, noise and average them
   (:meth:`ClientPrivacy.privatize_task_gradients`); the client sends the sum of the privatized
   steps, ``(θ_0 − θ_K) / η``, as :func:`fedmeta.local_update.local_meta_updates` does without DP.
+
+Each bullet is the client side of a :class:`~fedmeta.privacy.mechanisms.PrivacyMechanism`
+(:meth:`~fedmeta.privacy.mechanisms.PrivacyMechanism.client_update`); this module runs it for one
+client and carries its state between rounds.
 
 Under every DP mode the reply carries only what :func:`releasable_metrics` allows (``privacy.*``
 scalars) and a *nominal* task count, ``meta.tasks_per_client × meta.local_steps``: the real
@@ -29,17 +33,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from fedmeta.algorithms import MetaUpdate
-from fedmeta.algorithms.engine import require_separable
 from fedmeta.checkpoint import atomic_write_bytes
 from fedmeta.config import Config
-from fedmeta.errors import BudgetExhausted, CheckpointError
+from fedmeta.errors import CheckpointError
 from fedmeta.experiment import Experiment
-from fedmeta.privacy.accountant import PrivacyAccountant
 from fedmeta.privacy.facade import ClientPrivacy
-from fedmeta.privacy.modes import releasable_metrics
+from fedmeta.privacy.mechanisms import mechanism_for
+from fedmeta.privacy.mechanisms.task import private_task_update
 from fedmeta.types import Params
 
 __all__ = [
@@ -81,70 +82,7 @@ def privatize_client_update(
         BudgetExhausted: if a client-local client's own budget would be exceeded.
         ValueError: in ``task`` mode (use :func:`private_task_update`).
     """
-    mode = cfg.privacy.mode
-    if mode == "none":
-        return update, {}
-    sent, extra = privacy.privatize_update(update.gradient, round_idx=round_idx, clip_norm=clip_norm)
-    return MetaUpdate(sent, nominal_num_tasks(cfg), {}), releasable_metrics(mode, extra)
-
-
-def _check_steps_fit(privacy: ClientPrivacy, steps: int) -> None:
-    # refuse a whole round up front rather than after some of its local DP steps
-    site = privacy.site
-    assert site is not None
-    if site.target_epsilon is None or steps <= 1:
-        site.check_budget()
-        return
-    probe = PrivacyAccountant.from_state_dict(site.accountant.state_dict(), rdp_cache=site.accountant.rdp_cache)
-    probe.step(noise_multiplier=site.noise_multiplier, sample_rate=site.sample_rate, steps=steps)
-    after = probe.get_epsilon(site.delta)
-    if after > site.target_epsilon:
-        raise BudgetExhausted(
-            f"this site's task-level privacy budget is spent: after {site.accountant.steps} steps "
-            f"epsilon={site.epsilon():.4g}; this round's {steps} local steps would reach {after:.4g} > "
-            f"privacy.target_epsilon={site.target_epsilon:g} (delta={site.delta:g})"
-        )
-
-
-def private_task_update(exp: Experiment, meta: Params, round_idx: int, client_id: int, privacy: ClientPrivacy) -> tuple[MetaUpdate, dict[str, float]]:
-    """A site's update under task-level DP: ``meta.local_steps`` DP-SGD steps over its task pool.
-
-    Each step draws a Poisson sample of the site's tasks from the secret generator, computes the
-    sampled tasks' exact meta-gradients at the current local parameters, and privatizes them with
-    Opacus (clip per task, noise the sum, divide by the expected batch size). An empty sample
-    still releases pure noise and is accounted, as Poisson DP-SGD requires.
-
-    Args:
-        exp: the site's experiment (its task source holds the pool).
-        meta: the meta-parameters received from the server (never modified).
-        round_idx: the round.
-        client_id: the site's client id.
-        privacy: the site's :class:`ClientPrivacy` in ``task`` mode (its accountant persists).
-
-    Returns:
-        ``(update, report)``: the sum of the privatized steps with the nominal task count and no
-        training metrics, and the site's own ``privacy.*`` report (its epsilon so far).
-
-    Raises:
-        BudgetExhausted: if the round's steps would take the site past ``privacy.target_epsilon``
-            (checked before any step: nothing is computed or accounted).
-    """
-    require_separable(exp.algorithm.terms, why="task-level DP (privacy.mode 'task') clips each task's meta-gradient on its own")
-    cfg = exp.cfg
-    steps = cfg.meta.local_steps
-    lr = cfg.meta.local_step_size
-    _check_steps_fit(privacy, steps)
-    current = {k: v.detach() for k, v in meta.items()}
-    total: Params = {k: torch.zeros_like(v) for k, v in current.items()}
-    report: dict[str, float] = {}
-    for _ in range(steps):
-        tasks = privacy.sample_tasks(exp.source, round_idx)
-        per_task = None if tasks is None else exp.algorithm.task_updates(current, tasks)[0]
-        grad, report = privacy.privatize_task_gradients(per_task, reference=current, round_idx=round_idx)
-        total = {k: total[k] + grad[k] for k in total}
-        if steps > 1:
-            current = {k: current[k] - lr * grad[k] for k in current}
-    return MetaUpdate(total, nominal_num_tasks(cfg), {}), releasable_metrics("task", report)
+    return mechanism_for(cfg).privatize_client_update(cfg, privacy, update, round_idx=round_idx, clip_norm=clip_norm)
 
 
 def private_client_update(
@@ -159,11 +97,7 @@ def private_client_update(
         The update to send and the releasable metrics to send with it (without DP: the update's
         own metrics, unchanged).
     """
-    if exp.cfg.privacy.mode == "task":
-        return private_task_update(exp, meta, round_idx, client_id, privacy)
-    update = exp.client_update(meta, round_idx, client_id)
-    return privatize_client_update(exp.cfg, privacy, update, round_idx=round_idx, clip_norm=clip_norm)
-
+    return mechanism_for(exp.cfg).client_update(exp, meta, round_idx, client_id, privacy, clip_norm=clip_norm)
 
 
 # -- the client's privacy state between rounds and runs ----------------------------------------

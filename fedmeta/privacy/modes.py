@@ -19,7 +19,11 @@
                           given task is in the site's Poisson-sampled meta-batch.
 ========================  ===================================================================
 
-The full trust model (what each party sees, dropouts, what is not covered) is in
+Each mode is one class in :mod:`fedmeta.privacy.mechanisms` (its declarations, client side and
+server side); this module keeps what they share (:class:`ModeDescription`,
+:class:`AccountingParameters`, the noise arithmetic) and the mode-name functions older callers use
+(:func:`describe_mode`, :func:`accounting_parameters`, :func:`releasable_metrics`), which ask the
+mechanism. The full trust model (what each party sees, dropouts, what is not covered) is in
 ``docs/privacy.md``; :data:`MODES` carries the same facts for ``fedmeta privacy`` to print.
 """
 
@@ -30,17 +34,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedmeta.config import Config
-from fedmeta.errors import ConfigError
 from fedmeta.privacy.adaptive import effective_noise_multiplier, update_noise_multiplier
 
 __all__ = [
     "ModeDescription",
-    "MODES",
+    "MODES",  # noqa: F822 (module __getattr__: the mechanisms' descriptions)
     "describe_mode",
     "AccountingParameters",
     "accounting_parameters",
     "task_sample_rate",
     "update_noise",
+    "effective_config_noise_multiplier",
     "LOCAL_SENSITIVITY_FACTOR",
     "releasable_metrics",
 ]
@@ -62,52 +66,16 @@ class ModeDescription:
     accountant: str
 
 
-MODES: dict[str, ModeDescription] = {
-    "none": ModeDescription(
-        name="none",
-        protects="nothing (no differential privacy)",
-        noise_added_by="nobody",
-        server_sees="every client's raw mean meta-update and training metrics",
-        sample_rate="not used",
-        dropouts="lower the round's weight only",
-        accountant="none",
-    ),
-    "client-central": ModeDescription(
-        name="client-central",
-        protects="a whole client: everything one site contributes over the run",
-        noise_added_by="the server (trusted), once per round, on the sum of clipped client updates",
-        server_sees="every participant's raw meta-update (it is trusted); the released model is private",
-        sample_rate="clients_per_round / clients_total: each client joins a round independently "
-        "with this probability (Poisson sampling from a secret seed)",
-        dropouts="a sampled client that does not reply adds nothing to the sum; the noise and the "
-        "divisor (the expected cohort size) do not change, so the guarantee holds and the round "
-        "is only noisier",
-        accountant="one per run on the server, stepped once per round, saved in checkpoint.pt",
-    ),
-    "client-local": ModeDescription(
-        name="client-local",
-        protects="a whole client, against the server and anyone who sees its messages",
-        noise_added_by="each client, on its own clipped update, with the full noise",
-        server_sees="only privatized updates (and, with adaptive clipping, noisy clip bits)",
-        sample_rate="1: the server knows who took part, so sampling gives no amplification; "
-        "each client is accounted for the rounds it took part in",
-        dropouts="no effect on anyone's guarantee; a client that drops out simply spends nothing",
-        accountant="one per client: kept by the client itself (which refuses to exceed its "
-        "budget) and mirrored by the server, which reports the largest epsilon of any client",
-    ),
-    "task": ModeDescription(
-        name="task",
-        protects="one task of a site (e.g. one patient of a hospital) against everyone outside the site",
-        noise_added_by="the site, with Opacus' DP optimizer: per-task clipping of meta-gradients "
-        "and Gaussian noise on their sum",
-        server_sees="each site's privatized mean meta-gradient and its epsilon",
-        sample_rate="tasks_per_client / tasks in the site's pool: each task joins the site's "
-        "meta-batch independently with this probability (Poisson sampling inside the site)",
-        dropouts="a site that is not sampled or drops out takes no step and spends nothing",
-        accountant="one per site, persisted in the site's state across rounds; the site reports "
-        "its own (epsilon, delta)",
-    ),
-}
+def __getattr__(name: str) -> Any:
+    """``MODES``: each registered mechanism's :class:`ModeDescription`, by mode (PEP 562).
+
+    Looked up on use because the mechanisms import this module.
+    """
+    if name == "MODES":
+        from fedmeta.privacy.mechanisms import MECHANISMS
+
+        return {mode: mech.description for mode, mech in MECHANISMS.items()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def describe_mode(mode: str) -> ModeDescription:
@@ -116,10 +84,9 @@ def describe_mode(mode: str) -> ModeDescription:
     Raises:
         ConfigError: for an unknown mode.
     """
-    try:
-        return MODES[mode]
-    except KeyError:
-        raise ConfigError(f"config key 'privacy.mode' has no mode {mode!r} (known: {', '.join(MODES)})") from None
+    from fedmeta.privacy.mechanisms import MECHANISMS
+
+    return MECHANISMS.get(mode).description
 
 
 @dataclass(frozen=True)
@@ -164,7 +131,12 @@ def update_noise(cfg: Config) -> tuple[float, float]:
     return update_noise_multiplier(p.noise_multiplier, sigma_b), sigma_b
 
 
-def _effective(cfg: Config) -> float:
+def effective_config_noise_multiplier(cfg: Config) -> float:
+    """The accountant's ``z`` for a round of ``cfg`` before any per-mode adjustment.
+
+    ``privacy.noise_multiplier`` itself without adaptive clipping; with it, the effective
+    multiplier of the update noise and the clipped-count noise together.
+    """
     z_u, sigma_b = update_noise(cfg)
     if not cfg.privacy.adaptive_clipping:
         return z_u
@@ -180,28 +152,11 @@ def accounting_parameters(cfg: Config, *, pool_size: int | None = None) -> Accou
             ``task.tasks_per_site``).
 
     Raises:
-        ConfigError: in ``task`` mode when the pool size is unknown.
+        ConfigError: for an unknown mode, or in ``task`` mode when the pool size is unknown.
     """
-    p, f = cfg.privacy, cfg.federation
-    if p.mode == "none":
-        return None
-    z = _effective(cfg)
-    if p.mode == "client-central":
-        return AccountingParameters(z, f.clients_per_round / f.clients_total, "client")
-    if p.mode == "client-local":
-        return AccountingParameters(z / LOCAL_SENSITIVITY_FACTOR, 1.0, "client")
-    if p.mode == "task":
-        pool = pool_size if pool_size is not None else cfg.task.tasks_per_site
-        if pool is None:
-            raise ConfigError(
-                "privacy.mode 'task' needs the size of a site's task pool: set task.tasks_per_site "
-                "(or point task.data_dir at the site folders so their tasks can be counted)"
-            )
-        # every local meta-step of a round is one DP-SGD step over the site's tasks
-        return AccountingParameters(
-            p.noise_multiplier, task_sample_rate(cfg.meta.tasks_per_client, pool), "task", steps_per_round=cfg.meta.local_steps
-        )
-    raise ConfigError(f"config key 'privacy.mode' has no mode {p.mode!r} (known: {', '.join(MODES)})")
+    from fedmeta.privacy.mechanisms import mechanism_for
+
+    return mechanism_for(cfg).accounting_parameters(cfg, pool_size=pool_size)
 
 
 def releasable_metrics(mode: str, metrics: Mapping[str, Any]) -> dict[str, Any]:
@@ -212,6 +167,6 @@ def releasable_metrics(mode: str, metrics: Mapping[str, Any]) -> dict[str, Any]:
     keys starting with ``privacy.`` (noisy clip bits, the site's own epsilon, which depends on
     public parameters only) leave it. Without DP everything is sent.
     """
-    if mode == "none":
-        return dict(metrics)
-    return {k: v for k, v in metrics.items() if k.startswith("privacy.")}
+    from fedmeta.privacy.mechanisms import mechanism_for
+
+    return mechanism_for(mode).releasable_metrics(metrics)

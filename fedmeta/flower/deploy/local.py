@@ -992,12 +992,15 @@ def run_local(
     site_dirs = prepare_sites(cfg, sites, out_dir / "sites", data=data)
     dcfg = deployment_config(cfg, len(site_dirs))
     privacy_dir: Path | None = None
-    if dcfg.privacy.mode != "none":
+    from fedmeta.privacy.mechanisms import mechanism_for
+
+    mechanism = mechanism_for(dcfg)
+    if mechanism.enabled:
         from fedmeta.privacy.budget import enforce_budget
 
-        if dcfg.privacy.mode != "task" or dcfg.task.tasks_per_site is not None:
+        if not mechanism.counts_site_pools or dcfg.task.tasks_per_site is not None:
             enforce_budget(dcfg)  # the ServerApp checks again; this refuses before any process starts
-        if dcfg.privacy.mode in ("client-local", "task"):
+        if mechanism.client_keeps_state:
             privacy_dir = out_dir / "site_privacy"  # the sites' own accountants, kept for --resume
             if not resume:
                 shutil.rmtree(privacy_dir, ignore_errors=True)

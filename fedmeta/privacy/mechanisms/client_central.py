@@ -1,0 +1,161 @@
+"""``privacy.mode: client-central``: a trusted server clips, noises and accounts (DP-FedAvg).
+
+McMahan et al. (2018), "Learning Differentially Private Recurrent Language Models": the server
+samples clients by Poisson sampling from a secret seed, clips every reply to ``C``, adds
+``N(0, (z C)^2)`` to the sum and divides by the expected cohort size; one accountant per run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from fedmeta.privacy.accountant import PrivacyAccountant
+from fedmeta.privacy.adaptive import clipped_indicator, noisy_unclipped_fraction
+from fedmeta.privacy.clipping import central_private_mean
+from fedmeta.privacy.mechanisms.base import MECHANISMS, PrivacyMechanism
+from fedmeta.privacy.modes import AccountingParameters, ModeDescription, effective_config_noise_multiplier
+from fedmeta.privacy.randomness import privacy_generator
+from fedmeta.registry import require as _require
+from fedmeta.types import Params
+
+if TYPE_CHECKING:
+    from fedmeta.config import Config
+    from fedmeta.privacy.facade import ServerPrivacy
+
+__all__ = ["ClientCentralPrivacy"]
+
+
+@MECHANISMS.register("client-central")
+class ClientCentralPrivacy(PrivacyMechanism):
+    """Client-level DP with a trusted server: the server adds the noise to the sum of clipped updates.
+
+    What leaves a site: its raw mean meta-update (the server is trusted), a nominal task count and no
+    training metrics.
+    """
+
+    name = "client-central"
+    unit = "client"
+    noise_added_by = "server"
+    leaves_site = "its raw mean meta-update (the server is trusted), a nominal task count and no training metrics"
+    description = ModeDescription(
+        name="client-central",
+        protects="a whole client: everything one site contributes over the run",
+        noise_added_by="the server (trusted), once per round, on the sum of clipped client updates",
+        server_sees="every participant's raw meta-update (it is trusted); the released model is private",
+        sample_rate="clients_per_round / clients_total: each client joins a round independently "
+        "with this probability (Poisson sampling from a secret seed)",
+        dropouts="a sampled client that does not reply adds nothing to the sum; the noise and the "
+        "divisor (the expected cohort size) do not change, so the guarantee holds and the round "
+        "is only noisier",
+        accountant="one per run on the server, stepped once per round, saved in checkpoint.pt",
+    )
+    #: the noise is calibrated to the clipped sum, which only the mean divides by a fixed count
+    aggregations = ("mean",)
+    needs_poisson_sampling = True
+    supports_adaptive_clipping = True
+
+    def check_config(self, cfg: Config) -> None:
+        """Adaptive-clipping rules, then Poisson sampling and the mean (the accountant assumes both).
+
+        Raises:
+            ConfigError: naming ``federation.sampling`` or ``federation.aggregation``.
+        """
+        super().check_config(cfg)
+        f = cfg.federation
+        # The accountant's amplification by subsampling assumes each client joins a round
+        # independently with probability q = clients_per_round / clients_total.
+        _require(
+            not self.needs_poisson_sampling or f.sampling == "poisson",
+            "federation.sampling",
+            f.sampling,
+            "must be 'poisson' for privacy.mode 'client-central' (the privacy accountant assumes Poisson "
+            "sampling of clients with rate clients_per_round / clients_total)",
+        )
+        _require(
+            self.accepts_aggregation(f.aggregation),
+            "federation.aggregation",
+            f.aggregation,
+            "must be 'mean' for privacy.mode 'client-central' (the noise is calibrated to the clipped sum)",
+        )
+
+    def accounting_parameters(self, cfg: Config, *, pool_size: int | None = None) -> AccountingParameters:
+        """``z`` (effective, with adaptive clipping) at ``q = clients_per_round / clients_total``, per client."""
+        f = cfg.federation
+        return AccountingParameters(effective_config_noise_multiplier(cfg), f.clients_per_round / f.clients_total, "client")
+
+    def server_accountant(self, cfg: Config) -> PrivacyAccountant:
+        """One accountant for the run, on the server."""
+        return PrivacyAccountant(cfg.privacy.accountant)
+
+    def sample_clients(self, server: ServerPrivacy, round_idx: int) -> list[int]:
+        """Poisson sampling with ``q = clients_per_round / clients_total`` from the secret privacy seed.
+
+        A cohort recomputable from the public seed would void the amplification the accountant counts on.
+        """
+        from fedmeta.rng import derive_seed
+        from fedmeta.sampling import sample_clients
+
+        f = server.cfg.federation
+        seed = derive_seed(server.secret_seed, "dp-sample")
+        return sample_clients(seed, round_idx, f.clients_total, f.clients_per_round, method="poisson")
+
+    def aggregate(
+        self,
+        server: ServerPrivacy,
+        round_idx: int,
+        updates: Sequence[Params],
+        *,
+        reference: Params,
+        reports: Sequence[Mapping[str, Any]] | None,
+        info: dict[str, Any],
+    ) -> Params:
+        """``(sum clip(u_i, C) + N(0, (z_u C)^2)) / clients_per_round``; adaptive clipping moves ``C``.
+
+        An empty cohort releases pure noise (and is accounted).
+        """
+        used_clip = server.clip.clip_norm
+        out, norms = central_private_mean(
+            updates,
+            reference=reference,
+            clip_norm=used_clip,
+            noise_multiplier=server.update_noise_multiplier,
+            expected_count=server.expected_clients,
+            generator=privacy_generator(server.secret_seed, "noise", round_idx),
+        )
+        info["noise_std"] = server.update_noise_multiplier * used_clip
+        if server.cfg.privacy.adaptive_clipping:
+            frac = noisy_unclipped_fraction(
+                [clipped_indicator(n, used_clip) for n in norms],
+                count_stddev=server.count_stddev,
+                expected_count=server.expected_clients,
+                generator=privacy_generator(server.secret_seed, "count", round_idx),
+            )
+            server.clip = server.clip.updated(frac)
+            info["unclipped_fraction"] = frac
+        return out
+
+    def account(
+        self,
+        server: ServerPrivacy,
+        round_idx: int,
+        *,
+        sampled: Sequence[int],
+        reports: Mapping[int, Mapping[str, Any]] | None,
+    ) -> None:
+        """One step of the run's accountant at the client sample rate."""
+        assert server.accountant is not None
+        server.accountant.step(noise_multiplier=server.effective_noise_multiplier, sample_rate=server.client_sample_rate)
+
+    def round_entry(self, server: ServerPrivacy) -> dict[str, Any]:
+        """The client sample rate."""
+        return {"sample_rate": server.client_sample_rate}
+
+    def epsilon(self, server: ServerPrivacy) -> float:
+        """The run's epsilon."""
+        assert server.accountant is not None
+        return server.accountant.get_epsilon(server.cfg.privacy.delta)
+
+    def summary_entry(self, server: ServerPrivacy) -> dict[str, Any]:
+        """The client sample rate."""
+        return {"sample_rate": server.client_sample_rate}
