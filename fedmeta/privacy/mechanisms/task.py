@@ -235,7 +235,7 @@ def private_task_update(
     from fedmeta.algorithms import MetaUpdate
     from fedmeta.privacy.client_update import nominal_num_tasks
 
-    MECHANISMS.get("task").check_objective_terms(exp.algorithm.terms)
+    TaskPrivacy().check_objective_terms(exp.algorithm.terms)
     cfg = exp.cfg
     steps = cfg.meta.local_steps
     lr = cfg.meta.local_step_size
