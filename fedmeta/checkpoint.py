@@ -96,7 +96,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint '{p}' does not exist or is not a file")
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any failure to parse a foreign file means "corrupt"
+    except Exception as exc:  # any failure to parse a foreign file means "corrupt"
         # torch.load raises UnpicklingError, RuntimeError, EOFError, BadZipFile, but also KeyError or
         # IndexError on some random byte strings: none of them may escape as a traceback.
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

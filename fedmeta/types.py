@@ -60,7 +60,7 @@ class TaskBatch:
         """Number of tasks ``T`` in the batch."""
         return int(self.support_x.shape[0])
 
-    def slice(self, start: int, stop: int) -> "TaskBatch":
+    def slice(self, start: int, stop: int) -> TaskBatch:
         """Return tasks ``start:stop`` as a new batch."""
         return TaskBatch(
             self.support_x[start:stop],
@@ -72,7 +72,7 @@ class TaskBatch:
             None if self.ids is None else self.ids[start:stop],
         )
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "TaskBatch":
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> TaskBatch:
         """Move the batch to ``device`` (and floating inputs/targets to ``dtype`` if given)."""
 
         def move(t: Tensor) -> Tensor:
@@ -91,7 +91,7 @@ class TaskBatch:
         )
 
     @staticmethod
-    def concat(batches: list["TaskBatch"]) -> "TaskBatch":
+    def concat(batches: list[TaskBatch]) -> TaskBatch:
         """Concatenate batches of the same kind and shapes along the task dimension."""
         if not batches:
             raise ValueError("TaskBatch.concat needs at least one batch")

@@ -103,7 +103,7 @@ class TreeMemory:
         while not self._stop.wait(self.interval):
             self.sample()
 
-    def __enter__(self) -> "TreeMemory":
+    def __enter__(self) -> TreeMemory:
         self.sample()
         self._thread.start()
         return self

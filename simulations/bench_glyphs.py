@@ -55,7 +55,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -842,7 +842,7 @@ def merge_results(folder: Path, runs: Path | None = None) -> dict[str, Any]:
 
 def _now() -> str:
     """The current UTC time, ISO 8601 to the second (result files are ordered by it)."""
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _written(path: Path, part: dict[str, Any]) -> str:
@@ -850,7 +850,7 @@ def _written(path: Path, part: dict[str, Any]) -> str:
     stamp = part.get("written")
     if stamp:
         return str(stamp)
-    return datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).isoformat(timespec="seconds")
+    return datetime.fromtimestamp(path.stat().st_mtime, UTC).isoformat(timespec="seconds")
 
 
 def _machine(line: str) -> str:

@@ -162,7 +162,7 @@ def build() -> dict[str, object]:
     masters, fits = render_masters([p[0] for p in pairs], [p[1] for p in pairs], IMAGE_SIZE)
     small = downsample(torch.from_numpy(masters), IMAGE_SIZE)
     ink = (small >= 128).reshape(len(pairs), -1).sum(1).numpy()
-    style_mask = {cp: 0 for cp in cps}
+    style_mask = dict.fromkeys(cps, 0)
     first: dict[int, int] = {}
     for k, (cp, s) in enumerate(pairs):
         if fits[k] and ink[k] >= MIN_INK:
@@ -197,7 +197,7 @@ def build() -> dict[str, object]:
     # identical rotations of one character collide with themselves too: drop them
     rotated_order = [v for v in range(n, 4 * n) if not is_eval[variants[v][0]]]
     kept_rot = _greedy(rotated_order, var_graph, unrotated)
-    rot_mask = {i: 1 for i in order}
+    rot_mask = dict.fromkeys(order, 1)
     for v in kept_rot:
         i, k = variants[v]
         rot_mask[i] |= 1 << k

@@ -288,7 +288,7 @@ class MetaAlgorithm(ABC):
 
     def step_sizes(self, meta: Params) -> dict[str, Tensor | float]:
         """Inner-loop step size per adapted parameter (a float, or a learned tensor for Meta-SGD)."""
-        return {k: self.inner_lr for k in self.adapted_keys(meta)}
+        return dict.fromkeys(self.adapted_keys(meta), self.inner_lr)
 
     # -- the inner loop (one task; traceable by vmap and grad) -------------------------------
 

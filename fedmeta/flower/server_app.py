@@ -16,14 +16,24 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
 from fedmeta.config import Config
 from fedmeta.experiment import Experiment
-from fedmeta.federation import AggregateTransform, ClientIdentity, ProgressFn, RoundLoop, RoundPolicy, UpdateTransform, needs_site_layout, site_layout
+from fedmeta.federation import (
+    AggregateTransform,
+    ClientIdentity,
+    ProgressFn,
+    RoundLoop,
+    RoundPolicy,
+    UpdateTransform,
+    needs_site_layout,
+    site_layout,
+)
 from fedmeta.flower import records as fl
 from fedmeta.flower.run_config import run_settings
 from fedmeta.flower.transport import FlowerTransport, ask_sites
-from flwr.app import Context
-from flwr.serverapp import Grid, ServerApp
 
 __all__ = ["build_run_config_server_app", "build_server_app", "run_server"]
 

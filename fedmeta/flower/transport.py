@@ -15,14 +15,15 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from fedmeta.flower import records as fl
-from fedmeta.errors import InconsistentReplies, UpdateRejected
+from flwr.app import ArrayRecord, Message
+from flwr.serverapp import Grid
+
 from fedmeta.config import Config
+from fedmeta.errors import InconsistentReplies, UpdateRejected
 from fedmeta.federation.client import ClientIdentity
 from fedmeta.federation.directory import ClientDirectory
 from fedmeta.federation.loop import ClientReply, RoundLog, RoundLoop
-from flwr.app import ArrayRecord, Message
-from flwr.serverapp import Grid
+from fedmeta.flower import records as fl
 
 __all__ = ["FlowerTransport", "ask_sites"]
 

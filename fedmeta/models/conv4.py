@@ -213,7 +213,7 @@ class Conv4(FunctionalModel):
         return torch.baddbmm(params["head.bias"].unsqueeze(1), h, params["head.weight"].transpose(1, 2))
 
     @classmethod
-    def from_config(cls, cfg: Config, input_shape: tuple[int, ...], outputs: int) -> "Conv4":
+    def from_config(cls, cfg: Config, input_shape: tuple[int, ...], outputs: int) -> Conv4:
         """Build from ``model.channels`` / ``model.norm`` / ``model.pool``.
 
         Raises:

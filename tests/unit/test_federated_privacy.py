@@ -16,7 +16,7 @@ import torch
 from fedmeta.centralized import run_centralized
 from fedmeta.checkpoint import load_checkpoint
 from fedmeta.errors import BudgetExhausted
-from fedmeta.federation import ClientReply, RoundLoop, RoundLog
+from fedmeta.federation import ClientReply, RoundLog, RoundLoop
 from fedmeta.outputs import read_metrics
 from fedmeta.privacy.accountant import epsilon_for
 from fedmeta.privacy.client_update import private_round

@@ -202,7 +202,7 @@ def test_episodes_have_the_documented_shapes_and_labels(family: GlyphFamily) -> 
     assert batch.support_x.dtype == torch.float32 and batch.support_y.dtype == torch.int64
     assert torch.equal(batch.support_y[0], torch.arange(5))
     assert torch.equal(batch.query_y[0], torch.arange(5).repeat_interleave(5))
-    assert 0.0 <= float(batch.support_x.min()) and float(batch.support_x.max()) <= 1.0
+    assert float(batch.support_x.min()) >= 0.0 and float(batch.support_x.max()) <= 1.0
     assert batch.params is not None and batch.params.shape == (3, 5)
     assert all(len(set(row)) == 5 for row in batch.params.tolist())  # distinct classes per episode
     # support and query of one class are different drawings
@@ -414,9 +414,9 @@ def test_prototype_head_meta_training_serves_other_numbers_of_ways(cache: Path, 
     start, and the same meta-parameters serve 10-way episodes (the head is rebuilt from the support
     set; the stored one is not used), far above chance there too."""
     from fedmeta.centralized import run_centralized
+    from fedmeta.checkpoint import load_checkpoint
     from fedmeta.evaluation import evaluate
     from fedmeta.experiment import Experiment
-    from fedmeta.checkpoint import load_checkpoint
     from fedmeta.outputs import read_metrics
 
     base = _cfg(cache)

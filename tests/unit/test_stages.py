@@ -14,8 +14,8 @@ from fedmeta.config import Config, config_from_dict
 from fedmeta.errors import CheckpointError, ConfigError
 from fedmeta.federation.loop import ClientReply
 from fedmeta.federation.stages import OuterSchedule, RoundState, build_stages, load_stage_states, stage_states
-from fedmeta.outputs import read_metrics
 from fedmeta.optim import ServerOptimizer
+from fedmeta.outputs import read_metrics
 
 
 def _cfg(**meta: object) -> Config:
@@ -55,7 +55,7 @@ def test_schedule_keys_are_validated_by_name() -> None:
 class _Policy:
     """A stand-in aggregation: the plain mean of the updates (enough to see the chain's order)."""
 
-    def aggregate(self, round_idx, updates, *, reference, reports=None):  # noqa: ANN001, ANN201
+    def aggregate(self, round_idx, updates, *, reference, reports=None):
         return {k: torch.stack([u[k] for u in updates]).mean(0) for k in reference}
 
 
@@ -120,7 +120,7 @@ class _Stop(Exception):
     pass
 
 
-def _stop_after(round_idx: int):  # noqa: ANN202
+def _stop_after(round_idx: int):
     def progress(r: int, row: dict) -> None:
         if r == round_idx:
             raise _Stop(r)

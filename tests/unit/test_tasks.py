@@ -20,10 +20,10 @@ def test_sinusoid_is_mamls_definition() -> None:
     fam = SinusoidFamily(shots=10, query=10)
     batch = fam.sample(torch.Generator().manual_seed(0), 500)
     amp, phase = batch.params[:, 0], batch.params[:, 1]
-    assert 0.1 <= float(amp.min()) and float(amp.max()) <= 5.0
-    assert 0.0 <= float(phase.min()) and float(phase.max()) <= math.pi
+    assert float(amp.min()) >= 0.1 and float(amp.max()) <= 5.0
+    assert float(phase.min()) >= 0.0 and float(phase.max()) <= math.pi
     x = torch.cat([batch.support_x, batch.query_x], dim=1)
-    assert -5.0 <= float(x.min()) and float(x.max()) <= 5.0
+    assert float(x.min()) >= -5.0 and float(x.max()) <= 5.0
     y = torch.cat([batch.support_y, batch.query_y], dim=1)
     torch.testing.assert_close(y, amp.view(-1, 1, 1) * torch.sin(x - phase.view(-1, 1, 1)))
     assert batch.support_x.shape == (500, 10, 1) and batch.query_x.shape == (500, 10, 1)

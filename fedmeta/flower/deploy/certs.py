@@ -67,7 +67,7 @@ class NodeKey:
 
 
 def _now() -> _dt.datetime:
-    return _dt.datetime.now(_dt.timezone.utc)
+    return _dt.datetime.now(_dt.UTC)
 
 
 def _write_private(path: Path, data: bytes) -> None:

@@ -47,7 +47,7 @@ class _Pool:
     row: np.ndarray
 
     @classmethod
-    def of(cls, images: np.ndarray, characters: np.ndarray, size: int) -> "_Pool":
+    def of(cls, images: np.ndarray, characters: np.ndarray, size: int) -> _Pool:
         row = np.full(size, -1, dtype=np.int64)
         row[characters] = np.arange(characters.shape[0])
         return cls(images, row)

@@ -7,8 +7,8 @@ import os
 import signal
 import sys
 import time
-from dataclasses import replace
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,14 @@ import pytest
 from fedmeta.config import config_from_dict, load_config
 from fedmeta.errors import ConfigError, DeploymentError, InconsistentReplies
 from fedmeta.experiment import Experiment
-from fedmeta.federation import ClientIdentity, RoundLoop, SiteLayoutFamily, describe_client, needs_site_layout, site_layout
+from fedmeta.federation import (
+    ClientIdentity,
+    RoundLoop,
+    SiteLayoutFamily,
+    describe_client,
+    needs_site_layout,
+    site_layout,
+)
 from fedmeta.flower.deploy.local import (
     LocalDeployment,
     ManagedProcess,
@@ -146,10 +153,9 @@ def test_flower_env_is_offline_and_local(tmp_path: Path) -> None:
 
 def test_sigterm_becomes_keyboard_interrupt_inside_the_block() -> None:
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(KeyboardInterrupt):
-        with terminate_on_signals():
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(5)
+    with pytest.raises(KeyboardInterrupt), terminate_on_signals():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
     assert signal.getsignal(signal.SIGTERM) is before
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from flwr.app import Message, RecordDict
+from flwr.app.metadata import Metadata
 
 from fedmeta.algorithms import MetaUpdate
 from fedmeta.config import load_config
@@ -14,8 +16,6 @@ from fedmeta.errors import UpdateRejected
 from fedmeta.experiment import Experiment
 from fedmeta.federation import ClientIdentity
 from fedmeta.flower import records as fl
-from flwr.app import Message, RecordDict
-from flwr.app.metadata import Metadata
 
 
 def _reply(content: RecordDict, src: int = 7) -> Message:
