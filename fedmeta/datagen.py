@@ -21,7 +21,15 @@ __all__ = ["make_sites"]
 log = logging.getLogger(__name__)
 
 
-def make_sites(cfg: Config, sites: int, out: str | Path, *, tasks_per_site: int | None = None, heldout_per_site: int = 5, examples_per_task: int | None = None) -> list[Path]:
+def make_sites(
+    cfg: Config,
+    sites: int,
+    out: str | Path,
+    *,
+    tasks_per_site: int | None = None,
+    heldout_per_site: int = 5,
+    examples_per_task: int | None = None,
+) -> list[Path]:
     """Write ``sites`` site folders ``out/site-0000 ...`` for the config's task family.
 
     Each site holds ``tasks_per_site`` training tasks (``task.tasks_per_site``, default 20) in
@@ -35,7 +43,10 @@ def make_sites(cfg: Config, sites: int, out: str | Path, *, tasks_per_site: int 
     if sites < 1:
         raise ConfigError(f"--sites must be at least 1, got {sites}")
     if cfg.task.name == "folder":
-        raise ConfigError("config key 'task.name' is 'folder': make-data writes sites from a generated family (sinusoid, harmonic, glyphs)")
+        raise ConfigError(
+            "config key 'task.name' is 'folder': make-data writes sites from a generated family (sinusoid, harmonic, "
+            "glyphs)"
+        )
     if cfg.task.name == "glyphs":
         from fedmeta.tasks.glyphs import make_glyph_sites
 

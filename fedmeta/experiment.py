@@ -194,7 +194,11 @@ def build_summary(
         "final": final,
         "privacy": priv,
         "wall_seconds": wall_seconds,
-        "environment": {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads()},
+        "environment": {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "threads": torch.get_num_threads(),
+        },
         "config": to_dict(cfg),
     }
     if extra:

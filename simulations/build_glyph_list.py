@@ -177,7 +177,9 @@ def build() -> dict[str, object]:
     braille = np.array([name == "Braille" for name, _ in alpha])
     is_letter = [unicodedata.category(chr(cp))[0] == "L" and script for cp, (_, script) in zip(cps, alpha)]
     is_eval = [name in EVALUATION_ALPHABETS for name, _ in alpha]
-    priority = sorted(range(len(cps)), key=lambda i: (0 if is_eval[i] and is_letter[i] else 1 if is_letter[i] else 2, cps[i]))
+    priority = sorted(
+        range(len(cps)), key=lambda i: (0 if is_eval[i] and is_letter[i] else 1 if is_letter[i] else 2, cps[i])
+    )
 
     # 1. characters: exact / near duplicates on raw and on size-normalised bitmaps
     raw, norm = _binary(canon), _normalised(canon_master)
@@ -239,7 +241,11 @@ def build() -> dict[str, object]:
         },
         "styles": [{"name": s.name, "file": s.file} for s in STYLES],
         "alphabets": [
-            {"name": a, "split": "evaluation" if a in EVALUATION_ALPHABETS else "background", "characters": per_alphabet[a]}
+            {
+                "name": a,
+                "split": "evaluation" if a in EVALUATION_ALPHABETS else "background",
+                "characters": per_alphabet[a],
+            }
             for a in names
         ],
         "columns": ["codepoint", "char", "alphabet", "style_mask", "rotation_mask"],

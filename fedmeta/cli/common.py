@@ -14,7 +14,13 @@ log = logging.getLogger("fedmeta")
 
 
 def add_common(p: argparse.ArgumentParser, *, out: bool = True, overrides: bool = True) -> None:
-    """Add ``--out`` (unless ``out=False``), ``--set`` (unless ``overrides=False``), ``--debug``, ``--quiet`` to ``p``."""
+    """Add ``--out`` (unless ``out=False``), ``--set`` (unless ``overrides=False``), ``--debug``, ``--quiet``.
+
+    Args:
+        p: the sub-command's parser, changed in place.
+        out: whether to add ``--out``.
+        overrides: whether to add ``--set``.
+    """
     if out:
         p.add_argument("--out", metavar="DIR", help="output directory (default: runs/<command>-<config name>)")
     if overrides:
@@ -43,7 +49,14 @@ class Progress:
         from tqdm import tqdm
 
         # tqdm disables itself when stderr is not a terminal (disable=None); then eval rows are logged
-        self.bar = tqdm(total=total, initial=start, unit="round", disable=None if enabled else True, dynamic_ncols=True, file=sys.stderr)
+        self.bar = tqdm(
+            total=total,
+            initial=start,
+            unit="round",
+            disable=None if enabled else True,
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
         self.log_evals = enabled and bool(self.bar.disable)
 
     def __call__(self, round_idx: int, row: dict[str, Any]) -> None:
@@ -75,14 +88,23 @@ def report(summary: dict[str, Any], out: Path) -> None:
     if "pre_adapt_loss" in final:
         parts.append(
             f"held-out loss {final['pre_adapt_loss']:.4f} before adaptation, "
-            f"{final['post_adapt_loss']:.4f} ± {final.get('post_adapt_loss_ci95', 0):.4f} after {final.get('steps')} steps"
+            f"{final['post_adapt_loss']:.4f} ± {final.get('post_adapt_loss_ci95', 0):.4f} after {final.get('steps')} "
+            "steps"
         )
     if "post_adapt_accuracy" in final:
         parts.append(
-            f"accuracy {final['pre_adapt_accuracy']:.3f} -> {final['post_adapt_accuracy']:.3f} ± {final.get('post_adapt_accuracy_ci95', 0):.3f}"
+            f"accuracy {final['pre_adapt_accuracy']:.3f} -> {final['post_adapt_accuracy']:.3f} ± "
+            f"{final.get('post_adapt_accuracy_ci95', 0):.3f}"
         )
     eps = (summary.get("privacy") or {}).get("epsilon")
-    parts.append("no differential privacy" if eps is None else f"privacy spent: epsilon={eps:.3f}, delta={summary['privacy']['delta']:g}")
+    parts.append(
+        "no differential privacy"
+        if eps is None
+        else f"privacy spent: epsilon={eps:.3f}, delta={summary['privacy']['delta']:g}"
+    )
     if (summary.get("privacy") or {}).get("stopped_by_budget"):
-        parts.append(f"stopped by privacy.target_epsilon after {summary.get('rounds_completed')} of {summary.get('rounds_planned')} rounds")
+        parts.append(
+            f"stopped by privacy.target_epsilon after {summary.get('rounds_completed')} of "
+            f"{summary.get('rounds_planned')} rounds"
+        )
     print("; ".join(parts) + f". Outputs in {out}/", file=sys.stdout)

@@ -157,7 +157,9 @@ def unpack_identity(message: Message) -> ClientIdentity:
             output_dim=int(rec.get("output-dim", 0)),  # type: ignore[arg-type]
         )
     except (KeyError, TypeError, ValueError) as exc:
-        raise UpdateRejected(f"node {message.metadata.src_node_id} answered the start-up query without an identity: {exc}") from exc
+        raise UpdateRejected(
+            f"node {message.metadata.src_node_id} answered the start-up query without an identity: {exc}"
+        ) from exc
 
 
 # -- train / evaluate -------------------------------------------------------------------------

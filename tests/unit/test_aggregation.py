@@ -64,4 +64,6 @@ def test_server_sgd_step_and_state_round_trip() -> None:
     adam.step({"w": torch.tensor([1.0, 1.0])})
     again = ServerOptimizer(adam.params, name="adam", lr=0.1)
     again.load_state_dict(adam.state_dict())
-    torch.testing.assert_close(adam.step({"w": torch.tensor([0.3, -1.0])})["w"], again.step({"w": torch.tensor([0.3, -1.0])})["w"])
+    torch.testing.assert_close(
+        adam.step({"w": torch.tensor([0.3, -1.0])})["w"], again.step({"w": torch.tensor([0.3, -1.0])})["w"]
+    )

@@ -45,7 +45,14 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _cfg(cache: Path, **task: object) -> Config:
-    base: dict[str, object] = {"name": "glyphs", "ways": 5, "shots": 1, "query": 5, "drawings": 6, "cache_dir": str(cache)}
+    base: dict[str, object] = {
+        "name": "glyphs",
+        "ways": 5,
+        "shots": 1,
+        "query": 5,
+        "drawings": 6,
+        "cache_dir": str(cache),
+    }
     base.update(task)
     return config_from_dict(
         {
@@ -102,7 +109,9 @@ def test_stored_list_is_duplicate_free_with_this_freetype() -> None:
 def test_corrupt_glyph_list_is_refused(tmp_path: Path) -> None:
     from fedmeta.errors import DataFormatError
 
-    doc = json.loads((Path(__file__).resolve().parents[2] / "fedmeta" / "data" / "glyphs.json").read_text(encoding="utf-8"))
+    doc = json.loads(
+        (Path(__file__).resolve().parents[2] / "fedmeta" / "data" / "glyphs.json").read_text(encoding="utf-8")
+    )
     doc["glyphs"][0][2] = "Hebrew"
     bad = tmp_path / "glyphs.json"
     bad.write_text(json.dumps(doc), encoding="utf-8")
@@ -368,7 +377,9 @@ def test_episode_montage_shows_an_adapted_episode(family: GlyphFamily, tmp_path:
     from fedmeta.outputs import write_episode_montage
     from fedmeta.tasks.regression import SinusoidFamily
 
-    algo = build_algorithm("anil", Conv4((1, 28, 28), 5, channels=8), kind="classification", inner_lr=0.5, inner_steps=1)
+    algo = build_algorithm(
+        "anil", Conv4((1, 28, 28), 5, channels=8), kind="classification", inner_lr=0.5, inner_steps=1
+    )
     meta = algo.init_meta_params(make_generator(0, "init"))
     tasks = family.sample(make_generator(0, "m"), 2, "eval")
     path = write_episode_montage(algo, meta, tasks, tmp_path / "episode.png", steps=2)
@@ -423,7 +434,15 @@ def test_prototype_head_meta_training_serves_other_numbers_of_ways(cache: Path, 
     cfg = replace(
         base,
         task=replace(base.task, partition="iid"),
-        meta=replace(base.meta, algorithm="anil", head_init="prototypes", inner_lr=0.1, inner_steps=1, outer_lr=0.003, tasks_per_client=8),
+        meta=replace(
+            base.meta,
+            algorithm="anil",
+            head_init="prototypes",
+            inner_lr=0.1,
+            inner_steps=1,
+            outer_lr=0.003,
+            tasks_per_client=8,
+        ),
         federation=replace(base.federation, clients_total=1, clients_per_round=1, rounds=60),
         eval=replace(base.eval, tasks=100, steps=1, every=60, batch=100),
     )

@@ -75,7 +75,10 @@ def test_chain_runs_reply_stages_then_aggregation_then_aggregate_stages_then_opt
 
     stages = build_stages(cfg, _Policy(), opt, update_transforms=[double], aggregate_transforms=[shift])  # type: ignore[arg-type]
     assert [s.name for s in stages] == ["replies-0", "aggregate", "update-0", "optimizer"]
-    replies = [ClientReply(0, {"w": torch.tensor([1.0, 0.0])}, 1, {}), ClientReply(1, {"w": torch.tensor([0.0, 1.0])}, 1, {})]
+    replies = [
+        ClientReply(0, {"w": torch.tensor([1.0, 0.0])}, 1, {}),
+        ClientReply(1, {"w": torch.tensor([0.0, 1.0])}, 1, {}),
+    ]
     state = RoundState(1, meta, replies)
     for stage in stages:
         stage(state)

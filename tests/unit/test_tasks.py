@@ -42,7 +42,15 @@ def test_harmonic_tasks_solve_their_ode() -> None:
 
 
 def _cfg(**task):
-    return config_from_dict({"seed": 5, "task": task, "meta": {"tasks_per_client": 2}, "federation": {"clients_total": 10, "clients_per_round": 3}, "eval": {"tasks": 50}})
+    return config_from_dict(
+        {
+            "seed": 5,
+            "task": task,
+            "meta": {"tasks_per_client": 2},
+            "federation": {"clients_total": 10, "clients_per_round": 3},
+            "eval": {"tasks": 50},
+        }
+    )
 
 
 def test_same_seed_same_tasks_different_seed_different_tasks() -> None:
@@ -72,7 +80,10 @@ def test_site_pool_is_fixed_per_client() -> None:
 
 def _regression_site(tmp_path: Path, n: int = 30) -> Path:
     rng = np.random.default_rng(0)
-    tasks = [(f"t{i}", rng.uniform(-1, 1, (n, 2)).astype(np.float32), rng.normal(size=n).astype(np.float32)) for i in range(4)]
+    tasks = [
+        (f"t{i}", rng.uniform(-1, 1, (n, 2)).astype(np.float32), rng.normal(size=n).astype(np.float32))
+        for i in range(4)
+    ]
     return write_site(tmp_path / "site", tasks, kind="regression", heldout=tasks[:1])
 
 
@@ -133,9 +144,13 @@ def test_folder_errors_name_the_file(tmp_path: Path) -> None:
 def test_folder_of_sites_maps_clients_to_sites(tmp_path: Path) -> None:
     rng = np.random.default_rng(2)
     for s in range(3):
-        tasks = [(f"t{i}", rng.normal(size=(20, 1)).astype(np.float32), np.full(20, float(s), np.float32)) for i in range(2)]
+        tasks = [
+            (f"t{i}", rng.normal(size=(20, 1)).astype(np.float32), np.full(20, float(s), np.float32)) for i in range(2)
+        ]
         write_site(tmp_path / f"site-{s:04d}", tasks, kind="regression", heldout=tasks[:1])
-    cfg = config_from_dict({"task": {"name": "folder", "data_dir": str(tmp_path), "shots": 3, "query": 3}, "eval": {"tasks": 6}})
+    cfg = config_from_dict(
+        {"task": {"name": "folder", "data_dir": str(tmp_path), "shots": 3, "query": 3}, "eval": {"tasks": 6}}
+    )
     src = TaskSource(cfg)
     assert src.num_sites == 3
     for client in range(3):

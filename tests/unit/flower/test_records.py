@@ -67,7 +67,9 @@ def test_reply_without_tasks_or_records_is_refused(metasgd_params: dict[str, tor
 
 
 def test_identity_and_instructions_round_trip(metasgd_params: dict[str, torch.Tensor]) -> None:
-    ident = ClientIdentity(client_id=12, kind="classification", num_tasks=30, site="site-0012", input_shape=(1, 28, 28), output_dim=5)
+    ident = ClientIdentity(
+        client_id=12, kind="classification", num_tasks=30, site="site-0012", input_shape=(1, 28, 28), output_dim=5
+    )
     assert fl.unpack_identity(_reply(fl.pack_identity(ident))) == ident
     meta, config = fl.unpack_instructions(_reply(fl.pack_instructions(metasgd_params, {"round": 3, "client-id": 12})))
     assert config == {"round": 3, "client-id": 12}
