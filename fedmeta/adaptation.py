@@ -470,7 +470,7 @@ def evaluate_initialization(
         init.algorithm, init.params, TaskBatch.concat([episodes[n] for n in names]), steps=steps, batch=chunk
     )
     seconds = time.perf_counter() - t0
-    bounds = np.cumsum([0] + sizes).tolist()
+    bounds = np.cumsum([0, *sizes]).tolist()
     results = {
         n: EvalResult(
             whole.loss[bounds[i] : bounds[i + 1]],
@@ -522,6 +522,7 @@ def _fit_set(task: SiteTask, kind: str, ways: int | None) -> tuple[Tensor, Tenso
     ``ways=None`` (a way-agnostic head) takes every class the task has.
     """
     x, y = (task.x, task.y) if task.x is not None else task.support  # type: ignore[misc]
+    assert y is not None  # a task holds x and y together, or a support pair
     if kind != "classification":
         return torch.from_numpy(x), torch.from_numpy(y), None
     labels = np.unique(y)

@@ -60,19 +60,19 @@ def make_sites(
     wide = build_family(replace(cfg, task=replace(cfg.task, shots=n_examples, query=1)))
     root = Path(out)
     written = []
-    for c in range(sites):
-        def draw(split: str, count: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
-            gen = make_generator(cfg.seed, "make-data", split, c)
-            batch = wide.make_tasks(family.sample_params(gen, count, split), gen)
-            return [
-                (f"{split}-{i:04d}", batch.support_x[i].numpy(), batch.support_y[i].numpy())
-                for i in range(count)
-            ]
 
+    def draw(c: int, split: str, count: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        gen = make_generator(cfg.seed, "make-data", split, c)
+        batch = wide.make_tasks(family.sample_params(gen, count, split), gen)
+        return [
+            (f"{split}-{i:04d}", batch.support_x[i].numpy(), batch.support_y[i].numpy()) for i in range(count)
+        ]
+
+    for c in range(sites):
         site = write_site(
             root / f"site-{c:04d}",
-            draw("train", n_tasks),
-            heldout=draw("eval", heldout_per_site) if heldout_per_site > 0 else None,
+            draw(c, "train", n_tasks),
+            heldout=draw(c, "eval", heldout_per_site) if heldout_per_site > 0 else None,
             kind=family.kind,
         )
         written.append(site)

@@ -25,6 +25,7 @@ round are the serialized message sizes measured in the simulations of the ``over
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -304,10 +305,8 @@ def part_efficiency(out: Path, actors: int, *, clients_per_round: int = 10) -> d
                 raise _Reached
 
         t0 = time.perf_counter()
-        try:
+        with contextlib.suppress(_Reached):
             run_centralized(cfg, run_dir, progress=stop_at_target)
-        except _Reached:
-            pass
         evals = [
             (r["round"], r["eval"]["post_adapt_loss"], r["eval"]["post_adapt_loss_1step"])
             for r in read_metrics(run_dir / "metrics.jsonl")

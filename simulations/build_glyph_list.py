@@ -66,7 +66,7 @@ def _candidates() -> dict[int, int]:
     from fontTools.ttLib import TTFont
 
     masks: dict[int, int] = {}
-    for index, style in enumerate(STYLES):
+    for index in range(len(STYLES)):
         font = TTFont(str(font_path(index)))
         glyf = font["glyf"]
         for cp, name in font.getBestCmap().items():

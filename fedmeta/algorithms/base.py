@@ -20,7 +20,6 @@ Nothing here mutates the meta-parameters.
 
 from __future__ import annotations
 
-from abc import ABC
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -219,7 +218,7 @@ class MetaUpdate:
     metrics: dict[str, float]
 
 
-class MetaAlgorithm(ABC):
+class MetaAlgorithm:
     """Base class: an inner loop on the support set, an outer objective on the query set.
 
     Args:

@@ -70,7 +70,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction, add_common: Callable[..., None]) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction, add_common: Callable[..., None]) -> None:
     """Add the ``adapt`` and ``predict`` subcommands to the ``fedmeta`` parser."""
     p = subparsers.add_parser(
         "adapt",

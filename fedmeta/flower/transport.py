@@ -109,7 +109,7 @@ class FlowerTransport:
         book = RoundLog(round_idx, list(cohort))
         arrays = fl.params_to_record(loop.meta)
         messages = self._messages(loop, book, located, arrays, {"eval-tasks": tasks_per_client}, fl.EVALUATE)
-        results = []
+        results: list[tuple[Mapping[str, float], int]] = []
         for reply in self.grid.send_and_receive(messages, timeout=loop.cfg.federation.round_timeout):
             try:
                 results.append(fl.unpack_eval_metrics(reply))

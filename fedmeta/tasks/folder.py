@@ -505,6 +505,7 @@ class FolderFamily(TaskFamily):
     def _class_episode(self, task: SiteTask, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         s, q = self.shots, self.query
         if task.x is not None:
+            assert task.y is not None  # x and y are read together (see _read_task)
             pools_s = pools_q = task.x
             labels_s = labels_q = task.y
         else:

@@ -95,7 +95,7 @@ def test_results_are_split_back_to_the_right_tasks(sinusoid_run: dict[str, Path]
     init = load_initialization(sinusoid_run["checkpoint"], site)
     episodes = draw_episodes(site, 4, seed=3)
     result = evaluate_initialization(init, episodes, steps=2)
-    params = {k: v for k, v in init.params.items()}
+    params = dict(init.params.items())
     for name, batch in episodes.items():
         assert batch.support_x.shape == (4, 5, 1) and batch.query_x.shape == (4, 7, 1)
         direct = torch.stack(

@@ -43,7 +43,7 @@ def test_weighted_mean_weights_by_tasks() -> None:
 def test_robust_rules_bound_an_outlier() -> None:
     honest = [{"w": torch.tensor([1.0 + 0.01 * i])} for i in range(9)]
     attacker = {"w": torch.tensor([1e6])}
-    s = stack(honest + [attacker])
+    s = stack([*honest, attacker])
     w = torch.ones(10)
     assert float(aggregate(s, w)["w"]) > 1e4
     assert float(aggregate(s, w, method="median")["w"]) == pytest.approx(1.045, abs=0.01)

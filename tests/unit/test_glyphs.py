@@ -250,8 +250,8 @@ def test_rotated_classes_are_rotated_drawings(family: GlyphFamily) -> None:
     rotated = int(ids[ids % ROTATIONS == 1][0])
     base = rotated - 1
     others = [int(i) for i in ids[ids // ROTATIONS != base // ROTATIONS][:4]]
-    a = family.make_tasks(torch.tensor([[base] + others]), make_generator(2, "r"))
-    b = family.make_tasks(torch.tensor([[rotated] + others]), make_generator(2, "r"))
+    a = family.make_tasks(torch.tensor([[base, *others]]), make_generator(2, "r"))
+    b = family.make_tasks(torch.tensor([[rotated, *others]]), make_generator(2, "r"))
     torch.testing.assert_close(torch.rot90(a.support_x[0, 0, 0], 1), b.support_x[0, 0, 0])
     torch.testing.assert_close(a.support_x[0, 1:], b.support_x[0, 1:])
 

@@ -169,14 +169,14 @@ def _read(path: Path, key: dict[str, object]) -> np.ndarray:
         images = np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=shape)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"unreadable ({type(exc).__name__}: {exc})") from exc
-    if zlib.crc32(images) != header.get("crc32"):
+    if zlib.crc32(images.data) != header.get("crc32"):
         raise ValueError("checksum mismatch")
     return images
 
 
 def _write(path: Path, key: dict[str, object], images: np.ndarray) -> None:
     data = np.ascontiguousarray(images, dtype=np.uint8)
-    header = json.dumps({"key": key, "shape": list(data.shape), "crc32": zlib.crc32(data)}).encode("utf-8")
+    header = json.dumps({"key": key, "shape": list(data.shape), "crc32": zlib.crc32(data.data)}).encode("utf-8")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:

@@ -330,27 +330,27 @@ def make_glyph_sites(
     whole: GlyphFamily | None = None
     root = Path(out)
     written = []
+
+    def draw(fam: GlyphFamily, c: int, split: str, count: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        gen = make_generator(cfg.seed, "make-data", split, c)
+        batch = fam.sample(gen, count, split)
+        x = torch.cat([batch.support_x, batch.query_x], dim=1).numpy()
+        y = torch.cat([batch.support_y, batch.query_y], dim=1).numpy()
+        return [(f"{split}-{i:04d}", x[i], y[i]) for i in range(count)]
+
     for c in range(sites):
         family = build_glyph_family(wide, client_id=c)
         assert isinstance(family, GlyphFamily)
-
-        def draw(fam: GlyphFamily, split: str, count: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
-            gen = make_generator(cfg.seed, "make-data", split, c)
-            batch = fam.sample(gen, count, split)
-            x = torch.cat([batch.support_x, batch.query_x], dim=1).numpy()
-            y = torch.cat([batch.support_y, batch.query_y], dim=1).numpy()
-            return [(f"{split}-{i:04d}", x[i], y[i]) for i in range(count)]
-
         heldout = None
         if heldout_per_site > 0:
             if whole is None:
                 built = build_glyph_family(wide)
                 assert isinstance(built, GlyphFamily)
                 whole = built
-            heldout = draw(whole, "eval", heldout_per_site)
+            heldout = draw(whole, c, "eval", heldout_per_site)
         site = write_site(
             root / f"site-{c:04d}",
-            draw(family, "train", n_tasks),
+            draw(family, c, "train", n_tasks),
             heldout=heldout,
             kind="classification",
             name=f"glyphs client {c}",

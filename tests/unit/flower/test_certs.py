@@ -72,9 +72,11 @@ def _handshake(server_files: tuple[Path, Path], cafile: Path) -> None:
     thread.start()
     try:
         client_ctx = ssl.create_default_context(cafile=str(cafile))
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
-            with client_ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
-                tls.sendall(b"x")
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+            client_ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+        ):
+            tls.sendall(b"x")
     finally:
         thread.join(timeout=10)
         listener.close()
