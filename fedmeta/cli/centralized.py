@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 __all__ = ["register", "cmd_centralized"]
@@ -13,18 +12,11 @@ __all__ = ["register", "cmd_centralized"]
 def cmd_centralized(args: argparse.Namespace) -> int:
     """``fedmeta centralized CONFIG``."""
     from fedmeta.centralized import run_centralized
-    from fedmeta.cli.common import Progress, default_out, report
-    from fedmeta.config import load_config
+    from fedmeta.cli.common import run_training
 
-    cfg = load_config(args.config, args.overrides)
-    out = Path(args.out) if args.out else default_out("centralized", args.config)
-    bar = Progress(cfg.federation.rounds, enabled=not args.quiet)
-    try:
-        summary = run_centralized(cfg, out, resume=args.resume, progress=bar)
-    finally:
-        bar.close()
-    report(summary, out)
-    return 0
+    return run_training(
+        args, "centralized", lambda cfg, out, bar: run_centralized(cfg, out, resume=args.resume, progress=bar)
+    )
 
 
 def register(subparsers: Any, add_common: Callable[..., None]) -> None:

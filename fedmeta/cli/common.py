@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["add_common", "default_out", "Progress", "report"]
+if TYPE_CHECKING:
+    from fedmeta.config import Config
+
+__all__ = ["add_common", "default_out", "Progress", "report", "run_training"]
 
 log = logging.getLogger("fedmeta")
 
@@ -108,3 +112,43 @@ def report(summary: dict[str, Any], out: Path) -> None:
             f"{summary.get('rounds_planned')} rounds"
         )
     print("; ".join(parts) + f". Outputs in {out}/", file=sys.stdout)
+
+
+def run_training(
+    args: argparse.Namespace,
+    command: str,
+    train: Callable[[Config, Path, Progress], dict[str, Any]],
+    *,
+    bar_from_checkpoint: bool = False,
+) -> int:
+    """Load ``args.config`` (with ``--set``), train into ``--out`` under a progress bar, print the summary.
+
+    Args:
+        args: the parsed ``config``, ``--set``, ``--out``, ``--resume`` and ``--quiet``.
+        command: names the default output folder (``runs/<command>-<config name>``).
+        train: runs the training: ``train(cfg, out, bar)`` returns the run's summary.
+        bar_from_checkpoint: on ``--resume``, start the bar at the checkpoint's round.
+
+    Returns:
+        The exit status, 0.
+
+    Raises:
+        ConfigError: from the config or the run (the CLI reports it).
+        CheckpointError: when resuming from a missing or corrupt checkpoint.
+    """
+    from fedmeta.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out) if args.out else default_out(command, args.config)
+    start = 0
+    if bar_from_checkpoint and args.resume:
+        from fedmeta.checkpoint import load_checkpoint
+
+        start = int(load_checkpoint(out / "checkpoint.pt")["round"])
+    bar = Progress(cfg.federation.rounds, enabled=not args.quiet, start=start)
+    try:
+        summary = train(cfg, out, bar)
+    finally:
+        bar.close()
+    report(summary, out)
+    return 0
