@@ -110,7 +110,7 @@ def test_corrupt_glyph_list_is_refused(tmp_path: Path) -> None:
     from fedmeta.errors import DataFormatError
 
     doc = json.loads(
-        (Path(__file__).resolve().parents[2] / "fedmeta" / "data" / "glyphs.json").read_text(encoding="utf-8")
+        (Path(__file__).resolve().parents[3] / "fedmeta" / "data" / "glyphs.json").read_text(encoding="utf-8")
     )
     doc["glyphs"][0][2] = "Hebrew"
     bad = tmp_path / "glyphs.json"
@@ -196,7 +196,7 @@ def test_cache_folder_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.delenv(CACHE_ENV)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert cache_dir(None) == tmp_path / "xdg" / "fedmeta" / "glyphs"
-    repo = Path(__file__).resolve().parents[2]
+    repo = Path(__file__).resolve().parents[3]
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert repo not in cache_dir(None).parents
 
