@@ -8,14 +8,19 @@ aggregated or checkpointed is such a dict, so the same code handles every algori
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-__all__ = ["Params", "TaskBatch", "LR_PREFIX", "model_part", "lr_part"]
+__all__ = ["Params", "StepSizes", "LossFn", "TaskBatch", "LR_PREFIX", "model_part", "lr_part"]
 
 Params = dict[str, Tensor]
+#: Inner-loop step size per adapted parameter: a float, or a learned tensor (Meta-SGD).
+StepSizes = dict[str, Tensor | float]
+#: A loss of parameters: a scalar for one task, ``[T]`` for stacked tasks.
+LossFn = Callable[[Params], Tensor]
 
 #: Key prefix of Meta-SGD's learned inner learning rates inside a meta-parameter dict.
 LR_PREFIX = "lr."

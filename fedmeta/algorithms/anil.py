@@ -27,6 +27,7 @@ from torch.func import grad
 
 from fedmeta.algorithms.base import (
     ALGORITHMS,
+    adaptation_start,
     class_prototypes,
     eager_inner_sgd,
     inner_sgd,
@@ -140,9 +141,7 @@ class ANIL(MAML):
         self, ops: TaskOps, meta: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor
     ) -> tuple[Tensor, dict[str, Any]]:
         """Query loss after the head's inner steps on body features computed once per set (second order)."""
-        params = model_part(meta)
-        hs = ops.features(params, sx)
-        hq = ops.features(params, qx)
+        params, hs, hq = ops.embed_sets(meta, sx, qx)
         head0 = self.start_head({k: params[k] for k in self.model.head_keys()}, hs, sy)
         head, support_loss_pre = ops.sgd(
             lambda p: ops.loss(ops.head(p, hs), sy), head0, dict.fromkeys(head0, self.inner_lr), self.inner_steps
@@ -235,9 +234,7 @@ class ANIL(MAML):
         self, meta: Params, x: Tensor, y: Tensor, steps: int, *, first_order: bool = False
     ) -> tuple[Params, Tensor]:
         """:meth:`adapt_with_loss` for ``T`` tasks at once (stacked parameters)."""
-        params = model_part(meta)
-        if first_order:
-            params = {k: v.detach() for k, v in params.items()}
+        params = adaptation_start(meta, first_order=first_order)
         with torch.set_grad_enabled(not first_order):
             h = self.model.features_tasks(params, x)
             head0 = self.start_head({k: params[k] for k in self.model.head_keys()}, h, y)

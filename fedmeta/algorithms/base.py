@@ -34,7 +34,7 @@ from fedmeta.algorithms.engine import ObjectiveTerm, PerTaskOps, TaskOps
 from fedmeta.errors import ConfigError
 from fedmeta.models.base import FunctionalModel
 from fedmeta.registry import Registry
-from fedmeta.types import LR_PREFIX, Params, TaskBatch, lr_part, model_part
+from fedmeta.types import LR_PREFIX, LossFn, Params, StepSizes, TaskBatch, lr_part, model_part
 
 __all__ = [
     "ALGORITHMS",
@@ -42,6 +42,7 @@ __all__ = [
     "MetaUpdate",
     "task_loss",
     "task_accuracy",
+    "adaptation_start",
     "task_losses",
     "task_accuracies",
     "stack_for_tasks",
@@ -55,6 +56,22 @@ __all__ = [
 
 #: Per-task metrics every algorithm reports (means over a client's tasks leave the client).
 METRIC_NAMES = ("support_loss_pre", "support_loss_post", "query_loss_pre", "query_loss_post")
+
+
+def adaptation_start(meta: Params, *, first_order: bool = False) -> Params:
+    """The model parameters an adaptation starts from: ``meta``'s model part, detached when first-order.
+
+    Args:
+        meta: the meta-parameters (Meta-SGD's learning rates are left out).
+        first_order: detach them, so that no gradient flows back into ``meta`` through the adaptation.
+
+    Returns:
+        The model parameters, the same tensors as in ``meta`` unless detached.
+    """
+    params = model_part(meta)
+    if first_order:
+        params = {k: v.detach() for k, v in params.items()}
+    return params
 
 
 def task_loss(kind: str, pred: Tensor, y: Tensor) -> Tensor:
@@ -125,12 +142,7 @@ def grad_dict(output: Tensor, inputs: Params, *, create_graph: bool = False) -> 
 
 
 def inner_sgd(
-    loss_fn: Callable[[Params], Tensor],
-    fast: Params,
-    sizes: dict[str, Tensor | float],
-    steps: int,
-    *,
-    first_order: bool = False,
+    loss_fn: LossFn, fast: Params, sizes: StepSizes, steps: int, *, first_order: bool = False
 ) -> tuple[Params, Tensor]:
     """``steps`` plain gradient steps ``p - size * grad`` on ``loss_fn``.
 
@@ -152,12 +164,7 @@ def inner_sgd(
 
 
 def eager_inner_sgd(
-    losses_fn: Callable[[Params], Tensor],
-    fast: Params,
-    sizes: dict[str, Tensor | float],
-    steps: int,
-    *,
-    first_order: bool = False,
+    losses_fn: LossFn, fast: Params, sizes: StepSizes, steps: int, *, first_order: bool = False
 ) -> tuple[Params, Tensor]:
     """:func:`inner_sgd` for ``T`` stacked tasks with eager autograd: ``losses_fn`` returns per-task losses ``[T]``.
 
@@ -310,7 +317,7 @@ class MetaAlgorithm:
         """Names of the parameters the inner loop changes (all model parameters by default)."""
         return list(model_part(meta))
 
-    def step_sizes(self, meta: Params) -> dict[str, Tensor | float]:
+    def step_sizes(self, meta: Params) -> StepSizes:
         """Inner-loop step size per adapted parameter (a float, or a learned tensor for Meta-SGD)."""
         return dict.fromkeys(self.adapted_keys(meta), self.inner_lr)
 
@@ -504,9 +511,8 @@ class MetaAlgorithm:
         """
         keys = self.adapted_keys(meta)
         sizes = self.step_sizes(meta)
-        params = model_part(meta)
+        params = adaptation_start(meta, first_order=first_order)
         if first_order:
-            params = {k: v.detach() for k, v in params.items()}
             sizes = {k: (s.detach() if isinstance(s, Tensor) else s) for k, s in sizes.items()}
         fast = {k: params[k] for k in keys}
         frozen = {k: v for k, v in params.items() if k not in fast}

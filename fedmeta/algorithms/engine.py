@@ -47,7 +47,7 @@ from torch.func import grad, vmap
 
 from fedmeta.errors import ConfigError
 from fedmeta.registry import Registry
-from fedmeta.types import Params, TaskBatch, model_part
+from fedmeta.types import LossFn, Params, StepSizes, TaskBatch, model_part
 
 if TYPE_CHECKING:
     from fedmeta.algorithms.base import MetaAlgorithm
@@ -114,13 +114,7 @@ class TaskOps:
         return (task_accuracies if self.batched else task_accuracy)(pred, y)
 
     def sgd(
-        self,
-        loss_fn: Callable[[Params], Tensor],
-        fast: Params,
-        sizes: dict[str, Tensor | float],
-        steps: int,
-        *,
-        first_order: bool = False,
+        self, loss_fn: LossFn, fast: Params, sizes: StepSizes, steps: int, *, first_order: bool = False
     ) -> tuple[Params, Tensor]:
         """``steps`` gradient steps on ``loss_fn``; returns the parameters and the loss before the first step.
 
@@ -138,6 +132,15 @@ class TaskOps:
         """The algorithm's adaptation of the model on ``(x, y)`` (its ``adapt_with_loss`` / ``adapt_tasks``)."""
         run = self.algo.adapt_tasks if self.batched else self.algo.adapt_with_loss
         return run(meta, x, y, steps, first_order=first_order)
+
+    def embed_sets(self, meta: Params, sx: Tensor, qx: Tensor) -> tuple[Params, Tensor, Tensor]:
+        """The model part of ``meta`` and the body's embeddings of the support and the query inputs.
+
+        Returns:
+            ``(params, hs, hq)``: each set embedded once, for objectives that work on features (ANIL, ProtoNets).
+        """
+        params = model_part(meta)
+        return params, self.features(params, sx), self.features(params, qx)
 
     def losses_of(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
         """Loss of the model under ``params`` on ``(x, y)``."""
