@@ -21,8 +21,13 @@ def cmd_centralized(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any, add_common: Callable[..., None]) -> None:
     """Add ``centralized`` to the ``fedmeta`` command line."""
-    p = subparsers.add_parser("centralized", help="the same meta-learning math in one process: the reference")
-    p.add_argument("config", help="YAML config file")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    add_common(p)
-    p.set_defaults(func=cmd_centralized)
+    from fedmeta.cli.common import add_training_command
+
+    add_training_command(
+        subparsers,
+        add_common,
+        "centralized",
+        cmd_centralized,
+        help="the same meta-learning math in one process: the reference",
+        resume_help="continue from OUT/checkpoint.pt",
+    )

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from fedmeta.config import Config
 
-__all__ = ["add_common", "default_out", "Progress", "report", "run_training"]
+__all__ = ["add_common", "add_training_command", "default_out", "Progress", "report", "run_training"]
 
 log = logging.getLogger("fedmeta")
 
@@ -152,3 +152,29 @@ def run_training(
         bar.close()
     report(summary, out)
     return 0
+
+
+def add_training_command(
+    subparsers: Any,
+    add_common: Callable[..., None],
+    name: str,
+    func: Callable[[argparse.Namespace], int],
+    *,
+    help: str,
+    resume_help: str,
+) -> None:
+    """Add a training command (``centralized``, ``simulate``): ``CONFIG``, ``--resume`` and the common options.
+
+    Args:
+        subparsers: the ``fedmeta`` parser's sub-command actions.
+        add_common: adds ``--out``, ``--set``, ``--debug``, ``--quiet`` (:func:`add_common`).
+        name: the command's name.
+        func: runs the command on the parsed arguments and returns the exit status.
+        help: the command's one-line help.
+        resume_help: what ``--resume`` continues from.
+    """
+    p = subparsers.add_parser(name, help=help)
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("--resume", action="store_true", help=resume_help)
+    add_common(p)
+    p.set_defaults(func=func)

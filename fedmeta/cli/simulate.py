@@ -24,8 +24,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any, add_common: Callable[..., None]) -> None:
     """Add ``simulate`` to the ``fedmeta`` command line."""
-    p = subparsers.add_parser("simulate", help="federated meta-training through Flower's simulation engine")
-    p.add_argument("config", help="YAML config file")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt at the next round")
-    add_common(p)
-    p.set_defaults(func=cmd_simulate)
+    from fedmeta.cli.common import add_training_command
+
+    add_training_command(
+        subparsers,
+        add_common,
+        "simulate",
+        cmd_simulate,
+        help="federated meta-training through Flower's simulation engine",
+        resume_help="continue from OUT/checkpoint.pt at the next round",
+    )
