@@ -208,7 +208,9 @@ def _checkpoint_config(state: dict[str, Any], path: Path) -> Config:
         raise CheckpointError(f"checkpoint '{path}' carries a config this fedmeta cannot read: {exc}") from exc
 
 
-def load_initialization(path: str | Path, site: SiteData, *, label: str = "meta", state: dict[str, Any] | None = None) -> Initialization:
+def load_initialization(
+    path: str | Path, site: SiteData, *, label: str = "meta", state: dict[str, Any] | None = None
+) -> Initialization:
     """Load a published checkpoint and check that it fits the site's data.
 
     The checkpoint is read with ``torch.load(weights_only=True)``. The model is rebuilt from the
@@ -254,7 +256,8 @@ def load_initialization(path: str | Path, site: SiteData, *, label: str = "meta"
     described = (state.get("model") or {}).get("name")
     if described not in (None, model.name):
         raise CheckpointError(
-            f"checkpoint '{p}' describes a '{described}' model but its config builds '{model.name}'; the file is inconsistent"
+            f"checkpoint '{p}' describes a '{described}' model but its config builds '{model.name}'; the file is "
+            "inconsistent"
         )
     state = _fit_head_to_site(state, model, cfg, p, site)
     check_compatible(state, model.param_shapes, path=p, task_kind=site.kind)
@@ -271,7 +274,9 @@ def load_initialization(path: str | Path, site: SiteData, *, label: str = "meta"
             if params[k].shape != params[k[len(LR_PREFIX) :]].shape:
                 raise CheckpointError(f"checkpoint '{p}': learned rate '{k}' does not have its parameter's shape")
     elif rates:
-        log.warning("checkpoint %s holds learned rates but its algorithm is %s; they are ignored", p, cfg.meta.algorithm)
+        log.warning(
+            "checkpoint %s holds learned rates but its algorithm is %s; they are ignored", p, cfg.meta.algorithm
+        )
         params = model_part(params)
     example = site.tasks[0].x if site.tasks[0].x is not None else site.tasks[0].support[0]  # type: ignore[index]
     try:
@@ -285,7 +290,8 @@ def load_initialization(path: str | Path, site: SiteData, *, label: str = "meta"
         ) from exc
     if tuple(out.shape[1:]) != (site.family.output_dim,):
         raise CheckpointError(
-            f"checkpoint '{p}': its model gives {tuple(out.shape[1:])} outputs, site '{site.path}' needs {site.family.output_dim}"
+            f"checkpoint '{p}': its model gives {tuple(out.shape[1:])} outputs, site '{site.path}' needs "
+            f"{site.family.output_dim}"
         )
     info = {
         "path": str(p),
@@ -315,7 +321,9 @@ def serves_any_ways(cfg: Config, kind: str | None) -> bool:
     return kind == "classification" and ALGORITHMS.get(cfg.meta.algorithm).serves_any_ways(head_init=cfg.meta.head_init)
 
 
-def _fit_head_to_site(state: dict[str, Any], model: FunctionalModel, cfg: Config, path: Path, site: SiteData) -> dict[str, Any]:
+def _fit_head_to_site(
+    state: dict[str, Any], model: FunctionalModel, cfg: Config, path: Path, site: SiteData
+) -> dict[str, Any]:
     """The checkpoint with a head of the site's number of classes where the head is way-agnostic.
 
     A way-agnostic head (:func:`serves_any_ways`) is replaced by zeros of the shape the site
@@ -335,7 +343,13 @@ def _fit_head_to_site(state: dict[str, Any], model: FunctionalModel, cfg: Config
     trained = int(stored[heads[0]].shape[0])
     if not serves_any_ways(cfg, site.kind):
         raise _learned_head_error(path, cfg, trained, f"{site.family.output_dim}-way ones")
-    log.info("checkpoint %s: way-agnostic head (meta.head_init %s) trained %d-way, used %d-way", path, cfg.meta.head_init, trained, site.family.output_dim)
+    log.info(
+        "checkpoint %s: way-agnostic head (meta.head_init %s) trained %d-way, used %d-way",
+        path,
+        cfg.meta.head_init,
+        trained,
+        site.family.output_dim,
+    )
     return {**state, "meta_params": _head_for(model, stored, site.family.output_dim)}
 
 
@@ -343,8 +357,10 @@ def _learned_head_error(path: Path, cfg: Config, trained: int, wanted: str) -> C
     """Why a checkpoint with a learned ``trained``-way head cannot adapt to ``wanted`` episodes, and which can."""
     return CheckpointError(
         f"checkpoint '{path}' has a learned {trained}-way head (meta.algorithm {cfg.meta.algorithm!r}, meta.head_init "
-        f"{cfg.meta.head_init!r}): it adapts to {trained}-way episodes only, not {wanted}; a checkpoint meta-trained with "
-        "meta.algorithm 'anil' and meta.head_init 'prototypes' (or 'zero'), or with meta.algorithm 'protonet', whose head is "
+        f"{cfg.meta.head_init!r}): it adapts to {trained}-way episodes only, not {wanted}; a checkpoint meta-trained "
+        "with "
+        "meta.algorithm 'anil' and meta.head_init 'prototypes' (or 'zero'), or with meta.algorithm 'protonet', whose "
+        "head is "
         "rebuilt for each support set, "
         "serves any number of ways"
     )
@@ -430,7 +446,9 @@ def _metric_block(curves: dict[str, list[Tensor]]) -> dict[str, Any]:
     return out
 
 
-def evaluate_initialization(init: Initialization, episodes: dict[str, TaskBatch], *, steps: int, chunk: int = 200) -> dict[str, Any]:
+def evaluate_initialization(
+    init: Initialization, episodes: dict[str, TaskBatch], *, steps: int, chunk: int = 200
+) -> dict[str, Any]:
     """Adapt ``init`` on every episode's support set and measure the query set after 0..steps steps.
 
     Args:
@@ -448,9 +466,11 @@ def evaluate_initialization(init: Initialization, episodes: dict[str, TaskBatch]
     # every task's episodes have the same shapes: one vectorized pass over all of them
     names = list(episodes)
     sizes = [episodes[n].num_tasks for n in names]
-    whole = evaluate(init.algorithm, init.params, TaskBatch.concat([episodes[n] for n in names]), steps=steps, batch=chunk)
+    whole = evaluate(
+        init.algorithm, init.params, TaskBatch.concat([episodes[n] for n in names]), steps=steps, batch=chunk
+    )
     seconds = time.perf_counter() - t0
-    bounds = np.cumsum([0] + sizes).tolist()
+    bounds = np.cumsum([0, *sizes]).tolist()
     results = {
         n: EvalResult(
             whole.loss[bounds[i] : bounds[i + 1]],
@@ -502,6 +522,7 @@ def _fit_set(task: SiteTask, kind: str, ways: int | None) -> tuple[Tensor, Tenso
     ``ways=None`` (a way-agnostic head) takes every class the task has.
     """
     x, y = (task.x, task.y) if task.x is not None else task.support  # type: ignore[misc]
+    assert y is not None  # a task holds x and y together, or a support pair
     if kind != "classification":
         return torch.from_numpy(x), torch.from_numpy(y), None
     labels = np.unique(y)
@@ -524,7 +545,9 @@ def _head_for(model: FunctionalModel, params: Params, ways: int) -> Params:
     return {k: (v.new_zeros((ways, *v.shape[1:])) if k in heads else v) for k, v in params.items()}
 
 
-def personalize(init: Initialization, site: SiteData, *, steps: int) -> tuple[dict[str, PersonalizedTask], dict[str, str]]:
+def personalize(
+    init: Initialization, site: SiteData, *, steps: int
+) -> tuple[dict[str, PersonalizedTask], dict[str, str]]:
     """Adapt ``init`` to each task on all of its support-side examples.
 
     The evaluation episodes measure what ``shots`` examples buy; the model a site keeps is
@@ -574,7 +597,13 @@ def _safe_name(name: str, taken: set[str]) -> str:
 
 
 def save_personalized(
-    directory: str | Path, init: Initialization, site: SiteData, tasks: dict[str, PersonalizedTask], *, steps: int, skipped: dict[str, str] | None = None
+    directory: str | Path,
+    init: Initialization,
+    site: SiteData,
+    tasks: dict[str, PersonalizedTask],
+    *,
+    steps: int,
+    skipped: dict[str, str] | None = None,
 ) -> Path:
     """Write one tensor-only ``.pt`` per task and ``manifest.json`` describing how to rebuild the model.
 
@@ -609,7 +638,11 @@ def save_personalized(
         "format": MANIFEST_FORMAT,
         "version": MANIFEST_VERSION,
         "kind": site.kind,
-        "model": {**init.model.describe(), "input_shape": list(site.family.input_shape), "outputs": site.family.output_dim},
+        "model": {
+            **init.model.describe(),
+            "input_shape": list(site.family.input_shape),
+            "outputs": site.family.output_dim,
+        },
         "config": to_dict(init.config),
         "initialization": {k: init.info.get(k) for k in ("path", "sha256", "round", "algorithm", "task")},
         "steps": steps,
@@ -654,7 +687,9 @@ class PersonalizedModels:
             if len(self._params) == 1:
                 return next(iter(self._params))
             some = ", ".join(list(self._params)[:5]) + (", ..." if len(self._params) > 5 else "")
-            raise DataFormatError(f"models in '{self.path}' cover {len(self._params)} tasks ({some}): name one with --task")
+            raise DataFormatError(
+                f"models in '{self.path}' cover {len(self._params)} tasks ({some}): name one with --task"
+            )
         if task not in self._params:
             some = ", ".join(list(self._params)[:5]) + (", ..." if len(self._params) > 5 else "")
             raise DataFormatError(f"models in '{self.path}' have no task {task!r} (tasks: {some or 'none'})")
@@ -668,7 +703,8 @@ class PersonalizedModels:
             t = t[:, None]  # a vector of scalar inputs
         if t.dim() < 1 or tuple(t.shape[1:]) != self.input_shape:
             raise DataFormatError(
-                f"inputs of shape {tuple(t.shape)} do not fit these models, which take [N, {', '.join(map(str, self.input_shape))}]"
+                f"inputs of shape {tuple(t.shape)} do not fit these models, which take [N, "
+                f"{', '.join(map(str, self.input_shape))}]"
             )
         return t
 
@@ -726,7 +762,9 @@ def load_personalized(path: str | Path) -> PersonalizedModels:
         p = p / MODELS_DIR
     manifest_path = p / MANIFEST_NAME if p.is_dir() else p
     if not manifest_path.is_file():
-        raise CheckpointError(f"personalized models '{manifest_path}' do not exist (expected the manifest.json written by fedmeta adapt)")
+        raise CheckpointError(
+            f"personalized models '{manifest_path}' do not exist (expected the manifest.json written by fedmeta adapt)"
+        )
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -735,21 +773,28 @@ def load_personalized(path: str | Path) -> PersonalizedModels:
         raise CheckpointError(f"'{manifest_path}' is not a fedmeta personalized-model manifest")
     if manifest.get("version") not in _MANIFEST_VERSIONS:
         raise CheckpointError(
-            f"manifest '{manifest_path}' has version {manifest.get('version')!r}; this fedmeta reads versions {', '.join(map(str, _MANIFEST_VERSIONS))}"
+            f"manifest '{manifest_path}' has version {manifest.get('version')!r}; this fedmeta reads versions "
+            f"{', '.join(map(str, _MANIFEST_VERSIONS))}"
         )
     tasks_entries = manifest.get("tasks") or {}
     if not isinstance(tasks_entries, dict) or not all(isinstance(e, dict) for e in tasks_entries.values()):
-        raise CheckpointError(f"manifest '{manifest_path}': 'tasks' must map each task name to an object with its 'file'")
+        raise CheckpointError(
+            f"manifest '{manifest_path}': 'tasks' must map each task name to an object with its 'file'"
+        )
     try:
         cfg = config_from_dict(manifest["config"], source=str(manifest_path))
         desc = manifest["model"]
         model = build_model(cfg, tuple(desc["input_shape"]), int(desc["outputs"]))
         # a way-agnostic head personalizes each task with its own number of classes
         outputs = {name: int(entry.get("outputs", desc["outputs"])) for name, entry in tasks_entries.items()}
-        models = {n: build_model(cfg, tuple(desc["input_shape"]), n) for n in set(outputs.values()) - {int(desc["outputs"])}}
+        models = {
+            n: build_model(cfg, tuple(desc["input_shape"]), n) for n in set(outputs.values()) - {int(desc["outputs"])}
+        }
         models[int(desc["outputs"])] = model
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise CheckpointError(f"manifest '{manifest_path}' does not describe a model this fedmeta can build: {exc}") from exc
+        raise CheckpointError(
+            f"manifest '{manifest_path}' does not describe a model this fedmeta can build: {exc}"
+        ) from exc
     params: dict[str, Params] = {}
     for name, entry in tasks_entries.items():
         task_model = models[outputs[name]]
@@ -758,13 +803,27 @@ def load_personalized(path: str | Path) -> PersonalizedModels:
             raise CheckpointError(f"personalized model '{f}' of task {name!r} is missing")
         try:
             state = torch.load(f, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, AttributeError, KeyError, IndexError, TypeError, struct.error) as exc:
+        except (
+            pickle.UnpicklingError,
+            RuntimeError,
+            EOFError,
+            zipfile.BadZipFile,
+            OSError,
+            ValueError,
+            AttributeError,
+            KeyError,
+            IndexError,
+            TypeError,
+            struct.error,
+        ) as exc:
             raise CheckpointError(f"personalized model '{f}' is corrupt or not a tensor-only file: {exc}") from exc
         if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
             raise CheckpointError(f"personalized model '{f}' is not a dict of tensors")
         wrong = {k: tuple(v.shape) for k, v in state.items() if task_model.param_shapes.get(k) != tuple(v.shape)}
         if set(state) != set(task_model.param_shapes) or wrong:
-            raise CheckpointError(f"personalized model '{f}' does not fit the {task_model.name} model its manifest describes")
+            raise CheckpointError(
+                f"personalized model '{f}' does not fit the {task_model.name} model its manifest describes"
+            )
         params[name] = state
     return PersonalizedModels(manifest, model, params, manifest_path.parent)
 
@@ -857,7 +916,9 @@ def adapt_site(
         raise ConfigError(f"--steps must be at least 1, got {steps}")
     trained_kind = state.get("task_kind")
     if ways is not None and trained_kind == "regression":
-        raise ConfigError(f"--ways applies to classification checkpoints; '{ckpt}' was meta-trained on regression tasks")
+        raise ConfigError(
+            f"--ways applies to classification checkpoints; '{ckpt}' was meta-trained on regression tasks"
+        )
     if ways is not None and ways < 2:
         raise ConfigError(f"--ways must be at least 2, got {ways}")
     any_ways = serves_any_ways(state_cfg, trained_kind)
@@ -869,7 +930,8 @@ def adapt_site(
         if any_ways and ways is None:
             raise TooFewClassesError(
                 f"{exc} (checkpoint '{ckpt}' was trained {t.ways}-way, but its head is rebuilt for each support set "
-                f"(meta.head_init {state_cfg.meta.head_init!r}), so it serves any number of ways: pass --ways with fewer classes)"
+                f"(meta.head_init {state_cfg.meta.head_init!r}), so it serves any number of ways: pass --ways with "
+                "fewer classes)"
             ) from exc
         raise
     meta = load_initialization(ckpt, site, label="meta", state=state)
@@ -972,12 +1034,16 @@ def format_summary(report: dict[str, Any]) -> str:
     lines.append(f"  per task (meta-initialization, {key} before -> after):")
     for name, entry in list(meta["per_task"].items())[:10]:
         lines.append(
-            f"    {name:<30} {entry[f'pre_adapt_{key}']:.4f} -> {entry[f'post_adapt_{key}']:.4f} ± {entry[f'post_adapt_{key}_ci95']:.4f}"
+            f"    {name:<30} {entry[f'pre_adapt_{key}']:.4f} -> {entry[f'post_adapt_{key}']:.4f} ± "
+            f"{entry[f'post_adapt_{key}_ci95']:.4f}"
         )
     if len(meta["per_task"]) > 10:
         lines.append(f"    ... {len(meta['per_task']) - 10} more in the report")
     per = meta["seconds"] / max(1, meta["adaptations"])
-    lines.append(f"  adaptation time: {meta['adaptations']} episodes in {meta['seconds']:.2f} s ({per * 1000:.2f} ms each, vectorized)")
+    lines.append(
+        f"  adaptation time: {meta['adaptations']} episodes in {meta['seconds']:.2f} s ({per * 1000:.2f} ms each, "
+        "vectorized)"
+    )
     pers = report["personalized"]
     if pers.get("saved"):
         lines.append(
@@ -987,7 +1053,9 @@ def format_summary(report: dict[str, Any]) -> str:
         )
     if pers.get("skipped"):
         lines.append(f"  not personalized: {', '.join(pers['skipped'])} (reasons in the report)")
-    lines.append(f"  curve: {report['adaptation_curve']}; report: {Path(report['adaptation_curve']).parent / REPORT_NAME}")
+    lines.append(
+        f"  curve: {report['adaptation_curve']}; report: {Path(report['adaptation_curve']).parent / REPORT_NAME}"
+    )
     lines.append(f"  next: {report['next']}")
     return "\n".join(lines)
 

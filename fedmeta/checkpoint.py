@@ -49,7 +49,18 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def save_checkpoint(path: str | Path, *, meta_params: Params, round_idx: int, config: dict[str, Any], model: dict[str, Any], task_kind: str, optimizer: dict[str, Any] | None = None, accountant: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> Path:
+def save_checkpoint(
+    path: str | Path,
+    *,
+    meta_params: Params,
+    round_idx: int,
+    config: dict[str, Any],
+    model: dict[str, Any],
+    task_kind: str,
+    optimizer: dict[str, Any] | None = None,
+    accountant: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
     """Atomically write a checkpoint to ``path``.
 
     Args:
@@ -96,7 +107,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint '{p}' does not exist or is not a file")
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any failure to parse a foreign file means "corrupt"
+    except Exception as exc:  # any failure to parse a foreign file means "corrupt"
         # torch.load raises UnpicklingError, RuntimeError, EOFError, BadZipFile, but also KeyError or
         # IndexError on some random byte strings: none of them may escape as a traceback.
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -104,7 +115,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint '{p}' is not a fedmeta checkpoint")
     if state.get("version") != VERSION:
-        raise CheckpointError(f"checkpoint '{p}' has format version {state.get('version')!r}; this fedmeta reads version {VERSION}")
+        raise CheckpointError(
+            f"checkpoint '{p}' has format version {state.get('version')!r}; this fedmeta reads version {VERSION}"
+        )
     params = state.get("meta_params")
     if not isinstance(params, dict) or not params or not all(isinstance(v, torch.Tensor) for v in params.values()):
         raise CheckpointError(f"checkpoint '{p}' has no meta-parameters")
@@ -114,7 +127,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
-def check_compatible(state: dict[str, Any], expected_shapes: dict[str, tuple[int, ...]], *, path: str | Path, task_kind: str | None = None) -> None:
+def check_compatible(
+    state: dict[str, Any],
+    expected_shapes: dict[str, tuple[int, ...]],
+    *,
+    path: str | Path,
+    task_kind: str | None = None,
+) -> None:
     """Check that a checkpoint's model parameters match ``expected_shapes`` (and the task kind).
 
     Raises:
@@ -130,10 +149,12 @@ def check_compatible(state: dict[str, Any], expected_shapes: dict[str, tuple[int
     if missing or extra:
         model = (state.get("model") or {}).get("name", "?")
         raise CheckpointError(
-            f"checkpoint '{path}' holds a different model ({model}): missing parameters {missing[:5]}, unexpected {extra[:5]}"
+            f"checkpoint '{path}' holds a different model ({model}): missing parameters {missing[:5]}, unexpected "
+            f"{extra[:5]}"
         )
     for k, shape in expected_shapes.items():
         if tuple(params[k].shape) != tuple(shape):
             raise CheckpointError(
-                f"checkpoint '{path}': parameter '{k}' has shape {tuple(params[k].shape)}, the model here needs {tuple(shape)}"
+                f"checkpoint '{path}': parameter '{k}' has shape {tuple(params[k].shape)}, the model here needs "
+                f"{tuple(shape)}"
             )

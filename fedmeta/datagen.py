@@ -21,7 +21,15 @@ __all__ = ["make_sites"]
 log = logging.getLogger(__name__)
 
 
-def make_sites(cfg: Config, sites: int, out: str | Path, *, tasks_per_site: int | None = None, heldout_per_site: int = 5, examples_per_task: int | None = None) -> list[Path]:
+def make_sites(
+    cfg: Config,
+    sites: int,
+    out: str | Path,
+    *,
+    tasks_per_site: int | None = None,
+    heldout_per_site: int = 5,
+    examples_per_task: int | None = None,
+) -> list[Path]:
     """Write ``sites`` site folders ``out/site-0000 ...`` for the config's task family.
 
     Each site holds ``tasks_per_site`` training tasks (``task.tasks_per_site``, default 20) in
@@ -35,7 +43,10 @@ def make_sites(cfg: Config, sites: int, out: str | Path, *, tasks_per_site: int 
     if sites < 1:
         raise ConfigError(f"--sites must be at least 1, got {sites}")
     if cfg.task.name == "folder":
-        raise ConfigError("config key 'task.name' is 'folder': make-data writes sites from a generated family (sinusoid, harmonic, glyphs)")
+        raise ConfigError(
+            "config key 'task.name' is 'folder': make-data writes sites from a generated family (sinusoid, harmonic, "
+            "glyphs)"
+        )
     if cfg.task.name == "glyphs":
         from fedmeta.tasks.glyphs import make_glyph_sites
 
@@ -49,19 +60,19 @@ def make_sites(cfg: Config, sites: int, out: str | Path, *, tasks_per_site: int 
     wide = build_family(replace(cfg, task=replace(cfg.task, shots=n_examples, query=1)))
     root = Path(out)
     written = []
-    for c in range(sites):
-        def draw(split: str, count: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
-            gen = make_generator(cfg.seed, "make-data", split, c)
-            batch = wide.make_tasks(family.sample_params(gen, count, split), gen)
-            return [
-                (f"{split}-{i:04d}", batch.support_x[i].numpy(), batch.support_y[i].numpy())
-                for i in range(count)
-            ]
 
+    def draw(c: int, split: str, count: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        gen = make_generator(cfg.seed, "make-data", split, c)
+        batch = wide.make_tasks(family.sample_params(gen, count, split), gen)
+        return [
+            (f"{split}-{i:04d}", batch.support_x[i].numpy(), batch.support_y[i].numpy()) for i in range(count)
+        ]
+
+    for c in range(sites):
         site = write_site(
             root / f"site-{c:04d}",
-            draw("train", n_tasks),
-            heldout=draw("eval", heldout_per_site) if heldout_per_site > 0 else None,
+            draw(c, "train", n_tasks),
+            heldout=draw(c, "eval", heldout_per_site) if heldout_per_site > 0 else None,
             kind=family.kind,
         )
         written.append(site)

@@ -120,8 +120,8 @@ class Experiment:
         """
         steps = self.cfg.meta.local_steps
         if steps > 1:
-            batches = [[self.source.client_tasks(round_idx, c, step=s) for c in clients] for s in range(steps)]
-            updates = local_meta_updates(self.algorithm, meta, batches, lr=self.cfg.meta.local_step_size)
+            step_batches = [[self.source.client_tasks(round_idx, c, step=s) for c in clients] for s in range(steps)]
+            updates = local_meta_updates(self.algorithm, meta, step_batches, lr=self.cfg.meta.local_step_size)
             weights = torch.tensor([u.num_tasks for u in updates], dtype=torch.float64)
             total = float(weights.sum())
             mean_metrics = {
@@ -194,7 +194,11 @@ def build_summary(
         "final": final,
         "privacy": priv,
         "wall_seconds": wall_seconds,
-        "environment": {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads()},
+        "environment": {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "threads": torch.get_num_threads(),
+        },
         "config": to_dict(cfg),
     }
     if extra:

@@ -49,7 +49,9 @@ def local_meta_update(algorithm: MetaAlgorithm, meta: Params, batches: Sequence[
     return local_meta_updates(algorithm, meta, [[b] for b in batches], lr=lr)[0]
 
 
-def local_meta_updates(algorithm: MetaAlgorithm, meta: Params, steps: Sequence[Sequence[TaskBatch]], *, lr: float) -> list[MetaUpdate]:
+def local_meta_updates(
+    algorithm: MetaAlgorithm, meta: Params, steps: Sequence[Sequence[TaskBatch]], *, lr: float
+) -> list[MetaUpdate]:
     """Local meta-steps of several clients at once, vectorized over clients with ``vmap``.
 
     Every client starts from ``meta`` and takes one SGD step per local step on the mean
@@ -87,14 +89,18 @@ def local_meta_updates(algorithm: MetaAlgorithm, meta: Params, steps: Sequence[S
     total: Params = {k: torch.zeros_like(v) for k, v in current.items()}
     sums: dict[str, torch.Tensor] = {}
 
-    def client_step(params: Params, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor) -> tuple[Params, dict[str, torch.Tensor]]:
+    def client_step(
+        params: Params, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor
+    ) -> tuple[Params, dict[str, torch.Tensor]]:
         grads, metrics = vmap(algorithm.task_update, in_dims=(None, 0, 0, 0, 0))(params, sx, sy, qx, qy)
         return {k: v.mean(dim=0) for k, v in grads.items()}, {k: v.mean(dim=0) for k, v in metrics.items()}
 
     batched = vmap(client_step)
     tasks = [0] * clients
     for step in steps:
-        sx, sy, qx, qy = (torch.stack([getattr(b, f) for b in step]) for f in ("support_x", "support_y", "query_x", "query_y"))
+        sx, sy, qx, qy = (
+            torch.stack([getattr(b, f) for b in step]) for f in ("support_x", "support_y", "query_x", "query_y")
+        )
         grads, metrics = batched(current, sx, sy, qx, qy)
         grads = {k: v.detach() for k, v in grads.items()}
         current = {k: current[k] - lr * grads[k] for k in current}

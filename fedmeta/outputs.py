@@ -10,7 +10,15 @@ from typing import Any
 
 from fedmeta.checkpoint import atomic_write_bytes
 
-__all__ = ["RunRecorder", "read_metrics", "plot_learning_curves", "plot_adaptation_curve", "plot_episode_montage", "write_episode_montage", "EPISODE_PNG"]
+__all__ = [
+    "RunRecorder",
+    "read_metrics",
+    "plot_learning_curves",
+    "plot_adaptation_curve",
+    "plot_episode_montage",
+    "write_episode_montage",
+    "EPISODE_PNG",
+]
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +111,10 @@ def plot_learning_curves(rows: list[dict[str, Any]], path: Path) -> Path:
     ax = axes[0]
     if train:
         rounds = [r["round"] for r in train]
-        for key, label in (("query_loss_pre", "query loss before adaptation"), ("query_loss_post", "query loss after adaptation")):
+        for key, label in (
+            ("query_loss_pre", "query loss before adaptation"),
+            ("query_loss_post", "query loss after adaptation"),
+        ):
             ys = [_num(r["train"].get(key)) for r in train]
             ax.plot(rounds, _smooth(ys), label=label)
         ax.set_yscale("log")
@@ -113,7 +124,11 @@ def plot_learning_curves(rows: list[dict[str, Any]], path: Path) -> Path:
         # under DP clients release no training metrics: show the privacy spent instead
         spent = [r for r in rows if isinstance((r.get("privacy") or {}).get("epsilon"), (int, float))]
         if spent:
-            ax.plot([r["round"] for r in spent], [r["privacy"]["epsilon"] for r in spent], label=f"epsilon (delta={spent[-1]['privacy'].get('delta', 0):g})")
+            ax.plot(
+                [r["round"] for r in spent],
+                [r["privacy"]["epsilon"] for r in spent],
+                label=f"epsilon (delta={spent[-1]['privacy'].get('delta', 0):g})",
+            )
             ax.legend(fontsize=8)
         ax.set_title("privacy spent" if spent else "training tasks")
     ax.set_xlabel("round")
@@ -245,7 +260,9 @@ def plot_episode_montage(
     return path
 
 
-def write_episode_montage(algorithm: Any, meta: dict[str, Any], tasks: Any, path: Path, *, steps: int, caption: str = "") -> Path | None:
+def write_episode_montage(
+    algorithm: Any, meta: dict[str, Any], tasks: Any, path: Path, *, steps: int, caption: str = ""
+) -> Path | None:
     """Adapt ``meta`` to the first task of ``tasks`` and draw it with :func:`plot_episode_montage`.
 
     Args:
@@ -272,7 +289,10 @@ def write_episode_montage(algorithm: Any, meta: dict[str, Any], tasks: Any, path
     ways = int(sy.max()) + 1
     shots = int((sy == 0).sum())
     names = tasks.ids[0].split() if tasks.ids else None
-    title = f"{caption}{ways}-way {shots}-shot episode: support | queries, predicted label after {steps} steps (accuracy {accuracy:.0%})"
+    title = (
+        f"{caption}{ways}-way {shots}-shot episode: support | queries, "
+        f"predicted label after {steps} steps (accuracy {accuracy:.0%})"
+    )
     written = plot_episode_montage(sx, sy, qx, qy, predicted, path, title=title, class_names=names)
     if written is not None:
         log.info("episode montage written to %s", written)

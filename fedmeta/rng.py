@@ -25,7 +25,7 @@ def derive_seed(seed: int, *keys: object) -> int:
     Returns:
         A non-negative integer below ``2**63`` that differs for different keys.
     """
-    text = repr((int(seed),) + tuple(keys)).encode()
+    text = repr((int(seed), *keys)).encode()
     return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") & ((1 << 63) - 1)
 
 

@@ -13,7 +13,9 @@ from fedmeta.rng import make_generator
 __all__ = ["sample_clients"]
 
 
-def sample_clients(seed: int, round_idx: int, clients_total: int, clients_per_round: int, *, method: str = "uniform") -> list[int]:
+def sample_clients(
+    seed: int, round_idx: int, clients_total: int, clients_per_round: int, *, method: str = "uniform"
+) -> list[int]:
     """Client ids (``0 .. clients_total-1``) taking part in round ``round_idx``.
 
     Args:

@@ -8,14 +8,19 @@ aggregated or checkpointed is such a dict, so the same code handles every algori
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-__all__ = ["Params", "TaskBatch", "LR_PREFIX", "model_part", "lr_part"]
+__all__ = ["Params", "StepSizes", "LossFn", "TaskBatch", "LR_PREFIX", "model_part", "lr_part"]
 
 Params = dict[str, Tensor]
+#: Inner-loop step size per adapted parameter: a float, or a learned tensor (Meta-SGD).
+StepSizes = dict[str, Tensor | float]
+#: A loss of parameters: a scalar for one task, ``[T]`` for stacked tasks.
+LossFn = Callable[[Params], Tensor]
 
 #: Key prefix of Meta-SGD's learned inner learning rates inside a meta-parameter dict.
 LR_PREFIX = "lr."
@@ -60,7 +65,7 @@ class TaskBatch:
         """Number of tasks ``T`` in the batch."""
         return int(self.support_x.shape[0])
 
-    def slice(self, start: int, stop: int) -> "TaskBatch":
+    def slice(self, start: int, stop: int) -> TaskBatch:
         """Return tasks ``start:stop`` as a new batch."""
         return TaskBatch(
             self.support_x[start:stop],
@@ -72,7 +77,7 @@ class TaskBatch:
             None if self.ids is None else self.ids[start:stop],
         )
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "TaskBatch":
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> TaskBatch:
         """Move the batch to ``device`` (and floating inputs/targets to ``dtype`` if given)."""
 
         def move(t: Tensor) -> Tensor:
@@ -91,7 +96,7 @@ class TaskBatch:
         )
 
     @staticmethod
-    def concat(batches: list["TaskBatch"]) -> "TaskBatch":
+    def concat(batches: list[TaskBatch]) -> TaskBatch:
         """Concatenate batches of the same kind and shapes along the task dimension."""
         if not batches:
             raise ValueError("TaskBatch.concat needs at least one batch")

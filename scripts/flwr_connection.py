@@ -23,7 +23,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--name", default="fedmeta-local", help="connection name (default fedmeta-local)")
     parser.add_argument("--address", default=":local:", help="':local:' or host:port of a SuperLink")
-    parser.add_argument("--home", default=os.environ.get("FLWR_HOME", str(Path.cwd() / ".flwr_home")), help="Flower home (default $FLWR_HOME or ./.flwr_home)")
+    parser.add_argument(
+        "--home",
+        default=os.environ.get("FLWR_HOME", str(Path.cwd() / ".flwr_home")),
+        help="Flower home (default $FLWR_HOME or ./.flwr_home)",
+    )
     parser.add_argument("--insecure", action="store_true", help="no TLS (host:port addresses)")
     parser.add_argument("--root-certificates", default=None, help="CA certificate for TLS")
     args = parser.parse_args()
@@ -37,7 +41,9 @@ def main() -> None:
         insecure=True if args.insecure else None,
         root_certificates=args.root_certificates,
     )
-    print(f"wrote connection '{args.name}' ({args.address}) to {path}; use: FLWR_HOME={args.home} flwr run . {args.name}")
+    print(
+        f"wrote connection '{args.name}' ({args.address}) to {path}; use: FLWR_HOME={args.home} flwr run . {args.name}"
+    )
 
 
 if __name__ == "__main__":

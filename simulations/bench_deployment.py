@@ -79,7 +79,9 @@ def measure(cfg: Config, sites: int, work: Path) -> dict[str, Any]:
     dep_wall = time.perf_counter() - t0
     d = dep.summary
     startup = d["deployment"]["startup_seconds"] + d["federation"].get("discovery_seconds", 0.0)
-    results["deployment"] = _row("deployment (TLS + node auth)", startup, _round_seconds(work / "deployment"), dep_wall, d["final"])
+    results["deployment"] = _row(
+        "deployment (TLS + node auth)", startup, _round_seconds(work / "deployment"), dep_wall, d["final"]
+    )
     results["deployment"]["processes_seconds"] = d["deployment"]["startup_seconds"]
     results["deployment"]["discovery_seconds"] = d["federation"].get("discovery_seconds")
 
@@ -97,13 +99,17 @@ def measure(cfg: Config, sites: int, work: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     c = run_centralized(ccfg, work / "centralized")
     cen_wall = time.perf_counter() - t0
-    results["centralized"] = _row("centralized (one process)", None, _round_seconds(work / "centralized"), cen_wall, c["final"])
+    results["centralized"] = _row(
+        "centralized (one process)", None, _round_seconds(work / "centralized"), cen_wall, c["final"]
+    )
 
     results["max_abs_diff"] = {
         "deployment_vs_simulation": _max_diff(work / "deployment", work / "simulation"),
         "deployment_vs_centralized": _max_diff(work / "deployment", work / "centralized"),
     }
-    results["ratio_round_deployment_over_simulation"] = results["deployment"]["round_median"] / results["simulation"]["round_median"]
+    results["ratio_round_deployment_over_simulation"] = (
+        results["deployment"]["round_median"] / results["simulation"]["round_median"]
+    )
     return results
 
 
@@ -113,7 +119,11 @@ def render(res: dict[str, Any], command: str) -> str:
         "## Deployment over loopback vs simulation",
         "",
         f"Written by `{command}` ({machine_line()})."
-        + (f" Load average at the end of the measurement: {res['load_average'][0]:.1f}." if res.get("load_average") else ""),
+        + (
+            f" Load average at the end of the measurement: {res['load_average'][0]:.1f}."
+            if res.get("load_average")
+            else ""
+        ),
         "",
         f"`{res['config']}` (MAML, 5 tasks per client and round) as a deployment of {res['sites']} sites "
         f"(`fedmeta deploy-local`: SuperLink + {res['sites']} SuperNodes on 127.0.0.1, TLS, node authentication, "
@@ -161,7 +171,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--work", default=None, help="working folder (default: a temporary one)")
     parser.add_argument("--json", default=None, help="also write the measurements to this file")
-    parser.add_argument("--render", default=None, metavar="JSON", help="only rewrite the section from measurements saved with --json")
+    parser.add_argument(
+        "--render", default=None, metavar="JSON", help="only rewrite the section from measurements saved with --json"
+    )
     args = parser.parse_args()
     configure_environment()  # before anything imports flwr
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -171,14 +183,23 @@ def main() -> None:
     else:
         cfg = load_config(
             REPO / "configs" / "sinusoid.yaml",
-            [f"federation.rounds={args.rounds}", f"eval.every={args.rounds}", "eval.tasks=60", "federation.round_timeout=120"],
+            [
+                f"federation.rounds={args.rounds}",
+                f"eval.every={args.rounds}",
+                "eval.tasks=60",
+                "federation.round_timeout=120",
+            ],
         )
         work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-deployment-"))
         res = measure(cfg, args.sites, work)
         res["load_average"] = list(__import__("os").getloadavg())
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2), encoding="utf-8")
-    command = "python -m simulations.bench_deployment" + (f" --sites {args.sites}" if args.sites != 3 else "") + (f" --rounds {args.rounds}" if args.rounds != 5 else "")
+    command = (
+        "python -m simulations.bench_deployment"
+        + (f" --sites {args.sites}" if args.sites != 3 else "")
+        + (f" --rounds {args.rounds}" if args.rounds != 5 else "")
+    )
     path = update_section("deployment", render(res, command))
     log.info("wrote the deployment section of %s", path)
     print(json.dumps(res, indent=2))

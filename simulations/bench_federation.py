@@ -25,6 +25,7 @@ round are the serialized message sizes measured in the simulations of the ``over
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -103,7 +104,7 @@ class TreeMemory:
         while not self._stop.wait(self.interval):
             self.sample()
 
-    def __enter__(self) -> "TreeMemory":
+    def __enter__(self) -> TreeMemory:
         self.sample()
         self._thread.start()
         return self
@@ -160,7 +161,12 @@ def _serialization_ms(cfg: Config, repeats: int = 50) -> dict[str, float]:
     for _ in range(repeats):
         pickle.loads(pickle.dumps(content))
     pick = (time.perf_counter() - t) / repeats
-    return {"pack_ms": pack * 1e3, "unpack_ms": unpack * 1e3, "pickle_roundtrip_ms": pick * 1e3, "bytes": fl.record_nbytes(content)}
+    return {
+        "pack_ms": pack * 1e3,
+        "unpack_ms": unpack * 1e3,
+        "pickle_roundtrip_ms": pick * 1e3,
+        "bytes": fl.record_nbytes(content),
+    }
 
 
 def _simulate(cfg: Config, out: Path) -> tuple[dict[str, Any], list[dict[str, Any]], TreeMemory]:
@@ -219,7 +225,9 @@ def part_overhead(out: Path, actors: int) -> dict[str, Any]:
         cfg = replace(
             base,
             meta=replace(base.meta, tasks_per_client=10),
-            federation=replace(base.federation, clients_total=10 * per_round, clients_per_round=per_round, rounds=rounds),
+            federation=replace(
+                base.federation, clients_total=10 * per_round, clients_per_round=per_round, rounds=rounds
+            ),
             eval=replace(base.eval, tasks=100, every=rounds),
         )
         results.append(_compare(f"sinusoid-{per_round}", cfg, out / f"sinusoid-{per_round}", actors))
@@ -242,7 +250,9 @@ def part_scale(out: Path, actors: int) -> dict[str, Any]:
     cfg = replace(
         base,
         meta=replace(base.meta, tasks_per_client=10),
-        federation=replace(base.federation, clients_total=10_000, clients_per_round=100, rounds=6, join_timeout=1800, round_timeout=600),
+        federation=replace(
+            base.federation, clients_total=10_000, clients_per_round=100, rounds=6, join_timeout=1800, round_timeout=600
+        ),
         eval=replace(base.eval, tasks=100, every=6),
     )
     summary, rows, mem = _simulate(cfg, out / "scale")
@@ -295,11 +305,13 @@ def part_efficiency(out: Path, actors: int, *, clients_per_round: int = 10) -> d
                 raise _Reached
 
         t0 = time.perf_counter()
-        try:
+        with contextlib.suppress(_Reached):
             run_centralized(cfg, run_dir, progress=stop_at_target)
-        except _Reached:
-            pass
-        evals = [(r["round"], r["eval"]["post_adapt_loss"], r["eval"]["post_adapt_loss_1step"]) for r in read_metrics(run_dir / "metrics.jsonl") if "eval" in r]
+        evals = [
+            (r["round"], r["eval"]["post_adapt_loss"], r["eval"]["post_adapt_loss_1step"])
+            for r in read_metrics(run_dir / "metrics.jsonl")
+            if "eval" in r
+        ]
         reached = next((r for r, mse, _ in evals if mse <= TARGET_MSE and r > 0), None)
         last_round, last10, last1 = evals[-1]
         results.append(
@@ -332,7 +344,8 @@ def render(parts: dict[str, dict[str, Any]]) -> str:
     lines = [
         "## Federation (`simulations/bench_federation.py`)",
         "",
-        f"Machine: {parts.get('meta', {}).get('machine', machine_line())}. Shared with other jobs: absolute times are noisy,",
+        f"Machine: {parts.get('meta', {}).get('machine', machine_line())}. Shared with other jobs: absolute times are "
+        "noisy,",
         "compare the ratios measured side by side in the same run. `fedmeta simulate` runs the real",
         "ClientApp/ServerApp in Flower's simulation engine (Ray, one actor per core, one torch thread",
         "each); the reference is `fedmeta centralized` in-process, timed at 1 and 2 torch threads and",
@@ -348,14 +361,19 @@ def render(parts: dict[str, dict[str, Any]]) -> str:
         lines += [
             "### Flower path against the in-process reference",
             "",
-            "| config | clients (per round / total) | tasks per client | simulate s/round | centralized s/round (1 / 2 threads) | ratio | ratio per core | send+receive | client compute (per actor) | decode+validate | aggregate+step | checkpoint | start-up (query) | bytes down / up per client |",
+            "| config | clients (per round / total) | tasks per client | simulate s/round | centralized s/round (1 / 2 "
+            "threads) | ratio | ratio per core | send+receive | client compute (per actor) | decode+validate | "
+            "aggregate+step | checkpoint | start-up (query) | bytes down / up per client |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for c in comps:
             lines.append(
-                f"| {c['name']} | {c['clients_per_round']} / {c['clients_total']} | {c['tasks_per_client']} | {c['sim_round_s']:.3f} | "
-                f"{c['cen_round_s_1thread']:.3f} / {c['cen_round_s_2threads']:.3f} | **{c['ratio']:.2f}x** | {c.get('ratio_per_core', float('nan')):.2f}x | {c['send_receive_s']:.3f} | "
-                f"{c['client_compute_s']:.3f} | {c['collect_s']:.3f} | {c['aggregate_s']:.4f} | {c['checkpoint_s']:.4f} | "
+                f"| {c['name']} | {c['clients_per_round']} / {c['clients_total']} | {c['tasks_per_client']} | "
+                f"{c['sim_round_s']:.3f} | "
+                f"{c['cen_round_s_1thread']:.3f} / {c['cen_round_s_2threads']:.3f} | **{c['ratio']:.2f}x** | "
+                f"{c.get('ratio_per_core', float('nan')):.2f}x | {c['send_receive_s']:.3f} | "
+                f"{c['client_compute_s']:.3f} | {c['collect_s']:.3f} | {c['aggregate_s']:.4f} | "
+                f"{c['checkpoint_s']:.4f} | "
                 f"{c['startup_s']:.1f} s ({c['discovery_s']:.1f} s) | {c['bytes_down']:,} / {c['bytes_up']:,.0f} |"
             )
         ser = comps[0]["serialization"]
@@ -363,10 +381,14 @@ def render(parts: dict[str, dict[str, Any]]) -> str:
             "",
             f"Serialization per message (sinusoid MLP, {ser['bytes']:,} bytes): tensors to ArrayRecord "
             f"{ser['pack_ms']:.3f} ms, back {ser['unpack_ms']:.3f} ms, pickle round trip (what Ray does to "
-            f"move it to an actor) {ser['pickle_roundtrip_ms']:.3f} ms" + (
-                f"; Conv-4: {comps[-1]['serialization']['bytes']:,} bytes, pack {comps[-1]['serialization']['pack_ms']:.2f} ms, "
-                f"unpack {comps[-1]['serialization']['unpack_ms']:.2f} ms, pickle {comps[-1]['serialization']['pickle_roundtrip_ms']:.2f} ms."
-                if len(comps) > 1 and comps[-1]["name"].startswith("glyphs") else "."
+            f"move it to an actor) {ser['pickle_roundtrip_ms']:.3f} ms"
+            + (
+                f"; Conv-4: {comps[-1]['serialization']['bytes']:,} bytes, pack "
+                f"{comps[-1]['serialization']['pack_ms']:.2f} ms, "
+                f"unpack {comps[-1]['serialization']['unpack_ms']:.2f} ms, pickle "
+                f"{comps[-1]['serialization']['pickle_roundtrip_ms']:.2f} ms."
+                if len(comps) > 1 and comps[-1]["name"].startswith("glyphs")
+                else "."
             ),
             "",
             "Where the time goes: `send+receive` is the wall time from pushing the cohort's messages to",
@@ -394,9 +416,12 @@ def render(parts: dict[str, dict[str, Any]]) -> str:
             "### 10,000 registered clients, 100 per round",
             "",
             f"Sinusoid, 10 tasks per client. Start-up query of all {sc['registered']:,} nodes (Ray start included): "
-            f"**{sc['discovery_s']:.0f} s**; then **{sc['round_s']:.2f} s per round** (send+receive {sc['send_receive_s']:.2f} s, "
-            f"client compute {sc['client_compute_s']:.2f} s per actor); peak memory **{sc['peak_rss_mb']:.0f} MB** summed RSS "
-            f"over the driver, Ray and its actors (driver alone {sc['peak_driver_rss_mb']:.0f} MB); {sc['rounds']} rounds, "
+            f"**{sc['discovery_s']:.0f} s**; then **{sc['round_s']:.2f} s per round** (send+receive "
+            f"{sc['send_receive_s']:.2f} s, "
+            f"client compute {sc['client_compute_s']:.2f} s per actor); peak memory **{sc['peak_rss_mb']:.0f} MB** "
+            "summed RSS "
+            f"over the driver, Ray and its actors (driver alone {sc['peak_driver_rss_mb']:.0f} MB); {sc['rounds']} "
+            "rounds, "
             f"{sc['wall_s']:.0f} s in all.",
             "",
             "The start-up query is one small message per node, sent in batches of 500. Its cost, and most",
@@ -416,14 +441,17 @@ def render(parts: dict[str, dict[str, Any]]) -> str:
         lines += [
             "### Communication: rounds and bytes to the foundation's sinusoid accuracy",
             "",
-            f"Target: held-out MSE after 10 steps <= {TARGET_MSE} (600 tasks; MAML's anchor). {eff['clients_per_round']} clients per round, "
-            "MAML, Adam on the server (lr 1e-3 unless stated); local meta-steps are SGD steps (`meta.local_lr` 0.03 with "
+            f"Target: held-out MSE after 10 steps <= {TARGET_MSE} (600 tasks; MAML's anchor). "
+            f"{eff['clients_per_round']} clients per round, "
+            "MAML, Adam on the server (lr 1e-3 unless stated); local meta-steps are SGD steps (`meta.local_lr` 0.03 "
+            "with "
             "server lr 1e-3, 0.01 with 3e-3, the best of 0.003/0.01/0.03 in 300-round probes) and send the "
             "accumulated pseudo-gradient. Rounds come from the centralized reference (the same math as the federation, "
             "checked to 1e-3); bytes per round = clients x (down + up) message sizes measured in the simulations above"
             + (f" ({int(bytes_pair):,} bytes per client per round)." if bytes_pair else "."),
             "",
-            "| setting | tasks per client per round | rounds to target | bytes to target | MSE at stop (1 / 10 steps) | compute time |",
+            "| setting | tasks per client per round | rounds to target | bytes to target | MSE at stop (1 / 10 steps) "
+            "| compute time |",
             "| --- | --- | --- | --- | --- | --- |",
         ]
         for r in eff["results"]:
@@ -431,8 +459,10 @@ def render(parts: dict[str, dict[str, Any]]) -> str:
             total = None if rounds is None or bytes_pair is None else rounds * eff["clients_per_round"] * bytes_pair
             shown = f"{rounds:,}" if rounds is not None else f"not within {r['max_rounds']:,}"
             lines.append(
-                f"| {r['name']} | {r['tasks_per_client'] * r['local_steps']} | {shown} (eval every {r['eval_every']}) | "
-                f"{'–' if total is None else f'{total / 2**20:,.0f} MB'} | {r['mse_1_at_stop']:.3f} / {r['mse_10_at_stop']:.3f} | {r['seconds']:.0f} s |"
+                f"| {r['name']} | {r['tasks_per_client'] * r['local_steps']} | {shown} (eval every {r['eval_every']}) "
+                "| "
+                f"{'–' if total is None else f'{total / 2**20:,.0f} MB'} | {r['mse_1_at_stop']:.3f} / "
+                f"{r['mse_10_at_stop']:.3f} | {r['seconds']:.0f} s |"
             )
         lines.append("")
     notes = parts.get("notes", {}).get("text")

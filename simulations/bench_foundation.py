@@ -47,7 +47,15 @@ def sinusoid_config(algorithm: str, iterations: int, **meta: object) -> dict:
         "seed": 0,
         "task": {"name": "sinusoid", "shots": 10, "query": 10},
         "model": {"name": "mlp", "hidden": [40, 40]},
-        "meta": {"algorithm": algorithm, "inner_lr": 0.01, "inner_steps": 1, "outer_optimizer": "adam", "outer_lr": 0.001, "tasks_per_client": 1, **meta},
+        "meta": {
+            "algorithm": algorithm,
+            "inner_lr": 0.01,
+            "inner_steps": 1,
+            "outer_optimizer": "adam",
+            "outer_lr": 0.001,
+            "tasks_per_client": 1,
+            **meta,
+        },
         "federation": {"clients_total": 1000, "clients_per_round": 25, "rounds": iterations},
         "eval": {"tasks": 600, "steps": 10, "every": max(1, iterations // 10)},
     }
@@ -67,8 +75,24 @@ def accuracy(iterations: int, out: Path, *, reuse: bool = False) -> list[dict]:
             summary = run_centralized(cfg, out / name)
             seconds = time.perf_counter() - t0
         final = summary["final"]
-        rows.append({"algorithm": name, "extra": extra, "seconds": seconds, **{k: final.get(k) for k in (
-            "pre_adapt_loss", "pre_adapt_loss_ci95", "post_adapt_loss_1step", "post_adapt_loss_1step_ci95", "post_adapt_loss", "post_adapt_loss_ci95")}})
+        rows.append(
+            {
+                "algorithm": name,
+                "extra": extra,
+                "seconds": seconds,
+                **{
+                    k: final.get(k)
+                    for k in (
+                        "pre_adapt_loss",
+                        "pre_adapt_loss_ci95",
+                        "post_adapt_loss_1step",
+                        "post_adapt_loss_1step_ci95",
+                        "post_adapt_loss",
+                        "post_adapt_loss_ci95",
+                    )
+                },
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -82,7 +106,9 @@ def plot_accuracy(out: Path, path: Path) -> None:
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
     for name in ALGORITHMS:
         rows = [r for r in read_metrics(out / name / "metrics.jsonl") if r.get("eval")]
-        ax[0].plot([r["round"] for r in rows], [r["eval"]["post_adapt_loss"] for r in rows], marker="o", ms=3, label=name)
+        ax[0].plot(
+            [r["round"] for r in rows], [r["eval"]["post_adapt_loss"] for r in rows], marker="o", ms=3, label=name
+        )
         curve = rows[-1]["eval"]["loss_curve"]
         ax[1].plot(range(len(curve)), curve, marker="o", ms=3, label=name)
     ax[0].set(xlabel="meta-iteration", ylabel="held-out MSE after 10 steps", yscale="log", title="sinusoid, K=10")
@@ -104,7 +130,9 @@ def _plain_forward(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     return h @ p["w3"].T + p["b3"]
 
 
-def _plain_task_grad(p: dict[str, torch.Tensor], sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor) -> dict[str, torch.Tensor]:
+def _plain_task_grad(
+    p: dict[str, torch.Tensor], sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor
+) -> dict[str, torch.Tensor]:
     def outer(p: dict[str, torch.Tensor]) -> torch.Tensor:
         g = grad(lambda q: ((_plain_forward(q, sx) - sy) ** 2).mean())(p)
         fast = {k: p[k] - 0.01 * g[k] for k in p}
@@ -119,7 +147,14 @@ def speed(iterations: int) -> dict:
     meta = exp.initial_meta_params()
     opt = exp.server_optimizer(meta)
     family = exp.source.family()
-    plain = {"w1": torch.randn(40, 1) * 0.5, "b1": torch.zeros(40), "w2": torch.randn(40, 40) * 0.15, "b2": torch.zeros(40), "w3": torch.randn(1, 40) * 0.15, "b3": torch.zeros(1)}
+    plain = {
+        "w1": torch.randn(40, 1) * 0.5,
+        "b1": torch.zeros(40),
+        "w2": torch.randn(40, 40) * 0.15,
+        "b2": torch.zeros(40),
+        "w3": torch.randn(1, 40) * 0.15,
+        "b3": torch.zeros(1),
+    }
     plain_opt = torch.optim.Adam([t.requires_grad_(True) for t in plain.values()], lr=1e-3)
     plain_fn = vmap(_plain_task_grad, in_dims=(None, 0, 0, 0, 0))
 
@@ -134,7 +169,9 @@ def speed(iterations: int) -> dict:
         meta = opt.step({k: v.mean(0) for k, v in grads.items()})
 
     def plain_iteration(tasks) -> None:
-        g = plain_fn({k: v.detach() for k, v in plain.items()}, tasks.support_x, tasks.support_y, tasks.query_x, tasks.query_y)
+        g = plain_fn(
+            {k: v.detach() for k, v in plain.items()}, tasks.support_x, tasks.support_y, tasks.query_x, tasks.query_y
+        )
         for k, t in plain.items():
             t.grad = g[k].mean(0)
         plain_opt.step()
@@ -168,11 +205,15 @@ def main() -> None:
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--reuse", action="store_true", help="read finished runs in --out instead of retraining them")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: immune to oversubscription on a shared machine)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: immune to oversubscription on a shared machine)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    command = "`python -m simulations.bench_foundation" + (f" --iterations {args.iterations}" if args.iterations != 20000 else "")
+    command = "`python -m simulations.bench_foundation" + (
+        f" --iterations {args.iterations}" if args.iterations != 20000 else ""
+    )
     if not args.skip_accuracy:
         lines = [
             "## Foundation: MAML's sinusoid anchor",
@@ -209,7 +250,11 @@ def main() -> None:
             "and ten steps with them overshoot — its one-step column is the number that compares "
             "(Li et al. report Meta-SGD's sinusoid results after one step too).",
         ]
-        lines += ["", "![held-out MSE during training and against test-time steps](figures/foundation_sinusoid.png)", ""]
+        lines += [
+            "",
+            "![held-out MSE during training and against test-time steps](figures/foundation_sinusoid.png)",
+            "",
+        ]
         update_section("foundation-accuracy", "\n".join(lines))
         print("\n".join(lines))
     if args.skip_speed:
@@ -225,7 +270,8 @@ def main() -> None:
         "",
         "| what | ms per meta-iteration |",
         "| --- | --- |",
-        f"| fedmeta centralized iteration (sample cohort, draw 25 clients' tasks, vmapped per-task meta-gradients, aggregate, Adam) | {med['fedmeta_full']:.2f} |",
+        "| fedmeta centralized iteration (sample cohort, draw 25 clients' tasks, vmapped per-task meta-gradients, "
+        f"aggregate, Adam) | {med['fedmeta_full']:.2f} |",
         f"| fedmeta math only (vmapped per-task meta-gradients + Adam, tasks given) | {med['fedmeta_math']:.2f} |",
         f"| plain independent vmapped MAML (torch.func, hand-written MLP, same tasks) | {med['plain_vmap']:.2f} |",
         f"| of which task drawing for 25 clients (one generator per client and round) | {med['task_sampling']:.2f} |",

@@ -20,7 +20,8 @@ background, with a log)::
     nice -n 10 python -m simulations.bench_glyphs --only 5 --algorithms anil --no-write > runs/bench-5-anil.log 2>&1 &
     # ANIL with prototype heads (continues from the ANIL checkpoints above), then the
     # 20-way-trained model on 5-way episodes:
-    nice -n 10 python -m simulations.bench_glyphs --only 20 --algorithms anil-prototypes --no-write > runs/bench-20-proto.log 2>&1 &
+    nice -n 10 python -m simulations.bench_glyphs --only 20 --algorithms anil-prototypes --no-write \
+        > runs/bench-20-proto.log 2>&1 &
     python -m simulations.bench_glyphs --only 20 --algorithms anil-prototypes --evaluate-at 5
     # time the meta-gradient formulations (about 8 minutes), then rewrite the section:
     nice -n 10 python -m simulations.bench_glyphs --speed
@@ -55,7 +56,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -194,20 +195,95 @@ RUNS: tuple[Run, ...] = (
     Run("ANIL", 20, "anil", 4000, 16, 0.1, 10, 25, 0.001, decay_rounds=4000, decay_factor=0.3, extra_eval_steps=(10,)),
     # ANIL whose head starts at the support prototypes (Proto-MAML's initialization, Triantafillou
     # et al., 2020), continued from the ANIL runs above: way-agnostic, and the body learns a metric
-    Run("ANIL, prototype head", 5, "anil", 4000, 32, 0.4, 5, 25, 0.001, decay_rounds=1000, head_init="prototypes",
-        start_from="5way-anil-lr0.003-22000it/decay", start_iterations=22000, extra_eval_steps=(1, 100)),
-    Run("ANIL, prototype head", 20, "anil", 3000, 16, 0.1, 10, 25, 0.0005, decay_rounds=1000, decay_factor=0.3, head_init="prototypes",
-        start_from="20way-anil-lr0.001-8000it/decay", start_iterations=8000, extra_eval_steps=(1, 100)),
+    Run(
+        "ANIL, prototype head",
+        5,
+        "anil",
+        4000,
+        32,
+        0.4,
+        5,
+        25,
+        0.001,
+        decay_rounds=1000,
+        head_init="prototypes",
+        start_from="5way-anil-lr0.003-22000it/decay",
+        start_iterations=22000,
+        extra_eval_steps=(1, 100),
+    ),
+    Run(
+        "ANIL, prototype head",
+        20,
+        "anil",
+        3000,
+        16,
+        0.1,
+        10,
+        25,
+        0.0005,
+        decay_rounds=1000,
+        decay_factor=0.3,
+        head_init="prototypes",
+        start_from="20way-anil-lr0.001-8000it/decay",
+        start_iterations=8000,
+        extra_eval_steps=(1, 100),
+    ),
     # the same, meta-trained on 40-way episodes (more ways in training than at test, as
     # Prototypical Networks do), evaluated at 20 and 5 ways
-    Run("ANIL, prototype head", 20, "anil", 3000, 8, 0.1, 10, 25, 0.0005, decay_rounds=1000, decay_factor=0.3, head_init="prototypes",
-        start_from="20way-anil-lr0.001-8000it/decay", start_iterations=8000, extra_eval_steps=(1,), train_ways=40, also_eval_ways=(5,)),
+    Run(
+        "ANIL, prototype head",
+        20,
+        "anil",
+        3000,
+        8,
+        0.1,
+        10,
+        25,
+        0.0005,
+        decay_rounds=1000,
+        decay_factor=0.3,
+        head_init="prototypes",
+        start_from="20way-anil-lr0.001-8000it/decay",
+        start_iterations=8000,
+        extra_eval_steps=(1,),
+        train_ways=40,
+        also_eval_ways=(5,),
+    ),
     # the prototype-head recipe without the long learned-head ANIL start (what a new user would
     # run): from the seed's initialization, 5-way and 40-way (evaluated at 20 and 5 ways)
-    Run("ANIL, prototype head (from scratch)", 5, "anil", 6000, 32, 0.4, 5, 25, 0.001, decay_rounds=1000, head_init="prototypes",
-        tag="scratch", extra_eval_steps=(1,)),
-    Run("ANIL, prototype head (from scratch)", 20, "anil", 4000, 8, 0.1, 10, 25, 0.001, decay_rounds=1000, decay_factor=0.3, head_init="prototypes",
-        tag="scratch", extra_eval_steps=(1,), train_ways=40, also_eval_ways=(5,)),
+    Run(
+        "ANIL, prototype head (from scratch)",
+        5,
+        "anil",
+        6000,
+        32,
+        0.4,
+        5,
+        25,
+        0.001,
+        decay_rounds=1000,
+        head_init="prototypes",
+        tag="scratch",
+        extra_eval_steps=(1,),
+    ),
+    Run(
+        "ANIL, prototype head (from scratch)",
+        20,
+        "anil",
+        4000,
+        8,
+        0.1,
+        10,
+        25,
+        0.001,
+        decay_rounds=1000,
+        decay_factor=0.3,
+        head_init="prototypes",
+        tag="scratch",
+        extra_eval_steps=(1,),
+        train_ways=40,
+        also_eval_ways=(5,),
+    ),
     # Prototypical Networks (Snell et al., 2017): no inner loop (inner lr and steps are ignored,
     # as are test-time steps), trained with more ways than tested (20-way, 5 queries per class, 4
     # episodes per iteration), from the seed's initialization
@@ -239,7 +315,9 @@ def nearest_neighbour_accuracy(tasks: TaskBatch) -> torch.Tensor:
     return (predicted == tasks.query_y).float().mean(dim=1)
 
 
-def episode_accuracy(algo: MetaAlgorithm, meta: Params, tasks: TaskBatch, *, steps: int, batch: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
+def episode_accuracy(
+    algo: MetaAlgorithm, meta: Params, tasks: TaskBatch, *, steps: int, batch: int = 50
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-episode query accuracy before and after ``steps`` inner steps on the support set.
 
     The same adaptation as :func:`fedmeta.evaluation.evaluate` (``algo.adapt``: all parameters
@@ -252,7 +330,9 @@ def episode_accuracy(algo: MetaAlgorithm, meta: Params, tasks: TaskBatch, *, ste
     return pre, posts[steps]
 
 
-def episode_accuracies(algo: MetaAlgorithm, meta: Params, tasks: TaskBatch, *, steps: tuple[int, ...], batch: int = 50) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+def episode_accuracies(
+    algo: MetaAlgorithm, meta: Params, tasks: TaskBatch, *, steps: tuple[int, ...], batch: int = 50
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """:func:`episode_accuracy` after each of several step counts (one adaptation, scored on the way)."""
     frozen = {k: v.detach() for k, v in meta.items()}
     # a head that starts from the support set (ANIL's zero / prototypes, ProtoNets) is rebuilt
@@ -305,19 +385,42 @@ def evaluate_elsewhere(run: Run, folder: Path, ways: int, base: Config, episodes
         if final.exists():
             break
     else:
-        log.warning("run '%s' (%d-way, %s) has no checkpoint in %s: train it first (--only %d --algorithms %s)", run.label, run.ways, run.variant, folder, run.ways, run.variant)
+        log.warning(
+            "run '%s' (%d-way, %s) has no checkpoint in %s: train it first (--only %d --algorithms %s)",
+            run.label,
+            run.ways,
+            run.variant,
+            folder,
+            run.ways,
+            run.variant,
+        )
         return {}
     meta = load_checkpoint(final)["meta_params"]
     digest = file_sha256(final)
     cross: dict[str, Any] = {}
     for shots in EVAL_SHOTS[ways]:
         t0 = time.perf_counter()
-        batch = _eval_family(base, ways, shots).sample(make_generator(base.seed, "bench-glyphs", ways, shots), episodes, "eval")
+        batch = _eval_family(base, ways, shots).sample(
+            make_generator(base.seed, "bench-glyphs", ways, shots), episodes, "eval"
+        )
         pre, post = cross_way_accuracy(run, meta, ways, batch)
-        cross[f"{ways}-{shots}"] = {"pre": mean_ci95(pre), "post": mean_ci95(post), "eval_seconds": time.perf_counter() - t0}
-        log.info("%s (trained %d-way) at %d-way %d-shot: %s", run.label, run.train_ways or run.ways, ways, shots, _fmt(*mean_ci95(post)))
+        cross[f"{ways}-{shots}"] = {
+            "pre": mean_ci95(pre),
+            "post": mean_ci95(post),
+            "eval_seconds": time.perf_counter() - t0,
+        }
+        log.info(
+            "%s (trained %d-way) at %d-way %d-shot: %s",
+            run.label,
+            run.train_ways or run.ways,
+            ways,
+            shots,
+            _fmt(*mean_ci95(post)),
+        )
     record.mkdir(parents=True, exist_ok=True)
-    (record / f"cross-{name}-{ways}.json").write_text(json.dumps({"out": name, "written": _now(), "checkpoint_sha256": digest, "cross": cross}, indent=1) + "\n")
+    (record / f"cross-{name}-{ways}.json").write_text(
+        json.dumps({"out": name, "written": _now(), "checkpoint_sha256": digest, "cross": cross}, indent=1) + "\n"
+    )
     return cross
 
 
@@ -327,7 +430,9 @@ def cross_way_accuracy(run: Run, meta: Params, ways: int, tasks: TaskBatch) -> t
     return pre, posts[run.eval_steps]
 
 
-def _accuracies_at(run: Run, meta: Params, ways: int, tasks: TaskBatch, steps: tuple[int, ...]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+def _accuracies_at(
+    run: Run, meta: Params, ways: int, tasks: TaskBatch, steps: tuple[int, ...]
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """:func:`episode_accuracies` of a run's model on ``ways``-way episodes, whatever ways it trained on.
 
     At another number of ways the model is built for ``ways`` outputs with a zero stored head:
@@ -343,8 +448,12 @@ def _accuracies_at(run: Run, meta: Params, ways: int, tasks: TaskBatch, steps: t
     return episode_accuracies(exp.algorithm, meta, tasks, steps=steps)
 
 
-def _episode_accuracy_vmap(algo: MetaAlgorithm, frozen: Params, tasks: TaskBatch, *, steps: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    def one(sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _episode_accuracy_vmap(
+    algo: MetaAlgorithm, frozen: Params, tasks: TaskBatch, *, steps: int, batch: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    def one(
+        sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         adapted = algo.adapt(frozen, sx, sy, steps, first_order=True)
         # where the adaptation starts (the model's own head, or ANIL's zero / prototype head)
         pre = algo.adaptation_curve(frozen, sx, sy, qx, qy, 0)["query_accuracy"][0]
@@ -376,12 +485,28 @@ def render_throughput(cfg: Config) -> dict[str, float]:
     folder = Path(tempfile.mkdtemp(prefix="glyph-bench-cache-"))
     try:
         t0, c0 = time.perf_counter(), time.process_time()
-        bank = load_bank(catalog, everything, style=None, image_size=t.image_size, drawings=t.drawings, render_seed=t.render_seed, folder=folder)
+        bank = load_bank(
+            catalog,
+            everything,
+            style=None,
+            image_size=t.image_size,
+            drawings=t.drawings,
+            render_seed=t.render_seed,
+            folder=folder,
+        )
         cold, cold_cpu = time.perf_counter() - t0, time.process_time() - c0
         images = int(bank.shape[0] * bank.shape[1])
         del bank
         t0 = time.perf_counter()
-        load_bank(catalog, everything, style=None, image_size=t.image_size, drawings=t.drawings, render_seed=t.render_seed, folder=folder)
+        load_bank(
+            catalog,
+            everything,
+            style=None,
+            image_size=t.image_size,
+            drawings=t.drawings,
+            render_seed=t.render_seed,
+            folder=folder,
+        )
         warm = time.perf_counter() - t0
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -428,7 +553,9 @@ def plot_samples(cfg: Config, path: Path) -> Path:
                 side.set_visible(False)
             if c < len(members):
                 ax.imshow(pool.images[pool.row[members[c]], 0], cmap="gray_r", vmin=0, vmax=255)
-        axes[r, 0].set_ylabel(f"{name}{' (eval)' if split == 'eval' else ''}", rotation=0, ha="right", va="center", fontsize=7)
+        axes[r, 0].set_ylabel(
+            f"{name}{' (eval)' if split == 'eval' else ''}", rotation=0, ha="right", va="center", fontsize=7
+        )
     fig.suptitle("glyphs: characters of every alphabet (first drawing of each)", fontsize=8)
     fig.tight_layout(rect=(0, 0, 1, 0.99))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -440,7 +567,9 @@ def plot_samples(cfg: Config, path: Path) -> Path:
 def episode_figure(exp: Experiment, meta: Params, tasks: TaskBatch, run: Run) -> Path | None:
     """The docs picture: the first benchmark episode with the adapted model's predictions."""
     FIGURE.parent.mkdir(parents=True, exist_ok=True)
-    return write_episode_montage(exp.algorithm, meta, tasks.slice(0, 1), FIGURE, steps=run.eval_steps, caption=f"{run.label}, held-out ")
+    return write_episode_montage(
+        exp.algorithm, meta, tasks.slice(0, 1), FIGURE, steps=run.eval_steps, caption=f"{run.label}, held-out "
+    )
 
 
 def _train(run: Run, out: Path, quick: bool) -> tuple[Experiment, Params, dict[str, Any]]:
@@ -452,7 +581,9 @@ def _train(run: Run, out: Path, quick: bool) -> tuple[Experiment, Params, dict[s
             # a --quick run's start is the --quick run of the same setting (no lr and iterations in its name)
             start = out.parent / re.sub(r"-lr[^/]*?-\d+it", "", run.start_from) / "checkpoint.pt"
         if not start.exists():
-            raise SystemExit(f"run '{run.label}' ({run.ways}-way) continues from '{start}', which does not exist: run that one first")
+            raise SystemExit(
+                f"run '{run.label}' ({run.ways}-way) continues from '{start}', which does not exist: run that one first"
+            )
         params = load_checkpoint(start)["meta_params"]
         shapes = exp.model.param_shapes
         wrong = [k for k in params if k in shapes and tuple(params[k].shape) != shapes[k]]
@@ -525,7 +656,14 @@ SPEED_SETTINGS: tuple[SpeedSetting, ...] = (
 
 #: The formulations compared, in table order; "vmap + functional_call" is the path before the
 #: batched one (the speedups are relative to it).
-SPEED_VARIANTS = ("loop over tasks", "vmap + functional_call", "vmap", "batched", "batched, channels_last", "batched, 2 threads")
+SPEED_VARIANTS = (
+    "loop over tasks",
+    "vmap + functional_call",
+    "vmap",
+    "batched",
+    "batched, channels_last",
+    "batched, 2 threads",
+)
 
 
 class _Conv4FunctionalCall(Conv4):
@@ -548,7 +686,9 @@ class _Conv4ChannelsLast(Conv4):
 
     def features_tasks(self, params: Params, x: torch.Tensor) -> torch.Tensor:
         tasks, n = x.shape[0], x.shape[1]
-        folded = x.transpose(0, 1).reshape(n, tasks * x.shape[2], *x.shape[3:]).contiguous(memory_format=torch.channels_last)
+        folded = (
+            x.transpose(0, 1).reshape(n, tasks * x.shape[2], *x.shape[3:]).contiguous(memory_format=torch.channels_last)
+        )
         return self._body(params, folded, tasks).view(n, tasks, -1).transpose(0, 1)
 
 
@@ -570,7 +710,18 @@ def measure_speed(setting: SpeedSetting, *, repeats: int = 5) -> dict[str, Any]:
     run interleaved (one of each per repeat, after a warm-up), so load from other jobs hits
     them alike. Also records how far the batched gradients are from the vmapped ones in float32.
     """
-    run = Run(setting.label, setting.ways, setting.algorithm, 1, setting.meta_batch, setting.inner_lr, setting.inner_steps, 1, 0.001, query=setting.query)
+    run = Run(
+        setting.label,
+        setting.ways,
+        setting.algorithm,
+        1,
+        setting.meta_batch,
+        setting.inner_lr,
+        setting.inner_steps,
+        1,
+        0.001,
+        query=setting.query,
+    )
     cfg = load_config(CONFIG, run.overrides())
     exp = Experiment(cfg)
     meta = exp.initial_meta_params()
@@ -579,8 +730,16 @@ def measure_speed(setting: SpeedSetting, *, repeats: int = 5) -> dict[str, Any]:
     assert isinstance(model, Conv4)
     kw = {"kind": exp.kind, "inner_lr": setting.inner_lr, "inner_steps": setting.inner_steps}
     cls = type(exp.algorithm)
-    old = cls(_Conv4FunctionalCall(model.input_shape, model.outputs, channels=model.channels, norm=model.norm, pool=model.pool), **kw)
-    cl = cls(_Conv4ChannelsLast(model.input_shape, model.outputs, channels=model.channels, norm=model.norm, pool=model.pool), **kw)
+    old = cls(
+        _Conv4FunctionalCall(
+            model.input_shape, model.outputs, channels=model.channels, norm=model.norm, pool=model.pool
+        ),
+        **kw,
+    )
+    cl = cls(
+        _Conv4ChannelsLast(model.input_shape, model.outputs, channels=model.channels, norm=model.norm, pool=model.pool),
+        **kw,
+    )
     algo = exp.algorithm
 
     def loop() -> None:
@@ -604,7 +763,13 @@ def measure_speed(setting: SpeedSetting, *, repeats: int = 5) -> dict[str, Any]:
     g_batched, _ = algo.batched_task_updates(meta, tasks)
     g_vmap, _ = old.vmapped_task_updates(meta, tasks)
     rel = max(float((g_batched[k] - g_vmap[k]).norm() / g_vmap[k].norm().clamp_min(1e-30)) for k in g_vmap)
-    out: dict[str, Any] = {"setting": setting.__dict__, "tasks": tasks.num_tasks, "repeats": repeats, "float32_rel_diff": rel, "variants": {}}
+    out: dict[str, Any] = {
+        "setting": setting.__dict__,
+        "tasks": tasks.num_tasks,
+        "repeats": repeats,
+        "float32_rel_diff": rel,
+        "variants": {},
+    }
     for name, values in samples.items():
         walls, cpus = sorted(v[0] for v in values), sorted(v[1] for v in values)
         out["variants"][name] = {"wall": walls[len(walls) // 2], "cpu": cpus[len(cpus) // 2]}
@@ -619,15 +784,23 @@ def render_speed(speed: dict[str, Any]) -> list[str]:
         "",
         "### Speed of the per-task meta-gradient",
         "",
-        f"One meta-batch's per-task meta-gradients (the `task_updates` of every training iteration), measured on {speed['machine']}; "
-        f"median of {speed['rows'][0]['repeats']} interleaved repeats. CPU seconds of the process measure the work done with one thread "
-        "(wall time adds the waiting for the shared cores); two threads are compared in wall time, as their CPU time sums both. "
+        "One meta-batch's per-task meta-gradients (the `task_updates` of every training iteration), measured on "
+        f"{speed['machine']}; "
+        f"median of {speed['rows'][0]['repeats']} interleaved repeats. CPU seconds of the process measure the work "
+        "done with one thread "
+        "(wall time adds the waiting for the shared cores); two threads are compared in wall time, as their CPU time "
+        "sums both. "
         "`vmap + functional_call` is the path before the batched one; speedup = its CPU time / the batched path's. "
-        "All variants compute the same gradients: in float64 the batched and vmapped ones agree to rounding (~1e-15, a unit test); "
-        "the last column is their relative difference in float32 (largest over parameters), where rounding is amplified by second "
-        "derivatives through batch statistics." + (f" This table is {speed['provenance']}." if speed.get("provenance") else ""),
+        "All variants compute the same gradients: in float64 the batched and vmapped ones agree to rounding (~1e-15, a "
+        "unit test); "
+        "the last column is their relative difference in float32 (largest over parameters), where rounding is "
+        "amplified by second "
+        "derivatives through batch statistics."
+        + (f" This table is {speed['provenance']}." if speed.get("provenance") else ""),
         "",
-        "| meta-batch | " + " | ".join(f"{n} (CPU)" for n in cpu_columns) + " | speedup | batched (wall) | batched, 2 threads (wall) | float32 gap |",
+        "| meta-batch | "
+        + " | ".join(f"{n} (CPU)" for n in cpu_columns)
+        + " | speedup | batched (wall) | batched, 2 threads (wall) | float32 gap |",
         "| --- | " + " | ".join("---" for _ in cpu_columns) + " | --- | --- | --- | --- |",
     ]
     for row in speed["rows"]:
@@ -635,7 +808,9 @@ def render_speed(speed: dict[str, Any]) -> list[str]:
         cells = [f"{v[n]['cpu']:.3f} s" for n in cpu_columns]
         speedup = v["vmap + functional_call"]["cpu"] / v["batched"]["cpu"]
         lines.append(
-            f"| {st['label']} ({row['tasks']} tasks) | " + " | ".join(cells) + f" | {speedup:.2f}× | {v['batched']['wall']:.3f} s | "
+            f"| {st['label']} ({row['tasks']} tasks) | "
+            + " | ".join(cells)
+            + f" | {speedup:.2f}× | {v['batched']['wall']:.3f} s | "
             f"{v['batched, 2 threads']['wall']:.3f} s | {row['float32_rel_diff']:.0e} |"
         )
     return lines
@@ -648,30 +823,51 @@ def _fmt(acc: float, ci: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write its section of ``docs/benchmarks.md``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=None, help="run outputs: checkpoints, training logs, montages (default runs/bench-glyphs; --quick: runs/bench-glyphs-quick)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="run outputs: checkpoints, training logs, montages (default runs/bench-glyphs; --quick: "
+             "runs/bench-glyphs-quick)",
+    )
     parser.add_argument(
         "--results",
         type=Path,
-        help=f"where result files are recorded and the report is built from (default {RESULTS.relative_to(ROOT)}, which is committed; "
+        help=f"where result files are recorded and the report is built from (default {RESULTS.relative_to(ROOT)}, "
+             "which is committed; "
         "--quick: --out)",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared: 1 by default)")
-    parser.add_argument("--quick", action="store_true", help="3 rounds per run and 20 episodes: a smoke test of the script (implies --no-write; results in --out)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="3 rounds per run and 20 episodes: a smoke test of the script (implies --no-write; results in --out)",
+    )
     parser.add_argument("--no-write", action="store_true", help="do not touch docs/benchmarks.md")
-    parser.add_argument("--only", choices=("5", "20"), help="only the 5-way or the 20-way runs (two processes can share --out)")
+    parser.add_argument(
+        "--only", choices=("5", "20"), help="only the 5-way or the 20-way runs (two processes can share --out)"
+    )
     parser.add_argument(
         "--algorithms",
-        help="comma-separated algorithms to (re)run, e.g. 'anil' or 'anil-prototypes' (ANIL with its head_init); a rerun supersedes the earlier result of the same setting in the report",
+        help="comma-separated algorithms to (re)run, e.g. 'anil' or 'anil-prototypes' (ANIL with its head_init); a "
+             "rerun supersedes the earlier result of the same setting in the report",
     )
-    parser.add_argument("--report-only", action="store_true", help="rewrite the section from the result files in --results, run nothing")
+    parser.add_argument(
+        "--report-only", action="store_true", help="rewrite the section from the result files in --results, run nothing"
+    )
     parser.add_argument(
         "--evaluate-at",
         type=int,
         choices=sorted(QUERIES),
-        help="train nothing: evaluate the finished runs chosen by --only/--algorithms (way-agnostic heads only) at this many ways, "
+        help="train nothing: evaluate the finished runs chosen by --only/--algorithms (way-agnostic heads only) at "
+             "this many ways, "
         "from their checkpoints in --out (results in cross-*.json in --results, merged into the report)",
     )
-    parser.add_argument("--speed", action="store_true", help="only time the per-task meta-gradient formulations (speed.json in --results), then report")
+    parser.add_argument(
+        "--speed",
+        action="store_true",
+        help="only time the per-task meta-gradient formulations (speed.json in --results), then report",
+    )
     args = parser.parse_args(argv)
     if args.out is None:
         args.out = ROOT / "runs" / ("bench-glyphs-quick" if args.quick else "bench-glyphs")
@@ -693,7 +889,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.speed:
         record.mkdir(parents=True, exist_ok=True)
         settings = SPEED_SETTINGS[:2] if args.quick else SPEED_SETTINGS
-        speed = {"machine": machine_line(), "written": _now(), "rows": [measure_speed(st, repeats=1 if args.quick else 5) for st in settings]}
+        speed = {
+            "machine": machine_line(),
+            "written": _now(),
+            "rows": [measure_speed(st, repeats=1 if args.quick else 5) for st in settings],
+        }
         (record / ("speed-quick.json" if args.quick else "speed.json")).write_text(json.dumps(speed, indent=1) + "\n")
         print("\n".join(render_speed(speed)))
         if not args.no_write and not args.quick:
@@ -705,7 +905,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.evaluate_at:
         chosen = set(args.algorithms.split(",")) if args.algorithms else None
         for run in RUNS:
-            if (args.only and int(args.only) != run.ways) or (chosen is not None and run.variant not in chosen) or not run.way_agnostic:
+            if (
+                (args.only and int(args.only) != run.ways)
+                or (chosen is not None and run.variant not in chosen)
+                or not run.way_agnostic
+            ):
                 continue
             evaluate_elsewhere(run, args.out, args.evaluate_at, base, episodes, record)
         print(render_markdown(merge_results(record, args.out)))
@@ -714,8 +918,18 @@ def main(argv: list[str] | None = None) -> int:
     record.mkdir(parents=True, exist_ok=True)
     chosen = set(args.algorithms.split(",")) if args.algorithms else None
     # one file per process and start, never overwritten by a later run: the record keeps every result
-    part = f"results-{args.only or 'all'}" + (f"-{'-'.join(sorted(chosen))}" if chosen else "") + f"-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}.json"
-    results: dict[str, Any] = {"machine": machine_line(), "dates": [_now()[:10]], "episodes": episodes, "runs": [], "floor": {}}
+    part = (
+        f"results-{args.only or 'all'}"
+        + (f"-{'-'.join(sorted(chosen))}" if chosen else "")
+        + f"-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}.json"
+    )
+    results: dict[str, Any] = {
+        "machine": machine_line(),
+        "dates": [_now()[:10]],
+        "episodes": episodes,
+        "runs": [],
+        "floor": {},
+    }
 
     def save() -> None:
         results["written"] = _now()
@@ -730,7 +944,9 @@ def main(argv: list[str] | None = None) -> int:
     for ways in (5, 20):
         if args.only and int(args.only) != ways:
             continue
-        runs = [(_quick(r) if args.quick else r) for r in RUNS if r.ways == ways and (chosen is None or r.variant in chosen)]
+        runs = [
+            (_quick(r) if args.quick else r) for r in RUNS if r.ways == ways and (chosen is None or r.variant in chosen)
+        ]
         tasks = {}
         for shots in EVAL_SHOTS[ways]:
             fam = _eval_family(base, ways, shots)
@@ -741,7 +957,12 @@ def main(argv: list[str] | None = None) -> int:
         for run in runs:
             out = args.out / run_folder(run, chosen=chosen is not None)
             exp, meta, info = _train(run, out, args.quick)
-            row: dict[str, Any] = {"run": run.__dict__, "out": out.name, **{k: v for k, v in info.items() if k != "summary_final"}, "accuracy": {}}
+            row: dict[str, Any] = {
+                "run": run.__dict__,
+                "out": out.name,
+                **{k: v for k, v in info.items() if k != "summary_final"},
+                "accuracy": {},
+            }
             for shots, batch in tasks.items():
                 t0 = time.perf_counter()
                 counts = tuple(sorted({run.eval_steps, *run.extra_eval_steps}))
@@ -753,15 +974,35 @@ def main(argv: list[str] | None = None) -> int:
                     "post_by_steps": {str(k): mean_ci95(v) for k, v in posts.items()},
                     "eval_seconds": time.perf_counter() - t0,
                 }
-                log.info("%s %d-way %d-shot: %s (before adaptation %s; by steps %s)", run.label, ways, shots, _fmt(*mean_ci95(post)), _fmt(*mean_ci95(pre)),
-                         {k: _fmt(*mean_ci95(v)) for k, v in posts.items()})
+                log.info(
+                    "%s %d-way %d-shot: %s (before adaptation %s; by steps %s)",
+                    run.label,
+                    ways,
+                    shots,
+                    _fmt(*mean_ci95(post)),
+                    _fmt(*mean_ci95(pre)),
+                    {k: _fmt(*mean_ci95(v)) for k, v in posts.items()},
+                )
             for other in run.also_eval_ways:
                 for shots in EVAL_SHOTS[other]:
                     t0 = time.perf_counter()
-                    batch = _eval_family(base, other, shots).sample(make_generator(base.seed, "bench-glyphs", other, shots), episodes, "eval")
+                    batch = _eval_family(base, other, shots).sample(
+                        make_generator(base.seed, "bench-glyphs", other, shots), episodes, "eval"
+                    )
                     pre, post = cross_way_accuracy(run, meta, other, batch)
-                    row.setdefault("cross", {})[f"{other}-{shots}"] = {"pre": mean_ci95(pre), "post": mean_ci95(post), "eval_seconds": time.perf_counter() - t0}
-                    log.info("%s (trained %d-way) at %d-way %d-shot: %s", run.label, run.train_ways or ways, other, shots, _fmt(*mean_ci95(post)))
+                    row.setdefault("cross", {})[f"{other}-{shots}"] = {
+                        "pre": mean_ci95(pre),
+                        "post": mean_ci95(post),
+                        "eval_seconds": time.perf_counter() - t0,
+                    }
+                    log.info(
+                        "%s (trained %d-way) at %d-way %d-shot: %s",
+                        run.label,
+                        run.train_ways or ways,
+                        other,
+                        shots,
+                        _fmt(*mean_ci95(post)),
+                    )
             if ways == 5 and run.algorithm == "maml" and not args.quick and not args.no_write:
                 episode_figure(exp, meta, tasks[1], run)
             # what the report needs of the run folder, which is not kept: the training curve's shape
@@ -787,8 +1028,20 @@ def merge_results(folder: Path, runs: Path | None = None) -> dict[str, Any]:
     was replaced. A row without a stored training trajectory gets one from its run folder under
     ``runs`` if that still exists.
     """
-    merged: dict[str, Any] = {"runs": [], "floor": {}, "total_seconds": 0.0, "eval_seconds": 0.0, "superseded": [], "machines": [], "dates": [], "provenance": []}
-    parts = sorted(((path, json.loads(path.read_text())) for path in folder.glob("results-*.json")), key=lambda pp: (_written(*pp), pp[0].name))
+    merged: dict[str, Any] = {
+        "runs": [],
+        "floor": {},
+        "total_seconds": 0.0,
+        "eval_seconds": 0.0,
+        "superseded": [],
+        "machines": [],
+        "dates": [],
+        "provenance": [],
+    }
+    parts = sorted(
+        ((path, json.loads(path.read_text())) for path in folder.glob("results-*.json")),
+        key=lambda pp: (_written(*pp), pp[0].name),
+    )
     rows: list[tuple[str, str, str, int, dict[str, Any]]] = []
     for path, part in parts:
         for key in ("episodes", "render"):
@@ -799,7 +1052,14 @@ def merge_results(folder: Path, runs: Path | None = None) -> dict[str, Any]:
             merged["machines"].append(machine)
         merged["dates"] += part.get("dates") or [_written(path, part)[:10]]
         if part.get("provenance") and part["runs"]:
-            merged["provenance"].append({"file": path.name, "text": part["provenance"], "runs": len(part["runs"]), "dates": part.get("dates", [])})
+            merged["provenance"].append(
+                {
+                    "file": path.name,
+                    "text": part["provenance"],
+                    "runs": len(part["runs"]),
+                    "dates": part.get("dates", []),
+                }
+            )
         for i, row in enumerate(part["runs"]):
             row.setdefault("finished", _written(path, part))
             rows.append((row["finished"], _written(path, part), path.name, i, row))
@@ -807,7 +1067,9 @@ def merge_results(folder: Path, runs: Path | None = None) -> dict[str, Any]:
         merged["total_seconds"] += part.get("total_seconds", 0.0)
         merged["eval_seconds"] += part.get("eval_seconds", 0.0)
         # a file that gathers several processes' runs (the reconstructed one) says its longest
-        merged["longest_seconds"] = max(merged.get("longest_seconds", 0.0), part.get("longest_seconds", part.get("total_seconds", 0.0)))
+        merged["longest_seconds"] = max(
+            merged.get("longest_seconds", 0.0), part.get("longest_seconds", part.get("total_seconds", 0.0))
+        )
     # a process's file is rewritten after each of its runs: rows supersede in the order they finished
     for *_, row in sorted(rows, key=lambda r: r[:4]):
         same = [r for r in merged["runs"] if (r["run"]["ways"], _variant(r)) == (row["run"]["ways"], _variant(row))]
@@ -833,7 +1095,9 @@ def merge_results(folder: Path, runs: Path | None = None) -> dict[str, Any]:
     for row in merged["runs"] + merged["superseded"]:
         if "trajectory" not in row:
             run = row["run"]
-            row["trajectory"] = training_trajectory(runs / row.get("out", f"{run['ways']}way-{run['algorithm']}")) if runs else {}
+            row["trajectory"] = (
+                training_trajectory(runs / row.get("out", f"{run['ways']}way-{run['algorithm']}")) if runs else {}
+            )
     merged["dates"] = sorted(set(merged["dates"]))
     order = list(dict.fromkeys(COLUMNS.values()))
     merged["runs"].sort(key=lambda r: (r["run"]["ways"], order.index(_column(r)), bool(r["run"].get("tag"))))
@@ -842,7 +1106,7 @@ def merge_results(folder: Path, runs: Path | None = None) -> dict[str, Any]:
 
 def _now() -> str:
     """The current UTC time, ISO 8601 to the second (result files are ordered by it)."""
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _written(path: Path, part: dict[str, Any]) -> str:
@@ -850,7 +1114,7 @@ def _written(path: Path, part: dict[str, Any]) -> str:
     stamp = part.get("written")
     if stamp:
         return str(stamp)
-    return datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).isoformat(timespec="seconds")
+    return datetime.fromtimestamp(path.stat().st_mtime, UTC).isoformat(timespec="seconds")
 
 
 def _machine(line: str) -> str:
@@ -863,7 +1127,11 @@ def _variant(run: dict[str, Any]) -> str:
     run = run.get("run", run)
     head = run.get("head_init", "learned")
     name = run["algorithm"] if head == "learned" else f"{run['algorithm']}-{head}"
-    return name + (f"-{run['tag']}" if run.get("tag") else "") + (f"-train{run['train_ways']}" if run.get("train_ways") else "")
+    return (
+        name
+        + (f"-{run['tag']}" if run.get("tag") else "")
+        + (f"-train{run['train_ways']}" if run.get("train_ways") else "")
+    )
 
 
 def _trained_ways(row: dict[str, Any]) -> int:
@@ -898,7 +1166,11 @@ def training_trajectory(folder: Path) -> dict[str, float]:
     acc = []
     for path in (folder / "metrics.jsonl", folder / "decay" / "metrics.jsonl"):
         if path.exists():
-            acc += [r["train"]["query_accuracy_post"] for r in read_metrics(path) if r.get("train") and "query_accuracy_post" in r["train"]]
+            acc += [
+                r["train"]["query_accuracy_post"]
+                for r in read_metrics(path)
+                if r.get("train") and "query_accuracy_post" in r["train"]
+            ]
     if not acc:
         return {}
     k = max(1, len(acc) // 20)
@@ -942,9 +1214,11 @@ def render_markdown(results: dict[str, Any]) -> str:
         "## Glyphs: few-shot classification on held-out alphabets",
         "",
         f"Written by `simulations/bench_glyphs.py` from the result files in `{RESULTS.relative_to(ROOT)}/`, runs of "
-        f"{_date_span(results.get('dates') or [])} on {'; '.join(results.get('machines') or []) or 'this machine'}; the longest of its processes ran "
+        f"{_date_span(results.get('dates') or [])} on {'; '.join(results.get('machines') or []) or 'this machine'}; "
+        "the longest of its processes ran "
         f"{results.get('longest_seconds', results.get('total_seconds', 0)) / 60:.0f} min of wall time "
-        f"({results.get('total_seconds', 0) / 60:.0f} min summed over the processes that ran side by side; the 2 cores were "
+        f"({results.get('total_seconds', 0) / 60:.0f} min summed over the processes that ran side by side; the 2 cores "
+        "were "
         "shared with other jobs, so wall times are upper bounds). Centralized, IID over the "
         f"background alphabets; accuracy (%) on the same {n} episodes per setting drawn from the evaluation "
         "alphabets only (15 queries per class at 5-way, 5 at 20-way), mean ± 95% interval over episodes.",
@@ -957,11 +1231,20 @@ def render_markdown(results: dict[str, Any]) -> str:
         if floor is None:
             continue
         cells = [cell(ways, shots, name) for name in columns]
-        lines.append(f"| {ways}-way {shots}-shot | {_fmt(*floor)} | " + " | ".join(cells) + f" | {OMNIGLOT_MAML[(ways, shots)]} |")
+        lines.append(
+            f"| {ways}-way {shots}-shot | {_fmt(*floor)} | "
+            + " | ".join(cells)
+            + f" | {OMNIGLOT_MAML[(ways, shots)]} |"
+        )
     for i, note in enumerate(crossed):
-        lines += ["", f"{FOOTNOTES[i]} The model of {note} (its head is rebuilt for each support set, so it serves any number of ways); "
-                  "where it is better than the model trained at the table's number of ways, the table shows it, a choice made on these "
-                  "same test episodes (which flatters the cell a little); the next paragraph lists both."]
+        lines += [
+            "",
+            f"{FOOTNOTES[i]} The model of {note} (its head is rebuilt for each support set, so it serves any number of "
+            "ways); "
+            "where it is better than the model trained at the table's number of ways, the table shows it, a choice "
+            "made on these "
+            "same test episodes (which flatters the cell a little); the next paragraph lists both.",
+        ]
     # every setting where some model was trained at another number of ways: all models of that
     # column side by side, so the reader sees what the training ways did
     others = []
@@ -970,7 +1253,11 @@ def render_markdown(results: dict[str, Any]) -> str:
         for name in columns:
             mine = sorted((f for f in found if _column(f[2]) == name), key=lambda f: _trained_ways(f[2]))
             if any(cross for *_, cross in mine):
-                gave = ", ".join(f"{_fmt(a, c)} trained {_trained_ways(r)}-way" + (" from scratch" if r["run"].get("tag") == "scratch" else "") for a, c, r, _ in mine)
+                gave = ", ".join(
+                    f"{_fmt(a, c)} trained {_trained_ways(r)}-way"
+                    + (" from scratch" if r["run"].get("tag") == "scratch" else "")
+                    for a, c, r, _ in mine
+                )
                 others.append(f"{name} at {ways}-way {shots}-shot: {gave}")
     if others:
         lines += ["", "Models across numbers of ways, same episodes: " + "; ".join(others) + "."]
@@ -979,40 +1266,57 @@ def render_markdown(results: dict[str, Any]) -> str:
         "How each model was meta-trained (5-way models on 1-shot episodes, evaluated at 1 and 5 shots; "
         "Conv-4 with 64 channels, per-task batch statistics, stride-2 convolutions; Adam):",
         "",
-        "| run | ways | inner loop (train) | steps at test | meta-batch | iterations | outer lr | meta-gradients | training time (wall) | CPU time of the run | wall s / iteration |",
+        "| run | ways | inner loop (train) | steps at test | meta-batch | iterations | outer lr | meta-gradients | "
+        "training time (wall) | CPU time of the run | wall s / iteration |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in results["runs"]:
         run = row["run"]
         order = "2nd order" if run["algorithm"] in ("maml", "metasgd", "anil") else "1st order"
-        what = {"anil": "head only", "metasgd": "learned per-parameter rates", "maml": "all parameters", "fomaml": "all parameters"}.get(run["algorithm"], "")
+        what = {
+            "anil": "head only",
+            "metasgd": "learned per-parameter rates",
+            "maml": "all parameters",
+            "fomaml": "all parameters",
+        }.get(run["algorithm"], "")
         if run.get("head_init", "learned") != "learned":
             what += f", from a {'zero' if run['head_init'] == 'zero' else 'prototype'} head"
         inner = f"{run['inner_steps']} × {run['inner_lr']:g} ({what}, {order})"
         if run["algorithm"] == "protonet":
             inner = "none (class prototypes of the support set; query cross-entropy of the negative squared distances)"
         decay = run.get("decay_rounds", 0)
-        iterations = f"{row['rounds']}" if not decay else f"{row['rounds'] - decay} + {decay} at lr × {run.get('decay_factor', 0.1):g}"
+        iterations = (
+            f"{row['rounds']}"
+            if not decay
+            else f"{row['rounds'] - decay} + {decay} at lr × {run.get('decay_factor', 0.1):g}"
+        )
         if run.get("start_from"):
             iterations = f"{run['start_iterations']} (from `{run['start_from'].split('/')[0]}`) + {iterations}"
         lines.append(
-            f"| {run['label']} | {_trained_ways(row)} | {inner} | {run['eval_steps'] if run['algorithm'] != 'protonet' else '—'} | "
-            f"{run['meta_batch']} × {_trained_ways(row)}-way 1-shot, {run['query']} query/class | {iterations} | {run['outer_lr']:g} | "
-            f"{_path_label(row)} | {row['train_seconds'] / 60:.1f} min | {row.get('cpu_seconds', 0) / 60:.1f} min | {row['train_seconds'] / max(row['rounds'], 1):.2f} |"
+            f"| {run['label']} | {_trained_ways(row)} | {inner} | "
+            f"{run['eval_steps'] if run['algorithm'] != 'protonet' else '—'} | "
+            f"{run['meta_batch']} × {_trained_ways(row)}-way 1-shot, {run['query']} query/class | {iterations} | "
+            f"{run['outer_lr']:g} | "
+            f"{_path_label(row)} | {row['train_seconds'] / 60:.1f} min | {row.get('cpu_seconds', 0) / 60:.1f} min | "
+            f"{row['train_seconds'] / max(row['rounds'], 1):.2f} |"
         )
     for row in results.get("superseded", []):
         run = row["run"]
         acc = "; ".join(f"{k}-shot {_fmt(*v['post'])}" for k, v in row["accuracy"].items())
         lines.append(
-            f"| ~~{run['label']}~~ (superseded: {acc}) | {run['ways']} | {run['inner_steps']} × {run['inner_lr']:g} | {run['eval_steps']} | "
-            f"{run['meta_batch']} × {run['ways']}-way 1-shot | {row['rounds']} | {run['outer_lr']:g} | {_path_label(row)} | {row['train_seconds'] / 60:.1f} min | "
+            f"| ~~{run['label']}~~ (superseded: {acc}) | {run['ways']} | {run['inner_steps']} × {run['inner_lr']:g} | "
+            f"{run['eval_steps']} | "
+            f"{run['meta_batch']} × {run['ways']}-way 1-shot | {row['rounds']} | {run['outer_lr']:g} | "
+            f"{_path_label(row)} | {row['train_seconds'] / 60:.1f} min | "
             f"{row.get('cpu_seconds', 0) / 60:.1f} min | {row['train_seconds'] / max(row['rounds'], 1):.2f} |"
         )
     if any(row["run"].get("start_from") for row in results["runs"]):
         lines += [
             "",
-            "Rows whose iterations start with \"(from ...)\" continued from that run's final meta-parameters; their times are "
-            "of their own phases only (add the start run's row for the total). The prototype-head runs keep ANIL's inner loop, "
+            "Rows whose iterations start with \"(from ...)\" continued from that run's final meta-parameters; their "
+            "times are "
+            "of their own phases only (add the start run's row for the total). The prototype-head runs keep ANIL's "
+            "inner loop, "
             "but their head starts at the support prototypes (`meta.head_init: prototypes`, docs/glyphs.md).",
         ]
     notes = []
@@ -1022,8 +1326,10 @@ def render_markdown(results: dict[str, Any]) -> str:
             acc = "; ".join(f"{k}-shot {_fmt(*v['post'])}" for k, v in row["accuracy"].items())
             state = "superseded by the rerun above" if row in results.get("superseded", []) else "kept"
             notes.append(
-                f"{run['label']} {run['ways']}-way with outer lr {run['outer_lr']:g} diverged: its training query accuracy "
-                f"peaked at {100 * traj['peak']:.0f}% and ended at {100 * traj['final']:.0f}% (held-out {acc}; {state})."
+                f"{run['label']} {run['ways']}-way with outer lr {run['outer_lr']:g} diverged: its training query "
+                "accuracy "
+                f"peaked at {100 * traj['peak']:.0f}% and ended at {100 * traj['final']:.0f}% (held-out {acc}; "
+                f"{state})."
             )
     if notes:
         lines += ["", "Training instabilities: " + " ".join(notes)]
@@ -1034,15 +1340,18 @@ def render_markdown(results: dict[str, Any]) -> str:
         if others:
             run = row["run"]
             steps_notes.append(
-                f"{run['label']} {run['ways']}-way 1-shot (trained {_trained_ways(row)}-way) after " + ", ".join(f"{k} steps {_fmt(*by[k])}" for k in others)
+                f"{run['label']} {run['ways']}-way 1-shot (trained {_trained_ways(row)}-way) after "
+                + ", ".join(f"{k} steps {_fmt(*by[k])}" for k in others)
                 + f" (table: {run['eval_steps']} steps)"
             )
     if steps_notes:
         lines += ["", "Fewer test-time steps, same episodes: " + "; ".join(steps_notes) + "."]
     lines += [
         "",
-        "Meta-gradients: `vmap` — per-task meta-gradients from `torch.func.vmap` over nested `torch.func.grad`; `batched` — one "
-        "grouped-convolution pass for all tasks differentiated by eager autograd (docs/glyphs.md, \"Speed\"; the same gradients). "
+        "Meta-gradients: `vmap` — per-task meta-gradients from `torch.func.vmap` over nested `torch.func.grad`; "
+        "`batched` — one "
+        "grouped-convolution pass for all tasks differentiated by eager autograd (docs/glyphs.md, \"Speed\"; the same "
+        "gradients). "
         "Rows measured with different paths, or at different machine loads, are not comparable in time.",
     ]
     cpu = sum(row.get("cpu_seconds", 0.0) for row in results["runs"] + results.get("superseded", []))
@@ -1051,20 +1360,30 @@ def render_markdown(results: dict[str, Any]) -> str:
         for row in results["runs"] + results.get("superseded", [])
         for v in [*row["accuracy"].values(), *row.get("cross", {}).values()]
     )
-    lines += ["", f"CPU time of all meta-training runs above: {cpu / 60:.0f} min; the {n}-episode evaluations took {evals / 60:.0f} min of wall time more."]
+    lines += [
+        "",
+        f"CPU time of all meta-training runs above: {cpu / 60:.0f} min; the {n}-episode evaluations took "
+        f"{evals / 60:.0f} min of wall time more.",
+    ]
     for p in results.get("provenance") or []:
         lines += ["", f"The {p['runs']} runs of {_date_span(p['dates'])} (`{p['file']}`) are {p['text']}."]
     if r:
         lines += [
-        "",
-        f"Rendering: the whole drawing bank ({r['images']:,} images of 28×28, {load_catalog_size()} characters × 20 drawings) "
-        f"renders from the fonts in {r['cold_cpu_seconds']:.1f} s of CPU time on one thread "
-        f"({r['cold_images_per_cpu_second']:,.0f} images per CPU-second; {r['cold_seconds']:.0f} s of wall time on the shared machine) "
-        f"and loads from the cache in {r['warm_seconds']:.2f} s; episodes are assembled from the bank at "
-        f"{r['episode_images_per_cpu_second']:,.0f} images per CPU-second.",
+            "",
+            f"Rendering: the whole drawing bank ({r['images']:,} images of 28×28, {load_catalog_size()} characters × "
+            "20 drawings) "
+            f"renders from the fonts in {r['cold_cpu_seconds']:.1f} s of CPU time on one thread "
+            f"({r['cold_images_per_cpu_second']:,.0f} images per CPU-second; {r['cold_seconds']:.0f} s of wall time on "
+            "the shared machine) "
+            f"and loads from the cache in {r['warm_seconds']:.2f} s; episodes are assembled from the bank at "
+            f"{r['episode_images_per_cpu_second']:,.0f} images per CPU-second.",
         ]
     def best(ways: int, *, own_ways: bool = False) -> tuple[float, str]:
-        found = [(a, r["run"]["label"] + (f", trained {_trained_ways(r)}-way" if cross else "")) for a, _, r, cross in results_at(ways, 1) if not (own_ways and cross)]
+        found = [
+            (a, r["run"]["label"] + (f", trained {_trained_ways(r)}-way" if cross else ""))
+            for a, _, r, cross in results_at(ways, 1)
+            if not (own_ways and cross)
+        ]
         return max(found) if found else (math.nan, "—")
 
     if results.get("speed"):
@@ -1073,7 +1392,8 @@ def render_markdown(results: dict[str, Any]) -> str:
     (o5, m5), (o20, m20) = best(5, own_ways=True), best(20, own_ways=True)
     aims = "met" if b5 >= 0.97 and b20 >= 0.90 else "not reached within this compute budget"
     own = (
-        f"; with only the models trained at each setting's own number of ways (no choice among training ways on the test episodes): "
+        "; with only the models trained at each setting's own number of ways (no choice among training ways on the "
+        "test episodes): "
         f"{100 * o5:.1f}% ({m5}) and {100 * o20:.1f}% ({m20}) — {'met' if o5 >= 0.97 and o20 >= 0.90 else 'not met'}"
         if (o5, o20) != (b5, b20)
         else ""
@@ -1088,7 +1408,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         "",
         "Reading the table: the floor is what raw pixels give; MAML's Omniglot numbers come from 60,000 "
         f"meta-iterations of meta-batch 32 (5-way) on a GPU, these models from {min(total_iterations, default=0):,} to "
-        f"{max(total_iterations, default=0):,} iterations (counting the runs they continued) on two shared CPU cores, so the gap "
+        f"{max(total_iterations, default=0):,} iterations (counting the runs they continued) on two shared CPU cores, "
+        "so the gap "
         "to them is mostly training budget. The benchmark and its construction are described in docs/glyphs.md.",
     ]
     return "\n".join(lines)

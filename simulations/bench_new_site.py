@@ -44,7 +44,19 @@ def _train(cfg: Config, out: Path, algorithm: str) -> tuple[Path, float]:
     return out / algorithm / "checkpoint.pt", time.perf_counter() - t0
 
 
-def run_family(name: str, cfg: Config, out: Path, *, site_seed: int, split: str, tasks: int, heldout: int, episodes: int, steps: int, reuse: bool = False) -> dict[str, Any]:
+def run_family(
+    name: str,
+    cfg: Config,
+    out: Path,
+    *,
+    site_seed: int,
+    split: str,
+    tasks: int,
+    heldout: int,
+    episodes: int,
+    steps: int,
+    reuse: bool = False,
+) -> dict[str, Any]:
     """Train meta and FedAvg initializations, write a fresh site, adapt, and collect the numbers.
 
     With ``reuse``, the measurements an earlier run of this script stored in ``out/bench.json``
@@ -58,7 +70,16 @@ def run_family(name: str, cfg: Config, out: Path, *, site_seed: int, split: str,
     fedavg_ckpt, fedavg_s = _train(cfg, out, "fedavg")
     site_cfg = replace(cfg, seed=site_seed)
     site = make_sites(site_cfg, 1, out / "sites", tasks_per_site=tasks, heldout_per_site=heldout)[0]
-    report = adapt_site(meta_ckpt, site, out / "adapted", steps=steps, episodes=episodes, split=split, compare=fedavg_ckpt, seed=site_seed)
+    report = adapt_site(
+        meta_ckpt,
+        site,
+        out / "adapted",
+        steps=steps,
+        episodes=episodes,
+        split=split,
+        compare=fedavg_ckpt,
+        seed=site_seed,
+    )
     report["training_seconds"] = {"meta": meta_s, "fedavg": fedavg_s}
     report["load_average_after"] = os.getloadavg()[0]
     (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -86,18 +107,29 @@ def family_markdown(title: str, cfg: Config, report: dict[str, Any]) -> str:
         f"`{report['site']['folder']}/` written with another seed"
         + (" (held-out evaluation scripts)" if cls else "")
         + f"; {s['episodes']} support/query episodes per task, "
-        + (f"{s['ways']}-way {s['shots']}-shot, {s['query']} query per class" if cls else f"K = {s['shots']} support, {s['query']} query")
+        + (
+            f"{s['ways']}-way {s['shots']}-shot, {s['query']} query per class"
+            if cls
+            else f"K = {s['shots']} support, {s['query']} query"
+        )
         + f", {s['steps']} inner steps. Query {metric}, mean ± 95% interval (stratified over tasks).",
         "",
         f"| initialization | {metric} before | after 1 step | after {s['steps']} steps |"
         + (" loss after |" if cls else ""),
         "| --- | --- | --- | --- |" + (" --- |" if cls else ""),
     ]
-    names = {"meta": f"meta-initialization ({cfg.meta.algorithm})", "random": "random initialization", "compare": "FedAvg initialization"}
+    names = {
+        "meta": f"meta-initialization ({cfg.meta.algorithm})",
+        "random": "random initialization",
+        "compare": "FedAvg initialization",
+    }
     for label in ("meta", "random", "compare"):
         agg = report["initializations"][label]["aggregate"]
         curve, ci = agg[f"{metric}_curve"], agg[f"{metric}_curve_ci95"]
-        row = f"| {names[label]} | {_fmt(agg, f'pre_adapt_{metric}')} | {curve[1]:.3f} ± {ci[1]:.3f} | {_fmt(agg, f'post_adapt_{metric}')} |"
+        row = (
+            f"| {names[label]} | {_fmt(agg, f'pre_adapt_{metric}')} | {curve[1]:.3f} ± {ci[1]:.3f} | "
+            f"{_fmt(agg, f'post_adapt_{metric}')} |"
+        )
         if cls:
             row += f" {_fmt(agg, 'post_adapt_loss')} |"
         lines.append(row)
@@ -109,7 +141,8 @@ def family_markdown(title: str, cfg: Config, report: dict[str, Any]) -> str:
         f"Adaptation time: {meta['adaptations']} episodes ({s['steps']} steps each, vectorized with `vmap`) in "
         f"{meta['seconds']:.2f} s, {1000 * per:.2f} ms per episode; one personalized model "
         f"({s['steps']} steps on all of a task's examples, unbatched, what a site runs to keep a model): median "
-        f"{1000 * (pers.get('seconds_per_task_median') or 0):.1f} ms. Whole `adapt` call: {report['wall_seconds']:.1f} s. "
+        f"{1000 * (pers.get('seconds_per_task_median') or 0):.1f} ms. Whole `adapt` call: {report['wall_seconds']:.1f} "
+        "s. "
         + (
             f"1-minute load average when this family finished: {report['load_average_after']:.1f}."
             if "load_average_after" in report
@@ -128,10 +161,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sinusoid-rounds", type=int, default=3000)
     ap.add_argument("--glyph-rounds", type=int, default=300)
     ap.add_argument("--glyph-channels", type=int, default=32, help="Conv-4 filters (configs/glyphs.yaml: 64)")
-    ap.add_argument("--glyph-clients", type=int, default=4, help="clients per round, 4 tasks each (configs/glyphs.yaml: 8)")
+    ap.add_argument(
+        "--glyph-clients", type=int, default=4, help="clients per round, 4 tasks each (configs/glyphs.yaml: 8)"
+    )
     ap.add_argument("--episodes", type=int, default=20)
     ap.add_argument("--no-write", action="store_true", help="print the markdown instead of updating docs/benchmarks.md")
-    ap.add_argument("--reuse", action="store_true", help="re-render from the measurements stored in --out by an earlier run")
+    ap.add_argument(
+        "--reuse", action="store_true", help="re-render from the measurements stored in --out by an earlier run"
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     out = Path(args.out)
@@ -141,8 +178,21 @@ def main(argv: list[str] | None = None) -> int:
             REPO / "configs" / "sinusoid.yaml",
             [f"federation.rounds={args.sinusoid_rounds}", f"eval.every={args.sinusoid_rounds}", "eval.tasks=100"],
         )
-        rep = run_family("sinusoid", cfg, out / "sinusoid", site_seed=101, split="tasks", tasks=20, heldout=0, episodes=args.episodes, steps=10, reuse=args.reuse)
-        (out / "sinusoid" / "section.md").write_text(family_markdown("Sinusoid regression (MAML's benchmark)", cfg, rep))
+        rep = run_family(
+            "sinusoid",
+            cfg,
+            out / "sinusoid",
+            site_seed=101,
+            split="tasks",
+            tasks=20,
+            heldout=0,
+            episodes=args.episodes,
+            steps=10,
+            reuse=args.reuse,
+        )
+        (out / "sinusoid" / "section.md").write_text(
+            family_markdown("Sinusoid regression (MAML's benchmark)", cfg, rep)
+        )
     if args.only in (None, "glyphs"):
         glyph_cfg = REPO / "configs" / "glyphs.yaml"
         if glyph_cfg.exists():
@@ -159,8 +209,21 @@ def main(argv: list[str] | None = None) -> int:
                     "meta.tasks_per_client=4",
                 ],
             )
-            rep = run_family("glyphs", cfg, out / "glyphs", site_seed=101, split="heldout", tasks=2, heldout=20, episodes=args.episodes, steps=cfg.eval.steps, reuse=args.reuse)
-            (out / "glyphs" / "section.md").write_text(family_markdown("Glyphs 5-way 1-shot (Conv-4, held-out scripts)", cfg, rep))
+            rep = run_family(
+                "glyphs",
+                cfg,
+                out / "glyphs",
+                site_seed=101,
+                split="heldout",
+                tasks=2,
+                heldout=20,
+                episodes=args.episodes,
+                steps=cfg.eval.steps,
+                reuse=args.reuse,
+            )
+            (out / "glyphs" / "section.md").write_text(
+                family_markdown("Glyphs 5-way 1-shot (Conv-4, held-out scripts)", cfg, rep)
+            )
     # each family's table is kept in the working folder, so `--only` refreshes one and keeps the other
     for family in ("sinusoid", "glyphs"):
         f = out / family / "section.md"

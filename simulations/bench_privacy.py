@@ -70,7 +70,13 @@ PARTS = ("utility", "confirm", "overhead")
 
 
 def utility_config(
-    clients: int, *, mode: str = "client-central", noise_multiplier: float = 0.0, optimizer: str = "sgd", lr: float = 0.1, rounds: int = ROUNDS
+    clients: int,
+    *,
+    mode: str = "client-central",
+    noise_multiplier: float = 0.0,
+    optimizer: str = "sgd",
+    lr: float = 0.1,
+    rounds: int = ROUNDS,
 ) -> dict[str, Any]:
     """Sinusoid K=10, 2 tasks per client from a pool of 10, MAML 1 inner step, MLP 40x40."""
     sgd = optimizer == "sgd"
@@ -82,8 +88,14 @@ def utility_config(
             "algorithm": "maml", "inner_lr": 0.01, "inner_steps": 1, "tasks_per_client": 2,
             "outer_optimizer": optimizer, "outer_lr": lr if sgd else 0.001, "outer_momentum": 0.9 if sgd else 0.0,
         },
-        "federation": {"clients_total": clients, "clients_per_round": PER_ROUND, "rounds": rounds, "sampling": "poisson", "round_timeout": 300},
-        "privacy": {"mode": mode, "clip_norm": CLIP, "noise_multiplier": noise_multiplier, "delta": DELTA, "noise_seed": NOISE_SEED},
+        "federation": {
+            "clients_total": clients, "clients_per_round": PER_ROUND, "rounds": rounds, "sampling": "poisson",
+            "round_timeout": 300,
+        },
+        "privacy": {
+            "mode": mode, "clip_norm": CLIP, "noise_multiplier": noise_multiplier, "delta": DELTA,
+            "noise_seed": NOISE_SEED,
+        },
         "eval": {"tasks": 600, "steps": 10, "every": rounds // 5},
     }  # fmt: skip
 
@@ -105,7 +117,13 @@ def overhead_config(mode: str) -> Config:
             "model": {"name": "mlp", "hidden": [40, 40]},
             # Adam: the unclipped non-private run diverges with the utility part's SGD (rate 0.3, momentum 0.9)
             "meta": {"algorithm": "maml", "tasks_per_client": 5, "outer_optimizer": "adam", "outer_lr": 0.001},
-            "federation": {"clients_total": 100, "clients_per_round": 10, "rounds": 40, "sampling": "poisson", "round_timeout": 120},
+            "federation": {
+                "clients_total": 100,
+                "clients_per_round": 10,
+                "rounds": 40,
+                "sampling": "poisson",
+                "round_timeout": 120,
+            },
             "privacy": {"mode": mode, "clip_norm": CLIP, "noise_multiplier": 1.0, "noise_seed": NOISE_SEED},
             "eval": {"tasks": 100, "steps": 5, "every": 40},
         }
@@ -151,7 +169,10 @@ def _run(cfg: Config, out: Path) -> dict[str, Any]:
     done = out / "summary.json"
     if done.exists():
         summary = json.loads(done.read_text())
-        if summary.get("config") == json.loads(json.dumps(to_dict(cfg))) and summary.get("rounds_completed") == cfg.federation.rounds:
+        if (
+            summary.get("config") == json.loads(json.dumps(to_dict(cfg)))
+            and summary.get("rounds_completed") == cfg.federation.rounds
+        ):
             return summary
     return run_centralized(cfg, out)
 
@@ -161,15 +182,31 @@ def utility(out: Path) -> dict[str, Any]:
     rows = []
     for clients in CLIENTS:
         plain = config_from_dict(utility_config(clients, mode="none", optimizer="adam"))
-        runs: list[tuple[str, str, float | None, Config]] = [("adam", "non-private, server Adam 1e-3, no clipping", None, plain)]
+        runs: list[tuple[str, str, float | None, Config]] = [
+            ("adam", "non-private, server Adam 1e-3, no clipping", None, plain)
+        ]
         for lr in SERVER_LRS:
-            runs.append((f"sigma0-lr{lr:g}", "non-private: clipping, no noise (σ = 0)", lr, config_from_dict(utility_config(clients, lr=lr))))
+            runs.append(
+                (
+                    f"sigma0-lr{lr:g}",
+                    "non-private: clipping, no noise (σ = 0)",
+                    lr,
+                    config_from_dict(utility_config(clients, lr=lr)),
+                )
+            )
             runs += [(f"eps{eps:g}-lr{lr:g}", f"ε = {eps:g}", lr, calibrated(clients, eps, lr=lr)) for eps in EPSILONS]
         for name, label, lr, cfg in runs:
             run_dir = out / f"utility-{clients}-{name}"
             summary = _run(cfg, run_dir)
             target = float(name[3:].split("-")[0]) if name.startswith("eps") else None
-            row = {"clients": clients, "label": label, "server_lr": lr, "target_epsilon": target, **_final(summary), "per_task": _per_task(cfg, run_dir)}
+            row = {
+                "clients": clients,
+                "label": label,
+                "server_lr": lr,
+                "target_epsilon": target,
+                **_final(summary),
+                "per_task": _per_task(cfg, run_dir),
+            }
             rows.append(row)
             print(json.dumps(row), flush=True)
     return {"rows": rows, "machine": machine_line()}
@@ -255,15 +292,23 @@ def section(out: Path) -> str:
             f"Machine: {u['machine']}. Command: `nice -n 10 python -m simulations.bench_privacy --only utility`.",
             "",
             f"Client-level DP with a trusted server (`privacy.mode: client-central`, DP-FedAvg): Poisson cohorts of "
-            f"{PER_ROUND} expected clients, every client's mean meta-update clipped to C = {CLIP:g}, N(0, (σC)²) added to the "
-            f"sum, divided by {PER_ROUND}; {ROUNDS} rounds, server SGD with momentum 0.9 at rate {', '.join(f'{lr:g}' for lr in SERVER_LRS)}. Sinusoid K = 10, "
-            "MAML with one inner step, MLP 40×40, each client holding 10 tasks and using 2 a round. σ is calibrated for "
-            f"each target over the whole schedule with Opacus (the `fedmeta privacy --calibrate` search), δ = {DELTA:g}, "
-            "RDP accountant; ε is what the run's own accountant reports at the end. Held-out MSE after 1 and 10 steps on "
+            f"{PER_ROUND} expected clients, every client's mean meta-update clipped to C = {CLIP:g}, N(0, (σC)²) added "
+            "to the "
+            f"sum, divided by {PER_ROUND}; {ROUNDS} rounds, server SGD with momentum 0.9 at rate "
+            f"{', '.join(f'{lr:g}' for lr in SERVER_LRS)}. Sinusoid K = 10, "
+            "MAML with one inner step, MLP 40×40, each client holding 10 tasks and using 2 a round. σ is calibrated "
+            "for "
+            "each target over the whole schedule with Opacus (the `fedmeta privacy --calibrate` search), δ = "
+            f"{DELTA:g}, "
+            "RDP accountant; ε is what the run's own accountant reports at the end. Held-out MSE after 1 and 10 steps "
+            "on "
             "600 tasks no client trained on (mean ± 95% interval over the tasks whose adaptation did not diverge; "
-            f"'k div.' counts tasks whose MSE after adaptation exceeded {DIVERGED:g} or was not finite). The runs use the "
-            "centralized reference under DP, which runs the federation's privacy code (same cohort, clipping, noise and "
-            "accountant; the integration tests check that `fedmeta simulate` releases the same aggregates), with a fixed "
+            f"'k div.' counts tasks whose MSE after adaptation exceeded {DIVERGED:g} or was not finite). The runs use "
+            "the "
+            "centralized reference under DP, which runs the federation's privacy code (same cohort, clipping, noise "
+            "and "
+            "accountant; the integration tests check that `fedmeta simulate` releases the same aggregates), with a "
+            "fixed "
             "`privacy.noise_seed`.",
             "",
             "| clients | run | σ | ε (δ = 1e-5) | "
@@ -280,26 +325,39 @@ def section(out: Path) -> str:
             if None in runs:  # the Adam baseline: one run, shown in its own cells
                 adam = runs[None]["per_task"]
                 pad = " |" * (2 * len(SERVER_LRS) - 2)
-                lines.append(f"| {clients:,} | {label} | — | {eps} | {_cell(adam['1step'])} | {_cell(adam['10steps'])} |{pad}")
+                lines.append(
+                    f"| {clients:,} | {label} | — | {eps} | {_cell(adam['1step'])} | {_cell(adam['10steps'])} |{pad}"
+                )
                 continue
             sigma = f"{first['noise_multiplier']:.3f}"
-            cells = [f"{_cell(runs[lr]['per_task'][k])}" if lr in runs else "" for lr in SERVER_LRS for k in ("1step", "10steps")]
+            cells = [
+                f"{_cell(runs[lr]['per_task'][k])}" if lr in runs else ""
+                for lr in SERVER_LRS
+                for k in ("1step", "10steps")
+            ]
             lines.append(f"| {clients:,} | {label} | {sigma} | {eps} | " + " | ".join(cells) + " |")
         lines += [
             "",
             "With the cohort fixed at 100, ten times more registered clients means a ten times smaller sampling rate, "
-            "so the same ε needs far less noise (amplification by subsampling; compare the σ columns). The noise on the "
-            "released mean is σC/100 per coordinate, and the server's momentum SGD integrates it over the rounds. Before "
-            "adaptation every run sits near the tasks' variance (≈ 3): what the meta-learned initialization buys is the "
-            "fast adaptation, and a noisy initialization shows first as held-out tasks whose 10-step adaptation diverges.",
+            "so the same ε needs far less noise (amplification by subsampling; compare the σ columns). The noise on "
+            "the "
+            "released mean is σC/100 per coordinate, and the server's momentum SGD integrates it over the rounds. "
+            "Before "
+            "adaptation every run sits near the tasks' variance (≈ 3): what the meta-learned initialization buys is "
+            "the "
+            "fast adaptation, and a noisy initialization shows first as held-out tasks whose 10-step adaptation "
+            "diverges.",
             "",
         ]
     if "confirm" in parts:
         c = parts["confirm"]
         lines += [
-            "**The same point through Flower.** 1,000 clients, ε = 8, server SGD 0.1, rerun with `fedmeta simulate` (real "
-            f"ClientApp/ServerApp, Ray) with the same noise seed: held-out MSE after 10 steps {_fmt_loss(c['simulate'])} (ε = {c['simulate']['epsilon']:.3f}, "
-            f"{c['simulate']['seconds']:.0f} s) against {_fmt_loss(c['centralized'])} (ε = {c['centralized']['epsilon']:.3f}, "
+            "**The same point through Flower.** 1,000 clients, ε = 8, server SGD 0.1, rerun with `fedmeta simulate` "
+            "(real "
+            "ClientApp/ServerApp, Ray) with the same noise seed: held-out MSE after 10 steps "
+            f"{_fmt_loss(c['simulate'])} (ε = {c['simulate']['epsilon']:.3f}, "
+            f"{c['simulate']['seconds']:.0f} s) against {_fmt_loss(c['centralized'])} (ε = "
+            f"{c['centralized']['epsilon']:.3f}, "
             f"{c['centralized']['seconds']:.0f} s) centralized; largest difference of any final meta-parameter "
             f"{c['max_abs_param_diff']:.2g}. Machine: {c['machine']}. Command: `... --only confirm`.",
             "",
@@ -312,7 +370,8 @@ def section(out: Path) -> str:
             "",
             f"Machine: {o['machine']}. Command: `nice -n 10 python -m simulations.bench_privacy --only overhead`.",
             "",
-            "The same small run under each mode, one after the other in one process: 100 clients, 10 expected per round "
+            "The same small run under each mode, one after the other in one process: 100 clients, 10 expected per "
+            "round "
             "(Poisson), 5 tasks per client from a pool of 20, 40 rounds, MAML, MLP 40×40. Medians over rounds 2–39 (no "
             "evaluation rounds; start-up excluded), per round and per client update (cohorts vary in size). "
             "`task` mode runs Opacus' DP optimizer on per-task meta-gradients inside every site (the centralized "
@@ -321,14 +380,16 @@ def section(out: Path) -> str:
             "clips and noises once on the server. Under DP the cohorts differ between modes (client-central draws "
             "them from the privacy seed), hence the per-client column.",
             "",
-            "| mode | simulate s/round | simulate ms/client update | × none | centralized s/round | centralized ms/client update | × none |",
+            "| mode | simulate s/round | simulate ms/client update | × none | centralized s/round | centralized "
+            "ms/client update | × none |",
             "| --- | --- | --- | --- | --- | --- | --- |",
         ]
         for row in o["rows"]:
             lines.append(
                 f"| {row['mode']} | {row['simulate_round']:.3f} | {1000 * row['simulate_per_client']:.1f} | "
                 f"{row['simulate_per_client'] / base['simulate_per_client']:.2f} | {row['centralized_round']:.4f} | "
-                f"{1000 * row['centralized_per_client']:.2f} | {row['centralized_per_client'] / base['centralized_per_client']:.2f} |"
+                f"{1000 * row['centralized_per_client']:.2f} | "
+                f"{row['centralized_per_client'] / base['centralized_per_client']:.2f} |"
             )
         lines.append("")
     return "\n".join(lines)

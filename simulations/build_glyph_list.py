@@ -66,7 +66,7 @@ def _candidates() -> dict[int, int]:
     from fontTools.ttLib import TTFont
 
     masks: dict[int, int] = {}
-    for index, style in enumerate(STYLES):
+    for index in range(len(STYLES)):
         font = TTFont(str(font_path(index)))
         glyf = font["glyf"]
         for cp, name in font.getBestCmap().items():
@@ -162,7 +162,7 @@ def build() -> dict[str, object]:
     masters, fits = render_masters([p[0] for p in pairs], [p[1] for p in pairs], IMAGE_SIZE)
     small = downsample(torch.from_numpy(masters), IMAGE_SIZE)
     ink = (small >= 128).reshape(len(pairs), -1).sum(1).numpy()
-    style_mask = {cp: 0 for cp in cps}
+    style_mask = dict.fromkeys(cps, 0)
     first: dict[int, int] = {}
     for k, (cp, s) in enumerate(pairs):
         if fits[k] and ink[k] >= MIN_INK:
@@ -177,7 +177,9 @@ def build() -> dict[str, object]:
     braille = np.array([name == "Braille" for name, _ in alpha])
     is_letter = [unicodedata.category(chr(cp))[0] == "L" and script for cp, (_, script) in zip(cps, alpha)]
     is_eval = [name in EVALUATION_ALPHABETS for name, _ in alpha]
-    priority = sorted(range(len(cps)), key=lambda i: (0 if is_eval[i] and is_letter[i] else 1 if is_letter[i] else 2, cps[i]))
+    priority = sorted(
+        range(len(cps)), key=lambda i: (0 if is_eval[i] and is_letter[i] else 1 if is_letter[i] else 2, cps[i])
+    )
 
     # 1. characters: exact / near duplicates on raw and on size-normalised bitmaps
     raw, norm = _binary(canon), _normalised(canon_master)
@@ -197,7 +199,7 @@ def build() -> dict[str, object]:
     # identical rotations of one character collide with themselves too: drop them
     rotated_order = [v for v in range(n, 4 * n) if not is_eval[variants[v][0]]]
     kept_rot = _greedy(rotated_order, var_graph, unrotated)
-    rot_mask = {i: 1 for i in order}
+    rot_mask = dict.fromkeys(order, 1)
     for v in kept_rot:
         i, k = variants[v]
         rot_mask[i] |= 1 << k
@@ -239,7 +241,11 @@ def build() -> dict[str, object]:
         },
         "styles": [{"name": s.name, "file": s.file} for s in STYLES],
         "alphabets": [
-            {"name": a, "split": "evaluation" if a in EVALUATION_ALPHABETS else "background", "characters": per_alphabet[a]}
+            {
+                "name": a,
+                "split": "evaluation" if a in EVALUATION_ALPHABETS else "background",
+                "characters": per_alphabet[a],
+            }
             for a in names
         ],
         "columns": ["codepoint", "char", "alphabet", "style_mask", "rotation_mask"],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -28,7 +28,7 @@ def machine_line() -> str:
     return (
         f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
         f"torch {torch.__version__}, Python {platform.python_version()}, "
-        f"{datetime.now(timezone.utc):%Y-%m-%d}, 1-minute load average {load:.1f} when the section was written "
+        f"{datetime.now(UTC):%Y-%m-%d}, 1-minute load average {load:.1f} when the section was written "
         "(wall times inflate with load; ratios measured side by side do not)"
     )
 

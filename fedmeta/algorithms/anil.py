@@ -27,6 +27,7 @@ from torch.func import grad
 
 from fedmeta.algorithms.base import (
     ALGORITHMS,
+    adaptation_start,
     class_prototypes,
     eager_inner_sgd,
     inner_sgd,
@@ -63,7 +64,9 @@ class ANIL(MAML):
     name: ClassVar[str] = "anil"
     adapts: ClassVar[str] = "head only"
 
-    def __init__(self, model: FunctionalModel, *, kind: str, inner_lr: float, inner_steps: int, head_init: str = "learned") -> None:
+    def __init__(
+        self, model: FunctionalModel, *, kind: str, inner_lr: float, inner_steps: int, head_init: str = "learned"
+    ) -> None:
         super().__init__(model, kind=kind, inner_lr=inner_lr, inner_steps=inner_steps)
         self.check_options(kind=kind, head_init=head_init)
         self.head_init = head_init
@@ -76,16 +79,21 @@ class ANIL(MAML):
             ConfigError: naming ``meta.head_init`` and the bad value.
         """
         if head_init not in HEAD_INITS:
-            raise ConfigError(f"config key 'meta.head_init' is {head_init!r}: head_init must be one of {', '.join(HEAD_INITS)}")
+            raise ConfigError(
+                f"config key 'meta.head_init' is {head_init!r}: head_init must be one of {', '.join(HEAD_INITS)}"
+            )
         if head_init == "prototypes" and kind == "regression":
             where = f"task.name {task!r}; 'learned' and 'zero' work there" if task else "these are regression"
             raise ConfigError(
-                f"config key 'meta.head_init' must not be 'prototypes' for regression tasks (class prototypes need classification "
+                "config key 'meta.head_init' must not be 'prototypes' for regression tasks (class prototypes need "
+                "classification "
                 f"tasks; {where}), got 'prototypes'"
             )
 
     @classmethod
-    def build(cls, model: FunctionalModel, *, kind: str, inner_lr: float, inner_steps: int, head_init: str = "learned") -> ANIL:
+    def build(
+        cls, model: FunctionalModel, *, kind: str, inner_lr: float, inner_steps: int, head_init: str = "learned"
+    ) -> ANIL:
         """ANIL with its ``head_init`` (checked by :meth:`check_options`)."""
         return cls(model, kind=kind, inner_lr=inner_lr, inner_steps=inner_steps, head_init=head_init)
 
@@ -129,18 +137,30 @@ class ANIL(MAML):
     def adapted_keys(self, meta: Params) -> list[str]:
         return self.model.head_keys()
 
-    def objective(self, ops: TaskOps, meta: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, dict[str, Any]]:
+    def objective(
+        self, ops: TaskOps, meta: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor
+    ) -> tuple[Tensor, dict[str, Any]]:
         """Query loss after the head's inner steps on body features computed once per set (second order)."""
-        params = model_part(meta)
-        hs = ops.features(params, sx)
-        hq = ops.features(params, qx)
+        params, hs, hq = ops.embed_sets(meta, sx, qx)
         head0 = self.start_head({k: params[k] for k in self.model.head_keys()}, hs, sy)
-        head, support_loss_pre = ops.sgd(lambda p: ops.loss(ops.head(p, hs), sy), head0, dict.fromkeys(head0, self.inner_lr), self.inner_steps)
+        head, support_loss_pre = ops.sgd(
+            lambda p: ops.loss(ops.head(p, hs), sy), head0, dict.fromkeys(head0, self.inner_lr), self.inner_steps
+        )
         pred_q = ops.head(head, hq)
-        state = {"adapted": {**params, **head}, "head": head, "head0": head0, "hs": hs, "hq": hq, "support_loss_pre": support_loss_pre, "query_pred_post": pred_q}
+        state = {
+            "adapted": {**params, **head},
+            "head": head,
+            "head0": head0,
+            "hs": hs,
+            "hq": hq,
+            "support_loss_pre": support_loss_pre,
+            "query_pred_post": pred_q,
+        }
         return ops.loss(pred_q, qy), state
 
-    def metrics(self, ops: TaskOps, meta: Params, state: dict[str, Any], sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> dict[str, Tensor]:
+    def metrics(
+        self, ops: TaskOps, meta: Params, state: dict[str, Any], sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor
+    ) -> dict[str, Tensor]:
         """The standard metrics from the head on the features the objective computed."""
         return metric_dict(
             self.kind,
@@ -155,7 +175,9 @@ class ANIL(MAML):
 
     # -- adaptation: the body once, the steps on the head ------------------------------------
 
-    def adapt_with_loss(self, meta: Params, x: Tensor, y: Tensor, steps: int, *, first_order: bool = False) -> tuple[Params, Tensor]:
+    def adapt_with_loss(
+        self, meta: Params, x: Tensor, y: Tensor, steps: int, *, first_order: bool = False
+    ) -> tuple[Params, Tensor]:
         """The head adapted on features computed once; the same result as the generic loop."""
         params = model_part(meta)
         h = self.model.features(params, x)
@@ -167,7 +189,9 @@ class ANIL(MAML):
         head, start_loss = inner_sgd(inner, head, dict.fromkeys(head, self.inner_lr), steps, first_order=first_order)
         return {**params, **head}, start_loss
 
-    def adaptation_curve(self, meta: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, steps: int) -> dict[str, Tensor]:
+    def adaptation_curve(
+        self, meta: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, steps: int
+    ) -> dict[str, Tensor]:
         """Query loss (and accuracy) after ``0..steps`` head steps, with the body run once per set."""
         params = {k: v.detach() for k, v in model_part(meta).items()}
         hs = self.model.features(params, sx)
@@ -193,17 +217,24 @@ class ANIL(MAML):
 
     # -- the batched eager path ----------------------------------------------------------------
 
-    def _head_adapt_tasks(self, head: Params, h: Tensor, y: Tensor, steps: int, *, first_order: bool) -> tuple[Params, Tensor]:
-        """Inner steps of ``T`` stacked heads on features ``[T, N, F]``; also the per-task loss before the first step."""
+    def _head_adapt_tasks(
+        self, head: Params, h: Tensor, y: Tensor, steps: int, *, first_order: bool
+    ) -> tuple[Params, Tensor]:
+        """Inner steps of ``T`` stacked heads on features ``[T, N, F]``; with
+        the per-task loss before the first step."""
         return eager_inner_sgd(
-            lambda p: task_losses(self.kind, self.model.head_tasks(p, h), y), head, dict.fromkeys(head, self.inner_lr), steps, first_order=first_order
+            lambda p: task_losses(self.kind, self.model.head_tasks(p, h), y),
+            head,
+            dict.fromkeys(head, self.inner_lr),
+            steps,
+            first_order=first_order,
         )
 
-    def adapt_tasks(self, meta: Params, x: Tensor, y: Tensor, steps: int, *, first_order: bool = False) -> tuple[Params, Tensor]:
+    def adapt_tasks(
+        self, meta: Params, x: Tensor, y: Tensor, steps: int, *, first_order: bool = False
+    ) -> tuple[Params, Tensor]:
         """:meth:`adapt_with_loss` for ``T`` tasks at once (stacked parameters)."""
-        params = model_part(meta)
-        if first_order:
-            params = {k: v.detach() for k, v in params.items()}
+        params = adaptation_start(meta, first_order=first_order)
         with torch.set_grad_enabled(not first_order):
             h = self.model.features_tasks(params, x)
             head0 = self.start_head({k: params[k] for k in self.model.head_keys()}, h, y)

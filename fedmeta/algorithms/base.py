@@ -20,7 +20,6 @@ Nothing here mutates the meta-parameters.
 
 from __future__ import annotations
 
-from abc import ABC
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -35,7 +34,7 @@ from fedmeta.algorithms.engine import ObjectiveTerm, PerTaskOps, TaskOps
 from fedmeta.errors import ConfigError
 from fedmeta.models.base import FunctionalModel
 from fedmeta.registry import Registry
-from fedmeta.types import LR_PREFIX, Params, TaskBatch, lr_part, model_part
+from fedmeta.types import LR_PREFIX, LossFn, Params, StepSizes, TaskBatch, lr_part, model_part
 
 __all__ = [
     "ALGORITHMS",
@@ -43,6 +42,7 @@ __all__ = [
     "MetaUpdate",
     "task_loss",
     "task_accuracy",
+    "adaptation_start",
     "task_losses",
     "task_accuracies",
     "stack_for_tasks",
@@ -56,6 +56,22 @@ __all__ = [
 
 #: Per-task metrics every algorithm reports (means over a client's tasks leave the client).
 METRIC_NAMES = ("support_loss_pre", "support_loss_post", "query_loss_pre", "query_loss_post")
+
+
+def adaptation_start(meta: Params, *, first_order: bool = False) -> Params:
+    """The model parameters an adaptation starts from: ``meta``'s model part, detached when first-order.
+
+    Args:
+        meta: the meta-parameters (Meta-SGD's learning rates are left out).
+        first_order: detach them, so that no gradient flows back into ``meta`` through the adaptation.
+
+    Returns:
+        The model parameters, the same tensors as in ``meta`` unless detached.
+    """
+    params = model_part(meta)
+    if first_order:
+        params = {k: v.detach() for k, v in params.items()}
+    return params
 
 
 def task_loss(kind: str, pred: Tensor, y: Tensor) -> Tensor:
@@ -90,7 +106,11 @@ def task_accuracy(pred: Tensor, y: Tensor) -> Tensor:
 
 
 def task_losses(kind: str, pred: Tensor, y: Tensor) -> Tensor:
-    """:func:`task_loss` of ``T`` tasks at once: predictions ``[T, N, ...]`` against targets ``[T, N, ...]``, returns ``[T]``."""
+    """:func:`task_loss` of ``T`` tasks at once: predictions ``[T, N, ...]`` against targets ``[T, N, ...]``.
+
+    Returns:
+        The per-task losses ``[T]``.
+    """
     tasks = pred.shape[0]
     if kind == "classification":
         return F.cross_entropy(pred.flatten(0, 1), y.flatten(0, 1), reduction="none").view(tasks, -1).mean(dim=1)
@@ -112,16 +132,21 @@ def stack_for_tasks(meta: Params, tasks: int) -> Params:
 
 
 def grad_dict(output: Tensor, inputs: Params, *, create_graph: bool = False) -> Params:
-    """``torch.autograd.grad`` on a dict; inputs the output does not depend on get zeros (as ``torch.func.grad`` gives)."""
+    """``torch.autograd.grad`` on a dict; inputs the output does not depend on get zeros.
+
+    Zeros, not ``None``, as ``torch.func.grad`` gives.
+    """
     keys = list(inputs)
     found = torch.autograd.grad(output, [inputs[k] for k in keys], create_graph=create_graph, allow_unused=True)
     return {k: torch.zeros_like(inputs[k]) if g is None else g for k, g in zip(keys, found)}
 
 
 def inner_sgd(
-    loss_fn: Callable[[Params], Tensor], fast: Params, sizes: dict[str, Tensor | float], steps: int, *, first_order: bool = False
+    loss_fn: LossFn, fast: Params, sizes: StepSizes, steps: int, *, first_order: bool = False
 ) -> tuple[Params, Tensor]:
-    """``steps`` plain gradient steps ``p - size * grad`` on ``loss_fn`` (``torch.func``, so it nests in ``vmap``/``grad``).
+    """``steps`` plain gradient steps ``p - size * grad`` on ``loss_fn``.
+
+    Written with ``torch.func``, so it nests in ``vmap``/``grad``.
 
     Returns the stepped parameters and the loss before the first step (detached). With
     ``first_order`` the inner gradients are treated as constants.
@@ -139,7 +164,7 @@ def inner_sgd(
 
 
 def eager_inner_sgd(
-    losses_fn: Callable[[Params], Tensor], fast: Params, sizes: dict[str, Tensor | float], steps: int, *, first_order: bool = False
+    losses_fn: LossFn, fast: Params, sizes: StepSizes, steps: int, *, first_order: bool = False
 ) -> tuple[Params, Tensor]:
     """:func:`inner_sgd` for ``T`` stacked tasks with eager autograd: ``losses_fn`` returns per-task losses ``[T]``.
 
@@ -200,7 +225,7 @@ class MetaUpdate:
     metrics: dict[str, float]
 
 
-class MetaAlgorithm(ABC):
+class MetaAlgorithm:
     """Base class: an inner loop on the support set, an outer objective on the query set.
 
     Args:
@@ -248,12 +273,15 @@ class MetaAlgorithm(ABC):
         """
         if head_init != "learned":
             raise ConfigError(
-                f"config key 'meta.head_init' must be 'learned' unless meta.algorithm is 'anil' (only meta.algorithm 'anil' "
+                "config key 'meta.head_init' must be 'learned' unless meta.algorithm is 'anil' (only meta.algorithm "
+                "'anil' "
                 f"takes another; {cls.name!r} adapts {cls.adapts}), got {head_init!r}"
             )
 
     @classmethod
-    def build(cls, model: FunctionalModel, *, kind: str, inner_lr: float, inner_steps: int, head_init: str = "learned") -> MetaAlgorithm:
+    def build(
+        cls, model: FunctionalModel, *, kind: str, inner_lr: float, inner_steps: int, head_init: str = "learned"
+    ) -> MetaAlgorithm:
         """The algorithm for ``model`` with the config's options, checked by :meth:`check_options` first.
 
         Raises:
@@ -264,7 +292,10 @@ class MetaAlgorithm(ABC):
 
     @classmethod
     def serves_any_ways(cls, *, head_init: str) -> bool:
-        """Whether a checkpoint of this algorithm classifies any number of classes (its head is rebuilt per support set)."""
+        """Whether a checkpoint of this algorithm classifies any number of classes.
+
+        True where its head is rebuilt per support set.
+        """
         return False
 
     @property
@@ -286,9 +317,9 @@ class MetaAlgorithm(ABC):
         """Names of the parameters the inner loop changes (all model parameters by default)."""
         return list(model_part(meta))
 
-    def step_sizes(self, meta: Params) -> dict[str, Tensor | float]:
+    def step_sizes(self, meta: Params) -> StepSizes:
         """Inner-loop step size per adapted parameter (a float, or a learned tensor for Meta-SGD)."""
-        return {k: self.inner_lr for k in self.adapted_keys(meta)}
+        return dict.fromkeys(self.adapted_keys(meta), self.inner_lr)
 
     # -- the inner loop (one task; traceable by vmap and grad) -------------------------------
 
@@ -305,7 +336,9 @@ class MetaAlgorithm(ABC):
         """
         return self.adapt_with_loss(meta, x, y, steps, first_order=first_order)[0]
 
-    def adapt_with_loss(self, meta: Params, x: Tensor, y: Tensor, steps: int, *, first_order: bool = False) -> tuple[Params, Tensor]:
+    def adapt_with_loss(
+        self, meta: Params, x: Tensor, y: Tensor, steps: int, *, first_order: bool = False
+    ) -> tuple[Params, Tensor]:
         """:meth:`adapt`, also returning the loss on ``(x, y)`` before the first step (for free)."""
         keys = self.adapted_keys(meta)
         sizes = self.step_sizes(meta)
@@ -319,7 +352,9 @@ class MetaAlgorithm(ABC):
         fast, start_loss = inner_sgd(inner_loss, fast, sizes, steps, first_order=first_order)
         return {**frozen, **fast}, start_loss
 
-    def adaptation_curve(self, meta: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, steps: int) -> dict[str, Tensor]:
+    def adaptation_curve(
+        self, meta: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, steps: int
+    ) -> dict[str, Tensor]:
         """Query loss (and accuracy) after ``0..steps`` inner steps on the support set, one task.
 
         Used for evaluation: first-order only (nothing is differentiated afterwards).
@@ -350,7 +385,9 @@ class MetaAlgorithm(ABC):
 
     # -- the outer objective, declared once (fedmeta/algorithms/engine.py runs it) -------------
 
-    def objective(self, ops: TaskOps, meta: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, dict[str, Any]]:
+    def objective(
+        self, ops: TaskOps, meta: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor
+    ) -> tuple[Tensor, dict[str, Any]]:
         """The outer objective of the ``exact`` rule: the query loss after adaptation, and the state the metrics need.
 
         Written with ``ops`` (:class:`~fedmeta.algorithms.engine.TaskOps`), so the same code gives one
@@ -360,7 +397,9 @@ class MetaAlgorithm(ABC):
         Raises:
             NotImplementedError: for an algorithm with another update rule.
         """
-        raise NotImplementedError(f"{type(self).__name__} has update rule {self.update_rule!r}; only 'exact' has an objective")
+        raise NotImplementedError(
+            f"{type(self).__name__} has update rule {self.update_rule!r}; only 'exact' has an objective"
+        )
 
     def adapted_model(self, state: dict[str, Any]) -> Params:
         """The adapted model parameters of an :meth:`objective`'s state (what objective terms see)."""
@@ -371,7 +410,9 @@ class MetaAlgorithm(ABC):
         adapted, support_loss_pre = ops.adapt(meta, sx, sy, self.inner_steps, first_order=True)
         return {"adapted": adapted, "support_loss_pre": support_loss_pre}
 
-    def metrics(self, ops: TaskOps, meta: Params, state: dict[str, Any], sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> dict[str, Tensor]:
+    def metrics(
+        self, ops: TaskOps, meta: Params, state: dict[str, Any], sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor
+    ) -> dict[str, Tensor]:
         """The standard metrics (:data:`METRIC_NAMES`, query accuracies for classification), detached.
 
         Values the objective computed (``support_loss_pre``, optionally ``query_pred_post``) come
@@ -390,14 +431,20 @@ class MetaAlgorithm(ABC):
             query_y=qy,
         )
 
-    def outer_loss(self, meta: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def outer_loss(
+        self, meta: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """One task's :meth:`objective` (``torch.func``-traceable) and its metrics."""
         ops = PerTaskOps(self)
         loss, state = self.objective(ops, meta, sx, sy, qx, qy)
         return loss, self.metrics(ops, meta, state, sx, sy, qx, qy)
 
-    def task_update(self, meta: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Params, dict[str, Tensor]]:
-        """Meta-gradient (or pseudo-gradient) of one task and its metrics (:func:`fedmeta.algorithms.engine.task_update`).
+    def task_update(
+        self, meta: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor
+    ) -> tuple[Params, dict[str, Tensor]]:
+        """Meta-gradient (or pseudo-gradient) of one task and its metrics.
+
+        See :func:`fedmeta.algorithms.engine.task_update`.
 
         Returns:
             A dict with the same keys and shapes as ``meta``, and a dict of scalar metrics with at
@@ -447,7 +494,9 @@ class MetaAlgorithm(ABC):
         """Per-task losses ``[T]`` of stacked ``params`` on ``x`` ``[T, N, ...]``."""
         return task_losses(self.kind, self.model.forward_tasks(model_part(params), x), y)
 
-    def adapt_tasks(self, meta: Params, x: Tensor, y: Tensor, steps: int, *, first_order: bool = False) -> tuple[Params, Tensor]:
+    def adapt_tasks(
+        self, meta: Params, x: Tensor, y: Tensor, steps: int, *, first_order: bool = False
+    ) -> tuple[Params, Tensor]:
         """:meth:`adapt_with_loss` for ``T`` tasks at once, on stacked parameters ``[T, *shape]``.
 
         Second order (the default) keeps the graph of every inner step (``create_graph=True``),
@@ -462,13 +511,14 @@ class MetaAlgorithm(ABC):
         """
         keys = self.adapted_keys(meta)
         sizes = self.step_sizes(meta)
-        params = model_part(meta)
+        params = adaptation_start(meta, first_order=first_order)
         if first_order:
-            params = {k: v.detach() for k, v in params.items()}
             sizes = {k: (s.detach() if isinstance(s, Tensor) else s) for k, s in sizes.items()}
         fast = {k: params[k] for k in keys}
         frozen = {k: v for k, v in params.items() if k not in fast}
-        fast, start_loss = eager_inner_sgd(lambda p: self.losses_tasks({**frozen, **p}, x, y), fast, sizes, steps, first_order=first_order)
+        fast, start_loss = eager_inner_sgd(
+            lambda p: self.losses_tasks({**frozen, **p}, x, y), fast, sizes, steps, first_order=first_order
+        )
         return {**frozen, **fast}, start_loss
 
     def meta_gradient(self, meta: Params, tasks: TaskBatch) -> MetaUpdate:

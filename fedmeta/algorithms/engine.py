@@ -47,7 +47,7 @@ from torch.func import grad, vmap
 
 from fedmeta.errors import ConfigError
 from fedmeta.registry import Registry
-from fedmeta.types import Params, TaskBatch, model_part
+from fedmeta.types import LossFn, Params, StepSizes, TaskBatch, model_part
 
 if TYPE_CHECKING:
     from fedmeta.algorithms.base import MetaAlgorithm
@@ -71,8 +71,11 @@ __all__ = [
 UPDATE_RULES = ("exact", "first_order", "reptile", "pooled")
 
 
-class TaskOps(ABC):
+class TaskOps:
     """The operations an objective is written in: one task (:class:`PerTaskOps`) or ``T`` stacked tasks.
+
+    Each operation picks the model's per-task method or its native batched one (``*_tasks``) by
+    :attr:`batched`, so an objective written once in these operations runs either way.
 
     Args:
         algo: the algorithm whose model and task kind the operations use.
@@ -86,43 +89,58 @@ class TaskOps(ABC):
         self.model = algo.model
         self.kind = algo.kind
 
-    @abstractmethod
     def forward(self, params: Params, x: Tensor) -> Tensor:
         """The model's outputs."""
+        return self.model.forward_tasks(params, x) if self.batched else self.model.forward(params, x)
 
-    @abstractmethod
     def features(self, params: Params, x: Tensor) -> Tensor:
         """The body's embedding (input of the head)."""
+        return self.model.features_tasks(params, x) if self.batched else self.model.features(params, x)
 
-    @abstractmethod
     def head(self, params: Params, h: Tensor) -> Tensor:
         """The head on embeddings."""
+        return self.model.head_tasks(params, h) if self.batched else self.model.head(params, h)
 
-    @abstractmethod
     def loss(self, pred: Tensor, y: Tensor) -> Tensor:
         """Task loss: a scalar, or ``[T]``."""
+        from fedmeta.algorithms.base import task_loss, task_losses
 
-    @abstractmethod
+        return (task_losses if self.batched else task_loss)(self.kind, pred, y)
+
     def accuracy(self, pred: Tensor, y: Tensor) -> Tensor:
         """Accuracy: a scalar, or ``[T]``."""
+        from fedmeta.algorithms.base import task_accuracies, task_accuracy
 
-    @abstractmethod
+        return (task_accuracies if self.batched else task_accuracy)(pred, y)
+
     def sgd(
-        self,
-        loss_fn: Callable[[Params], Tensor],
-        fast: Params,
-        sizes: dict[str, Tensor | float],
-        steps: int,
-        *,
-        first_order: bool = False,
+        self, loss_fn: LossFn, fast: Params, sizes: StepSizes, steps: int, *, first_order: bool = False
     ) -> tuple[Params, Tensor]:
-        """``steps`` gradient steps on ``loss_fn``; returns the parameters and the loss before the first step."""
+        """``steps`` gradient steps on ``loss_fn``; returns the parameters and the loss before the first step.
 
-    @abstractmethod
+        Per task with ``torch.func`` (:func:`~fedmeta.algorithms.base.inner_sgd`), batched with eager
+        autograd (:func:`~fedmeta.algorithms.base.eager_inner_sgd`).
+        """
+        from fedmeta.algorithms.base import eager_inner_sgd, inner_sgd
+
+        run = eager_inner_sgd if self.batched else inner_sgd
+        return run(loss_fn, fast, sizes, steps, first_order=first_order)
+
     def adapt(
         self, meta: Params, x: Tensor, y: Tensor, steps: int, *, first_order: bool = False
     ) -> tuple[Params, Tensor]:
         """The algorithm's adaptation of the model on ``(x, y)`` (its ``adapt_with_loss`` / ``adapt_tasks``)."""
+        run = self.algo.adapt_tasks if self.batched else self.algo.adapt_with_loss
+        return run(meta, x, y, steps, first_order=first_order)
+
+    def embed_sets(self, meta: Params, sx: Tensor, qx: Tensor) -> tuple[Params, Tensor, Tensor]:
+        """The model part of ``meta`` and the body's embeddings of the support and the query inputs.
+
+        Returns:
+            ``(params, hs, hq)``: each set embedded once, for objectives that work on features (ANIL, ProtoNets).
+        """
+        params = model_part(meta)
+        return params, self.features(params, sx), self.features(params, qx)
 
     def losses_of(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
         """Loss of the model under ``params`` on ``(x, y)``."""
@@ -134,85 +152,11 @@ class PerTaskOps(TaskOps):
 
     batched = False
 
-    def forward(self, params: Params, x: Tensor) -> Tensor:
-        return self.model.forward(params, x)
-
-    def features(self, params: Params, x: Tensor) -> Tensor:
-        return self.model.features(params, x)
-
-    def head(self, params: Params, h: Tensor) -> Tensor:
-        return self.model.head(params, h)
-
-    def loss(self, pred: Tensor, y: Tensor) -> Tensor:
-        from fedmeta.algorithms.base import task_loss
-
-        return task_loss(self.kind, pred, y)
-
-    def accuracy(self, pred: Tensor, y: Tensor) -> Tensor:
-        from fedmeta.algorithms.base import task_accuracy
-
-        return task_accuracy(pred, y)
-
-    def sgd(
-        self,
-        loss_fn: Callable[[Params], Tensor],
-        fast: Params,
-        sizes: dict[str, Tensor | float],
-        steps: int,
-        *,
-        first_order: bool = False,
-    ) -> tuple[Params, Tensor]:
-        from fedmeta.algorithms.base import inner_sgd
-
-        return inner_sgd(loss_fn, fast, sizes, steps, first_order=first_order)
-
-    def adapt(
-        self, meta: Params, x: Tensor, y: Tensor, steps: int, *, first_order: bool = False
-    ) -> tuple[Params, Tensor]:
-        return self.algo.adapt_with_loss(meta, x, y, steps, first_order=first_order)
-
 
 class BatchedOps(TaskOps):
     """``T`` tasks at once with the model's native batched methods and eager autograd."""
 
     batched = True
-
-    def forward(self, params: Params, x: Tensor) -> Tensor:
-        return self.model.forward_tasks(params, x)
-
-    def features(self, params: Params, x: Tensor) -> Tensor:
-        return self.model.features_tasks(params, x)
-
-    def head(self, params: Params, h: Tensor) -> Tensor:
-        return self.model.head_tasks(params, h)
-
-    def loss(self, pred: Tensor, y: Tensor) -> Tensor:
-        from fedmeta.algorithms.base import task_losses
-
-        return task_losses(self.kind, pred, y)
-
-    def accuracy(self, pred: Tensor, y: Tensor) -> Tensor:
-        from fedmeta.algorithms.base import task_accuracies
-
-        return task_accuracies(pred, y)
-
-    def sgd(
-        self,
-        loss_fn: Callable[[Params], Tensor],
-        fast: Params,
-        sizes: dict[str, Tensor | float],
-        steps: int,
-        *,
-        first_order: bool = False,
-    ) -> tuple[Params, Tensor]:
-        from fedmeta.algorithms.base import eager_inner_sgd
-
-        return eager_inner_sgd(loss_fn, fast, sizes, steps, first_order=first_order)
-
-    def adapt(
-        self, meta: Params, x: Tensor, y: Tensor, steps: int, *, first_order: bool = False
-    ) -> tuple[Params, Tensor]:
-        return self.algo.adapt_tasks(meta, x, y, steps, first_order=first_order)
 
 
 # -- objective terms ------------------------------------------------------------------------------

@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-from torch import Tensor
 
 from fedmeta.algorithms.base import ALGORITHMS
 from fedmeta.algorithms.maml import MAML
-from fedmeta.types import LR_PREFIX, Params, lr_part, model_part
+from fedmeta.types import LR_PREFIX, Params, StepSizes, lr_part, model_part
 
 __all__ = ["MetaSGD"]
 
@@ -38,7 +37,7 @@ class MetaSGD(MAML):
     def adapted_keys(self, meta: Params) -> list[str]:
         return list(model_part(meta))
 
-    def step_sizes(self, meta: Params) -> dict[str, Tensor | float]:
+    def step_sizes(self, meta: Params) -> StepSizes:
         rates = lr_part(meta)
         missing = [k for k in self.adapted_keys(meta) if k not in rates]
         if missing:

@@ -33,6 +33,7 @@ from torch import Tensor
 from fedmeta.algorithms.base import (
     ALGORITHMS,
     MetaAlgorithm,
+    adaptation_start,
     class_prototypes,
     metric_dict,
     task_accuracy,
@@ -139,9 +140,7 @@ class ProtoNet(MetaAlgorithm):
         self, ops: TaskOps, meta: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor
     ) -> tuple[Tensor, dict[str, Any]]:
         """Query cross-entropy of the negative squared distances to the support prototypes (no inner loop)."""
-        params = model_part(meta)
-        hs = ops.features(params, sx)
-        hq = ops.features(params, qx)
+        params, hs, hq = ops.embed_sets(meta, sx, qx)
         weight_key, _ = self._head_weight_bias()
         prototypes, counts = class_prototypes(hs, sy, params[weight_key].shape[-2])
         query_logits = prototype_logits(hq, prototypes, counts)
@@ -188,9 +187,7 @@ class ProtoNet(MetaAlgorithm):
         Returns:
             The adapted parameters and the loss on ``(x, y)`` (before = after: nothing steps).
         """
-        params = model_part(meta)
-        if first_order:
-            params = {k: v.detach() for k, v in params.items()}
+        params = adaptation_start(meta, first_order=first_order)
         h = self.model.features(params, x)
         head = self.start_head({k: params[k] for k in self.model.head_keys()}, h, y)
         adapted = {**params, **head}
@@ -201,9 +198,7 @@ class ProtoNet(MetaAlgorithm):
         self, meta: Params, x: Tensor, y: Tensor, steps: int, *, first_order: bool = False
     ) -> tuple[Params, Tensor]:
         """:meth:`adapt_with_loss` for ``T`` tasks at once (stacked parameters)."""
-        params = model_part(meta)
-        if first_order:
-            params = {k: v.detach() for k, v in params.items()}
+        params = adaptation_start(meta, first_order=first_order)
         with torch.set_grad_enabled(not first_order and torch.is_grad_enabled()):
             h = self.model.features_tasks(params, x)
             head = self.start_head({k: params[k] for k in self.model.head_keys()}, h, y)

@@ -70,7 +70,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction, add_common: Callable[..., None]) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction, add_common: Callable[..., None]) -> None:
     """Add the ``adapt`` and ``predict`` subcommands to the ``fedmeta`` parser."""
     p = subparsers.add_parser(
         "adapt",
@@ -87,9 +87,24 @@ def register(subparsers: argparse._SubParsersAction, add_common: Callable[..., N
     p.add_argument("--checkpoint", required=True, metavar="FILE", help="the published checkpoint.pt")
     p.add_argument("--data", required=True, metavar="DIR", help="this site's folder (docs/data-format.md)")
     p.add_argument("--steps", type=int, default=None, help="inner steps (default: the checkpoint's eval.steps)")
-    p.add_argument("--compare", metavar="FILE", default=None, help="another checkpoint to adapt from on the same episodes (e.g. FedAvg-trained)")
-    p.add_argument("--shots", type=int, default=None, help="support examples per task, per class for classification (default: the checkpoint's task.shots)")
-    p.add_argument("--query", type=int, default=None, help="query examples per task, per class for classification (default: the checkpoint's task.query)")
+    p.add_argument(
+        "--compare",
+        metavar="FILE",
+        default=None,
+        help="another checkpoint to adapt from on the same episodes (e.g. FedAvg-trained)",
+    )
+    p.add_argument(
+        "--shots",
+        type=int,
+        default=None,
+        help="support examples per task, per class for classification (default: the checkpoint's task.shots)",
+    )
+    p.add_argument(
+        "--query",
+        type=int,
+        default=None,
+        help="query examples per task, per class for classification (default: the checkpoint's task.query)",
+    )
     p.add_argument(
         "--ways",
         type=int,
@@ -97,8 +112,15 @@ def register(subparsers: argparse._SubParsersAction, add_common: Callable[..., N
         help="classes per episode (default: the checkpoint's task.ways; another number needs an ANIL checkpoint with "
         "meta.head_init prototypes or zero, whose head is rebuilt for each support set)",
     )
-    p.add_argument("--episodes", type=int, default=20, help="support/query draws per task for the 95%% intervals (default 20)")
-    p.add_argument("--split", choices=("tasks", "heldout"), default="tasks", help="which folder of the site to adapt to (default tasks/)")
+    p.add_argument(
+        "--episodes", type=int, default=20, help="support/query draws per task for the 95%% intervals (default 20)"
+    )
+    p.add_argument(
+        "--split",
+        choices=("tasks", "heldout"),
+        default="tasks",
+        help="which folder of the site to adapt to (default tasks/)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seeds the episodes and the random-initialization baseline")
     p.add_argument("--no-save", action="store_true", help="do not write personalized models")
     p.add_argument("--json", action="store_true", help="print the aggregate results as JSON instead of the summary")
@@ -111,10 +133,16 @@ def register(subparsers: argparse._SubParsersAction, add_common: Callable[..., N
         help="predict with the personalized models written by `fedmeta adapt`",
         description="Load personalized models (tensor-only files + manifest.json) and predict for new inputs.",
     )
-    p.add_argument("--models", required=True, metavar="DIR", help="the `fedmeta adapt` output folder (or its models/ folder)")
+    p.add_argument(
+        "--models", required=True, metavar="DIR", help="the `fedmeta adapt` output folder (or its models/ folder)"
+    )
     p.add_argument("--task", default=None, help="which task's model (optional when only one task was personalized)")
-    p.add_argument("--input", required=True, metavar="FILE", help="an .npz with array x, an .npy, an image, or a folder of images")
-    p.add_argument("--out", metavar="FILE", default=None, help="write predictions to FILE (.npz or .json) instead of printing JSON")
+    p.add_argument(
+        "--input", required=True, metavar="FILE", help="an .npz with array x, an .npy, an image, or a folder of images"
+    )
+    p.add_argument(
+        "--out", metavar="FILE", default=None, help="write predictions to FILE (.npz or .json) instead of printing JSON"
+    )
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     p.add_argument("--quiet", action="store_true", help="warnings only")
     p.set_defaults(func=cmd_predict)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 __all__ = ["register", "cmd_centralized"]
@@ -13,24 +12,22 @@ __all__ = ["register", "cmd_centralized"]
 def cmd_centralized(args: argparse.Namespace) -> int:
     """``fedmeta centralized CONFIG``."""
     from fedmeta.centralized import run_centralized
-    from fedmeta.cli.common import Progress, default_out, report
-    from fedmeta.config import load_config
+    from fedmeta.cli.common import run_training
 
-    cfg = load_config(args.config, args.overrides)
-    out = Path(args.out) if args.out else default_out("centralized", args.config)
-    bar = Progress(cfg.federation.rounds, enabled=not args.quiet)
-    try:
-        summary = run_centralized(cfg, out, resume=args.resume, progress=bar)
-    finally:
-        bar.close()
-    report(summary, out)
-    return 0
+    return run_training(
+        args, "centralized", lambda cfg, out, bar: run_centralized(cfg, out, resume=args.resume, progress=bar)
+    )
 
 
 def register(subparsers: Any, add_common: Callable[..., None]) -> None:
     """Add ``centralized`` to the ``fedmeta`` command line."""
-    p = subparsers.add_parser("centralized", help="the same meta-learning math in one process: the reference")
-    p.add_argument("config", help="YAML config file")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    add_common(p)
-    p.set_defaults(func=cmd_centralized)
+    from fedmeta.cli.common import add_training_command
+
+    add_training_command(
+        subparsers,
+        add_common,
+        "centralized",
+        cmd_centralized,
+        help="the same meta-learning math in one process: the reference",
+        resume_help="continue from OUT/checkpoint.pt",
+    )

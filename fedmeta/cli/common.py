@@ -5,16 +5,26 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["add_common", "default_out", "Progress", "report"]
+if TYPE_CHECKING:
+    from fedmeta.config import Config
+
+__all__ = ["add_common", "add_training_command", "default_out", "Progress", "report", "run_training"]
 
 log = logging.getLogger("fedmeta")
 
 
 def add_common(p: argparse.ArgumentParser, *, out: bool = True, overrides: bool = True) -> None:
-    """Add ``--out`` (unless ``out=False``), ``--set`` (unless ``overrides=False``), ``--debug``, ``--quiet`` to ``p``."""
+    """Add ``--out`` (unless ``out=False``), ``--set`` (unless ``overrides=False``), ``--debug``, ``--quiet``.
+
+    Args:
+        p: the sub-command's parser, changed in place.
+        out: whether to add ``--out``.
+        overrides: whether to add ``--set``.
+    """
     if out:
         p.add_argument("--out", metavar="DIR", help="output directory (default: runs/<command>-<config name>)")
     if overrides:
@@ -43,7 +53,14 @@ class Progress:
         from tqdm import tqdm
 
         # tqdm disables itself when stderr is not a terminal (disable=None); then eval rows are logged
-        self.bar = tqdm(total=total, initial=start, unit="round", disable=None if enabled else True, dynamic_ncols=True, file=sys.stderr)
+        self.bar = tqdm(
+            total=total,
+            initial=start,
+            unit="round",
+            disable=None if enabled else True,
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
         self.log_evals = enabled and bool(self.bar.disable)
 
     def __call__(self, round_idx: int, row: dict[str, Any]) -> None:
@@ -75,14 +92,89 @@ def report(summary: dict[str, Any], out: Path) -> None:
     if "pre_adapt_loss" in final:
         parts.append(
             f"held-out loss {final['pre_adapt_loss']:.4f} before adaptation, "
-            f"{final['post_adapt_loss']:.4f} ± {final.get('post_adapt_loss_ci95', 0):.4f} after {final.get('steps')} steps"
+            f"{final['post_adapt_loss']:.4f} ± {final.get('post_adapt_loss_ci95', 0):.4f} after {final.get('steps')} "
+            "steps"
         )
     if "post_adapt_accuracy" in final:
         parts.append(
-            f"accuracy {final['pre_adapt_accuracy']:.3f} -> {final['post_adapt_accuracy']:.3f} ± {final.get('post_adapt_accuracy_ci95', 0):.3f}"
+            f"accuracy {final['pre_adapt_accuracy']:.3f} -> {final['post_adapt_accuracy']:.3f} ± "
+            f"{final.get('post_adapt_accuracy_ci95', 0):.3f}"
         )
     eps = (summary.get("privacy") or {}).get("epsilon")
-    parts.append("no differential privacy" if eps is None else f"privacy spent: epsilon={eps:.3f}, delta={summary['privacy']['delta']:g}")
+    parts.append(
+        "no differential privacy"
+        if eps is None
+        else f"privacy spent: epsilon={eps:.3f}, delta={summary['privacy']['delta']:g}"
+    )
     if (summary.get("privacy") or {}).get("stopped_by_budget"):
-        parts.append(f"stopped by privacy.target_epsilon after {summary.get('rounds_completed')} of {summary.get('rounds_planned')} rounds")
+        parts.append(
+            f"stopped by privacy.target_epsilon after {summary.get('rounds_completed')} of "
+            f"{summary.get('rounds_planned')} rounds"
+        )
     print("; ".join(parts) + f". Outputs in {out}/", file=sys.stdout)
+
+
+def run_training(
+    args: argparse.Namespace,
+    command: str,
+    train: Callable[[Config, Path, Progress], dict[str, Any]],
+    *,
+    bar_from_checkpoint: bool = False,
+) -> int:
+    """Load ``args.config`` (with ``--set``), train into ``--out`` under a progress bar, print the summary.
+
+    Args:
+        args: the parsed ``config``, ``--set``, ``--out``, ``--resume`` and ``--quiet``.
+        command: names the default output folder (``runs/<command>-<config name>``).
+        train: runs the training: ``train(cfg, out, bar)`` returns the run's summary.
+        bar_from_checkpoint: on ``--resume``, start the bar at the checkpoint's round.
+
+    Returns:
+        The exit status, 0.
+
+    Raises:
+        ConfigError: from the config or the run (the CLI reports it).
+        CheckpointError: when resuming from a missing or corrupt checkpoint.
+    """
+    from fedmeta.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out) if args.out else default_out(command, args.config)
+    start = 0
+    if bar_from_checkpoint and args.resume:
+        from fedmeta.checkpoint import load_checkpoint
+
+        start = int(load_checkpoint(out / "checkpoint.pt")["round"])
+    bar = Progress(cfg.federation.rounds, enabled=not args.quiet, start=start)
+    try:
+        summary = train(cfg, out, bar)
+    finally:
+        bar.close()
+    report(summary, out)
+    return 0
+
+
+def add_training_command(
+    subparsers: Any,
+    add_common: Callable[..., None],
+    name: str,
+    func: Callable[[argparse.Namespace], int],
+    *,
+    help: str,
+    resume_help: str,
+) -> None:
+    """Add a training command (``centralized``, ``simulate``): ``CONFIG``, ``--resume`` and the common options.
+
+    Args:
+        subparsers: the ``fedmeta`` parser's sub-command actions.
+        add_common: adds ``--out``, ``--set``, ``--debug``, ``--quiet`` (:func:`add_common`).
+        name: the command's name.
+        func: runs the command on the parsed arguments and returns the exit status.
+        help: the command's one-line help.
+        resume_help: what ``--resume`` continues from.
+    """
+    p = subparsers.add_parser(name, help=help)
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("--resume", action="store_true", help=resume_help)
+    add_common(p)
+    p.set_defaults(func=func)

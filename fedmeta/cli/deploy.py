@@ -38,7 +38,9 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
         start = int(load_checkpoint(out / "checkpoint.pt")["round"])
     secure = not args.insecure
     if not secure:
-        log.warning("--insecure: plain HTTP without TLS and without SuperNode authentication (use only on a trusted machine)")
+        log.warning(
+            "--insecure: plain HTTP without TLS and without SuperNode authentication (use only on a trusted machine)"
+        )
     bar = Progress(cfg.federation.rounds, enabled=not args.quiet, start=start)
     try:
         with terminate_on_signals():
@@ -58,7 +60,8 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
         bar.close()
     d = result.summary["deployment"]
     print(
-        f"deployment of {d['sites']} sites ({'TLS + node authentication' if d['node_auth'] else 'TLS' if d['tls'] else 'insecure'}): "
+        f"deployment of {d['sites']} sites "
+        f"({'TLS + node authentication' if d['node_auth'] else 'TLS' if d['tls'] else 'insecure'}): "
         f"start-up {d['startup_seconds']:.1f}s, run {d['run_seconds']:.1f}s (run id {result.run_id})",
         file=sys.stdout,
     )
@@ -86,7 +89,9 @@ def cmd_make_node_key(args: argparse.Namespace) -> int:
     if path.exists() and not args.force:
         from fedmeta.errors import ConfigError
 
-        raise ConfigError(f"key file '{path}' exists; use --force to replace it (the old public key then stops working)")
+        raise ConfigError(
+            f"key file '{path}' exists; use --force to replace it (the old public key then stops working)"
+        )
     key = make_node_key(path, comment=args.comment or path.name)
     print(
         f"private key {key.private} (stays on this site: flower-supernode --auth-supernode-private-key), "
@@ -109,27 +114,65 @@ def register(subparsers: Any, add_common: Callable[..., None]) -> None:
     )
     p.add_argument("config", help="YAML config file")
     p.add_argument("--sites", type=int, default=None, help="number of sites (SuperNodes); required unless --data")
-    p.add_argument("--out", required=True, metavar="DIR", help="output directory (sites in DIR/sites, deployment files in DIR/deploy)")
-    p.add_argument("--data", metavar="DIR", default=None, help="existing site folders (a folder of site-* folders) instead of generated ones")
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="output directory (sites in DIR/sites, deployment files in DIR/deploy)",
+    )
+    p.add_argument(
+        "--data",
+        metavar="DIR",
+        default=None,
+        help="existing site folders (a folder of site-* folders) instead of generated ones",
+    )
     security = p.add_mutually_exclusive_group()
     security.add_argument("--tls", action="store_true", help="TLS and SuperNode authentication (the default)")
-    security.add_argument("--insecure", action="store_true", help="plain HTTP, no TLS, no node authentication (trusted machine only)")
-    p.add_argument("--no-node-auth", action="store_true", help="TLS but no SuperNode authentication (any node with the CA certificate may join)")
+    security.add_argument(
+        "--insecure", action="store_true", help="plain HTTP, no TLS, no node authentication (trusted machine only)"
+    )
+    p.add_argument(
+        "--no-node-auth",
+        action="store_true",
+        help="TLS but no SuperNode authentication (any node with the CA certificate may join)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt at the next round")
-    p.add_argument("--keep-logs", action="store_true", help="keep DIR/deploy (process logs, keys, Flower homes) after a successful run")
-    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="limit on the run itself (default: derived from rounds and federation.round_timeout)")
+    p.add_argument(
+        "--keep-logs",
+        action="store_true",
+        help="keep DIR/deploy (process logs, keys, Flower homes) after a successful run",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="limit on the run itself (default: derived from rounds and federation.round_timeout)",
+    )
     add_common(p, out=False)
     p.set_defaults(func=cmd_deploy_local)
 
     p = subparsers.add_parser("make-certs", help="create a test CA and the SuperLink's TLS certificate")
-    p.add_argument("--out", required=True, metavar="DIR", help="folder for ca.crt, ca.key, server.pem, server.key (an existing CA there is reused)")
-    p.add_argument("--host", action="append", metavar="HOST", help="IP or DNS name clients use to reach the SuperLink (repeatable; default 127.0.0.1 and localhost)")
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="folder for ca.crt, ca.key, server.pem, server.key (an existing CA there is reused)",
+    )
+    p.add_argument(
+        "--host",
+        action="append",
+        metavar="HOST",
+        help="IP or DNS name clients use to reach the SuperLink (repeatable; default 127.0.0.1 and localhost)",
+    )
     p.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("--quiet", action="store_true", help="warnings only")
     p.set_defaults(func=cmd_make_certs)
 
-    p = subparsers.add_parser("make-node-key", help="create a site's SuperNode authentication key pair (ECDSA P-384, OpenSSH)")
+    p = subparsers.add_parser(
+        "make-node-key", help="create a site's SuperNode authentication key pair (ECDSA P-384, OpenSSH)"
+    )
     p.add_argument("path", help="private key file; the public key is written to PATH.pub")
     p.add_argument("--comment", default=None, help="comment after the public key (default: the file name)")
     p.add_argument("--force", action="store_true", help="replace an existing key")

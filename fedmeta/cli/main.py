@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
         prog="fedmeta",
-        description="Federated meta-learning on Flower: MAML, FOMAML, Reptile, Meta-SGD, ANIL with differential privacy.",
+        description="Federated meta-learning on Flower: MAML, FOMAML, Reptile, Meta-SGD, ANIL with differential "
+                    "privacy.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True

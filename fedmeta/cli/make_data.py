@@ -26,7 +26,9 @@ def register(subparsers: Any, add_common: Callable[..., None]) -> None:
     p.add_argument("config", help="YAML config file (its task family and seed)")
     p.add_argument("--sites", type=int, required=True, help="number of site folders")
     p.add_argument("--out", required=True, metavar="DIR", help="where to write site-0000, site-0001, ...")
-    p.add_argument("--tasks-per-site", type=int, default=None, help="training tasks per site (default: task.tasks_per_site or 20)")
+    p.add_argument(
+        "--tasks-per-site", type=int, default=None, help="training tasks per site (default: task.tasks_per_site or 20)"
+    )
     p.add_argument("--heldout", type=int, default=5, help="held-out tasks per site (default 5)")
     add_common(p, out=False)
     p.set_defaults(func=cmd_make_data)

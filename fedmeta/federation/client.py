@@ -97,7 +97,9 @@ def resolve_client_id(own: int | None, assigned: int | None) -> int:
             raise UpdateRejected(f"this node is client {own}, but the server addressed client {assigned}")
         return own
     if assigned is None or assigned < 0:
-        raise UpdateRejected("this node has no client id (node config 'client-id' or 'partition-id') and the server sent none")
+        raise UpdateRejected(
+            "this node has no client id (node config 'client-id' or 'partition-id') and the server sent none"
+        )
     return assigned
 
 
@@ -125,7 +127,9 @@ def check_received_meta(exp: Experiment, meta: Params) -> None:
             raise UpdateRejected(f"received meta-parameters do not fit the model here (parameter '{key}')")
 
 
-def evaluate_on_client(exp: Experiment, meta: Params, client_id: int, *, num_tasks: int) -> tuple[dict[str, float], int]:
+def evaluate_on_client(
+    exp: Experiment, meta: Params, client_id: int, *, num_tasks: int
+) -> tuple[dict[str, float], int]:
     """Adapt to the client's own held-out tasks and return aggregate metrics only.
 
     Held-out tasks come from the ``eval`` split of the client's family (a site's ``heldout/``

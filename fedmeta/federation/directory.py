@@ -38,7 +38,14 @@ class ClientDirectory:
         output_dim: the model's outputs (``None``: not checked).
     """
 
-    def __init__(self, clients_total: int, *, kind: str, input_shape: tuple[int, ...] | None = None, output_dim: int | None = None) -> None:
+    def __init__(
+        self,
+        clients_total: int,
+        *,
+        kind: str,
+        input_shape: tuple[int, ...] | None = None,
+        output_dim: int | None = None,
+    ) -> None:
         self.clients_total = clients_total
         self.kind = kind
         self.input_shape = input_shape
@@ -80,7 +87,11 @@ class ClientDirectory:
             return f"its tasks are {identity.kind}, the model is for {self.kind} tasks"
         if identity.client_id >= self.clients_total:
             return f"client id {identity.client_id} is outside 0..{self.clients_total - 1} (federation.clients_total)"
-        if self.input_shape is not None and identity.input_shape and tuple(identity.input_shape) != tuple(self.input_shape):
+        if (
+            self.input_shape is not None
+            and identity.input_shape
+            and tuple(identity.input_shape) != tuple(self.input_shape)
+        ):
             return f"its inputs have shape {tuple(identity.input_shape)}, the model expects {tuple(self.input_shape)}"
         if self.output_dim is not None and identity.output_dim and identity.output_dim != self.output_dim:
             return f"its tasks need {identity.output_dim} outputs, the model has {self.output_dim}"
@@ -163,7 +174,8 @@ class SiteLayoutFamily(TaskFamily):
     def _no_tasks(self) -> ConfigError:
         return ConfigError(
             "this server holds no task data (task.name 'folder' with task.data_dir null): it evaluates through "
-            "the sites (eval.clients > 0); for server-side evaluation point task.data_dir at a site folder with heldout/ tasks"
+            "the sites (eval.clients > 0); for server-side evaluation point task.data_dir at a site folder with "
+            "heldout/ tasks"
         )
 
     def sample_params(self, gen: torch.Generator, n: int, split: str) -> torch.Tensor:
@@ -199,5 +211,11 @@ def site_layout(identities: Sequence[ClientIdentity]) -> SiteLayoutFamily:
     # most sites first; among equals, the layout of the lowest (client id, site name)
     (kind, shape, outputs), _ = min(votes.items(), key=lambda kv: (-len(kv[1]), min(kv[1])))
     if len(votes) > 1:
-        log.warning("sites report %d different data layouts; the model follows the most common one: %s %s -> %d", len(votes), kind, shape, outputs)
+        log.warning(
+            "sites report %d different data layouts; the model follows the most common one: %s %s -> %d",
+            len(votes),
+            kind,
+            shape,
+            outputs,
+        )
     return SiteLayoutFamily(kind, shape, outputs)

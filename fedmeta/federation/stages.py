@@ -127,7 +127,9 @@ class AggregationStage(_Stateless):
         reports = [{"num_tasks": rep.num_tasks, **rep.metrics} for rep in state.replies]
         updates = [rep.update for rep in state.replies]
         try:
-            state.aggregate = self.policy.aggregate(state.round_idx, updates, reference=state.reference, reports=reports)
+            state.aggregate = self.policy.aggregate(
+                state.round_idx, updates, reference=state.reference, reports=reports
+            )
         except ValueError:
             if state.replies:
                 raise
@@ -206,7 +208,9 @@ class OuterSchedule:
             return self.lr + (self.final_lr - self.lr) * t
         if self.name == "cosine":
             return self.final_lr + (self.lr - self.final_lr) * (1.0 + math.cos(math.pi * t)) / 2.0
-        raise ConfigError(f"config key 'meta.outer_schedule' is {self.name!r}; must be one of {', '.join(OUTER_SCHEDULES)}")
+        raise ConfigError(
+            f"config key 'meta.outer_schedule' is {self.name!r}; must be one of {', '.join(OUTER_SCHEDULES)}"
+        )
 
 
 class OptimizerStage:

@@ -140,6 +140,19 @@ def pack_identity(identity: ClientIdentity) -> RecordDict:
     )
 
 
+def _int(value: object) -> int:
+    """``int(value)`` of a record value: a number or a numeric string.
+
+    Raises:
+        TypeError: for a list (or anything else ``int`` refuses), as ``int`` itself would.
+        ValueError: for a string that is not an integer.
+    """
+    if isinstance(value, int | float | str | bytes):
+        return int(value)
+    raise TypeError("int() argument must be a string, a bytes-like object or a real number, not "
+                    f"'{type(value).__name__}'")
+
+
 def unpack_identity(message: Message) -> ClientIdentity:
     """Read a node's answer to the start-up query.
 
@@ -149,15 +162,17 @@ def unpack_identity(message: Message) -> ClientIdentity:
     try:
         rec = message.content.config_records[_IDENTITY]
         return ClientIdentity(
-            client_id=int(rec["client-id"]),
+            client_id=_int(rec["client-id"]),
             kind=str(rec["kind"]),
-            num_tasks=int(rec["num-tasks"]),
+            num_tasks=_int(rec["num-tasks"]),
             site=str(rec["site"]),
             input_shape=tuple(int(d) for d in rec.get("input-shape", [])),  # type: ignore[union-attr]
-            output_dim=int(rec.get("output-dim", 0)),  # type: ignore[arg-type]
+            output_dim=_int(rec.get("output-dim", 0)),
         )
     except (KeyError, TypeError, ValueError) as exc:
-        raise UpdateRejected(f"node {message.metadata.src_node_id} answered the start-up query without an identity: {exc}") from exc
+        raise UpdateRejected(
+            f"node {message.metadata.src_node_id} answered the start-up query without an identity: {exc}"
+        ) from exc
 
 
 # -- train / evaluate -------------------------------------------------------------------------

@@ -31,7 +31,9 @@ class RunOptions:
     resume: bool = False
 
 
-def config_from_run_config(run_config: dict[str, Any], *, base_dirs: tuple[Path, ...] = ()) -> tuple[Config, RunOptions]:
+def config_from_run_config(
+    run_config: dict[str, Any], *, base_dirs: tuple[Path, ...] = ()
+) -> tuple[Config, RunOptions]:
     """Build the run's :class:`~fedmeta.config.Config` from Flower's ``run_config`` mapping.
 
     Keys (all optional):
@@ -55,7 +57,9 @@ def config_from_run_config(run_config: dict[str, Any], *, base_dirs: tuple[Path,
     overrides = shlex.split(str(flat.pop("overrides", "") or ""))
     for key, value in flat.items():
         if "." not in key:
-            raise ConfigError(f"unknown run_config key '{key}' (known: {', '.join(RUN_CONFIG_KEYS)} and dotted config keys)")
+            raise ConfigError(
+                f"unknown run_config key '{key}' (known: {', '.join(RUN_CONFIG_KEYS)} and dotted config keys)"
+            )
         if isinstance(value, str) and (value == "null" or value.startswith("[")):
             value = yaml.safe_load(value)
         overrides.append(f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}")

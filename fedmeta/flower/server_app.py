@@ -16,14 +16,24 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
 from fedmeta.config import Config
 from fedmeta.experiment import Experiment
-from fedmeta.federation import AggregateTransform, ClientIdentity, ProgressFn, RoundLoop, RoundPolicy, UpdateTransform, needs_site_layout, site_layout
+from fedmeta.federation import (
+    AggregateTransform,
+    ClientIdentity,
+    ProgressFn,
+    RoundLoop,
+    RoundPolicy,
+    UpdateTransform,
+    needs_site_layout,
+    site_layout,
+)
 from fedmeta.flower import records as fl
 from fedmeta.flower.run_config import run_settings
 from fedmeta.flower.transport import FlowerTransport, ask_sites
-from flwr.app import Context
-from flwr.serverapp import Grid, ServerApp
 
 __all__ = ["build_run_config_server_app", "build_server_app", "run_server"]
 
@@ -71,7 +81,12 @@ def run_server(
         fl.prepare_grid(grid)
         answers = ask_sites(grid, cfg)
         family = site_layout([a for a in answers.values() if isinstance(a, ClientIdentity)])
-        log.info("no site data on the server: model built for %s inputs of shape %s with %d outputs, as the sites report", family.kind, family.input_shape, family.output_dim)
+        log.info(
+            "no site data on the server: model built for %s inputs of shape %s with %d outputs, as the sites report",
+            family.kind,
+            family.input_shape,
+            family.output_dim,
+        )
         experiment = Experiment(cfg, family=family)
     loop = RoundLoop(
         cfg,
@@ -89,7 +104,9 @@ def run_server(
     return loop.run(transport, progress=progress)
 
 
-def build_server_app(cfg: Config, out_dir: str | Path, *, resume: bool = False, mode: str = "simulation", **kwargs: Any) -> ServerApp:
+def build_server_app(
+    cfg: Config, out_dir: str | Path, *, resume: bool = False, mode: str = "simulation", **kwargs: Any
+) -> ServerApp:
     """A ``ServerApp`` bound to ``cfg`` and ``out_dir`` (keyword arguments go to :func:`run_server`)."""
     server_app = ServerApp()
 

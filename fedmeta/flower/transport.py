@@ -15,14 +15,15 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from fedmeta.flower import records as fl
-from fedmeta.errors import InconsistentReplies, UpdateRejected
+from flwr.app import ArrayRecord, Message
+from flwr.serverapp import Grid
+
 from fedmeta.config import Config
+from fedmeta.errors import InconsistentReplies, UpdateRejected
 from fedmeta.federation.client import ClientIdentity
 from fedmeta.federation.directory import ClientDirectory
 from fedmeta.federation.loop import ClientReply, RoundLog, RoundLoop
-from flwr.app import ArrayRecord, Message
-from flwr.serverapp import Grid
+from fedmeta.flower import records as fl
 
 __all__ = ["FlowerTransport", "ask_sites"]
 
@@ -108,7 +109,7 @@ class FlowerTransport:
         book = RoundLog(round_idx, list(cohort))
         arrays = fl.params_to_record(loop.meta)
         messages = self._messages(loop, book, located, arrays, {"eval-tasks": tasks_per_client}, fl.EVALUATE)
-        results = []
+        results: list[tuple[Mapping[str, float], int]] = []
         for reply in self.grid.send_and_receive(messages, timeout=loop.cfg.federation.round_timeout):
             try:
                 results.append(fl.unpack_eval_metrics(reply))
@@ -165,7 +166,13 @@ class FlowerTransport:
             log.info("node %s has no client id of its own; it acts as client %d", node, cid)
 
     def _messages(
-        self, loop: RoundLoop, book: RoundLog, located: dict[int, int], arrays: ArrayRecord, config: dict[str, Any], kind: str
+        self,
+        loop: RoundLoop,
+        book: RoundLog,
+        located: dict[int, int],
+        arrays: ArrayRecord,
+        config: dict[str, Any],
+        kind: str,
     ) -> list[Message]:
         ttl = loop.cfg.federation.round_timeout + 60.0
         messages = []
@@ -230,11 +237,18 @@ def ask_sites(grid: Grid, cfg: Config, *, query_batch: int = 500) -> dict[int, C
         time.sleep(0.2)
         nodes = set(grid.get_node_ids())
     if len(nodes) < f.clients_total:
-        log.warning("%d of %d clients registered within federation.join_timeout=%gs; starting with them", len(nodes), f.clients_total, f.join_timeout)
+        log.warning(
+            "%d of %d clients registered within federation.join_timeout=%gs; starting with them",
+            len(nodes),
+            f.clients_total,
+            f.join_timeout,
+        )
     return _ask(grid, cfg, nodes, deadline, query_batch)
 
 
-def _ask(grid: Grid, cfg: Config, nodes: set[int], deadline: float, query_batch: int) -> dict[int, ClientIdentity | str | None]:
+def _ask(
+    grid: Grid, cfg: Config, nodes: set[int], deadline: float, query_batch: int
+) -> dict[int, ClientIdentity | str | None]:
     """The start-up query to ``nodes``, in batches, until ``deadline`` (monotonic seconds)."""
     ordered = sorted(nodes)
     ttl = max(1.0, deadline - time.monotonic())

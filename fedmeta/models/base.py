@@ -93,7 +93,9 @@ class FunctionalModel(ABC):
         return functional_call(self.module.head, head, (h,))  # type: ignore[arg-type]
 
     def forward_tasks(self, params: Params, x: Tensor) -> Tensor:
-        """Outputs ``[T, N, outputs]`` of ``T`` tasks: ``params`` stacked ``[T, *shape]``, ``x`` ``[T, N, *input_shape]``.
+        """Outputs ``[T, N, outputs]`` of ``T`` tasks.
+
+        ``params`` are stacked ``[T, *shape]``, ``x`` is ``[T, N, *input_shape]``.
 
         Task ``t`` is computed exactly as ``forward({k: v[t]}, x[t])``, batch statistics included.
         """

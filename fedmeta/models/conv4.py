@@ -174,13 +174,30 @@ class Conv4(FunctionalModel):
         for i in range(4):
             pre = f"body.{i}."
             w = params[pre + "conv.weight"]
-            h = F.conv2d(h, w.reshape(-1, *w.shape[-3:]), _flat(params.get(pre + "conv.bias")), stride=self._stride, padding=1, groups=tasks)
+            h = F.conv2d(
+                h,
+                w.reshape(-1, *w.shape[-3:]),
+                _flat(params.get(pre + "conv.bias")),
+                stride=self._stride,
+                padding=1,
+                groups=tasks,
+            )
             if self.norm == "batch":
                 # statistics over (N, H, W) per channel, i.e. per task: no running averages
-                h = F.batch_norm(h, None, None, _flat(params[pre + "norm.weight"]), _flat(params[pre + "norm.bias"]), training=True, eps=_EPS)
+                h = F.batch_norm(
+                    h,
+                    None,
+                    None,
+                    _flat(params[pre + "norm.weight"]),
+                    _flat(params[pre + "norm.bias"]),
+                    training=True,
+                    eps=_EPS,
+                )
             elif self.norm != "none":
                 groups = _GROUPS if self.norm == "group" else 1
-                h = F.group_norm(h, tasks * groups, _flat(params[pre + "norm.weight"]), _flat(params[pre + "norm.bias"]), eps=_EPS)
+                h = F.group_norm(
+                    h, tasks * groups, _flat(params[pre + "norm.weight"]), _flat(params[pre + "norm.bias"]), eps=_EPS
+                )
             h = F.relu(h)
             if self.pool == "max":
                 h = F.max_pool2d(h, 2)
@@ -213,7 +230,7 @@ class Conv4(FunctionalModel):
         return torch.baddbmm(params["head.bias"].unsqueeze(1), h, params["head.weight"].transpose(1, 2))
 
     @classmethod
-    def from_config(cls, cfg: Config, input_shape: tuple[int, ...], outputs: int) -> "Conv4":
+    def from_config(cls, cfg: Config, input_shape: tuple[int, ...], outputs: int) -> Conv4:
         """Build from ``model.channels`` / ``model.norm`` / ``model.pool``.
 
         Raises:
@@ -254,5 +271,7 @@ class Conv4(FunctionalModel):
     def describe(self) -> dict[str, object]:
         """Shapes plus the options that change the function but not the shapes."""
         out = super().describe()
-        out.update({"channels": self.channels, "norm": self.norm, "pool": self.pool, "input_shape": list(self.input_shape)})
+        out.update(
+            {"channels": self.channels, "norm": self.norm, "pool": self.pool, "input_shape": list(self.input_shape)}
+        )
         return out

@@ -50,8 +50,9 @@ class MLP(FunctionalModel):
         self.in_features = int(math.prod(input_shape))
         self.hidden = tuple(hidden)
         self.out_features = out_features
-        super().__init__(_MLPModule(self.in_features, self.hidden, out_features))
-        self._hidden_layers = [f"body.{i}" for i, m in enumerate(self.module.body) if isinstance(m, nn.Linear)]
+        net = _MLPModule(self.in_features, self.hidden, out_features)
+        super().__init__(net)
+        self._hidden_layers = [f"body.{i}" for i, m in enumerate(net.body) if isinstance(m, nn.Linear)]
 
     @classmethod
     def from_config(cls, cfg: Config, input_shape: tuple[int, ...], outputs: int) -> MLP:

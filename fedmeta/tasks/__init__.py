@@ -126,7 +126,9 @@ class TaskSource:
         if self.cfg.task.tasks_per_site is None or self.cfg.task.name == "folder":
             return None
         fam = self.family(client_id)
-        return fam.sample_params(make_generator(self.cfg.seed, "site", client_id), self.cfg.task.tasks_per_site, "train")
+        return fam.sample_params(
+            make_generator(self.cfg.seed, "site", client_id), self.cfg.task.tasks_per_site, "train"
+        )
 
     def eval_tasks(self, n: int | None = None) -> TaskBatch:
         """The held-out evaluation tasks (fixed for a seed; never used in training)."""

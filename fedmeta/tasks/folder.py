@@ -51,7 +51,17 @@ from fedmeta.types import TaskBatch
 if TYPE_CHECKING:
     from fedmeta.config import Config
 
-__all__ = ["SiteTask", "FolderFamily", "TooFewClassesError", "load_site_tasks", "list_sites", "write_site", "load_image", "SITE_KINDS", "IMAGE_SUFFIXES"]
+__all__ = [
+    "SiteTask",
+    "FolderFamily",
+    "TooFewClassesError",
+    "load_site_tasks",
+    "list_sites",
+    "write_site",
+    "load_image",
+    "SITE_KINDS",
+    "IMAGE_SUFFIXES",
+]
 
 SITE_KINDS = ("regression", "classification")
 #: file suffixes read as images in image-folder tasks
@@ -85,7 +95,9 @@ class SiteTask:
         return tuple(arr.shape[1:])
 
 
-def _check_xy(path: Path, x: np.ndarray, y: np.ndarray, xname: str, yname: str, kind: str) -> tuple[np.ndarray, np.ndarray]:
+def _check_xy(
+    path: Path, x: np.ndarray, y: np.ndarray, xname: str, yname: str, kind: str
+) -> tuple[np.ndarray, np.ndarray]:
     if x.ndim < 1 or x.shape[0] == 0:
         raise DataFormatError(f"task file '{path}': array '{xname}' is empty ({_HINT})")
     if x.ndim == 1:
@@ -160,16 +172,21 @@ def load_image(path: str | Path) -> np.ndarray:
     return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
-def _read_class_folders(folder: Path, classes: tuple[str, ...] | None = None) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+def _read_class_folders(
+    folder: Path, classes: tuple[str, ...] | None = None
+) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     found = tuple(sorted(d.name for d in folder.iterdir() if d.is_dir()))
     if classes is None:
         classes = found
     elif found != classes:
         raise DataFormatError(
-            f"image folder '{folder}' has class folders {list(found)}, but its support side has {list(classes)} ({_HINT})"
+            f"image folder '{folder}' has class folders {list(found)}, but its support side has {list(classes)} "
+            f"({_HINT})"
         )
     if not classes:
-        raise DataFormatError(f"image folder '{folder}' holds no class folders (expected {folder}/CLASS/*.png; {_HINT})")
+        raise DataFormatError(
+            f"image folder '{folder}' holds no class folders (expected {folder}/CLASS/*.png; {_HINT})"
+        )
     xs: list[np.ndarray] = []
     ys: list[int] = []
     shape: tuple[int, ...] | None = None
@@ -204,7 +221,9 @@ def _read_image_task(path: Path, kind: str) -> SiteTask:
         sx, sy, classes = _read_class_folders(path / "support")
         qx, qy, _ = _read_class_folders(path / "query", classes)
         if sx.shape[1:] != qx.shape[1:]:
-            raise DataFormatError(f"task folder '{path}': support images have shape {sx.shape[1:]} but query images {qx.shape[1:]}")
+            raise DataFormatError(
+                f"task folder '{path}': support images have shape {sx.shape[1:]} but query images {qx.shape[1:]}"
+            )
         return SiteTask(path.name, path, support=(sx, sy), query=(qx, qy), classes=classes)
     x, y, classes = _read_class_folders(path)
     return SiteTask(path.name, path, x=x, y=y, classes=classes)
@@ -258,7 +277,9 @@ def _site_meta(site: Path) -> dict[str, object]:
         raise DataFormatError(f"site file '{meta}': kind must be one of {', '.join(SITE_KINDS)}, got {kind!r}")
     frac = data.get("query_fraction")
     if frac is not None and (isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 < frac < 1):
-        raise DataFormatError(f"site file '{meta}': query_fraction must be a number strictly between 0 and 1, got {frac!r}")
+        raise DataFormatError(
+            f"site file '{meta}': query_fraction must be a number strictly between 0 and 1, got {frac!r}"
+        )
     return data
 
 
@@ -319,7 +340,9 @@ def list_sites(root: str | Path) -> list[Path]:
         return [base]
     sites = sorted(p for p in base.iterdir() if p.is_dir() and (p / "tasks").is_dir())
     if not sites:
-        raise DataFormatError(f"data folder '{base}' is neither a site (no tasks/ folder) nor a folder of sites ({_HINT})")
+        raise DataFormatError(
+            f"data folder '{base}' is neither a site (no tasks/ folder) nor a folder of sites ({_HINT})"
+        )
     return sites
 
 
@@ -482,6 +505,7 @@ class FolderFamily(TaskFamily):
     def _class_episode(self, task: SiteTask, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         s, q = self.shots, self.query
         if task.x is not None:
+            assert task.y is not None  # x and y are read together (see _read_task)
             pools_s = pools_q = task.x
             labels_s = labels_q = task.y
         else:

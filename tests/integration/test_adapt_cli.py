@@ -32,7 +32,9 @@ SINUSOID = {
 
 def _fedmeta(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "fedmeta.cli", *args], capture_output=True, text=True, timeout=600, cwd=cwd, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "fedmeta.cli", *args], capture_output=True, text=True, timeout=600, cwd=cwd, env=env
+    )
 
 
 @pytest.mark.slow
@@ -41,8 +43,30 @@ def test_new_site_adapts_compares_and_predicts_offline(tmp_path: Path) -> None:
     cfg.write_text(yaml.safe_dump(SINUSOID))
     for args in (
         ["centralized", str(cfg), "--out", "maml", "--quiet"],
-        ["centralized", str(cfg), "--out", "fedavg", "--quiet", "--set", "meta.algorithm=fedavg", "federation.rounds=100"],
-        ["make-data", str(cfg), "--sites", "1", "--out", "sites", "--tasks-per-site", "3", "--heldout", "2", "--set", "seed=11"],
+        [
+            "centralized",
+            str(cfg),
+            "--out",
+            "fedavg",
+            "--quiet",
+            "--set",
+            "meta.algorithm=fedavg",
+            "federation.rounds=100",
+        ],
+        [
+            "make-data",
+            str(cfg),
+            "--sites",
+            "1",
+            "--out",
+            "sites",
+            "--tasks-per-site",
+            "3",
+            "--heldout",
+            "2",
+            "--set",
+            "seed=11",
+        ],
     ):
         proc = _fedmeta(*args, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr
@@ -52,7 +76,12 @@ def test_new_site_adapts_compares_and_predicts_offline(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     # the printed summary puts the three initializations side by side and points to deployment
-    for needle in ("meta-initialization (maml)", "random initialization", "fedavg-trained initialization", "docs/deployment.md"):
+    for needle in (
+        "meta-initialization (maml)",
+        "random initialization",
+        "fedavg-trained initialization",
+        "docs/deployment.md",
+    ):
         assert needle in proc.stdout
     report = json.loads((tmp_path / "adapted" / "adapt_report.json").read_text())
     assert set(report["initializations"]) == {"meta", "random", "compare"}
@@ -66,7 +95,9 @@ def test_new_site_adapts_compares_and_predicts_offline(tmp_path: Path) -> None:
     assert sorted(manifest["tasks"]) == ["train-0000", "train-0001", "train-0002"]
 
     np.savez(tmp_path / "x.npz", x=np.linspace(-4, 4, 6, dtype=np.float32)[:, None])
-    proc = _fedmeta("predict", "--models", "adapted", "--task", "train-0002", "--input", "x.npz", "--out", "pred.json", cwd=tmp_path)
+    proc = _fedmeta(
+        "predict", "--models", "adapted", "--task", "train-0002", "--input", "x.npz", "--out", "pred.json", cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr
     pred = json.loads((tmp_path / "pred.json").read_text())
     assert pred["task"] == "train-0002" and np.asarray(pred["predictions"]).shape == (6, 1)
@@ -87,16 +118,35 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("bad")
     cfg = config_from_dict(SINUSOID)
     exp = Experiment(cfg)
-    ckpt = save_checkpoint(root / "good.pt", meta_params=exp.initial_meta_params(), round_idx=0, config=to_dict(cfg), model=exp.model.describe(), task_kind="regression")
+    ckpt = save_checkpoint(
+        root / "good.pt",
+        meta_params=exp.initial_meta_params(),
+        round_idx=0,
+        config=to_dict(cfg),
+        model=exp.model.describe(),
+        task_kind="regression",
+    )
     x = np.linspace(-5, 5, 40, dtype=np.float32)[:, None]
     site = write_site(root / "site", [("a", x, np.sin(x)), ("b", x, 2 * np.cos(x))], kind="regression")
     corrupt = root / "corrupt.pt"
     corrupt.write_bytes(b"PK\x03\x04 definitely not a checkpoint" * 20)
     labels = np.repeat(np.arange(5), 4)
     cls_site = write_site(root / "cls", [("c", np.zeros((20, 1, 4, 4), np.float32), labels)], kind="classification")
-    ccfg = config_from_dict({"task": {"name": "folder", "data_dir": str(cls_site), "shots": 1, "query": 1}, "model": {"name": "mlp", "hidden": [8]}})
+    ccfg = config_from_dict(
+        {
+            "task": {"name": "folder", "data_dir": str(cls_site), "shots": 1, "query": 1},
+            "model": {"name": "mlp", "hidden": [8]},
+        }
+    )
     cexp = Experiment(ccfg)
-    cls_ckpt = save_checkpoint(root / "classifier.pt", meta_params=cexp.initial_meta_params(), round_idx=0, config=to_dict(ccfg), model=cexp.model.describe(), task_kind="classification")
+    cls_ckpt = save_checkpoint(
+        root / "classifier.pt",
+        meta_params=cexp.initial_meta_params(),
+        round_idx=0,
+        config=to_dict(ccfg),
+        model=cexp.model.describe(),
+        task_kind="classification",
+    )
     odd = root / "odd"
     (odd / "tasks").mkdir(parents=True)
     np.savez(odd / "tasks" / "weird.npz", inputs=x)
@@ -115,7 +165,9 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         ("too-few", DataFormatError.exit_code, "tasks/a.npz' has 40 examples; an episode of 35 support"),
     ],
 )
-def test_adapt_bad_input_gets_one_paragraph(files: dict[str, Path], case: str, code: int, needle: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_adapt_bad_input_gets_one_paragraph(
+    files: dict[str, Path], case: str, code: int, needle: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     ckpt, site = str(files["ckpt"]), str(files["site"])
     args = {
         "missing": ["--checkpoint", str(files["root"] / "nope.pt"), "--data", site],
@@ -138,7 +190,25 @@ def test_predict_bad_input_gets_one_paragraph(files: dict[str, Path], capsys: py
     err = capsys.readouterr().err
     assert rc == CheckpointError.exit_code and "nothing" in err and "Traceback" not in err
     out = files["root"] / "out-ok"
-    assert main(["adapt", "--checkpoint", str(files["ckpt"]), "--data", str(files["site"]), "--out", str(out), "--episodes", "2", "--steps", "1", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "adapt",
+                "--checkpoint",
+                str(files["ckpt"]),
+                "--data",
+                str(files["site"]),
+                "--out",
+                str(out),
+                "--episodes",
+                "2",
+                "--steps",
+                "1",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     np.savez(files["root"] / "wide.npz", x=np.zeros((3, 2), np.float32))
     rc = main(["predict", "--models", str(out), "--task", "a", "--input", str(files["root"] / "wide.npz")])
@@ -185,9 +255,26 @@ def glyph_run(tmp_path_factory: pytest.TempPathFactory, repo_root: Path) -> dict
 
 
 @pytest.mark.slow
-def test_glyph_site_from_heldout_scripts_gains_from_the_meta_initialization(glyph_run: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+def test_glyph_site_from_heldout_scripts_gains_from_the_meta_initialization(
+    glyph_run: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     out = glyph_run["root"] / "adapted"
-    rc = main(["adapt", "--checkpoint", str(glyph_run["checkpoint"]), "--data", str(glyph_run["site"]), "--split", "heldout", "--episodes", "5", "--out", str(out), "--quiet"])
+    rc = main(
+        [
+            "adapt",
+            "--checkpoint",
+            str(glyph_run["checkpoint"]),
+            "--data",
+            str(glyph_run["site"]),
+            "--split",
+            "heldout",
+            "--episodes",
+            "5",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     assert "5-way 1-shot" in capsys.readouterr().out
     report = json.loads((out / "adapt_report.json").read_text())
@@ -196,7 +283,10 @@ def test_glyph_site_from_heldout_scripts_gains_from_the_meta_initialization(glyp
     rand = report["initializations"]["random"]["aggregate"]
     assert meta["pre_adapt_accuracy"] < 0.3  # before adapting, labels are a fresh permutation: chance
     assert meta["post_adapt_accuracy"] > meta["pre_adapt_accuracy"] + 0.2
-    assert meta["post_adapt_accuracy"] - meta["post_adapt_accuracy_ci95"] > rand["post_adapt_accuracy"] + rand["post_adapt_accuracy_ci95"]
+    assert (
+        meta["post_adapt_accuracy"] - meta["post_adapt_accuracy_ci95"]
+        > rand["post_adapt_accuracy"] + rand["post_adapt_accuracy_ci95"]
+    )
     assert meta["post_adapt_loss"] < rand["post_adapt_loss"]
 
 
@@ -215,10 +305,25 @@ def _export_pngs(site: Path, dest: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_glyph_image_folders_adapt_and_predict_with_class_names(glyph_run: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+def test_glyph_image_folders_adapt_and_predict_with_class_names(
+    glyph_run: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     pngs = _export_pngs(glyph_run["site"], glyph_run["root"] / "png-site")
     out = glyph_run["root"] / "adapted-png"
-    rc = main(["adapt", "--checkpoint", str(glyph_run["checkpoint"]), "--data", str(pngs), "--episodes", "3", "--out", str(out), "--quiet"])
+    rc = main(
+        [
+            "adapt",
+            "--checkpoint",
+            str(glyph_run["checkpoint"]),
+            "--data",
+            str(pngs),
+            "--episodes",
+            "3",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     report = json.loads((out / "adapt_report.json").read_text())
     meta = report["initializations"]["meta"]["aggregate"]
@@ -233,7 +338,19 @@ def test_glyph_image_folders_adapt_and_predict_with_class_names(glyph_run: dict[
             (flat / f"{len(truth):03d}.png").write_bytes(img.read_bytes())
             truth.append(cls.name)
     capsys.readouterr()
-    rc = main(["predict", "--models", str(out), "--task", task, "--input", str(flat), "--out", str(glyph_run["root"] / "pred.json")])
+    rc = main(
+        [
+            "predict",
+            "--models",
+            str(out),
+            "--task",
+            task,
+            "--input",
+            str(flat),
+            "--out",
+            str(glyph_run["root"] / "pred.json"),
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     pred = json.loads((glyph_run["root"] / "pred.json").read_text())["predictions"]
     assert set(pred) <= {c.name for c in (pngs / "tasks" / task).iterdir()}

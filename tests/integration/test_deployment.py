@@ -53,7 +53,13 @@ def _base_config(repo_root: Path) -> Config:
     # so that two rounds visibly learn. round_timeout bounds a round with a dead node.
     return load_config(
         repo_root / "configs" / "sinusoid.yaml",
-        ["federation.rounds=2", "meta.outer_lr=0.02", "eval.tasks=30", "federation.round_timeout=45", "federation.join_timeout=120"],
+        [
+            "federation.rounds=2",
+            "meta.outer_lr=0.02",
+            "eval.tasks=30",
+            "federation.round_timeout=45",
+            "federation.join_timeout=120",
+        ],
     )
 
 
@@ -84,11 +90,16 @@ def _wait_rows(fed: Federation, run_id: int, out: Path, count: int, timeout: flo
     last_check = 0.0
     while len(_train_rows(out)) < count:
         if time.monotonic() > deadline:
-            pytest.fail(f"round {count} of run {run_id} not logged within {timeout:g}s; SuperLink log:\n{fed.deployment.superlink.tail() if fed.deployment.superlink else ''}")
+            pytest.fail(
+                f"round {count} of run {run_id} not logged within {timeout:g}s; SuperLink "
+                f"log:\n{fed.deployment.superlink.tail() if fed.deployment.superlink else ''}"
+            )
         if time.monotonic() - last_check > 5:
             last_check = time.monotonic()
             status = fed.deployment.run_status(run_id)
-            assert not status.startswith("finished"), f"run {run_id} ended ({status}) before round {count}:\n{fed.deployment.run_logs(run_id)[-3000:]}"
+            assert not status.startswith("finished"), (
+                f"run {run_id} ended ({status}) before round {count}:\n{fed.deployment.run_logs(run_id)[-3000:]}"
+            )
         time.sleep(0.2)
 
 
@@ -118,11 +129,16 @@ def reference_run(federation: Federation) -> Path:
 def _clients_eval(cfg: Config, sites: list[Path], meta: dict[str, torch.Tensor]) -> dict[str, Any]:
     """What the sites' evaluate handlers compute, in this process (same tasks for a seed)."""
     per_client = -(-cfg.eval.tasks // len(sites))
-    results = [evaluate_on_client(Experiment(cfg, data_dir=str(site)), meta, c, num_tasks=per_client) for c, site in enumerate(sites)]
+    results = [
+        evaluate_on_client(Experiment(cfg, data_dir=str(site)), meta, c, num_tasks=per_client)
+        for c, site in enumerate(sites)
+    ]
     return combine_eval_metrics(results)
 
 
-def test_tls_node_auth_run_completes_learns_and_refuses_unregistered_node(federation: Federation, reference_run: Path, tmp_path: Path) -> None:
+def test_tls_node_auth_run_completes_learns_and_refuses_unregistered_node(
+    federation: Federation, reference_run: Path, tmp_path: Path
+) -> None:
     fed, out = federation, reference_run
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds_completed"] == 2 and summary["clients_total"] == SITES
@@ -142,7 +158,11 @@ def test_tls_node_auth_run_completes_learns_and_refuses_unregistered_node(federa
 
     # The same math as the centralized reference on the same site folders (one process, server
     # holding every site): the deployment's meta-parameters agree to float32 round-off.
-    ref_cfg = replace(fed.cfg, task=replace(fed.cfg.task, data_dir=str(fed.sites[0].parent)), eval=replace(fed.cfg.eval, server=True, clients=0))
+    ref_cfg = replace(
+        fed.cfg,
+        task=replace(fed.cfg.task, data_dir=str(fed.sites[0].parent)),
+        eval=replace(fed.cfg.eval, server=True, clients=0),
+    )
     run_centralized(ref_cfg, tmp_path / "centralized")
     deployed = load_checkpoint(out / "checkpoint.pt")
     reference = load_checkpoint(tmp_path / "centralized" / "checkpoint.pt")
@@ -153,7 +173,9 @@ def test_tls_node_auth_run_completes_learns_and_refuses_unregistered_node(federa
     # A node whose key was never registered is refused by the SuperLink (Flower exit code 305)
     # and never appears among the nodes.
     intruder = make_node_key(tmp_path / "intruder", comment="intruder")
-    proc = fed.deployment.start_supernode("intruder", node_config={"data-dir": str(fed.sites[0]), "client-id": 0}, key=intruder.private)
+    proc = fed.deployment.start_supernode(
+        "intruder", node_config={"data-dir": str(fed.sites[0]), "client-id": 0}, key=intruder.private
+    )
     proc.popen.wait(timeout=120)
     assert proc.returncode != 0
     assert "Exit Code: 305" in proc.tail(5000)

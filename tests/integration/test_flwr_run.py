@@ -26,7 +26,9 @@ def _free_port() -> int:
 
 
 def _flwr(args: list[str], env: dict[str, str], cwd: Path) -> dict:
-    proc = subprocess.run([str(BIN / "flwr"), *args, "--format", "json"], capture_output=True, text=True, env=env, cwd=cwd, timeout=120)
+    proc = subprocess.run(
+        [str(BIN / "flwr"), *args, "--format", "json"], capture_output=True, text=True, env=env, cwd=cwd, timeout=120
+    )
     start = proc.stdout.find("{")
     assert start >= 0, proc.stdout + proc.stderr
     return json.loads(proc.stdout[start:])
@@ -49,7 +51,9 @@ def test_flwr_run_local_simulation(repo_root: Path, tmp_path: Path) -> None:
         )
     try:
         out = tmp_path / "run"
-        overrides = "federation.clients_total=8 federation.clients_per_round=3 federation.rounds=2 eval.tasks=20 eval.every=2"
+        overrides = (
+            "federation.clients_total=8 federation.clients_per_round=3 federation.rounds=2 eval.tasks=20 eval.every=2"
+        )
         started = None
         deadline = time.monotonic() + 60
         while started is None:

@@ -79,7 +79,9 @@ def test_client_central_aggregate_epsilon_and_resume_in_a_real_simulation(tmp_pa
     """DP-FedAvg on the server: Poisson cohorts, clipped sum plus seeded noise over the expected
     cohort; the run crashes in round 3 and resumes from the checkpoint of round 2."""
     sigma, clip, total, per_round = 1.2, 0.5, 10, 4
-    cfg = dp_config("client-central", rounds=4, total=total, per_round=per_round, noise_multiplier=sigma, clip_norm=clip)
+    cfg = dp_config(
+        "client-central", rounds=4, total=total, per_round=per_round, noise_multiplier=sigma, clip_norm=clip
+    )
     cohorts = {r: ServerPrivacy(cfg).sample_clients(r) for r in range(1, 5)}
     assert cohorts[3], "round 3 must draw someone for the injected failure to stop the run"
     out, recorder = tmp_path / "sim", Recorder()
@@ -97,7 +99,13 @@ def test_client_central_aggregate_epsilon_and_resume_in_a_real_simulation(tmp_pa
         assert row["train"] == {}
     priv = summary["privacy"]
     assert priv["epsilon"] == pytest.approx(opacus_rdp_epsilon(sigma, q, 4), rel=1e-6)
-    assert (priv["mode"], priv["delta"], priv["noise_multiplier"], priv["clip_norm"], priv["accountant"]) == ("client-central", 1e-5, sigma, clip, "rdp")
+    assert (priv["mode"], priv["delta"], priv["noise_multiplier"], priv["clip_norm"], priv["accountant"]) == (
+        "client-central",
+        1e-5,
+        sigma,
+        clip,
+        "rdp",
+    )
     assert load_checkpoint(out / "checkpoint.pt")["accountant"]["accountant"] == {
         "mechanism": "rdp", "noise_multipliers": [sigma], "sample_rates": [q], "steps": [4],
     }  # fmt: skip
@@ -129,7 +137,9 @@ def test_client_local_replies_are_clipped_and_noised_by_each_client(tmp_path: Pa
     """Local DP: every reply is clip(u, C) + N(0, (z C)^2) drawn by the client; each client's own
     accountant lives in its node state across rounds (its reported epsilon grows)."""
     sigma, clip, total, per_round, rounds = 1.0, 0.3, 8, 3, 3
-    cfg = dp_config("client-local", rounds=rounds, total=total, per_round=per_round, noise_multiplier=sigma, clip_norm=clip)
+    cfg = dp_config(
+        "client-local", rounds=rounds, total=total, per_round=per_round, noise_multiplier=sigma, clip_norm=clip
+    )
     out, recorder = tmp_path / "sim", Recorder()
     summary = _simulate(cfg, out, recorder)
 
@@ -149,7 +159,9 @@ def test_client_local_replies_are_clipped_and_noised_by_each_client(tmp_path: Pa
             for key in raw:
                 torch.testing.assert_close(denoised[key], clipped[key], rtol=1e-4, atol=1e-6)
             # the client's own accountant: sensitivity 2C (z/2), q = 1, its participations so far
-            assert replies[c].metrics["privacy.epsilon"] == pytest.approx(opacus_rdp_epsilon(sigma / 2, 1.0, k + 1), rel=1e-6)
+            assert replies[c].metrics["privacy.epsilon"] == pytest.approx(
+                opacus_rdp_epsilon(sigma / 2, 1.0, k + 1), rel=1e-6
+            )
             assert set(replies[c].metrics) == {"privacy.epsilon", "privacy.delta", "privacy.steps"}
             seen[c] = k + 1
         mean = {key: torch.stack([replies[c].update[key] for c in cohort]).mean(0) for key in meta}
@@ -161,9 +173,13 @@ def test_client_local_replies_are_clipped_and_noised_by_each_client(tmp_path: Pa
     for r in range(1, rounds + 1):
         for c in sample_clients(cfg.seed, r, total, per_round):
             counts[c] = counts.get(c, 0) + 1
-        assert rows[r]["privacy"]["epsilon"] == pytest.approx(opacus_rdp_epsilon(sigma / 2, 1.0, max(counts.values())), rel=1e-6)
+        assert rows[r]["privacy"]["epsilon"] == pytest.approx(
+            opacus_rdp_epsilon(sigma / 2, 1.0, max(counts.values())), rel=1e-6
+        )
     assert summary["privacy"]["clients_accounted"] == len(seen) and summary["privacy"]["sample_rate"] == 1.0
-    assert sorted(p.name for p in (out / "client_privacy").iterdir()) == sorted(f"client-{c}.client-local.json" for c in seen)
+    assert sorted(p.name for p in (out / "client_privacy").iterdir()) == sorted(
+        f"client-{c}.client-local.json" for c in seen
+    )
     _same_final_params_as_the_reference(cfg, out, tmp_path)
 
 
@@ -189,7 +205,9 @@ def test_task_level_sites_account_their_own_epsilon_in_a_real_simulation(tmp_pat
             assert report["privacy.steps"] == seen[c]  # the site's accountant persisted in its node state
             assert report["privacy.epsilon"] == pytest.approx(opacus_rdp_epsilon(sigma, q, seen[c]), rel=1e-6)
             assert report["privacy.sample_rate"] == q and replies[c].num_tasks == 3  # the nominal count
-        assert rows[r]["privacy"]["epsilon"] == pytest.approx(max(opacus_rdp_epsilon(sigma, q, n) for n in seen.values()), rel=1e-6)
+        assert rows[r]["privacy"]["epsilon"] == pytest.approx(
+            max(opacus_rdp_epsilon(sigma, q, n) for n in seen.values()), rel=1e-6
+        )
     assert max(seen.values()) > 1
     assert summary["privacy"]["unit"] == "task" and summary["privacy"]["sites_reporting"] == len(seen)
     _same_final_params_as_the_reference(cfg, out, tmp_path)

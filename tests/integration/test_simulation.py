@@ -83,9 +83,17 @@ def test_simulation_learns_and_survives_faulty_clients(
     cfg = load_config(
         repo_root / "configs" / "sinusoid.yaml",
         [
-            f"federation.clients_total={total}", f"federation.clients_per_round={per_round}", f"federation.rounds={rounds}",
-            "federation.round_timeout=120", "federation.max_retries=1", "federation.min_replies=5",
-            "meta.tasks_per_client=10", "meta.outer_lr=0.03", "eval.tasks=200", "eval.every=25", "eval.steps=5",
+            f"federation.clients_total={total}",
+            f"federation.clients_per_round={per_round}",
+            f"federation.rounds={rounds}",
+            "federation.round_timeout=120",
+            "federation.max_retries=1",
+            "federation.min_replies=5",
+            "meta.tasks_per_client=10",
+            "meta.outer_lr=0.03",
+            "eval.tasks=200",
+            "eval.every=25",
+            "eval.steps=5",
         ],
     )
     cohorts, often = _pick(cfg.seed, rounds, total, per_round)
@@ -118,7 +126,9 @@ def test_simulation_learns_and_survives_faulty_clients(
     assert totals["failed"] == sum(raiser in c for c in cohorts) + 1
     # it learned: held-out loss after adaptation well below where it started
     assert rows[rounds]["eval"]["post_adapt_loss"] < 0.75 * rows[0]["eval"]["post_adapt_loss"]
-    assert all(torch.isfinite(v).all() for v in load_checkpoint(tmp_path / "out" / "checkpoint.pt")["meta_params"].values())
+    assert all(
+        torch.isfinite(v).all() for v in load_checkpoint(tmp_path / "out" / "checkpoint.pt")["meta_params"].values()
+    )
 
 
 def test_too_few_replies_stop_cleanly_and_the_run_resumes(repo_root: Path, tmp_path: Path) -> None:
@@ -171,7 +181,9 @@ def test_simulation_learns_glyphs(repo_root: Path, tmp_path: Path) -> None:
     summary = simulate(cfg, tmp_path / "out")
     rows = {r["round"]: r for r in _rows(tmp_path / "out")}
     before, after = rows[0]["eval"], rows[20]["eval"]
-    assert summary["rounds_completed"] == 20 and all(rows[r]["replies"] == cfg.federation.clients_per_round for r in range(1, 21))
+    assert summary["rounds_completed"] == 20 and all(
+        rows[r]["replies"] == cfg.federation.clients_per_round for r in range(1, 21)
+    )
     # the same 100 held-out episodes before and after: a paired comparison
     assert after["post_adapt_accuracy"] >= before["post_adapt_accuracy"] + 0.05
     assert after["post_adapt_loss"] < before["post_adapt_loss"]

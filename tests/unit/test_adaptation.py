@@ -60,23 +60,33 @@ def sinusoid_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("adapt")
     cfg = config_from_dict(SINUSOID)
     run_centralized(cfg, root / "maml")
-    site = make_sites(config_from_dict({**SINUSOID, "seed": 7}), 1, root / "sites", tasks_per_site=4, heldout_per_site=3)[0]
+    site = make_sites(
+        config_from_dict({**SINUSOID, "seed": 7}), 1, root / "sites", tasks_per_site=4, heldout_per_site=3
+    )[0]
     return {"checkpoint": root / "maml" / "checkpoint.pt", "site": site, "root": root}
 
 
-def test_meta_initialization_adapts_far_better_than_before_and_than_random(sinusoid_run: dict[str, Path], tmp_path: Path) -> None:
-    report = adapt_site(sinusoid_run["checkpoint"], sinusoid_run["site"], tmp_path / "out", episodes=10, split="heldout", steps=10)
+def test_meta_initialization_adapts_far_better_than_before_and_than_random(
+    sinusoid_run: dict[str, Path], tmp_path: Path
+) -> None:
+    report = adapt_site(
+        sinusoid_run["checkpoint"], sinusoid_run["site"], tmp_path / "out", episodes=10, split="heldout", steps=10
+    )
     meta = report["initializations"]["meta"]["aggregate"]
     rand = report["initializations"]["random"]["aggregate"]
     # "far better": at most half the loss it had before adapting, and the intervals do not touch
     assert meta["post_adapt_loss"] < 0.5 * meta["pre_adapt_loss"]
     assert meta["post_adapt_loss"] + meta["post_adapt_loss_ci95"] < meta["pre_adapt_loss"] - meta["pre_adapt_loss_ci95"]
-    assert meta["post_adapt_loss"] + meta["post_adapt_loss_ci95"] < rand["post_adapt_loss"] - rand["post_adapt_loss_ci95"]
+    assert (
+        meta["post_adapt_loss"] + meta["post_adapt_loss_ci95"] < rand["post_adapt_loss"] - rand["post_adapt_loss_ci95"]
+    )
     assert len(meta["loss_curve"]) == 11 and meta["loss_curve"][0] == pytest.approx(meta["pre_adapt_loss"])
     per_task = report["initializations"]["meta"]["per_task"]
     assert sorted(per_task) == ["eval-0000", "eval-0001", "eval-0002"]
     assert all(e["episodes"] == 10 and e["post_adapt_loss_ci95"] > 0 for e in per_task.values())
-    assert (tmp_path / "out" / "adapt_report.json").is_file() and (tmp_path / "out" / "adaptation_curve.png").stat().st_size > 1000
+    assert (tmp_path / "out" / "adapt_report.json").is_file() and (
+        tmp_path / "out" / "adaptation_curve.png"
+    ).stat().st_size > 1000
     assert report["personalized"]["saved"] and report["next"].endswith("docs/deployment.md")
 
 
@@ -85,10 +95,12 @@ def test_results_are_split_back_to_the_right_tasks(sinusoid_run: dict[str, Path]
     init = load_initialization(sinusoid_run["checkpoint"], site)
     episodes = draw_episodes(site, 4, seed=3)
     result = evaluate_initialization(init, episodes, steps=2)
-    params = {k: v for k, v in init.params.items()}
+    params = dict(init.params.items())
     for name, batch in episodes.items():
         assert batch.support_x.shape == (4, 5, 1) and batch.query_x.shape == (4, 7, 1)
-        direct = torch.stack([task_loss("regression", init.model.forward(params, batch.query_x[e]), batch.query_y[e]) for e in range(4)])
+        direct = torch.stack(
+            [task_loss("regression", init.model.forward(params, batch.query_x[e]), batch.query_y[e]) for e in range(4)]
+        )
         assert result["per_task"][name]["pre_adapt_loss"] == pytest.approx(float(direct.mean()), rel=1e-5)
 
 
@@ -119,7 +131,9 @@ def _checkpoint_for(cfg_dict: dict[str, Any], site: Path, path: Path, *, tweak: 
     meta = exp.initial_meta_params()
     if tweak is not None:
         meta = tweak(meta)
-    return save_checkpoint(path, meta_params=meta, round_idx=0, config=to_dict(cfg), model=exp.model.describe(), task_kind=exp.kind)
+    return save_checkpoint(
+        path, meta_params=meta, round_idx=0, config=to_dict(cfg), model=exp.model.describe(), task_kind=exp.kind
+    )
 
 
 def test_metasgd_adapts_with_its_learned_rates(sinusoid_run: dict[str, Path], tmp_path: Path) -> None:
@@ -128,7 +142,9 @@ def test_metasgd_adapts_with_its_learned_rates(sinusoid_run: dict[str, Path], tm
     def rates(meta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: (torch.rand(v.shape, generator=gen) * 0.05 if k.startswith("lr.") else v) for k, v in meta.items()}
 
-    ckpt = _checkpoint_for(_with(SINUSOID, meta={"algorithm": "metasgd"}), sinusoid_run["site"], tmp_path / "msgd.pt", tweak=rates)
+    ckpt = _checkpoint_for(
+        _with(SINUSOID, meta={"algorithm": "metasgd"}), sinusoid_run["site"], tmp_path / "msgd.pt", tweak=rates
+    )
     site = open_site(sinusoid_run["site"], shots=10, query=10, ways=5)
     init = load_initialization(ckpt, site)
     assert init.info["learned_rates"]
@@ -149,7 +165,9 @@ def test_metasgd_adapts_with_its_learned_rates(sinusoid_run: dict[str, Path], tm
 
 
 def test_anil_adapts_the_head_only(sinusoid_run: dict[str, Path], tmp_path: Path) -> None:
-    ckpt = _checkpoint_for(_with(SINUSOID, meta={"algorithm": "anil", "inner_lr": 0.05}), sinusoid_run["site"], tmp_path / "anil.pt")
+    ckpt = _checkpoint_for(
+        _with(SINUSOID, meta={"algorithm": "anil", "inner_lr": 0.05}), sinusoid_run["site"], tmp_path / "anil.pt"
+    )
     site = open_site(sinusoid_run["site"], shots=10, query=10, ways=5)
     init = load_initialization(ckpt, site)
     assert init.info["adapts"] == "head only"
@@ -189,7 +207,11 @@ def test_personalized_models_round_trip_and_predict(sinusoid_run: dict[str, Path
     # adapted on its own data: the personalized model fits the task better than the initialization
     task = site.tasks[1]
     fit = float(np.mean((models.predict(name, task.x) - task.y) ** 2))
-    before = float(torch.nn.functional.mse_loss(init.model.forward(init.params, torch.from_numpy(task.x)), torch.from_numpy(task.y)))
+    before = float(
+        torch.nn.functional.mse_loss(
+            init.model.forward(init.params, torch.from_numpy(task.x)), torch.from_numpy(task.y)
+        )
+    )
     assert fit < before
     with pytest.raises(DataFormatError, match="no task 'nope'"):
         models.predict("nope", x)
@@ -215,7 +237,11 @@ def _image_site(root: Path, *, classes: int, per_class: int, tasks: int, seed: i
 
 def test_classification_models_answer_with_the_sites_labels(tmp_path: Path) -> None:
     site_dir = _image_site(tmp_path / "cls", classes=3, per_class=6, tasks=2, seed=0)
-    cfg = {"task": {"name": "folder", "data_dir": str(site_dir), "ways": 3, "shots": 2, "query": 2}, "model": {"name": "mlp", "hidden": [16]}, "meta": {"inner_lr": 0.5}}
+    cfg = {
+        "task": {"name": "folder", "data_dir": str(site_dir), "ways": 3, "shots": 2, "query": 2},
+        "model": {"name": "mlp", "hidden": [16]},
+        "meta": {"inner_lr": 0.5},
+    }
     ckpt = _checkpoint_for(cfg, site_dir, tmp_path / "cls.pt")
     report = adapt_site(ckpt, site_dir, tmp_path / "out", episodes=3, steps=5)
     agg = report["initializations"]["meta"]["aggregate"]
@@ -248,7 +274,11 @@ def test_a_way_agnostic_checkpoint_serves_sites_with_other_numbers_of_classes(tm
     assert meta["pre_adapt_accuracy"] > 0.6 and meta["post_adapt_accuracy"] > 0.6
     # the random baseline adapts with the same rule (its head from the prototypes too), built for 4 ways
     rand = report["initializations"]["random"]
-    assert rand["algorithm"] == "anil" and rand["info"]["head_init"] == "prototypes" and rand["info"]["trained_ways"] is None
+    assert (
+        rand["algorithm"] == "anil"
+        and rand["info"]["head_init"] == "prototypes"
+        and rand["info"]["trained_ways"] is None
+    )
     assert len(rand["aggregate"]["accuracy_curve"]) == 4
     models = load_personalized(tmp_path / "out4")
     assert sorted(models.tasks) == ["task-0", "task-1", "task-2"]
@@ -270,7 +300,10 @@ def test_a_way_agnostic_checkpoint_serves_sites_with_other_numbers_of_classes(tm
 
 def test_version_1_manifests_without_per_task_outputs_still_load(tmp_path: Path) -> None:
     site_dir = _image_site(tmp_path / "cls", classes=3, per_class=6, tasks=1, seed=0)
-    cfg = {"task": {"name": "folder", "data_dir": str(site_dir), "ways": 3, "shots": 2, "query": 2}, "model": {"name": "mlp", "hidden": [16]}}
+    cfg = {
+        "task": {"name": "folder", "data_dir": str(site_dir), "ways": 3, "shots": 2, "query": 2},
+        "model": {"name": "mlp", "hidden": [16]},
+    }
     adapt_site(_checkpoint_for(cfg, site_dir, tmp_path / "c.pt"), site_dir, tmp_path / "out", episodes=2, steps=1)
     manifest_path = tmp_path / "out" / "models" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
@@ -287,7 +320,10 @@ def test_version_1_manifests_without_per_task_outputs_still_load(tmp_path: Path)
 
 
 def test_ways_is_refused_for_regression_checkpoints(sinusoid_run: dict[str, Path], tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"--ways applies to classification checkpoints; '.*checkpoint.pt' was meta-trained on regression"):
+    with pytest.raises(
+        ConfigError,
+        match=r"--ways applies to classification checkpoints; '.*checkpoint.pt' was meta-trained on regression",
+    ):
         adapt_site(sinusoid_run["checkpoint"], sinusoid_run["site"], tmp_path / "o", ways=3)
     assert not (tmp_path / "o").exists()
 
@@ -360,21 +396,31 @@ def test_incompatible_checkpoints_are_refused_before_adapting(sinusoid_run: dict
     site = sinusoid_run["site"]
     # a classification checkpoint against regression data
     cls_site = _image_site(tmp_path / "cls", classes=3, per_class=6, tasks=1, seed=1)
-    cls_cfg = {"task": {"name": "folder", "data_dir": str(cls_site), "ways": 3, "shots": 2, "query": 2}, "model": {"name": "mlp", "hidden": [8]}}
+    cls_cfg = {
+        "task": {"name": "folder", "data_dir": str(cls_site), "ways": 3, "shots": 2, "query": 2},
+        "model": {"name": "mlp", "hidden": [8]},
+    }
     cls_ckpt = _checkpoint_for(cls_cfg, cls_site, tmp_path / "cls.pt")
     with pytest.raises(CheckpointError, match="cls.pt' was trained on classification tasks.*holds regression tasks"):
         adapt_site(cls_ckpt, site, tmp_path / "o")
     # the sinusoid checkpoint against 2-feature regression inputs: the first layer does not fit
-    wide = write_site(tmp_path / "wide", [("t", np.zeros((30, 2), np.float32), np.zeros(30, np.float32))], kind="regression")
+    wide = write_site(
+        tmp_path / "wide", [("t", np.zeros((30, 2), np.float32), np.zeros(30, np.float32))], kind="regression"
+    )
     with pytest.raises(CheckpointError, match=r"checkpoint.pt': parameter 'body.1.weight' has shape \(40, 1\)"):
         adapt_site(sinusoid_run["checkpoint"], wide, tmp_path / "o")
     # a tampered file: parameters that do not fit the model its own config describes
-    shrunk = _checkpoint_for(SINUSOID, site, tmp_path / "shrunk.pt", tweak=lambda m: {**m, "head.weight": torch.zeros(1, 7)})
+    shrunk = _checkpoint_for(
+        SINUSOID, site, tmp_path / "shrunk.pt", tweak=lambda m: {**m, "head.weight": torch.zeros(1, 7)}
+    )
     with pytest.raises(CheckpointError, match="shrunk.pt': parameter 'head.weight' has shape"):
         adapt_site(shrunk, site, tmp_path / "o")
     # Meta-SGD without its learned rates
     no_rates = _checkpoint_for(
-        _with(SINUSOID, meta={"algorithm": "metasgd"}), site, tmp_path / "norates.pt", tweak=lambda m: {k: v for k, v in m.items() if not k.startswith("lr.")}
+        _with(SINUSOID, meta={"algorithm": "metasgd"}),
+        site,
+        tmp_path / "norates.pt",
+        tweak=lambda m: {k: v for k, v in m.items() if not k.startswith("lr.")},
     )
     with pytest.raises(CheckpointError, match="norates.pt' is a Meta-SGD checkpoint without a learned rate"):
         adapt_site(no_rates, site, tmp_path / "o")
@@ -405,7 +451,9 @@ def _only_tasks(tmp_path: Path) -> Path:
 
 def test_too_few_examples_for_the_requested_shots(sinusoid_run: dict[str, Path], tmp_path: Path) -> None:
     # make-data stored 2 * (10 + 10) = 40 points per task
-    with pytest.raises(DataFormatError, match=r"tasks/train-0000.npz' has 40 examples; an episode of 35 support \(shots\) \+ 10 query"):
+    with pytest.raises(
+        DataFormatError, match=r"tasks/train-0000.npz' has 40 examples; an episode of 35 support \(shots\) \+ 10 query"
+    ):
         adapt_site(sinusoid_run["checkpoint"], sinusoid_run["site"], tmp_path / "o", shots=35)
     with pytest.raises(ConfigError, match="--steps must be at least 1"):
         adapt_site(sinusoid_run["checkpoint"], sinusoid_run["site"], tmp_path / "o", steps=0)
@@ -413,7 +461,10 @@ def test_too_few_examples_for_the_requested_shots(sinusoid_run: dict[str, Path],
 
 def test_a_model_with_the_wrong_input_size_is_refused(tmp_path: Path) -> None:
     site_dir = _image_site(tmp_path / "cls", classes=3, per_class=6, tasks=1, seed=2)
-    cfg = {"task": {"name": "folder", "data_dir": str(site_dir), "ways": 3, "shots": 2, "query": 2}, "model": {"name": "mlp", "hidden": [8]}}
+    cfg = {
+        "task": {"name": "folder", "data_dir": str(site_dir), "ways": 3, "shots": 2, "query": 2},
+        "model": {"name": "mlp", "hidden": [8]},
+    }
     ckpt = _checkpoint_for(cfg, site_dir, tmp_path / "cls.pt")
     # same classes, bigger images: the flattened input no longer matches the first layer
     big = _image_site(tmp_path / "big", classes=3, per_class=6, tasks=1, seed=3)

@@ -43,7 +43,15 @@ def test_output_contract(tmp_path: Path) -> None:
     summary = run_centralized(_cfg(federation__rounds=20, eval__every=10), tmp_path)
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk["rounds_completed"] == 20
-    for key in ("algorithm", "rounds_completed", "clients_total", "clients_per_round", "final", "privacy", "wall_seconds"):
+    for key in (
+        "algorithm",
+        "rounds_completed",
+        "clients_total",
+        "clients_per_round",
+        "final",
+        "privacy",
+        "wall_seconds",
+    ):
         assert key in on_disk
     for key in ("pre_adapt_loss", "post_adapt_loss"):
         assert isinstance(on_disk["final"][key], float)

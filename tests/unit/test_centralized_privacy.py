@@ -56,7 +56,9 @@ def _interrupt_at(round_idx: int) -> Any:
 
 
 @pytest.mark.parametrize("mode", ["client-central", "client-local", "task"])
-def test_epsilon_every_round_equals_opacus_and_a_resumed_run_equals_an_uninterrupted_one(mode: str, tmp_path: Path) -> None:
+def test_epsilon_every_round_equals_opacus_and_a_resumed_run_equals_an_uninterrupted_one(
+    mode: str, tmp_path: Path
+) -> None:
     cfg = dp_config(mode)
     full = run_centralized(cfg, tmp_path / "full")
     rows = {r["round"]: r for r in read_metrics(tmp_path / "full" / "metrics.jsonl") if r["round"] > 0}
@@ -65,7 +67,11 @@ def test_epsilon_every_round_equals_opacus_and_a_resumed_run_equals_an_uninterru
         assert row["privacy"]["epsilon"] == pytest.approx(expected_epsilon(cfg, r), rel=1e-6), r
         assert row["train"] == {}  # no unprivatized training metrics under DP
     assert full["privacy"]["epsilon"] == pytest.approx(expected_epsilon(cfg, 6), rel=1e-6)
-    assert full["privacy"]["mode"] == mode and full["privacy"]["clip_norm"] == 0.5 and full["privacy"]["noise_multiplier"] == 1.2
+    assert (
+        full["privacy"]["mode"] == mode
+        and full["privacy"]["clip_norm"] == 0.5
+        and full["privacy"]["noise_multiplier"] == 1.2
+    )
 
     # interrupted after round 4, then resumed: nothing counted twice. The reference is the
     # federated server's round loop, which checkpoints every round (it used to checkpoint only on
@@ -92,7 +98,9 @@ def test_noiseless_run_with_a_huge_clip_norm_equals_the_non_private_run(mode: st
     # client-central samples every client when clients_per_round = clients_total (q = 1), as the
     # non-private run does; client-local samples like the non-private run anyway
     per_round = 6 if mode == "client-central" else 3
-    private = run_centralized(dp_config(mode, total=6, per_round=per_round, rounds=4, noise_multiplier=0.0, clip_norm=1e9), tmp_path / "dp")
+    private = run_centralized(
+        dp_config(mode, total=6, per_round=per_round, rounds=4, noise_multiplier=0.0, clip_norm=1e9), tmp_path / "dp"
+    )
     plain_cfg = dp_config("none", total=6, per_round=per_round, rounds=4)
     plain = run_centralized(plain_cfg, tmp_path / "plain")
     assert private["privacy"]["epsilon"] is None and private["privacy"]["epsilon_unbounded"] is True
@@ -150,7 +158,12 @@ def test_the_example_dp_config_is_within_its_budget_and_trains(repo_root: Path, 
     cfg = load_config(repo_root / "configs" / "sinusoid-dp.yaml")
     plan = plan_privacy(cfg)
     assert cfg.privacy.mode == "client-central" and plan.within_budget
-    assert cfg.privacy.target_epsilon is not None and 0.9 * cfg.privacy.target_epsilon < plan.epsilon <= cfg.privacy.target_epsilon
-    short = load_config(repo_root / "configs" / "sinusoid-dp.yaml", ["federation.rounds=3", "eval.tasks=20", "eval.every=3"])
+    assert (
+        cfg.privacy.target_epsilon is not None
+        and 0.9 * cfg.privacy.target_epsilon < plan.epsilon <= cfg.privacy.target_epsilon
+    )
+    short = load_config(
+        repo_root / "configs" / "sinusoid-dp.yaml", ["federation.rounds=3", "eval.tasks=20", "eval.every=3"]
+    )
     summary = run_centralized(short, tmp_path)
     assert summary["rounds_completed"] == 3 and 0 < summary["privacy"]["epsilon"] < plan.epsilon

@@ -26,8 +26,8 @@ def test_names_in_the_order_messages_list_them() -> None:
     assert TASK_FAMILIES.names() == ("sinusoid", "harmonic", "glyphs", "folder")
     assert MODELS.names() == ("mlp", "conv4")
     assert AGGREGATORS.names() == ("mean", "median", "trimmed_mean")
-    assert config_module.TASK_NAMES == TASK_FAMILIES.names()
-    assert config_module.MODEL_NAMES == MODELS.names()
+    assert TASK_FAMILIES.names() == config_module.TASK_NAMES
+    assert MODELS.names() == config_module.MODEL_NAMES
     assert all(TASK_FAMILIES.get(n).name == n for n in TASK_FAMILIES) and all(MODELS.get(n).name == n for n in MODELS)
 
 

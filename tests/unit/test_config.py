@@ -46,7 +46,15 @@ def test_spec_keys_have_spec_defaults() -> None:
 
 def test_overrides_apply_by_dotted_path(tmp_path: Path) -> None:
     p = _write(tmp_path, "seed: 3\nmeta:\n  inner_lr: 0.02\n")
-    cfg = load_config(p, ["meta.algorithm=fomaml", "privacy.noise_multiplier=1.1", "task.amplitude=[1, 2]", "privacy.target_epsilon=null"])
+    cfg = load_config(
+        p,
+        [
+            "meta.algorithm=fomaml",
+            "privacy.noise_multiplier=1.1",
+            "task.amplitude=[1, 2]",
+            "privacy.target_epsilon=null",
+        ],
+    )
     assert cfg.seed == 3 and cfg.meta.inner_lr == 0.02 and cfg.meta.algorithm == "fomaml"
     assert cfg.privacy.noise_multiplier == 1.1 and cfg.task.amplitude == (1.0, 2.0)
 
@@ -65,8 +73,14 @@ def test_scientific_notation_without_dot_is_a_number(tmp_path: Path) -> None:
         ("meta:\n  inner_lr: fast\n", r"'meta.inner_lr' must be a number.*'fast'"),
         ("meta:\n  algorithm: mamll\n", r"'meta.algorithm'.*mamll"),
         ("meta:\n  algorithm: anil\n  head_init: random\n", r"'meta.head_init'.*random"),
-        ("meta:\n  algorithm: maml\n  head_init: prototypes\n", r"'meta.head_init' must be 'learned' unless meta.algorithm is 'anil'.*got 'prototypes'"),
-        ("task:\n  name: sinusoid\nmeta:\n  algorithm: anil\n  head_init: prototypes\n", r"'meta.head_init' must not be 'prototypes'.*regression.*'sinusoid'"),
+        (
+            "meta:\n  algorithm: maml\n  head_init: prototypes\n",
+            r"'meta.head_init' must be 'learned' unless meta.algorithm is 'anil'.*got 'prototypes'",
+        ),
+        (
+            "task:\n  name: sinusoid\nmeta:\n  algorithm: anil\n  head_init: prototypes\n",
+            r"'meta.head_init' must not be 'prototypes'.*regression.*'sinusoid'",
+        ),
         ("federation:\n  clients_per_round: 200\n", r"'federation.clients_per_round'.*200"),
         ("federation:\n  rounds: 0\n", r"'federation.rounds'.*0"),
         ("task:\n  shots: 2.5\n", r"'task.shots' must be an integer.*2.5"),

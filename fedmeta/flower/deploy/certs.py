@@ -67,7 +67,7 @@ class NodeKey:
 
 
 def _now() -> _dt.datetime:
-    return _dt.datetime.now(_dt.timezone.utc)
+    return _dt.datetime.now(_dt.UTC)
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -84,7 +84,9 @@ def _new_key() -> ec.EllipticCurvePrivateKey:
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def make_ca(out: str | Path, *, name: str = "fedmeta test CA", days: int = 365) -> tuple[Path, Path]:
@@ -157,7 +159,9 @@ def make_server_certificate(
     """
     hosts = [h.strip() for h in hosts if h.strip()]
     if not hosts:
-        raise ConfigError("a server certificate needs at least one host (IP address or DNS name) for its subject alternative names")
+        raise ConfigError(
+            "a server certificate needs at least one host (IP address or DNS name) for its subject alternative names"
+        )
     try:
         ca = x509.load_pem_x509_certificate(Path(ca_cert).read_bytes())
         signer = serialization.load_pem_private_key(Path(ca_key).read_bytes(), password=None)
@@ -189,7 +193,9 @@ def make_server_certificate(
     return cert_path, key_path
 
 
-def make_tls(out: str | Path, *, hosts: list[str] | tuple[str, ...] = ("127.0.0.1", "localhost"), days: int = 365) -> TlsFiles:
+def make_tls(
+    out: str | Path, *, hosts: list[str] | tuple[str, ...] = ("127.0.0.1", "localhost"), days: int = 365
+) -> TlsFiles:
     """A CA and a SuperLink certificate for ``hosts`` in ``out`` (an existing CA there is reused).
 
     Returns:
@@ -232,7 +238,9 @@ def make_node_key(path: str | Path, *, comment: str | None = None) -> NodeKey:
     key = _new_key()
     _write_private(
         private,
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()),
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        ),
     )
     public = private.with_name(private.name + ".pub")
     line = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)

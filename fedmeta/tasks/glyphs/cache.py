@@ -66,7 +66,9 @@ def _variant_name(style: int | None) -> str:
     return "mixed" if style is None else STYLES[style].name
 
 
-def bank_key(catalog: GlyphCatalog, classes: np.ndarray, *, style: int | None, image_size: int, drawings: int, render_seed: int) -> dict[str, object]:
+def bank_key(
+    catalog: GlyphCatalog, classes: np.ndarray, *, style: int | None, image_size: int, drawings: int, render_seed: int
+) -> dict[str, object]:
     """Everything a bank's pixels depend on (stored in the file and compared on load)."""
     import matplotlib
 
@@ -88,10 +90,14 @@ def bank_key(catalog: GlyphCatalog, classes: np.ndarray, *, style: int | None, i
 def bank_path(folder: Path, key: dict[str, object]) -> Path:
     """File name of a bank: readable parameters plus a digest of the whole key."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return folder / f"bank-{key['variant']}-{key['image_size']}px-{key['drawings']}x-seed{key['render_seed']}-{digest}.bin"
+    return (
+        folder / f"bank-{key['variant']}-{key['image_size']}px-{key['drawings']}x-seed{key['render_seed']}-{digest}.bin"
+    )
 
 
-def render_bank(catalog: GlyphCatalog, classes: np.ndarray, *, style: int | None, image_size: int, drawings: int, render_seed: int) -> np.ndarray:
+def render_bank(
+    catalog: GlyphCatalog, classes: np.ndarray, *, style: int | None, image_size: int, drawings: int, render_seed: int
+) -> np.ndarray:
     """Render ``drawings`` drawings of each class.
 
     Args:
@@ -163,14 +169,14 @@ def _read(path: Path, key: dict[str, object]) -> np.ndarray:
         images = np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=shape)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"unreadable ({type(exc).__name__}: {exc})") from exc
-    if zlib.crc32(images) != header.get("crc32"):
+    if zlib.crc32(images.data) != header.get("crc32"):
         raise ValueError("checksum mismatch")
     return images
 
 
 def _write(path: Path, key: dict[str, object], images: np.ndarray) -> None:
     data = np.ascontiguousarray(images, dtype=np.uint8)
-    header = json.dumps({"key": key, "shape": list(data.shape), "crc32": zlib.crc32(data)}).encode("utf-8")
+    header = json.dumps({"key": key, "shape": list(data.shape), "crc32": zlib.crc32(data.data)}).encode("utf-8")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
@@ -217,7 +223,9 @@ def load_bank(
         except ValueError as exc:
             log.warning("glyph cache file %s cannot be trusted (%s); rendering it again", path, exc)
     started = time.perf_counter()
-    images = render_bank(catalog, classes, style=style, image_size=image_size, drawings=drawings, render_seed=render_seed)
+    images = render_bank(
+        catalog, classes, style=style, image_size=image_size, drawings=drawings, render_seed=render_seed
+    )
     seconds = time.perf_counter() - started
     log.info(
         "rendered %d glyph drawings (%s faces, %dpx) in %.1f s (%.0f images/s)",

@@ -47,7 +47,7 @@ class _Pool:
     row: np.ndarray
 
     @classmethod
-    def of(cls, images: np.ndarray, characters: np.ndarray, size: int) -> "_Pool":
+    def of(cls, images: np.ndarray, characters: np.ndarray, size: int) -> _Pool:
         row = np.full(size, -1, dtype=np.int64)
         row[characters] = np.arange(characters.shape[0])
         return cls(images, row)
@@ -94,7 +94,10 @@ class GlyphFamily(TaskFamily):
         )
         require(t.render_seed >= 0, "task.render_seed", t.render_seed, "must be a non-negative integer")
         require(
-            t.cache_dir is None or bool(t.cache_dir.strip()), "task.cache_dir", t.cache_dir, "must be null or a folder path"
+            t.cache_dir is None or bool(t.cache_dir.strip()),
+            "task.cache_dir",
+            t.cache_dir,
+            "must be null or a folder path",
         )
         if t.name == cls.name:
             require(
@@ -134,12 +137,16 @@ class GlyphFamily(TaskFamily):
             raise ValueError("training characters overlap the evaluation alphabets")
         turns = [catalog.rotations_of(c) if rotations else [0] for c in self.train_characters.tolist()]
         self._classes = {
-            "train": torch.tensor([ROTATIONS * c + k for c, ks in zip(self.train_characters.tolist(), turns) for k in ks]),
+            "train": torch.tensor(
+                [ROTATIONS * c + k for c, ks in zip(self.train_characters.tolist(), turns) for k in ks]
+            ),
             "eval": torch.from_numpy(ROTATIONS * self.eval_characters),
         }
         for split, ids in self._classes.items():
             if ids.numel() < ways:
-                raise ConfigError(f"config key 'task.ways' is {ways} but the '{split}' split has only {ids.numel()} classes")
+                raise ConfigError(
+                    f"config key 'task.ways' is {ways} but the '{split}' split has only {ids.numel()} classes"
+                )
         self._pools: dict[str, _Pool] = {}
         self._load(("train", "eval") if eager_eval else ("train",))
 
@@ -188,7 +195,11 @@ class GlyphFamily(TaskFamily):
     def sample_params(self, gen: torch.Generator, n: int, split: str) -> Tensor:
         """``[n, ways]`` class ids: ``ways`` distinct classes of ``split`` per episode, in label order."""
         ids = self.classes(split)
-        picks = torch.multinomial(torch.ones(n, ids.numel()), self.ways, replacement=False, generator=gen) if n else torch.zeros(0, self.ways, dtype=torch.int64)
+        picks = (
+            torch.multinomial(torch.ones(n, ids.numel()), self.ways, replacement=False, generator=gen)
+            if n
+            else torch.zeros(0, self.ways, dtype=torch.int64)
+        )
         return ids[picks]
 
     def make_tasks(self, params: Tensor, gen: torch.Generator) -> TaskBatch:
@@ -293,7 +304,9 @@ def build_glyph_family(cfg: Config, client_id: int | None = None) -> TaskFamily:
     )
 
 
-def make_glyph_sites(cfg: Config, sites: int, out: str | Path, *, tasks_per_site: int | None, heldout_per_site: int) -> list[Path]:
+def make_glyph_sites(
+    cfg: Config, sites: int, out: str | Path, *, tasks_per_site: int | None, heldout_per_site: int
+) -> list[Path]:
     """Write ``sites`` site folders of glyph tasks in the on-disk format of :mod:`fedmeta.tasks.folder`.
 
     Site ``c`` is federated client ``c`` (``federation.clients_total`` must be at least
@@ -317,25 +330,31 @@ def make_glyph_sites(cfg: Config, sites: int, out: str | Path, *, tasks_per_site
     whole: GlyphFamily | None = None
     root = Path(out)
     written = []
+
+    def draw(fam: GlyphFamily, c: int, split: str, count: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        gen = make_generator(cfg.seed, "make-data", split, c)
+        batch = fam.sample(gen, count, split)
+        x = torch.cat([batch.support_x, batch.query_x], dim=1).numpy()
+        y = torch.cat([batch.support_y, batch.query_y], dim=1).numpy()
+        return [(f"{split}-{i:04d}", x[i], y[i]) for i in range(count)]
+
     for c in range(sites):
         family = build_glyph_family(wide, client_id=c)
         assert isinstance(family, GlyphFamily)
-
-        def draw(fam: GlyphFamily, split: str, count: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
-            gen = make_generator(cfg.seed, "make-data", split, c)
-            batch = fam.sample(gen, count, split)
-            x = torch.cat([batch.support_x, batch.query_x], dim=1).numpy()
-            y = torch.cat([batch.support_y, batch.query_y], dim=1).numpy()
-            return [(f"{split}-{i:04d}", x[i], y[i]) for i in range(count)]
-
         heldout = None
         if heldout_per_site > 0:
             if whole is None:
                 built = build_glyph_family(wide)
                 assert isinstance(built, GlyphFamily)
                 whole = built
-            heldout = draw(whole, "eval", heldout_per_site)
-        site = write_site(root / f"site-{c:04d}", draw(family, "train", n_tasks), heldout=heldout, kind="classification", name=f"glyphs client {c}")
+            heldout = draw(whole, c, "eval", heldout_per_site)
+        site = write_site(
+            root / f"site-{c:04d}",
+            draw(family, c, "train", n_tasks),
+            heldout=heldout,
+            kind="classification",
+            name=f"glyphs client {c}",
+        )
         written.append(site)
     log.info("wrote %d glyph site folders under %s", sites, root)
     return written

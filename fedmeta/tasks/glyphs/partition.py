@@ -79,7 +79,9 @@ def client_partition(
         chosen = usable[client_id % len(usable)]
         classes = background[catalog.alphabet[background] == chosen]
     elif scheme == "dirichlet":
-        classes = _dirichlet_slice(catalog, background, client_id=client_id, clients_total=clients_total, ways=ways, alpha=alpha, seed=seed)
+        classes = _dirichlet_slice(
+            catalog, background, client_id=client_id, clients_total=clients_total, ways=ways, alpha=alpha, seed=seed
+        )
     else:
         raise ConfigError(f"config key 'task.partition' must be one of {', '.join(PARTITIONS)}, got {scheme!r}")
     if classes.shape[0] < ways:
@@ -90,7 +92,16 @@ def client_partition(
     return np.sort(classes), style
 
 
-def _dirichlet_slice(catalog: GlyphCatalog, background: np.ndarray, *, client_id: int, clients_total: int, ways: int, alpha: float, seed: int) -> np.ndarray:
+def _dirichlet_slice(
+    catalog: GlyphCatalog,
+    background: np.ndarray,
+    *,
+    client_id: int,
+    clients_total: int,
+    ways: int,
+    alpha: float,
+    seed: int,
+) -> np.ndarray:
     alphabets = catalog.alphabets("train")
     # numpy's Generator has a Dirichlet sampler; it is seeded from (seed, client), never global
     rng = np.random.default_rng(derive_seed(seed, "glyph-partition", client_id))

@@ -218,7 +218,10 @@ def distort(masters: Tensor, params: Tensor, image_size: int) -> Tensor:
         raise ValueError(f"{masters.shape[0]} masters but {params.shape[0]} distortions")
     if masters.shape[0] <= _CHUNK:
         return _distort(masters, params, image_size)
-    parts = [_distort(masters[i : i + _CHUNK], params[i : i + _CHUNK], image_size) for i in range(0, masters.shape[0], _CHUNK)]
+    parts = [
+        _distort(masters[i : i + _CHUNK], params[i : i + _CHUNK], image_size)
+        for i in range(0, masters.shape[0], _CHUNK)
+    ]
     return torch.cat(parts)
 
 

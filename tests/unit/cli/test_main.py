@@ -12,9 +12,23 @@ import pytest
 from fedmeta.cli import main
 
 
-def test_centralized_command_writes_outputs(tmp_path: Path, repo_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_centralized_command_writes_outputs(
+    tmp_path: Path, repo_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "run"
-    code = main(["centralized", str(repo_root / "configs/sinusoid.yaml"), "--out", str(out), "--quiet", "--set", "federation.rounds=5", "eval.tasks=20", "eval.every=5"])
+    code = main(
+        [
+            "centralized",
+            str(repo_root / "configs/sinusoid.yaml"),
+            "--out",
+            str(out),
+            "--quiet",
+            "--set",
+            "federation.rounds=5",
+            "eval.tasks=20",
+            "eval.every=5",
+        ]
+    )
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds_completed"] == 5 and summary["algorithm"] == "maml"
@@ -28,7 +42,9 @@ def test_centralized_command_writes_outputs(tmp_path: Path, repo_root: Path, cap
         (["--set", "federation.rounds=-3"], 2, "'federation.rounds'"),
     ],
 )
-def test_bad_input_gets_a_clear_error(tmp_path: Path, repo_root: Path, capsys: pytest.CaptureFixture[str], args: list[str], code: int, needle: str) -> None:
+def test_bad_input_gets_a_clear_error(
+    tmp_path: Path, repo_root: Path, capsys: pytest.CaptureFixture[str], args: list[str], code: int, needle: str
+) -> None:
     rc = main(["centralized", str(repo_root / "configs/sinusoid.yaml"), "--out", str(tmp_path / "x"), "--quiet", *args])
     err = capsys.readouterr().err
     assert rc == code and needle in err and "Traceback" not in err
@@ -55,7 +71,17 @@ def test_debug_shows_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
 
 def test_make_data_writes_sites_the_folder_family_reads(tmp_path: Path, repo_root: Path) -> None:
-    rc = main(["make-data", str(repo_root / "configs/sinusoid.yaml"), "--sites", "3", "--out", str(tmp_path / "sites"), "--quiet"])
+    rc = main(
+        [
+            "make-data",
+            str(repo_root / "configs/sinusoid.yaml"),
+            "--sites",
+            "3",
+            "--out",
+            str(tmp_path / "sites"),
+            "--quiet",
+        ]
+    )
     assert rc == 0
     sites = sorted((tmp_path / "sites").iterdir())
     assert [s.name for s in sites] == ["site-0000", "site-0001", "site-0002"]

@@ -44,12 +44,19 @@ def test_json_epsilon_matches_opacus(config: Path, capsys: pytest.CaptureFixture
     report = _run_json(capsys, str(config))
     assert report["epsilon"] == pytest.approx(opacus_rdp_epsilon(1.1, 20 / 1000, 300, 1e-6), rel=1e-6)
     assert report["delta"] == 1e-6
-    assert (report["noise_multiplier"], report["clip_norm"], report["sample_rate"], report["steps"]) == (1.1, 0.5, 0.02, 300)
+    assert (report["noise_multiplier"], report["clip_norm"], report["sample_rate"], report["steps"]) == (
+        1.1,
+        0.5,
+        0.02,
+        300,
+    )
     assert report["accountant"] == "rdp" and report["mode"] == "client-central"
 
 
 def test_overrides_and_local_mode(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    report = _run_json(capsys, str(config), "--set", "privacy.mode=client-local", "privacy.noise_multiplier=30", "federation.rounds=50")
+    report = _run_json(
+        capsys, str(config), "--set", "privacy.mode=client-local", "privacy.noise_multiplier=30", "federation.rounds=50"
+    )
     # local DP: z / 2 (sensitivity 2C), no amplification (q = 1)
     assert report["epsilon"] == pytest.approx(opacus_rdp_epsilon(15.0, 1.0, 50, 1e-6), rel=1e-6)
     assert report["sample_rate"] == 1.0 and report["accounted_noise_multiplier"] == 15.0
@@ -65,7 +72,9 @@ def test_budget_rounds_that_fit_and_calibration(config: Path, capsys: pytest.Cap
     assert opacus_rdp_epsilon(1.1, 0.02, fit, 1e-6) <= 1.5 < opacus_rdp_epsilon(1.1, 0.02, fit + 1, 1e-6)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        expected = get_noise_multiplier(target_epsilon=1.5, target_delta=1e-6, sample_rate=0.02, steps=300, accountant="rdp")
+        expected = get_noise_multiplier(
+            target_epsilon=1.5, target_delta=1e-6, sample_rate=0.02, steps=300, accountant="rdp"
+        )
     assert report["calibration"]["noise_multiplier"] == pytest.approx(expected, rel=1e-9)
     stop = _run_json(capsys, str(config), "--set", "privacy.target_epsilon=1.5", "privacy.on_budget=stop")
     assert stop["rounds_to_run"] == fit and not stop["refuses_to_start"]
@@ -93,7 +102,9 @@ def test_no_dp_prints_null_epsilon(config: Path, capsys: pytest.CaptureFixture[s
         ("federation.sampling=uniform", "'federation.sampling' must be 'poisson'"),
     ],
 )
-def test_bad_config_exits_with_a_clear_message(config: Path, capsys: pytest.CaptureFixture[str], override: str, match: str) -> None:
+def test_bad_config_exits_with_a_clear_message(
+    config: Path, capsys: pytest.CaptureFixture[str], override: str, match: str
+) -> None:
     assert main(["privacy", str(config), "--set", override]) == 2
     err = capsys.readouterr().err
     assert match in err and "Traceback" not in err

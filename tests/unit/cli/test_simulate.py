@@ -9,9 +9,16 @@ import pytest
 from fedmeta.cli import main
 
 
-def test_simulate_refuses_a_privacy_budget_it_would_exceed_before_starting_flower(repo_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_simulate_refuses_a_privacy_budget_it_would_exceed_before_starting_flower(
+    repo_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     args = ["simulate", str(repo_root / "configs" / "sinusoid.yaml"), "--out", str(tmp_path), "--quiet", "--set"]
-    privacy = ["privacy.mode=client-central", "federation.sampling=poisson", "privacy.noise_multiplier=0.5", "privacy.target_epsilon=1"]
+    privacy = [
+        "privacy.mode=client-central",
+        "federation.sampling=poisson",
+        "privacy.noise_multiplier=0.5",
+        "privacy.target_epsilon=1",
+    ]
     rc = main([*args, *privacy])
     assert rc == 5  # BudgetExhausted
     err = capsys.readouterr().err
@@ -20,5 +27,15 @@ def test_simulate_refuses_a_privacy_budget_it_would_exceed_before_starting_flowe
 
 
 def test_simulate_names_a_bad_key(repo_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    rc = main(["simulate", str(repo_root / "configs" / "sinusoid.yaml"), "--out", str(tmp_path), "--quiet", "--set", "federation.max_retries=-1"])
+    rc = main(
+        [
+            "simulate",
+            str(repo_root / "configs" / "sinusoid.yaml"),
+            "--out",
+            str(tmp_path),
+            "--quiet",
+            "--set",
+            "federation.max_retries=-1",
+        ]
+    )
     assert rc == 2 and "federation.max_retries" in capsys.readouterr().err

@@ -32,7 +32,9 @@ def test_ca_signs_a_server_certificate_for_loopback(tmp_path: Path) -> None:
     ca_key = ca.public_key()
     assert isinstance(ca_key, ec.EllipticCurvePublicKey)
     assert cert.signature_hash_algorithm is not None
-    ca_key.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(cert.signature_hash_algorithm))  # raises if forged
+    ca_key.verify(
+        cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(cert.signature_hash_algorithm)
+    )  # raises if forged
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
     assert san.get_values_for_type(x509.DNSName) == ["localhost"]
@@ -70,9 +72,11 @@ def _handshake(server_files: tuple[Path, Path], cafile: Path) -> None:
     thread.start()
     try:
         client_ctx = ssl.create_default_context(cafile=str(cafile))
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
-            with client_ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
-                tls.sendall(b"x")
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+            client_ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+        ):
+            tls.sendall(b"x")
     finally:
         thread.join(timeout=10)
         listener.close()
@@ -99,7 +103,9 @@ def test_node_key_is_ecdsa_p384_in_openssh_format(tmp_path: Path) -> None:
     assert isinstance(private, ec.EllipticCurvePrivateKey) and isinstance(public, ec.EllipticCurvePublicKey)
     assert private.curve.name == "secp384r1"
     assert public.public_numbers() == private.public_key().public_numbers()
-    assert key.public.read_text().startswith("ecdsa-sha2-nistp384 ") and key.public.read_text().strip().endswith("site-a")
+    assert key.public.read_text().startswith("ecdsa-sha2-nistp384 ") and key.public.read_text().strip().endswith(
+        "site-a"
+    )
     assert _mode(key.private) == 0o600
     assert make_node_key(tmp_path / "keys" / "site-b").public.read_bytes() != key.public.read_bytes()
 

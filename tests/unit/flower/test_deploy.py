@@ -7,8 +7,8 @@ import os
 import signal
 import sys
 import time
-from dataclasses import replace
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,14 @@ import pytest
 from fedmeta.config import config_from_dict, load_config
 from fedmeta.errors import ConfigError, DeploymentError, InconsistentReplies
 from fedmeta.experiment import Experiment
-from fedmeta.federation import ClientIdentity, RoundLoop, SiteLayoutFamily, describe_client, needs_site_layout, site_layout
+from fedmeta.federation import (
+    ClientIdentity,
+    RoundLoop,
+    SiteLayoutFamily,
+    describe_client,
+    needs_site_layout,
+    site_layout,
+)
 from fedmeta.flower.deploy.local import (
     LocalDeployment,
     ManagedProcess,
@@ -49,7 +56,13 @@ def test_folder_without_data_dir_needs_evaluation_through_the_sites() -> None:
         config_from_dict({"task": {"name": "folder"}})
     with pytest.raises(ConfigError, match="eval.server"):
         config_from_dict({"task": {"name": "folder"}, "eval": {"server": False}})
-    cfg = config_from_dict({"task": {"name": "folder"}, "eval": {"server": False, "clients": 2}, "federation": {"clients_total": 2, "clients_per_round": 2}})
+    cfg = config_from_dict(
+        {
+            "task": {"name": "folder"},
+            "eval": {"server": False, "clients": 2},
+            "federation": {"clients_total": 2, "clients_per_round": 2},
+        }
+    )
     assert needs_site_layout(cfg)
 
 
@@ -62,7 +75,11 @@ def test_prepare_sites_writes_then_reuses_and_checks_counts(sinusoid, tmp_path: 
     assert prepare_sites(sinusoid, 1, tmp_path / "elsewhere", data=tmp_path / "sites") == sites[:1]
     with pytest.raises(ConfigError, match="holds only 2"):
         prepare_sites(sinusoid, 3, tmp_path / "x", data=tmp_path / "sites")
-    folder = replace(sinusoid, task=replace(sinusoid.task, name="folder", data_dir=None), eval=replace(sinusoid.eval, server=False, clients=1))
+    folder = replace(
+        sinusoid,
+        task=replace(sinusoid.task, name="folder", data_dir=None),
+        eval=replace(sinusoid.eval, server=False, clients=1),
+    )
     with pytest.raises(ConfigError, match="--data"):
         prepare_sites(folder, 2, tmp_path / "y")
     with pytest.raises(ConfigError, match="--sites"):
@@ -111,7 +128,9 @@ def test_managed_process_stop_ends_the_group_and_descendants_in_other_sessions(t
     # a leader that ignores SIGTERM, a child in its group, and a child in a session of its own
     # (as Flower's SuperLink starts flower-superexec): all must go
     script = "trap '' TERM; setsid sleep 301 & sleep 300 & wait"
-    proc = ManagedProcess("stubborn", ["bash", "-c", script], env=flower_env(tmp_path / "home"), log_path=tmp_path / "p.log", cwd=tmp_path)
+    proc = ManagedProcess(
+        "stubborn", ["bash", "-c", script], env=flower_env(tmp_path / "home"), log_path=tmp_path / "p.log", cwd=tmp_path
+    )
     tree = _wait_children(proc, 2)  # both children started
     assert proc.alive and _group_alive(proc.pid) and len(tree) == 2
     assert any(os.getsid(pid) != os.getsid(proc.pid) for pid in tree)  # one escaped the session
@@ -126,7 +145,13 @@ def test_managed_process_stop_ends_the_group_and_descendants_in_other_sessions(t
 
 
 def test_managed_process_kill_is_immediate(tmp_path: Path) -> None:
-    proc = ManagedProcess("victim", ["bash", "-c", "sleep 300 & sleep 300"], env=flower_env(tmp_path / "home"), log_path=tmp_path / "v.log", cwd=tmp_path)
+    proc = ManagedProcess(
+        "victim",
+        ["bash", "-c", "sleep 300 & sleep 300"],
+        env=flower_env(tmp_path / "home"),
+        log_path=tmp_path / "v.log",
+        cwd=tmp_path,
+    )
     children = _wait_children(proc, 1)  # the background sleep has started: there is a group to kill
     proc.kill()
     assert proc.returncode == -signal.SIGKILL
@@ -146,10 +171,9 @@ def test_flower_env_is_offline_and_local(tmp_path: Path) -> None:
 
 def test_sigterm_becomes_keyboard_interrupt_inside_the_block() -> None:
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(KeyboardInterrupt):
-        with terminate_on_signals():
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(5)
+    with pytest.raises(KeyboardInterrupt), terminate_on_signals():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
     assert signal.getsignal(signal.SIGTERM) is before
 
 
@@ -168,7 +192,9 @@ def test_deploy_local_refuses_node_auth_without_tls(sinusoid, tmp_path: Path) ->
 # -- a server without site data ----------------------------------------------------------------
 
 
-def _ident(cid: int, shape: tuple[int, ...], site: str = "", kind: str = "regression", outputs: int = 1) -> ClientIdentity:
+def _ident(
+    cid: int, shape: tuple[int, ...], site: str = "", kind: str = "regression", outputs: int = 1
+) -> ClientIdentity:
     return ClientIdentity(cid, kind, 5, site, shape, outputs)
 
 
@@ -191,7 +217,9 @@ def test_server_builds_its_model_from_the_sites_and_refuses_mismatched_ones(sinu
     server = RoundLoop(cfg, tmp_path / "out", experiment=Experiment(cfg, family=family))
     site_exp = Experiment(cfg, data_dir=str(sites[0]))
     assert server.exp.model.param_shapes == site_exp.model.param_shapes
-    assert {k: tuple(v.shape) for k, v in server.meta.items()} == {k: tuple(v.shape) for k, v in site_exp.initial_meta_params().items()}
+    assert {k: tuple(v.shape) for k, v in server.meta.items()} == {
+        k: tuple(v.shape) for k, v in site_exp.initial_meta_params().items()
+    }
     directory = server.directory()
     assert directory.register(101, answers[0]) is None
     assert "shape" in (directory.register(102, _ident(1, (3,))) or "")

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from flwr.app import Message, RecordDict
+from flwr.app.metadata import Metadata
 
 from fedmeta.algorithms import MetaUpdate
 from fedmeta.config import load_config
@@ -14,8 +16,6 @@ from fedmeta.errors import UpdateRejected
 from fedmeta.experiment import Experiment
 from fedmeta.federation import ClientIdentity
 from fedmeta.flower import records as fl
-from flwr.app import Message, RecordDict
-from flwr.app.metadata import Metadata
 
 
 def _reply(content: RecordDict, src: int = 7) -> Message:
@@ -67,7 +67,9 @@ def test_reply_without_tasks_or_records_is_refused(metasgd_params: dict[str, tor
 
 
 def test_identity_and_instructions_round_trip(metasgd_params: dict[str, torch.Tensor]) -> None:
-    ident = ClientIdentity(client_id=12, kind="classification", num_tasks=30, site="site-0012", input_shape=(1, 28, 28), output_dim=5)
+    ident = ClientIdentity(
+        client_id=12, kind="classification", num_tasks=30, site="site-0012", input_shape=(1, 28, 28), output_dim=5
+    )
     assert fl.unpack_identity(_reply(fl.pack_identity(ident))) == ident
     meta, config = fl.unpack_instructions(_reply(fl.pack_instructions(metasgd_params, {"round": 3, "client-id": 12})))
     assert config == {"round": 3, "client-id": 12}

@@ -37,7 +37,9 @@ def test_run_config_errors_name_the_key(repo_root: Path) -> None:
     with pytest.raises(ConfigError, match="unknown run_config key 'bogus'"):
         config_from_run_config({"bogus": 1})
     with pytest.raises(ConfigError, match="meta.inner_lr"):
-        config_from_run_config({"config-file": "configs/sinusoid.yaml", "overrides": "meta.inner_lr=-1"}, base_dirs=(repo_root,))
+        config_from_run_config(
+            {"config-file": "configs/sinusoid.yaml", "overrides": "meta.inner_lr=-1"}, base_dirs=(repo_root,)
+        )
     with pytest.raises(ConfigError, match="run_config is empty"):
         run_settings({})
 

@@ -13,7 +13,6 @@ from fedmeta.config import Config, config_from_dict
 from fedmeta.errors import BudgetExhausted, CheckpointError
 from fedmeta.experiment import Experiment
 from fedmeta.local_update import local_meta_update
-from fedmeta.privacy.clipping import clip_by_global_norm, global_l2_norm
 from fedmeta.privacy.client_update import (
     client_state_path,
     load_client_state,
@@ -22,6 +21,7 @@ from fedmeta.privacy.client_update import (
     private_round,
     save_client_state,
 )
+from fedmeta.privacy.clipping import clip_by_global_norm, global_l2_norm
 from fedmeta.privacy.facade import ClientPrivacy
 from tests.privacy_helpers import opacus_rdp_epsilon
 

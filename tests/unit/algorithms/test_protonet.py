@@ -287,7 +287,7 @@ def test_short_glyph_run_learns(tmp_path: Path) -> None:
     from fedmeta.centralized import run_centralized
     from fedmeta.outputs import read_metrics
 
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     cfg = load_config(
         root / "configs" / "glyphs-protonet.yaml",
         [
@@ -311,7 +311,7 @@ def test_short_glyph_run_learns(tmp_path: Path) -> None:
 
 
 def test_shipped_config_is_the_benchmark_recipe() -> None:
-    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "glyphs-protonet.yaml")
+    cfg = load_config(Path(__file__).resolve().parents[3] / "configs" / "glyphs-protonet.yaml")
     assert (cfg.meta.algorithm, cfg.task.ways, cfg.task.shots, cfg.task.query) == ("protonet", 20, 1, 5)
     assert cfg.federation.clients_per_round * cfg.meta.tasks_per_client == 4
 

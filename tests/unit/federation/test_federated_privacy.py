@@ -16,7 +16,7 @@ import torch
 from fedmeta.centralized import run_centralized
 from fedmeta.checkpoint import load_checkpoint
 from fedmeta.errors import BudgetExhausted
-from fedmeta.federation import ClientReply, RoundLoop, RoundLog
+from fedmeta.federation import ClientReply, RoundLog, RoundLoop
 from fedmeta.outputs import read_metrics
 from fedmeta.privacy.accountant import epsilon_for
 from fedmeta.privacy.client_update import private_round
@@ -65,7 +65,9 @@ def test_meta_server_releases_what_the_centralized_reference_releases(mode: str,
         torch.testing.assert_close(a["meta_params"][k], v, rtol=1e-4, atol=1e-6)
     fed_rows = [r for r in read_metrics(tmp_path / "fed" / "metrics.jsonl") if r["round"] > 0]
     cen_rows = [r for r in read_metrics(tmp_path / "cen" / "metrics.jsonl") if r["round"] > 0]
-    assert [r["privacy"]["epsilon"] for r in fed_rows] == pytest.approx([r["privacy"]["epsilon"] for r in cen_rows], rel=1e-12)
+    assert [r["privacy"]["epsilon"] for r in fed_rows] == pytest.approx(
+        [r["privacy"]["epsilon"] for r in cen_rows], rel=1e-12
+    )
 
 
 def test_an_empty_poisson_cohort_is_a_round_that_releases_pure_noise(tmp_path: Path) -> None:
@@ -85,7 +87,9 @@ def test_an_empty_poisson_cohort_is_a_round_that_releases_pure_noise(tmp_path: P
     for k in before:
         torch.testing.assert_close(server.meta[k], before[k] - 0.05 * noise[k] / 1.0, rtol=1e-5, atol=1e-7)
     assert row["privacy"]["steps"] == empty
-    assert row["privacy"]["epsilon"] == pytest.approx(epsilon_for(noise_multiplier=1.5, sample_rate=1 / 40, steps=empty, delta=1e-5), rel=1e-6)
+    assert row["privacy"]["epsilon"] == pytest.approx(
+        epsilon_for(noise_multiplier=1.5, sample_rate=1 / 40, steps=empty, delta=1e-5), rel=1e-6
+    )
 
 
 def test_meta_server_stops_cleanly_at_the_budget_and_refuses_a_spent_one(tmp_path: Path) -> None:

@@ -19,7 +19,9 @@ def _png(path: Path, arr: np.ndarray) -> None:
     Image.fromarray(arr).save(path)
 
 
-def _image_task(root: Path, classes: list[str], per_class: int, seed: int, size: int = 6) -> dict[str, list[np.ndarray]]:
+def _image_task(
+    root: Path, classes: list[str], per_class: int, seed: int, size: int = 6
+) -> dict[str, list[np.ndarray]]:
     rng = np.random.default_rng(seed)
     written: dict[str, list[np.ndarray]] = {}
     for c in classes:
@@ -130,5 +132,7 @@ def test_query_fraction_is_stratified_for_classification_and_validated(tmp_path:
     [t] = load_site_tasks(site)
     assert np.bincount(t.query[1]).tolist() == [3, 3, 3] and np.bincount(t.support[1]).tolist() == [7, 7, 7]
     (site / "site.yaml").write_text("kind: classification\nquery_fraction: 1.5\n")
-    with pytest.raises(DataFormatError, match="site.yaml': query_fraction must be a number strictly between 0 and 1, got 1.5"):
+    with pytest.raises(
+        DataFormatError, match="site.yaml': query_fraction must be a number strictly between 0 and 1, got 1.5"
+    ):
         load_site_tasks(site)

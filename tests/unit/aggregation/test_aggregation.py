@@ -43,7 +43,7 @@ def test_weighted_mean_weights_by_tasks() -> None:
 def test_robust_rules_bound_an_outlier() -> None:
     honest = [{"w": torch.tensor([1.0 + 0.01 * i])} for i in range(9)]
     attacker = {"w": torch.tensor([1e6])}
-    s = stack(honest + [attacker])
+    s = stack([*honest, attacker])
     w = torch.ones(10)
     assert float(aggregate(s, w)["w"]) > 1e4
     assert float(aggregate(s, w, method="median")["w"]) == pytest.approx(1.045, abs=0.01)
@@ -64,4 +64,6 @@ def test_server_sgd_step_and_state_round_trip() -> None:
     adam.step({"w": torch.tensor([1.0, 1.0])})
     again = ServerOptimizer(adam.params, name="adam", lr=0.1)
     again.load_state_dict(adam.state_dict())
-    torch.testing.assert_close(adam.step({"w": torch.tensor([0.3, -1.0])})["w"], again.step({"w": torch.tensor([0.3, -1.0])})["w"])
+    torch.testing.assert_close(
+        adam.step({"w": torch.tensor([0.3, -1.0])})["w"], again.step({"w": torch.tensor([0.3, -1.0])})["w"]
+    )

@@ -14,8 +14,8 @@ from fedmeta.config import Config, config_from_dict
 from fedmeta.errors import CheckpointError, ConfigError
 from fedmeta.federation.loop import ClientReply
 from fedmeta.federation.stages import OuterSchedule, RoundState, build_stages, load_stage_states, stage_states
-from fedmeta.outputs import read_metrics
 from fedmeta.optim import ServerOptimizer
+from fedmeta.outputs import read_metrics
 
 
 def _cfg(**meta: object) -> Config:
@@ -55,7 +55,7 @@ def test_schedule_keys_are_validated_by_name() -> None:
 class _Policy:
     """A stand-in aggregation: the plain mean of the updates (enough to see the chain's order)."""
 
-    def aggregate(self, round_idx, updates, *, reference, reports=None):  # noqa: ANN001, ANN201
+    def aggregate(self, round_idx, updates, *, reference, reports=None):
         return {k: torch.stack([u[k] for u in updates]).mean(0) for k in reference}
 
 
@@ -75,7 +75,10 @@ def test_chain_runs_reply_stages_then_aggregation_then_aggregate_stages_then_opt
 
     stages = build_stages(cfg, _Policy(), opt, update_transforms=[double], aggregate_transforms=[shift])  # type: ignore[arg-type]
     assert [s.name for s in stages] == ["replies-0", "aggregate", "update-0", "optimizer"]
-    replies = [ClientReply(0, {"w": torch.tensor([1.0, 0.0])}, 1, {}), ClientReply(1, {"w": torch.tensor([0.0, 1.0])}, 1, {})]
+    replies = [
+        ClientReply(0, {"w": torch.tensor([1.0, 0.0])}, 1, {}),
+        ClientReply(1, {"w": torch.tensor([0.0, 1.0])}, 1, {}),
+    ]
     state = RoundState(1, meta, replies)
     for stage in stages:
         stage(state)
@@ -120,7 +123,7 @@ class _Stop(Exception):
     pass
 
 
-def _stop_after(round_idx: int):  # noqa: ANN202
+def _stop_after(round_idx: int):
     def progress(r: int, row: dict) -> None:
         if r == round_idx:
             raise _Stop(r)

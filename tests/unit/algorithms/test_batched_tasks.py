@@ -37,8 +37,13 @@ SHAPE = (1, 20, 20)  # 2x2 maps after four stride-2 blocks: group statistics sta
 WAYS = 3
 
 
-def _assert_matches_finite_differences(algo: MetaAlgorithm, meta: dict[str, torch.Tensor], tasks: TaskBatch, grads: dict[str, torch.Tensor]) -> None:
-    """Each task's batched meta-gradient, along a random direction, equals a central difference of its outer loss (float64)."""
+def _assert_matches_finite_differences(
+    algo: MetaAlgorithm, meta: dict[str, torch.Tensor], tasks: TaskBatch, grads: dict[str, torch.Tensor]
+) -> None:
+    """Each task's batched meta-gradient, along a random direction, equals a central difference of its outer loss.
+
+    In float64.
+    """
     gen = torch.Generator().manual_seed(7)
     direction = {k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in meta.items()}
     eps = 1e-7  # tiny: the loss is only piecewise smooth (ReLU kinks)
@@ -117,7 +122,9 @@ def test_batched_updates_equal_vmapped_updates_on_conv4(name: str, steps: int) -
     g_vmap, m_vmap = algo.vmapped_task_updates(meta, tasks)
     _close(g_batched, g_vmap)
     _close(m_batched, m_vmap)
-    assert all(torch.equal(meta[k], before[k]) and not meta[k].requires_grad for k in meta), "meta-parameters must not change"
+    assert all(torch.equal(meta[k], before[k]) and not meta[k].requires_grad for k in meta), (
+        "meta-parameters must not change"
+    )
     assert not any(v.requires_grad for v in g_batched.values())
     # the dispatch: Conv-4 takes the batched path unless told not to
     g_default, _ = algo.task_updates(meta, tasks)
@@ -173,7 +180,9 @@ def test_adapt_tasks_matches_adapt(cls: type[MAML]) -> None:
     tasks = _images()
     stacked = {k: v.unsqueeze(0).expand(tasks.num_tasks, *v.shape) for k, v in meta.items()}
     adapted, start = algo.adapt_tasks(stacked, tasks.support_x, tasks.support_y, 3, first_order=True)
-    reference, ref_start = vmap(lambda x, y: algo.adapt_with_loss(meta, x, y, 3, first_order=True))(tasks.support_x, tasks.support_y)
+    reference, ref_start = vmap(lambda x, y: algo.adapt_with_loss(meta, x, y, 3, first_order=True))(
+        tasks.support_x, tasks.support_y
+    )
     _close(adapted, reference)
     _close({"loss": start}, {"loss": ref_start})
     assert not any(v.requires_grad for v in adapted.values())
@@ -235,11 +244,17 @@ def test_prototype_head_is_the_nearest_class_mean_classifier() -> None:
     # a stacked start equals the per-task one, and adapt_tasks equals vmapped adapt_with_loss
     stacked = {k: v.unsqueeze(0).expand(tasks.num_tasks, *v.shape) for k, v in meta.items()}
     adapted, start = algo.adapt_tasks(stacked, tasks.support_x, tasks.support_y, 3, first_order=True)
-    reference, ref_start = vmap(lambda x, y: algo.adapt_with_loss(meta, x, y, 3, first_order=True))(tasks.support_x, tasks.support_y)
+    reference, ref_start = vmap(lambda x, y: algo.adapt_with_loss(meta, x, y, 3, first_order=True))(
+        tasks.support_x, tasks.support_y
+    )
     _close(adapted, reference)
     _close({"loss": start}, {"loss": ref_start})
     # the result does not depend on the stored head at all
-    other = {**meta, "head.weight": torch.randn_like(meta["head.weight"]), "head.bias": torch.randn_like(meta["head.bias"])}
+    other = {
+        **meta,
+        "head.weight": torch.randn_like(meta["head.weight"]),
+        "head.bias": torch.randn_like(meta["head.bias"]),
+    }
     _close(algo.adapt_with_loss(other, sx, sy, 3)[0], algo.adapt_with_loss(meta, sx, sy, 3)[0])
 
 
@@ -254,9 +269,15 @@ def test_prototype_head_never_predicts_a_class_without_support_examples() -> Non
     tasks = _images(support=6)
     sy = tasks.support_y.clone()
     sy[sy == 2] = 0  # class 2 has no support example now
-    hq = model.features_tasks({k: v.unsqueeze(0).expand(tasks.num_tasks, *v.shape) for k, v in meta.items()}, tasks.query_x)
-    hs = model.features_tasks({k: v.unsqueeze(0).expand(tasks.num_tasks, *v.shape) for k, v in meta.items()}, tasks.support_x)
-    head = algo.start_head({k: meta[k].unsqueeze(0).expand(tasks.num_tasks, *meta[k].shape) for k in model.head_keys()}, hs, sy)
+    hq = model.features_tasks(
+        {k: v.unsqueeze(0).expand(tasks.num_tasks, *v.shape) for k, v in meta.items()}, tasks.query_x
+    )
+    hs = model.features_tasks(
+        {k: v.unsqueeze(0).expand(tasks.num_tasks, *v.shape) for k, v in meta.items()}, tasks.support_x
+    )
+    head = algo.start_head(
+        {k: meta[k].unsqueeze(0).expand(tasks.num_tasks, *meta[k].shape) for k in model.head_keys()}, hs, sy
+    )
     predicted = model.head_tasks(head, hq).argmax(-1)
     assert not bool((predicted == 2).any())
     adapted, start = algo.adapt_with_loss(meta, tasks.support_x[0], sy[0], 2)

@@ -81,7 +81,14 @@ def test_per_example_norms_do_not_depend_on_the_batch(norm: str) -> None:
     torch.testing.assert_close(together[:1], alone)
 
 
-def _maml_loss(model: Conv4, params: dict[str, torch.Tensor], sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor) -> torch.Tensor:
+def _maml_loss(
+    model: Conv4,
+    params: dict[str, torch.Tensor],
+    sx: torch.Tensor,
+    sy: torch.Tensor,
+    qx: torch.Tensor,
+    qy: torch.Tensor,
+) -> torch.Tensor:
     inner = grad(lambda p: F.cross_entropy(model.forward(p, sx), sy))(params)
     adapted = {k: params[k] - 0.3 * inner[k] for k in params}
     return F.cross_entropy(model.forward(adapted, qx), qy)
@@ -100,7 +107,9 @@ def test_second_order_meta_gradient_matches_finite_differences(norm: str) -> Non
     params = _params(model, 3, torch.float64)
     sx, qx = torch.rand(2, 6, *shape, dtype=torch.float64), torch.rand(2, 6, *shape, dtype=torch.float64)
     sy = qy = torch.tensor([0, 1, 2, 0, 1, 2]).expand(2, -1)
-    grads = vmap(grad(lambda p, a, b, c, d: _maml_loss(model, p, a, b, c, d)), in_dims=(None, 0, 0, 0, 0))(params, sx, sy, qx, qy)
+    grads = vmap(grad(lambda p, a, b, c, d: _maml_loss(model, p, a, b, c, d)), in_dims=(None, 0, 0, 0, 0))(
+        params, sx, sy, qx, qy
+    )
     direction = {k: torch.randn_like(v) for k, v in params.items()}
     eps = 1e-7
     for t in range(2):
@@ -108,11 +117,16 @@ def test_second_order_meta_gradient_matches_finite_differences(norm: str) -> Non
         minus = _maml_loss(model, {k: v - eps * direction[k] for k, v in params.items()}, sx[t], sy[t], qx[t], qy[t])
         numeric = (plus - minus) / (2 * eps)
         analytic = sum((grads[k][t] * direction[k]).sum() for k in params)
-        assert abs(float(analytic) - float(numeric)) < 1e-6 * max(1.0, abs(float(numeric))), (float(analytic), float(numeric))
+        assert abs(float(analytic) - float(numeric)) < 1e-6 * max(1.0, abs(float(numeric))), (
+            float(analytic),
+            float(numeric),
+        )
 
 
 def test_built_from_config_and_refuses_non_images() -> None:
-    cfg = config_from_dict({"task": {"name": "glyphs"}, "model": {"name": "conv4", "channels": 16, "norm": "group", "pool": "max"}})
+    cfg = config_from_dict(
+        {"task": {"name": "glyphs"}, "model": {"name": "conv4", "channels": 16, "norm": "group", "pool": "max"}}
+    )
     model = build_model(cfg, (1, 28, 28), 5)
     assert isinstance(model, Conv4)
     assert (model.channels, model.norm, model.pool) == (16, "group", "max")
@@ -125,7 +139,12 @@ def test_built_from_config_and_refuses_non_images() -> None:
 
 @pytest.mark.parametrize(
     ("model", "match"),
-    [({"channels": 0}, "model.channels"), ({"norm": "instance"}, "model.norm"), ({"pool": "avg"}, "model.pool"), ({"norm": "group", "channels": 12}, "multiple of 8")],
+    [
+        ({"channels": 0}, "model.channels"),
+        ({"norm": "instance"}, "model.norm"),
+        ({"pool": "avg"}, "model.pool"),
+        ({"norm": "group", "channels": 12}, "multiple of 8"),
+    ],
 )
 def test_config_validation_names_the_key(model: dict[str, object], match: str) -> None:
     with pytest.raises(ConfigError, match=match):

@@ -32,7 +32,14 @@ from fedmeta.local_update import local_meta_update
 def small_cfg(repo_root: Path) -> Config:
     return load_config(
         repo_root / "configs" / "sinusoid.yaml",
-        ["federation.clients_total=20", "federation.clients_per_round=4", "federation.rounds=3", "eval.tasks=20", "eval.every=2", "eval.steps=2"],
+        [
+            "federation.clients_total=20",
+            "federation.clients_per_round=4",
+            "federation.rounds=3",
+            "eval.tasks=20",
+            "eval.every=2",
+            "eval.steps=2",
+        ],
     )
 
 
@@ -88,7 +95,9 @@ def test_client_functions_match_the_reference(small_cfg: Config) -> None:
 def test_combine_eval_metrics_equals_pooled_statistics() -> None:
     a = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
     b = torch.tensor([5.0, 7.0], dtype=torch.float64)
-    parts = [({"post_adapt_loss": float(x.mean()), "post_adapt_loss_sq": float((x**2).mean())}, x.numel()) for x in (a, b)]
+    parts = [
+        ({"post_adapt_loss": float(x.mean()), "post_adapt_loss_sq": float((x**2).mean())}, x.numel()) for x in (a, b)
+    ]
     out = combine_eval_metrics(parts)
     both = torch.cat([a, b])
     assert out["tasks"] == 5 and out["clients"] == 2

@@ -23,14 +23,20 @@ from simulations.report import BENCHMARKS
 
 def _row(run: Run, out: str, acc: float, *, finished: str | None = None) -> dict[str, Any]:
     row: dict[str, Any] = {
-        "run": {**run.__dict__, "extra_eval_steps": list(run.extra_eval_steps), "also_eval_ways": list(run.also_eval_ways)},
+        "run": {
+            **run.__dict__,
+            "extra_eval_steps": list(run.extra_eval_steps),
+            "also_eval_ways": list(run.also_eval_ways),
+        },
         "out": out,
         "rounds": run.iterations,
         "train_seconds": 60.0,
         "cpu_seconds": 50.0,
         "path": "batched",
         "threads": 1,
-        "accuracy": {"1": {"pre": [0.2, 0.01], "post": [acc, 0.01], "post_by_steps": {str(run.eval_steps): [acc, 0.01]}}},
+        "accuracy": {
+            "1": {"pre": [0.2, 0.01], "post": [acc, 0.01], "post_by_steps": {str(run.eval_steps): [acc, 0.01]}}
+        },
         "trajectory": {},
     }
     if finished:
@@ -39,8 +45,16 @@ def _row(run: Run, out: str, acc: float, *, finished: str | None = None) -> dict
 
 
 def _part(rows: list[dict[str, Any]], written: str) -> dict[str, Any]:
-    return {"machine": "x86_64, 2 cores, 1 torch threads, torch 2.13.0+cpu, Python 3.11.7, 2026-12-01, 1-minute load average 1.0",
-            "dates": [written[:10]], "written": written, "episodes": 600, "floor": {"5-1": [0.5, 0.01]}, "runs": rows, "total_seconds": 120.0}
+    return {
+        "machine": "x86_64, 2 cores, 1 torch threads, torch 2.13.0+cpu, Python 3.11.7, 2026-12-01, 1-minute load "
+                   "average 1.0",
+        "dates": [written[:10]],
+        "written": written,
+        "episodes": 600,
+        "floor": {"5-1": [0.5, 0.01]},
+        "runs": rows,
+        "total_seconds": 120.0,
+    }
 
 
 MAML = Run("MAML (2nd order)", 5, "maml", 100, 32, 0.4, 1, 3, 0.003)
@@ -52,7 +66,8 @@ def test_the_committed_section_is_what_the_recorded_results_render() -> None:
     found = re.search(r"<!-- BEGIN glyphs -->\n(.*?)\n<!-- END glyphs -->", text, re.S)
     assert found, "docs/benchmarks.md has no glyphs section"
     assert found.group(1).strip() == render_markdown(merge_results(RESULTS)).strip(), (
-        "docs/benchmarks.md's glyphs section differs from its record: rerun `python -m simulations.bench_glyphs --report-only`"
+        "docs/benchmarks.md's glyphs section differs from its record: rerun `python -m simulations.bench_glyphs "
+        "--report-only`"
     )
 
 
@@ -70,7 +85,9 @@ def test_the_record_meets_the_aims_it_claims() -> None:
     # and every setting of the issue has all three algorithms and the pixel floor
     for ways, shots in ((5, 1), (5, 5), (20, 1)):
         assert f"{ways}-{shots}" in merged["floor"]
-        algos = {r["run"]["algorithm"] for r in merged["runs"] if r["run"]["ways"] == ways and str(shots) in r["accuracy"]}
+        algos = {
+            r["run"]["algorithm"] for r in merged["runs"] if r["run"]["ways"] == ways and str(shots) in r["accuracy"]
+        }
         assert {"metasgd", "anil"} <= algos and algos & {"maml", "fomaml"}
 
 
@@ -87,13 +104,22 @@ def test_a_later_written_result_supersedes_an_earlier_one_whatever_the_file_time
     assert [r["accuracy"]["1"]["post"][0] for r in merged["superseded"]] == [0.80]
     assert merged["dates"] == ["2026-11-21", "2026-12-01"]
     markdown = render_markdown(merged)
-    assert "runs of 2026-11-21 to 2026-12-01" in markdown and "~~MAML (2nd order)~~ (superseded: 1-shot 80.0 ± 1.0)" in markdown
+    assert (
+        "runs of 2026-11-21 to 2026-12-01" in markdown
+        and "~~MAML (2nd order)~~ (superseded: 1-shot 80.0 ± 1.0)" in markdown
+    )
 
 
 def test_a_cross_evaluation_older_than_its_run_is_stale(tmp_path: Path) -> None:
-    part = _part([_row(PROTO, "5way-anil-prototypes", 0.95, finished="2026-12-01T12:00:00+00:00")], "2026-12-01T12:00:00+00:00")
+    part = _part(
+        [_row(PROTO, "5way-anil-prototypes", 0.95, finished="2026-12-01T12:00:00+00:00")], "2026-12-01T12:00:00+00:00"
+    )
     (tmp_path / "results-5.json").write_text(json.dumps(part))
-    stale = {"out": "5way-anil-prototypes", "written": "2026-12-01T11:00:00+00:00", "cross": {"20-1": {"pre": [0.1, 0.01], "post": [0.7, 0.01]}}}
+    stale = {
+        "out": "5way-anil-prototypes",
+        "written": "2026-12-01T11:00:00+00:00",
+        "cross": {"20-1": {"pre": [0.1, 0.01], "post": [0.7, 0.01]}},
+    }
     (tmp_path / "cross-5way-anil-prototypes-20.json").write_text(json.dumps(stale))
     assert "cross" not in merge_results(tmp_path)["runs"][0]
     fresh = {**stale, "written": "2026-12-01T13:00:00+00:00"}
@@ -111,9 +137,16 @@ def test_a_cross_evaluation_older_than_its_run_is_stale(tmp_path: Path) -> None:
 
 def test_rows_supersede_in_the_order_they_finished_not_their_files(tmp_path: Path) -> None:
     """A process rewrites its file after each run: its file stamp is its last run's, not its first's."""
-    a = _part([_row(MAML, "5way-maml", 0.80, finished="2026-12-01T10:00:00+00:00"),
-               _row(PROTO, "5way-anil-prototypes", 0.95, finished="2026-12-01T14:00:00+00:00")], "2026-12-01T14:00:00+00:00")
-    b = _part([_row(MAML, "5way-maml-lr0.003-100it", 0.90, finished="2026-12-01T12:00:00+00:00")], "2026-12-01T12:00:00+00:00")
+    a = _part(
+        [
+            _row(MAML, "5way-maml", 0.80, finished="2026-12-01T10:00:00+00:00"),
+            _row(PROTO, "5way-anil-prototypes", 0.95, finished="2026-12-01T14:00:00+00:00"),
+        ],
+        "2026-12-01T14:00:00+00:00",
+    )
+    b = _part(
+        [_row(MAML, "5way-maml-lr0.003-100it", 0.90, finished="2026-12-01T12:00:00+00:00")], "2026-12-01T12:00:00+00:00"
+    )
     (tmp_path / "results-a.json").write_text(json.dumps(a))
     (tmp_path / "results-b.json").write_text(json.dumps(b))
     merged = merge_results(tmp_path)
@@ -132,7 +165,11 @@ def test_a_smoke_run_touches_neither_the_docs_nor_the_record(tmp_path: Path) -> 
 def test_training_trajectory_spans_both_phases_of_a_step_decay(tmp_path: Path) -> None:
     def write(path: Path, accs: list[float]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps({"round": i + 1, "train": {"query_accuracy_post": a}}) + "\n" for i, a in enumerate(accs)))
+        path.write_text(
+            "".join(
+                json.dumps({"round": i + 1, "train": {"query_accuracy_post": a}}) + "\n" for i, a in enumerate(accs)
+            )
+        )
 
     write(tmp_path / "run" / "metrics.jsonl", [0.9] * 40)
     write(tmp_path / "run" / "decay" / "metrics.jsonl", [0.3] * 40)

@@ -20,10 +20,10 @@ def test_sinusoid_is_mamls_definition() -> None:
     fam = SinusoidFamily(shots=10, query=10)
     batch = fam.sample(torch.Generator().manual_seed(0), 500)
     amp, phase = batch.params[:, 0], batch.params[:, 1]
-    assert 0.1 <= float(amp.min()) and float(amp.max()) <= 5.0
-    assert 0.0 <= float(phase.min()) and float(phase.max()) <= math.pi
+    assert float(amp.min()) >= 0.1 and float(amp.max()) <= 5.0
+    assert float(phase.min()) >= 0.0 and float(phase.max()) <= math.pi
     x = torch.cat([batch.support_x, batch.query_x], dim=1)
-    assert -5.0 <= float(x.min()) and float(x.max()) <= 5.0
+    assert float(x.min()) >= -5.0 and float(x.max()) <= 5.0
     y = torch.cat([batch.support_y, batch.query_y], dim=1)
     torch.testing.assert_close(y, amp.view(-1, 1, 1) * torch.sin(x - phase.view(-1, 1, 1)))
     assert batch.support_x.shape == (500, 10, 1) and batch.query_x.shape == (500, 10, 1)
@@ -42,7 +42,15 @@ def test_harmonic_tasks_solve_their_ode() -> None:
 
 
 def _cfg(**task):
-    return config_from_dict({"seed": 5, "task": task, "meta": {"tasks_per_client": 2}, "federation": {"clients_total": 10, "clients_per_round": 3}, "eval": {"tasks": 50}})
+    return config_from_dict(
+        {
+            "seed": 5,
+            "task": task,
+            "meta": {"tasks_per_client": 2},
+            "federation": {"clients_total": 10, "clients_per_round": 3},
+            "eval": {"tasks": 50},
+        }
+    )
 
 
 def test_same_seed_same_tasks_different_seed_different_tasks() -> None:
@@ -72,7 +80,10 @@ def test_site_pool_is_fixed_per_client() -> None:
 
 def _regression_site(tmp_path: Path, n: int = 30) -> Path:
     rng = np.random.default_rng(0)
-    tasks = [(f"t{i}", rng.uniform(-1, 1, (n, 2)).astype(np.float32), rng.normal(size=n).astype(np.float32)) for i in range(4)]
+    tasks = [
+        (f"t{i}", rng.uniform(-1, 1, (n, 2)).astype(np.float32), rng.normal(size=n).astype(np.float32))
+        for i in range(4)
+    ]
     return write_site(tmp_path / "site", tasks, kind="regression", heldout=tasks[:1])
 
 
@@ -133,9 +144,13 @@ def test_folder_errors_name_the_file(tmp_path: Path) -> None:
 def test_folder_of_sites_maps_clients_to_sites(tmp_path: Path) -> None:
     rng = np.random.default_rng(2)
     for s in range(3):
-        tasks = [(f"t{i}", rng.normal(size=(20, 1)).astype(np.float32), np.full(20, float(s), np.float32)) for i in range(2)]
+        tasks = [
+            (f"t{i}", rng.normal(size=(20, 1)).astype(np.float32), np.full(20, float(s), np.float32)) for i in range(2)
+        ]
         write_site(tmp_path / f"site-{s:04d}", tasks, kind="regression", heldout=tasks[:1])
-    cfg = config_from_dict({"task": {"name": "folder", "data_dir": str(tmp_path), "shots": 3, "query": 3}, "eval": {"tasks": 6}})
+    cfg = config_from_dict(
+        {"task": {"name": "folder", "data_dir": str(tmp_path), "shots": 3, "query": 3}, "eval": {"tasks": 6}}
+    )
     src = TaskSource(cfg)
     assert src.num_sites == 3
     for client in range(3):

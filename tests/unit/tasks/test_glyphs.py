@@ -45,7 +45,14 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _cfg(cache: Path, **task: object) -> Config:
-    base: dict[str, object] = {"name": "glyphs", "ways": 5, "shots": 1, "query": 5, "drawings": 6, "cache_dir": str(cache)}
+    base: dict[str, object] = {
+        "name": "glyphs",
+        "ways": 5,
+        "shots": 1,
+        "query": 5,
+        "drawings": 6,
+        "cache_dir": str(cache),
+    }
     base.update(task)
     return config_from_dict(
         {
@@ -102,7 +109,9 @@ def test_stored_list_is_duplicate_free_with_this_freetype() -> None:
 def test_corrupt_glyph_list_is_refused(tmp_path: Path) -> None:
     from fedmeta.errors import DataFormatError
 
-    doc = json.loads((Path(__file__).resolve().parents[2] / "fedmeta" / "data" / "glyphs.json").read_text(encoding="utf-8"))
+    doc = json.loads(
+        (Path(__file__).resolve().parents[3] / "fedmeta" / "data" / "glyphs.json").read_text(encoding="utf-8")
+    )
     doc["glyphs"][0][2] = "Hebrew"
     bad = tmp_path / "glyphs.json"
     bad.write_text(json.dumps(doc), encoding="utf-8")
@@ -187,7 +196,7 @@ def test_cache_folder_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.delenv(CACHE_ENV)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert cache_dir(None) == tmp_path / "xdg" / "fedmeta" / "glyphs"
-    repo = Path(__file__).resolve().parents[2]
+    repo = Path(__file__).resolve().parents[3]
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert repo not in cache_dir(None).parents
 
@@ -202,7 +211,7 @@ def test_episodes_have_the_documented_shapes_and_labels(family: GlyphFamily) -> 
     assert batch.support_x.dtype == torch.float32 and batch.support_y.dtype == torch.int64
     assert torch.equal(batch.support_y[0], torch.arange(5))
     assert torch.equal(batch.query_y[0], torch.arange(5).repeat_interleave(5))
-    assert 0.0 <= float(batch.support_x.min()) and float(batch.support_x.max()) <= 1.0
+    assert float(batch.support_x.min()) >= 0.0 and float(batch.support_x.max()) <= 1.0
     assert batch.params is not None and batch.params.shape == (3, 5)
     assert all(len(set(row)) == 5 for row in batch.params.tolist())  # distinct classes per episode
     # support and query of one class are different drawings
@@ -241,8 +250,8 @@ def test_rotated_classes_are_rotated_drawings(family: GlyphFamily) -> None:
     rotated = int(ids[ids % ROTATIONS == 1][0])
     base = rotated - 1
     others = [int(i) for i in ids[ids // ROTATIONS != base // ROTATIONS][:4]]
-    a = family.make_tasks(torch.tensor([[base] + others]), make_generator(2, "r"))
-    b = family.make_tasks(torch.tensor([[rotated] + others]), make_generator(2, "r"))
+    a = family.make_tasks(torch.tensor([[base, *others]]), make_generator(2, "r"))
+    b = family.make_tasks(torch.tensor([[rotated, *others]]), make_generator(2, "r"))
     torch.testing.assert_close(torch.rot90(a.support_x[0, 0, 0], 1), b.support_x[0, 0, 0])
     torch.testing.assert_close(a.support_x[0, 1:], b.support_x[0, 1:])
 
@@ -368,7 +377,9 @@ def test_episode_montage_shows_an_adapted_episode(family: GlyphFamily, tmp_path:
     from fedmeta.outputs import write_episode_montage
     from fedmeta.tasks.regression import SinusoidFamily
 
-    algo = build_algorithm("anil", Conv4((1, 28, 28), 5, channels=8), kind="classification", inner_lr=0.5, inner_steps=1)
+    algo = build_algorithm(
+        "anil", Conv4((1, 28, 28), 5, channels=8), kind="classification", inner_lr=0.5, inner_steps=1
+    )
     meta = algo.init_meta_params(make_generator(0, "init"))
     tasks = family.sample(make_generator(0, "m"), 2, "eval")
     path = write_episode_montage(algo, meta, tasks, tmp_path / "episode.png", steps=2)
@@ -414,16 +425,24 @@ def test_prototype_head_meta_training_serves_other_numbers_of_ways(cache: Path, 
     start, and the same meta-parameters serve 10-way episodes (the head is rebuilt from the support
     set; the stored one is not used), far above chance there too."""
     from fedmeta.centralized import run_centralized
+    from fedmeta.checkpoint import load_checkpoint
     from fedmeta.evaluation import evaluate
     from fedmeta.experiment import Experiment
-    from fedmeta.checkpoint import load_checkpoint
     from fedmeta.outputs import read_metrics
 
     base = _cfg(cache)
     cfg = replace(
         base,
         task=replace(base.task, partition="iid"),
-        meta=replace(base.meta, algorithm="anil", head_init="prototypes", inner_lr=0.1, inner_steps=1, outer_lr=0.003, tasks_per_client=8),
+        meta=replace(
+            base.meta,
+            algorithm="anil",
+            head_init="prototypes",
+            inner_lr=0.1,
+            inner_steps=1,
+            outer_lr=0.003,
+            tasks_per_client=8,
+        ),
         federation=replace(base.federation, clients_total=1, clients_per_round=1, rounds=60),
         eval=replace(base.eval, tasks=100, steps=1, every=60, batch=100),
     )
