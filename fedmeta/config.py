@@ -354,7 +354,12 @@ def _validate_outer_schedule(cfg: Config) -> None:
     from fedmeta.federation.stages import OUTER_SCHEDULES
 
     me = cfg.meta
-    _require(me.outer_schedule in OUTER_SCHEDULES, "meta.outer_schedule", me.outer_schedule, f"must be one of {', '.join(OUTER_SCHEDULES)}")
+    _require(
+        me.outer_schedule in OUTER_SCHEDULES,
+        "meta.outer_schedule",
+        me.outer_schedule,
+        f"must be one of {', '.join(OUTER_SCHEDULES)}",
+    )
     _require(
         0 <= me.outer_lr_final <= me.outer_lr and math.isfinite(me.outer_lr_final),
         "meta.outer_lr_final",
@@ -474,8 +479,15 @@ def validate(cfg: Config) -> Config:
     _require(f.max_retries >= 0, "federation.max_retries", f.max_retries, "must be a non-negative integer")
 
     _require(p.mode in MECHANISMS, "privacy.mode", p.mode, f"must be one of {', '.join(MECHANISMS)}")
-    _require(p.clip_norm > 0 and math.isfinite(p.clip_norm), "privacy.clip_norm", p.clip_norm, "must be a positive number")
-    _require(p.noise_multiplier >= 0 and math.isfinite(p.noise_multiplier), "privacy.noise_multiplier", p.noise_multiplier, "must be a non-negative number")
+    _require(
+        p.clip_norm > 0 and math.isfinite(p.clip_norm), "privacy.clip_norm", p.clip_norm, "must be a positive number"
+    )
+    _require(
+        p.noise_multiplier >= 0 and math.isfinite(p.noise_multiplier),
+        "privacy.noise_multiplier",
+        p.noise_multiplier,
+        "must be a non-negative number",
+    )
     _require(0 < p.delta < 1, "privacy.delta", p.delta, "must lie strictly between 0 and 1")
     _require(
         p.target_epsilon is None or p.target_epsilon > 0,
@@ -483,9 +495,15 @@ def validate(cfg: Config) -> Config:
         p.target_epsilon,
         "must be null or a positive number",
     )
-    _require(p.accountant in ACCOUNTANTS, "privacy.accountant", p.accountant, f"must be one of {', '.join(ACCOUNTANTS)}")
-    _require(p.on_budget in BUDGET_ACTIONS, "privacy.on_budget", p.on_budget, f"must be one of {', '.join(BUDGET_ACTIONS)}")
-    _require(0 < p.target_quantile < 1, "privacy.target_quantile", p.target_quantile, "must lie strictly between 0 and 1")
+    _require(
+        p.accountant in ACCOUNTANTS, "privacy.accountant", p.accountant, f"must be one of {', '.join(ACCOUNTANTS)}"
+    )
+    _require(
+        p.on_budget in BUDGET_ACTIONS, "privacy.on_budget", p.on_budget, f"must be one of {', '.join(BUDGET_ACTIONS)}"
+    )
+    _require(
+        0 < p.target_quantile < 1, "privacy.target_quantile", p.target_quantile, "must lie strictly between 0 and 1"
+    )
     _require(p.clip_lr > 0 and math.isfinite(p.clip_lr), "privacy.clip_lr", p.clip_lr, "must be a positive number")
     _require(
         p.clipped_count_stddev is None or (p.clipped_count_stddev >= 0 and math.isfinite(p.clipped_count_stddev)),
@@ -493,7 +511,12 @@ def validate(cfg: Config) -> Config:
         p.clipped_count_stddev,
         "must be null or a non-negative number",
     )
-    _require(p.noise_seed is None or p.noise_seed >= 0, "privacy.noise_seed", p.noise_seed, "must be null or a non-negative integer")
+    _require(
+        p.noise_seed is None or p.noise_seed >= 0,
+        "privacy.noise_seed",
+        p.noise_seed,
+        "must be null or a non-negative integer",
+    )
     # the rules that depend on the mode (adaptive clipping, cohort sampling, the aggregation rule,
     # a known task pool) belong to its mechanism
     MECHANISMS.get(p.mode)().check_config(cfg)
@@ -508,7 +531,12 @@ def validate(cfg: Config) -> Config:
         e.clients,
         f"must be between 0 and federation.clients_total ({f.clients_total})",
     )
-    _require(e.server or e.clients > 0, "eval.server", e.server, "may be false only when eval.clients > 0 (something must evaluate)")
+    _require(
+        e.server or e.clients > 0,
+        "eval.server",
+        e.server,
+        "may be false only when eval.clients > 0 (something must evaluate)",
+    )
 
     fits = TASK_FAMILIES.get(t.name).models
     if fits is not None:

@@ -33,7 +33,9 @@ def _pool_size(cfg: Any, given: int | None) -> int | None:
     return min(site_pool_size(source, c) for c in range(sites))
 
 
-def privacy_report(cfg: Any, *, calibrate: bool = False, target_epsilon: float | None = None, pool_size: int | None = None) -> dict[str, Any]:
+def privacy_report(
+    cfg: Any, *, calibrate: bool = False, target_epsilon: float | None = None, pool_size: int | None = None
+) -> dict[str, Any]:
     """The JSON object ``fedmeta privacy --json`` prints for ``cfg``.
 
     Raises:
@@ -142,8 +144,22 @@ def register(subparsers: Any, add_common: Callable[..., None]) -> None:
     )
     p.add_argument("config", help="YAML config file")
     p.add_argument("--json", action="store_true", help="print one JSON object (keys include epsilon and delta)")
-    p.add_argument("--calibrate", action="store_true", help="also find the noise_multiplier that spends at most the target epsilon")
-    p.add_argument("--target-epsilon", type=float, default=None, metavar="E", help="target for --calibrate (default: privacy.target_epsilon)")
-    p.add_argument("--pool-size", type=int, default=None, metavar="N", help="task mode: tasks per site (default: task.tasks_per_site or counted from task.data_dir)")
+    p.add_argument(
+        "--calibrate", action="store_true", help="also find the noise_multiplier that spends at most the target epsilon"
+    )
+    p.add_argument(
+        "--target-epsilon",
+        type=float,
+        default=None,
+        metavar="E",
+        help="target for --calibrate (default: privacy.target_epsilon)",
+    )
+    p.add_argument(
+        "--pool-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="task mode: tasks per site (default: task.tasks_per_site or counted from task.data_dir)",
+    )
     add_common(p, out=False)
     p.set_defaults(func=cmd_privacy)

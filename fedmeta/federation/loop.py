@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from fedmeta.aggregation import global_norm, stack, validate_update
+from fedmeta.aggregation import stack, validate_update
 from fedmeta.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from fedmeta.config import Config, to_dict
 from fedmeta.errors import CheckpointError, ConfigError, InconsistentReplies, UpdateRejected
@@ -102,11 +102,20 @@ class RoundPolicy(Protocol):
         """Extra scalars for the round's train instructions."""
         ...
 
-    def aggregate(self, round_idx: int, updates: Sequence[Params], *, reference: Params, reports: Sequence[Mapping[str, Any]] | None = None) -> Params:
+    def aggregate(
+        self,
+        round_idx: int,
+        updates: Sequence[Params],
+        *,
+        reference: Params,
+        reports: Sequence[Mapping[str, Any]] | None = None,
+    ) -> Params:
         """The round's aggregate of validated updates (aligned with ``reports``)."""
         ...
 
-    def finish_round(self, round_idx: int, *, sampled: Sequence[int], reports: Mapping[int, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    def finish_round(
+        self, round_idx: int, *, sampled: Sequence[int], reports: Mapping[int, Mapping[str, Any]] | None = None
+    ) -> dict[str, Any]:
         """Per-round bookkeeping after aggregation (the ``privacy`` entry of a metrics row)."""
         ...
 
@@ -142,13 +151,24 @@ class PlainPolicy:
     def client_config(self, round_idx: int) -> dict[str, float]:
         return {}
 
-    def aggregate(self, round_idx: int, updates: Sequence[Params], *, reference: Params, reports: Sequence[Mapping[str, Any]] | None = None) -> Params:
+    def aggregate(
+        self,
+        round_idx: int,
+        updates: Sequence[Params],
+        *,
+        reference: Params,
+        reports: Sequence[Mapping[str, Any]] | None = None,
+    ) -> Params:
         if not updates:
             raise ValueError(f"round {round_idx}: no updates to aggregate")
-        weights = torch.tensor([float((r or {}).get("num_tasks", 1)) for r in (reports or [{}] * len(updates))], dtype=torch.float64)
+        weights = torch.tensor(
+            [float((r or {}).get("num_tasks", 1)) for r in (reports or [{}] * len(updates))], dtype=torch.float64
+        )
         return self.exp.aggregate(RoundResult([], stack(list(updates)), weights, {}))
 
-    def finish_round(self, round_idx: int, *, sampled: Sequence[int], reports: Mapping[int, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    def finish_round(
+        self, round_idx: int, *, sampled: Sequence[int], reports: Mapping[int, Mapping[str, Any]] | None = None
+    ) -> dict[str, Any]:
         return {}
 
     def summary(self) -> dict[str, Any] | None:
@@ -266,7 +286,11 @@ class RoundLoop:
             self._load(self.out_dir / "checkpoint.pt")
         #: The server chain: reply transforms, aggregation, aggregate transforms, optimizer (+ schedule).
         self.stages: list[Stage] = build_stages(
-            cfg, self.policy, self.optimizer, update_transforms=update_transforms, aggregate_transforms=aggregate_transforms
+            cfg,
+            self.policy,
+            self.optimizer,
+            update_transforms=update_transforms,
+            aggregate_transforms=aggregate_transforms,
         )
         load_stage_states(self.stages, self._stage_states, path=str(self.out_dir / "checkpoint.pt"))
         self.recorder = RunRecorder(self.out_dir, resume_round=self.round if resume else None)
@@ -426,7 +450,11 @@ class RoundLoop:
             return False
         try:
             validate_update(reply.update, self.meta, source=f"client {cid}")
-            bad = [k for k, v in reply.metrics.items() if not (math.isfinite(v) or (k in UNBOUNDED_METRICS and v == math.inf))]
+            bad = [
+                k
+                for k, v in reply.metrics.items()
+                if not (math.isfinite(v) or (k in UNBOUNDED_METRICS and v == math.inf))
+            ]
             if bad:
                 raise UpdateRejected(f"update from client {cid}: metric '{bad[0]}' is not finite")
         except UpdateRejected as exc:
@@ -474,7 +502,9 @@ class RoundLoop:
         update_norm = state.info.pop("update_norm", None)
         book.add_time("aggregate", time.perf_counter() - t0)
         self.round = r
-        privacy = self.policy.finish_round(r, sampled=book.sampled, reports={rep.client_id: rep.metrics for rep in replies})
+        privacy = self.policy.finish_round(
+            r, sampled=book.sampled, reports={rep.client_id: rep.metrics for rep in replies}
+        )
         row = self._row(book, replies, update_norm)
         row.update(state.info)
         if privacy:
@@ -497,7 +527,11 @@ class RoundLoop:
         if replies:
             for key in replies[0].metrics:
                 # privacy.* reports (a site's epsilon, noisy clip bits) go to the privacy entry
-                if key == COMPUTE_SECONDS or key.startswith("privacy.") or any(key not in rep.metrics for rep in replies):
+                if (
+                    key == COMPUTE_SECONDS
+                    or key.startswith("privacy.")
+                    or any(key not in rep.metrics for rep in replies)
+                ):
                     continue
                 train[key] = sum(rep.metrics[key] * rep.num_tasks for rep in replies) / tasks
         up = [rep.nbytes for rep in replies]
@@ -538,9 +572,13 @@ class RoundLoop:
         """Server-side evaluation on the held-out tasks (``eval.tasks``), like the reference."""
         if self._eval_tasks is None:
             raise ConfigError("eval.server is false: this server has no held-out tasks to evaluate on")
-        return evaluate(self.exp.algorithm, self.meta, self._eval_tasks, steps=self.cfg.eval.steps, batch=self.cfg.eval.batch).summary()
+        return evaluate(
+            self.exp.algorithm, self.meta, self._eval_tasks, steps=self.cfg.eval.steps, batch=self.cfg.eval.batch
+        ).summary()
 
-    def record_client_eval(self, round_idx: int, results: Sequence[tuple[Mapping[str, float], int]], failed: int) -> dict[str, Any]:
+    def record_client_eval(
+        self, round_idx: int, results: Sequence[tuple[Mapping[str, float], int]], failed: int
+    ) -> dict[str, Any]:
         """Combine a federated evaluation and add it to the last metrics row's record."""
         combined = combine_eval_metrics(results)
         combined["failed"] = failed

@@ -126,7 +126,9 @@ class InProcessTransport:
         elif clients:
             raw = loop.exp.round_updates(loop.meta, r, clients)
             for i, cid in enumerate(clients):
-                update = MetaUpdate({k: v[i] for k, v in raw.updates.items()}, int(raw.weights[i]), raw.client_metrics[i])
+                update = MetaUpdate(
+                    {k: v[i] for k, v in raw.updates.items()}, int(raw.weights[i]), raw.client_metrics[i]
+                )
                 if mechanism.enabled:
                     try:
                         update, extra = self._privatize(loop, cid, update, r)
@@ -138,7 +140,9 @@ class InProcessTransport:
                 loop.accept(book, ClientReply(cid, update.gradient, update.num_tasks, {**update.metrics, **extra}))
         book.add_time("clients", time.perf_counter() - t0)
 
-    def _privatize(self, loop: RoundLoop, cid: int, update: MetaUpdate, round_idx: int) -> tuple[MetaUpdate, dict[str, float]]:
+    def _privatize(
+        self, loop: RoundLoop, cid: int, update: MetaUpdate, round_idx: int
+    ) -> tuple[MetaUpdate, dict[str, float]]:
         """A client-level DP client's privatized update (its accountant kept under client-local)."""
         from fedmeta.privacy.facade import CLIP_NORM_KEY, ClientPrivacy
 

@@ -38,15 +38,23 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
 from fedmeta.config import Config
 from fedmeta.errors import BudgetExhausted
 from fedmeta.experiment import Experiment
-from fedmeta.federation import COMPUTE_SECONDS, check_received_meta, describe_client, evaluate_on_client, resolve_client_id, train_on_client
+from fedmeta.federation import (
+    COMPUTE_SECONDS,
+    check_received_meta,
+    describe_client,
+    evaluate_on_client,
+    resolve_client_id,
+    train_on_client,
+)
 from fedmeta.flower import records as fl
 from fedmeta.flower.run_config import run_settings
 from fedmeta.privacy.mechanisms import CLIP_NORM_KEY, mechanism_for
-from flwr.app import Context, Message
-from flwr.clientapp import ClientApp
 
 __all__ = ["build_client_app"]
 

@@ -121,7 +121,15 @@ def quiet_flower_logs(level: int = logging.ERROR) -> None:
     logger.propagate = False
 
 
-def run_flower_simulation(server_app: Any, client_app: Any, *, num_supernodes: int, cpus_per_client: float = 1.0, num_cpus: int | None = None, verbose: bool = False) -> None:
+def run_flower_simulation(
+    server_app: Any,
+    client_app: Any,
+    *,
+    num_supernodes: int,
+    cpus_per_client: float = 1.0,
+    num_cpus: int | None = None,
+    verbose: bool = False,
+) -> None:
     """Run a ServerApp and a ClientApp in Flower's simulation engine (Ray backend).
 
     Args:
@@ -146,4 +154,6 @@ def run_flower_simulation(server_app: Any, client_app: Any, *, num_supernodes: i
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
-        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_supernodes, backend_config=backend)
+        run_simulation(
+            server_app=server_app, client_app=client_app, num_supernodes=num_supernodes, backend_config=backend
+        )

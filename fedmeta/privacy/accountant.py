@@ -199,7 +199,9 @@ class PrivacyAccountant:
         self._opacus.load_state_dict({"mechanism": mech, "history": list(zip(sigmas, rates, counts))})
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, Any], *, rdp_cache: dict[tuple[float, float], Any] | None = None) -> "PrivacyAccountant":
+    def from_state_dict(
+        cls, state: dict[str, Any], *, rdp_cache: dict[tuple[float, float], Any] | None = None
+    ) -> PrivacyAccountant:
         """A new accountant holding the history in ``state`` (``rdp_cache`` as in the constructor)."""
         acc = cls(str(state.get("mechanism", "rdp")), rdp_cache=rdp_cache)
         acc.load_state_dict(state)
@@ -209,7 +211,9 @@ class PrivacyAccountant:
         return f"PrivacyAccountant(mechanism={self.mechanism!r}, steps={self.steps})"
 
 
-def epsilon_for(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float, mechanism: str = "rdp") -> float:
+def epsilon_for(
+    *, noise_multiplier: float, sample_rate: float, steps: int, delta: float, mechanism: str = "rdp"
+) -> float:
     """Epsilon of ``steps`` identical subsampled Gaussian releases (no state kept).
 
     Raises:

@@ -93,13 +93,21 @@ def noisy_unclipped_fraction(
     if not expected_count > 0:
         raise ValueError(f"expected_count must be positive, got {expected_count!r}")
     centred = sum(float(b) - 0.5 for b in indicators)
-    noise = float(torch.normal(0.0, float(count_stddev), size=(1,), generator=generator, dtype=torch.float64)) if count_stddev > 0 else 0.0
+    noise = (
+        float(torch.normal(0.0, float(count_stddev), size=(1,), generator=generator, dtype=torch.float64))
+        if count_stddev > 0
+        else 0.0
+    )
     return (centred + noise) / expected_count + 0.5
 
 
 def local_noisy_indicator(norm: float, clip_norm: float, *, count_stddev: float, generator: torch.Generator) -> float:
     """What a client sends under local DP: its centred bit ``b - 1/2`` plus ``N(0, sigma_b^2)``."""
-    noise = float(torch.normal(0.0, float(count_stddev), size=(1,), generator=generator, dtype=torch.float64)) if count_stddev > 0 else 0.0
+    noise = (
+        float(torch.normal(0.0, float(count_stddev), size=(1,), generator=generator, dtype=torch.float64))
+        if count_stddev > 0
+        else 0.0
+    )
     return clipped_indicator(norm, clip_norm) - 0.5 + noise
 
 
@@ -131,11 +139,13 @@ class AdaptiveClipState:
     lr: float
     count_stddev: float
 
-    def updated(self, unclipped_fraction: float | None) -> "AdaptiveClipState":
+    def updated(self, unclipped_fraction: float | None) -> AdaptiveClipState:
         """The state after a round whose released unclipped fraction is ``unclipped_fraction``."""
         if unclipped_fraction is None:
             return self
         return replace(
             self,
-            clip_norm=next_clip_norm(self.clip_norm, unclipped_fraction, target_quantile=self.target_quantile, lr=self.lr),
+            clip_norm=next_clip_norm(
+                self.clip_norm, unclipped_fraction, target_quantile=self.target_quantile, lr=self.lr
+            ),
         )

@@ -86,16 +86,30 @@ class PrivacyPlan:
         return out
 
 
-def _epsilon_after(acc: PrivacyAccountant, steps: int, *, noise_multiplier: float, sample_rate: float, delta: float) -> float:
+def _epsilon_after(
+    acc: PrivacyAccountant, steps: int, *, noise_multiplier: float, sample_rate: float, delta: float
+) -> float:
     # reuse one accountant so that rdp's per-(sigma, q) cache serves every probe
     acc.load_state_dict(
-        {"mechanism": acc.mechanism, "noise_multipliers": [noise_multiplier], "sample_rates": [sample_rate], "steps": [steps]}
+        {
+            "mechanism": acc.mechanism,
+            "noise_multipliers": [noise_multiplier],
+            "sample_rates": [sample_rate],
+            "steps": [steps],
+        }
     )
     return acc.get_epsilon(delta)
 
 
 def rounds_that_fit(
-    *, target_epsilon: float, delta: float, noise_multiplier: float, sample_rate: float, max_rounds: int, accountant: str = "rdp", steps_per_round: int = 1
+    *,
+    target_epsilon: float,
+    delta: float,
+    noise_multiplier: float,
+    sample_rate: float,
+    max_rounds: int,
+    accountant: str = "rdp",
+    steps_per_round: int = 1,
 ) -> int:
     """The largest ``n <= max_rounds`` whose epsilon after ``n`` rounds is at most ``target_epsilon``.
 
@@ -112,7 +126,9 @@ def rounds_that_fit(
     acc = PrivacyAccountant(accountant)
 
     def eps(n: int) -> float:
-        return _epsilon_after(acc, n * steps_per_round, noise_multiplier=noise_multiplier, sample_rate=sample_rate, delta=delta)
+        return _epsilon_after(
+            acc, n * steps_per_round, noise_multiplier=noise_multiplier, sample_rate=sample_rate, delta=delta
+        )
 
     if eps(max_rounds) <= target_epsilon:
         return max_rounds
@@ -127,7 +143,13 @@ def rounds_that_fit(
 
 
 def calibrate_noise_multiplier(
-    *, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp", tolerance: float = 0.01
+    *,
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str = "rdp",
+    tolerance: float = 0.01,
 ) -> float:
     """The accountant noise multiplier that spends at most ``target_epsilon`` in ``steps`` steps.
 
@@ -158,7 +180,9 @@ def calibrate_noise_multiplier(
         )
 
 
-def calibrate_config_noise_multiplier(cfg: Config, *, target_epsilon: float | None = None, pool_size: int | None = None, tolerance: float = 0.01) -> float:
+def calibrate_config_noise_multiplier(
+    cfg: Config, *, target_epsilon: float | None = None, pool_size: int | None = None, tolerance: float = 0.01
+) -> float:
     """``privacy.noise_multiplier`` that makes ``cfg``'s full schedule spend at most the target.
 
     Args:
@@ -211,7 +235,9 @@ def plan_privacy(cfg: Config, *, pool_size: int | None = None) -> PrivacyPlan:
         )  # fmt: skip
     steps = rounds * params.steps_per_round
     acc = PrivacyAccountant(p.accountant)
-    epsilon = _epsilon_after(acc, steps, noise_multiplier=params.noise_multiplier, sample_rate=params.sample_rate, delta=p.delta)
+    epsilon = _epsilon_after(
+        acc, steps, noise_multiplier=params.noise_multiplier, sample_rate=params.sample_rate, delta=p.delta
+    )
     fit: int | None = None
     within = True
     if p.target_epsilon is not None:

@@ -86,7 +86,13 @@ def privatize_client_update(
 
 
 def private_client_update(
-    exp: Experiment, meta: Params, round_idx: int, client_id: int, privacy: ClientPrivacy, *, clip_norm: float | None = None
+    exp: Experiment,
+    meta: Params,
+    round_idx: int,
+    client_id: int,
+    privacy: ClientPrivacy,
+    *,
+    clip_norm: float | None = None,
 ) -> tuple[MetaUpdate, dict[str, float]]:
     """Everything a client computes for a train instruction under its privacy mode.
 
@@ -119,7 +125,11 @@ def load_client_state(state_dir: str | Path, client_id: int, mode: str) -> dict[
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        if data.get("client_id") != int(client_id) or data.get("mode") != mode or not isinstance(data.get("state"), dict):
+        if (
+            data.get("client_id") != int(client_id)
+            or data.get("mode") != mode
+            or not isinstance(data.get("state"), dict)
+        ):
             raise ValueError("it belongs to another client or privacy mode")
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"client privacy state '{path}' cannot be read: {exc}") from exc

@@ -129,7 +129,9 @@ def clipped_sum(updates: Sequence[Params], clip_norm: float, *, reference: Param
     return total, norms.tolist()
 
 
-def privatize_update(update: Params, *, clip_norm: float, noise_std: float, generator: torch.Generator) -> tuple[Params, float]:
+def privatize_update(
+    update: Params, *, clip_norm: float, noise_std: float, generator: torch.Generator
+) -> tuple[Params, float]:
     """Clip one update and add Gaussian noise: what a client sends under local DP.
 
     Under local DP ``noise_std = noise_multiplier * clip_norm``; under a secure-aggregation split

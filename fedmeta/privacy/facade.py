@@ -309,13 +309,20 @@ class ServerPrivacy:
             if self.accountant is not None:
                 self.accountant.load_state_dict(state["accountant"])
             self.client_accountants = {
-                int(c): PrivacyAccountant.from_state_dict(s, rdp_cache=self._rdp_cache) for c, s in zip(state["clients"], state["client_accountants"])
+                int(c): PrivacyAccountant.from_state_dict(s, rdp_cache=self._rdp_cache)
+                for c, s in zip(state["clients"], state["client_accountants"])
             }
             for acc in self.client_accountants.values():
                 if acc.mechanism != self.cfg.privacy.accountant:
-                    raise ValueError(f"client accountant is '{acc.mechanism}', config says '{self.cfg.privacy.accountant}'")
-            self.site_reports = {int(s): {k: float(v) for k, v in r.items()} for s, r in zip(state["sites"], state["site_reports"])}
-            self.clip = AdaptiveClipState(float(state["clip_norm"]), self.clip.target_quantile, self.clip.lr, self.clip.count_stddev)
+                    raise ValueError(
+                        f"client accountant is '{acc.mechanism}', config says '{self.cfg.privacy.accountant}'"
+                    )
+            self.site_reports = {
+                int(s): {k: float(v) for k, v in r.items()} for s, r in zip(state["sites"], state["site_reports"])
+            }
+            self.clip = AdaptiveClipState(
+                float(state["clip_norm"]), self.clip.target_quantile, self.clip.lr, self.clip.count_stddev
+            )
             self.rounds_completed = int(state["rounds_completed"])
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"the checkpoint's privacy state cannot be restored: {exc}") from exc
@@ -376,7 +383,7 @@ class ClientPrivacy:
         *,
         state: Mapping[str, Any] | None = None,
         rdp_cache: dict[tuple[float, float], Any] | None = None,
-    ) -> "ClientPrivacy":
+    ) -> ClientPrivacy:
         """Like the constructor, with the task pool size read from ``source`` in ``task`` mode."""
         pool = mechanism_for(cfg).site_pool_size(source, client_id)
         return cls(cfg, client_id, state=state, pool_size=pool, rdp_cache=rdp_cache)
@@ -406,7 +413,9 @@ class ClientPrivacy:
 
     # -- client-local --------------------------------------------------------------------------
 
-    def privatize_update(self, update: Params, *, round_idx: int, clip_norm: float | None = None) -> tuple[Params, dict[str, float]]:
+    def privatize_update(
+        self, update: Params, *, round_idx: int, clip_norm: float | None = None
+    ) -> tuple[Params, dict[str, float]]:
         """What this client sends for its mean meta-update.
 
         * ``client-local``: ``clip(u, C) + N(0, (z_u C)^2)`` (plus the noisy clip bit under
@@ -452,9 +461,13 @@ class ClientPrivacy:
         """``task`` mode: this site's Poisson-sampled meta-batch for ``round_idx`` (``None`` if empty)."""
         if self.site is None:
             raise ValueError("sample_tasks is for privacy.mode 'task'")
-        return sample_site_tasks(source, self.client_id, sample_rate=self.site.sample_rate, generator=self.generator("tasks", round_idx))
+        return sample_site_tasks(
+            source, self.client_id, sample_rate=self.site.sample_rate, generator=self.generator("tasks", round_idx)
+        )
 
-    def privatize_task_gradients(self, per_task: Params | None, *, reference: Params, round_idx: int) -> tuple[Params, dict[str, float]]:
+    def privatize_task_gradients(
+        self, per_task: Params | None, *, reference: Params, round_idx: int
+    ) -> tuple[Params, dict[str, float]]:
         """``task`` mode: Opacus clips every task's meta-gradient, noises the sum, divides by ``q N``.
 
         Returns:

@@ -59,7 +59,9 @@ def site_pool_size(source: TaskSource, client_id: int) -> int:
     return int(cfg.task.tasks_per_site)
 
 
-def sample_site_tasks(source: TaskSource, client_id: int, *, sample_rate: float, generator: torch.Generator) -> TaskBatch | None:
+def sample_site_tasks(
+    source: TaskSource, client_id: int, *, sample_rate: float, generator: torch.Generator
+) -> TaskBatch | None:
     """The site's Poisson-sampled meta-batch for one DP step (``None`` if no task was drawn).
 
     The selection and the support/query draws both come from ``generator``, which must be secret
@@ -130,8 +132,13 @@ class TaskLevelPrivacy:
 
     @classmethod
     def from_config(
-        cls, cfg: Config, *, pool_size: int, state: dict[str, Any] | None = None, rdp_cache: dict[tuple[float, float], Any] | None = None
-    ) -> "TaskLevelPrivacy":
+        cls,
+        cfg: Config,
+        *,
+        pool_size: int,
+        state: dict[str, Any] | None = None,
+        rdp_cache: dict[tuple[float, float], Any] | None = None,
+    ) -> TaskLevelPrivacy:
         """The task-level DP of a site holding ``pool_size`` tasks under ``cfg``."""
         p = cfg.privacy
         q = task_sample_rate(cfg.meta.tasks_per_client, pool_size)
@@ -203,13 +210,16 @@ class TaskLevelPrivacy:
                 raise ValueError(f"per-task gradients disagree on the number of tasks: {sorted(sizes)}")
             for k in keys:
                 if tuple(per_task[k].shape[1:]) != tuple(reference[k].shape):
-                    raise ValueError(f"per-task gradient '{k}' has shape {tuple(per_task[k].shape)}, expected [T, *{tuple(reference[k].shape)}]")
+                    raise ValueError(
+                        f"per-task gradient '{k}' has shape {tuple(per_task[k].shape)}, expected [T, "
+                        f"*{tuple(reference[k].shape)}]"
+                    )
         leaves = [torch.nn.Parameter(torch.zeros_like(reference[k])) for k in keys]
         optimizer = DPOptimizer(
             torch.optim.SGD(leaves, lr=0.0),
             noise_multiplier=self.noise_multiplier,
             max_grad_norm=self.clip_norm,
-            expected_batch_size=self.expected_tasks,  # type: ignore[arg-type]
+            expected_batch_size=self.expected_tasks,
             loss_reduction="mean",
             generator=generator,
         )

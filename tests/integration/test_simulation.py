@@ -120,7 +120,9 @@ def test_simulation_learns_and_survives_faulty_clients(
     # the slow client's round ended without it, on the round timeout (not an error of its own)
     timed_out = [r.getMessage() for r in caplog.records if "no reply within federation.round_timeout" in r.getMessage()]
     timeout = cfg.federation.round_timeout
-    assert timed_out == [f"round {slow_round}: client {slow} failed: no reply within federation.round_timeout={timeout:g}s"]
+    assert timed_out == [
+        f"round {slow_round}: client {slow} failed: no reply within federation.round_timeout={timeout:g}s"
+    ]
     totals = summary["federation"]["totals"]
     assert totals["rejected"] == sum(nan_client in c for c in cohorts) > 0
     assert totals["failed"] == sum(raiser in c for c in cohorts) + 1

@@ -216,10 +216,8 @@ class ManagedProcess:
     def _signal_group(self, sig: int) -> None:
         if self._group_cleared:
             return  # never signal a process group id that may have been reused since
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
 
     def stop(self, timeout: float = 15.0) -> int | None:
         """SIGTERM to the group and every descendant, SIGKILL after ``timeout`` seconds.
@@ -304,10 +302,16 @@ class LocalDeployment:
         host: str = "127.0.0.1",
     ) -> None:
         if node_auth and tls is None:
-            raise DeploymentError("SuperNode authentication needs TLS (give certificates or turn node authentication off)")
+            raise DeploymentError(
+                "SuperNode authentication needs TLS (give certificates or turn node authentication off)"
+            )
         self.workdir = Path(workdir).resolve()
         self.app_dir = Path(app_dir).resolve()
-        self.tls = None if tls is None else TlsFiles(*(Path(f).resolve() for f in (tls.ca_cert, tls.ca_key, tls.server_cert, tls.server_key)))
+        self.tls = (
+            None
+            if tls is None
+            else TlsFiles(*(Path(f).resolve() for f in (tls.ca_cert, tls.ca_key, tls.server_cert, tls.server_key)))
+        )
         self.node_auth = node_auth
         self.connection = connection
         self.host = host
@@ -368,7 +372,9 @@ class LocalDeployment:
 
     # -- SuperLink -------------------------------------------------------------------------
 
-    def start_superlink(self, *, database: str | Path | None = None, port: int | None = None, timeout: float = 90.0) -> ManagedProcess:
+    def start_superlink(
+        self, *, database: str | Path | None = None, port: int | None = None, timeout: float = 90.0
+    ) -> ManagedProcess:
         """Start the SuperLink and wait until its Control API answers over the connection.
 
         Args:
@@ -393,7 +399,14 @@ class LocalDeployment:
             if self.tls is None:
                 cmd.append("--insecure")
             else:
-                cmd += ["--ssl-ca-certfile", str(self.tls.ca_cert), "--ssl-certfile", str(self.tls.server_cert), "--ssl-keyfile", str(self.tls.server_key)]
+                cmd += [
+                    "--ssl-ca-certfile",
+                    str(self.tls.ca_cert),
+                    "--ssl-certfile",
+                    str(self.tls.server_cert),
+                    "--ssl-keyfile",
+                    str(self.tls.server_key),
+                ]
             if self.node_auth:
                 cmd.append("--enable-supernode-auth")
             if database is not None:
@@ -401,7 +414,11 @@ class LocalDeployment:
             cmd.append("--disable-runtime-dependency-installation")
             self._write_connection()
             self.superlink = ManagedProcess(
-                "superlink", cmd, env=flower_env(self.homes / "superlink"), log_path=self.logs / "superlink.log", cwd=self.workdir,
+                "superlink",
+                cmd,
+                env=flower_env(self.homes / "superlink"),
+                log_path=self.logs / "superlink.log",
+                cwd=self.workdir,
             )
             try:
                 self._wait(lambda: self._answers(), timeout, "the SuperLink to answer", [self.superlink])
@@ -492,7 +509,9 @@ class LocalDeployment:
             cmd += ["--auth-supernode-private-key", str(Path(key).resolve())]
         if config:
             cmd += ["--node-config", str(config_file)]
-        process = ManagedProcess(name, cmd, env=flower_env(self.homes / name), log_path=self.logs / f"{name}.log", cwd=self.workdir)
+        process = ManagedProcess(
+            name, cmd, env=flower_env(self.homes / name), log_path=self.logs / f"{name}.log", cwd=self.workdir
+        )
         old = self.nodes.get(name)
         if old is not None:
             self._retired.append(old.process)
@@ -557,8 +576,13 @@ class LocalDeployment:
                     return process
                 time.sleep(1.0)
             if process.alive or time.monotonic() >= deadline:
-                raise DeploymentError(f"SuperNode '{name}' did not come back online within {timeout:g}s; its log ends with:\n{process.tail()}")
-            log.info("SuperNode %s was refused (exit %s), probably still counted online; retrying", name, process.returncode)
+                raise DeploymentError(
+                    f"SuperNode '{name}' did not come back online within {timeout:g}s; its log ends "
+                    f"with:\n{process.tail()}"
+                )
+            log.info(
+                "SuperNode %s was refused (exit %s), probably still counted online; retrying", name, process.returncode
+            )
             time.sleep(3.0)
 
     # -- runs ------------------------------------------------------------------------------
@@ -593,7 +617,7 @@ class LocalDeployment:
         return int(run_id)
 
     def run_status(self, run_id: int) -> str:
-        """The run's status as the SuperLink reports it (``running``, ``finished:completed``, ``finished:failed``, ...)."""
+        """The run's status as the SuperLink reports it (``running``, ``finished:completed``, ...)."""
         answer = self.flwr(["ls", self.connection, "--run-id", str(run_id)], timeout=60)
         runs = answer.get("runs") or []
         return str(runs[0]["status"]) if runs else "unknown"
@@ -626,7 +650,14 @@ class LocalDeployment:
             status = self.run_status(run_id)
             return status.startswith("finished")
 
-        self._wait(done, timeout, f"run {run_id} to finish (last status: {{status}})", [p for p in [self.superlink] if p], interval=interval, status=lambda: status)
+        self._wait(
+            done,
+            timeout,
+            f"run {run_id} to finish (last status: {{status}})",
+            [p for p in [self.superlink] if p],
+            interval=interval,
+            status=lambda: status,
+        )
         return status
 
     def run_statuses(self) -> dict[int, str]:
@@ -689,7 +720,15 @@ class LocalDeployment:
         """The ServerApp's logs of a run as the SuperLink kept them (``flwr log --show``)."""
         cmd = [str(BIN / "flwr"), "log", str(run_id), self.connection, "--show"]
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=flower_env(self.cli_home), cwd=self.app_dir, timeout=timeout, stdin=subprocess.DEVNULL)
+            proc = subprocess.run(
+                cmd,
+                capture_output=True,
+                text=True,
+                env=flower_env(self.cli_home),
+                cwd=self.app_dir,
+                timeout=timeout,
+                stdin=subprocess.DEVNULL,
+            )
         except subprocess.TimeoutExpired:
             return ""
         return proc.stdout
@@ -1008,7 +1047,13 @@ def run_local(
     if work.exists() and not resume:
         shutil.rmtree(work / "logs", ignore_errors=True)
     tls_files = make_tls(work / "pki") if tls else None
-    budget = timeout if timeout is not None else dcfg.federation.rounds * (dcfg.federation.round_timeout * (1 + dcfg.federation.max_retries) + 60) + dcfg.federation.join_timeout + 300
+    budget = (
+        timeout
+        if timeout is not None
+        else dcfg.federation.rounds * (dcfg.federation.round_timeout * (1 + dcfg.federation.max_retries) + 60)
+        + dcfg.federation.join_timeout
+        + 300
+    )
     ok = False
     with LocalDeployment(work, app_dir=APP_DIR, tls=tls_files, node_auth=node_auth) as deployment:
         try:

@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from fedmeta.errors import ConfigError
 from fedmeta.privacy.modes import AccountingParameters, ModeDescription
 from fedmeta.registry import Registry
 from fedmeta.registry import require as _require
@@ -135,7 +134,8 @@ class PrivacyMechanism:
 
         require_separable(
             list(terms),
-            why=f"privacy.mode '{self.name}' clips every task's meta-gradient on its own, so each term must be a sum of "
+            why=f"privacy.mode '{self.name}' clips every task's meta-gradient on its own, so each term must be a sum "
+                "of "
             "per-task terms",
         )
 

@@ -82,7 +82,9 @@ class ClientCentralPrivacy(PrivacyMechanism):
     def accounting_parameters(self, cfg: Config, *, pool_size: int | None = None) -> AccountingParameters:
         """``z`` (effective, with adaptive clipping) at ``q = clients_per_round / clients_total``, per client."""
         f = cfg.federation
-        return AccountingParameters(effective_config_noise_multiplier(cfg), f.clients_per_round / f.clients_total, "client")
+        return AccountingParameters(
+            effective_config_noise_multiplier(cfg), f.clients_per_round / f.clients_total, "client"
+        )
 
     def server_accountant(self, cfg: Config) -> PrivacyAccountant:
         """One accountant for the run, on the server."""
@@ -145,7 +147,9 @@ class ClientCentralPrivacy(PrivacyMechanism):
     ) -> None:
         """One step of the run's accountant at the client sample rate."""
         assert server.accountant is not None
-        server.accountant.step(noise_multiplier=server.effective_noise_multiplier, sample_rate=server.client_sample_rate)
+        server.accountant.step(
+            noise_multiplier=server.effective_noise_multiplier, sample_rate=server.client_sample_rate
+        )
 
     def round_entry(self, server: ServerPrivacy) -> dict[str, Any]:
         """The client sample rate."""

@@ -111,7 +111,10 @@ class ClientLocalPrivacy(PrivacyMechanism):
         if not (c > 0 and math.isfinite(c)):
             raise ValueError(f"clip norm from the server must be a positive number, got {clip_norm!r}")
         noisy, norm = privatize_update(
-            update, clip_norm=c, noise_std=client.update_noise_multiplier * c, generator=client.generator("noise", round_idx)
+            update,
+            clip_norm=c,
+            noise_std=client.update_noise_multiplier * c,
+            generator=client.generator("noise", round_idx),
         )
         extra: dict[str, float] = {}
         if p.adaptive_clipping:

@@ -12,7 +12,7 @@ import torch
 from fedmeta.privacy.accountant import PrivacyAccountant, epsilon_for
 
 
-def _opacus(mechanism: str):  # noqa: ANN202 - the Opacus class
+def _opacus(mechanism: str):
     from opacus.accountants import create_accountant
 
     with warnings.catch_warnings():
@@ -48,7 +48,13 @@ def test_prv_matches_opacus_and_its_published_value() -> None:
 
 @pytest.mark.parametrize(
     ("sigma", "q", "rounds", "delta"),
-    [(1.0, 0.25, 1000, 1e-5), (1.1, 0.01, 500, 1e-5), (0.7, 1.0, 20, 1e-6), (3.0, 0.001, 10_000, 1e-7), (0.5, 0.1, 1, 1e-3)],
+    [
+        (1.0, 0.25, 1000, 1e-5),
+        (1.1, 0.01, 500, 1e-5),
+        (0.7, 1.0, 20, 1e-6),
+        (3.0, 0.001, 10_000, 1e-7),
+        (0.5, 0.1, 1, 1e-3),
+    ],
 )
 def test_rdp_equals_opacus_for_the_same_schedule(sigma: float, q: float, rounds: int, delta: float) -> None:
     acc = PrivacyAccountant("rdp")

@@ -35,7 +35,10 @@ def test_noise_split_matches_the_paper_and_inverts() -> None:
 
 
 def test_noise_split_refuses_a_count_that_costs_the_whole_budget() -> None:
-    with pytest.raises(ValueError, match=r"clipped_count_stddev > noise_multiplier / 2.*clipped_count_stddev=0.5 and noise_multiplier=1"):
+    with pytest.raises(
+        ValueError,
+        match=r"clipped_count_stddev > noise_multiplier / 2.*clipped_count_stddev=0.5 and noise_multiplier=1",
+    ):
         update_noise_multiplier(1.0, 0.5)
 
 
@@ -46,7 +49,9 @@ def test_clip_norm_converges_to_the_target_quantile_without_noise() -> None:
         state = AdaptiveClipState(clip_norm=0.05, target_quantile=gamma, lr=0.2, count_stddev=0.0)
         for r in range(400):
             bits = [clipped_indicator(n, state.clip_norm) for n in norms]
-            frac = noisy_unclipped_fraction(bits, count_stddev=0.0, expected_count=len(norms), generator=make_generator(0, r))
+            frac = noisy_unclipped_fraction(
+                bits, count_stddev=0.0, expected_count=len(norms), generator=make_generator(0, r)
+            )
             state = state.updated(frac)
         quantile = float(torch.tensor(norms).quantile(gamma))
         assert state.clip_norm == pytest.approx(quantile, rel=0.05)
@@ -60,7 +65,9 @@ def test_clip_norm_tracks_the_quantile_under_count_noise() -> None:
     for r in range(600):
         norms = torch.exp(torch.randn(cohort, generator=gen) * 0.5).tolist()
         bits = [clipped_indicator(n, state.clip_norm) for n in norms]
-        frac = noisy_unclipped_fraction(bits, count_stddev=state.count_stddev, expected_count=cohort, generator=make_generator(1, "count", r))
+        frac = noisy_unclipped_fraction(
+            bits, count_stddev=state.count_stddev, expected_count=cohort, generator=make_generator(1, "count", r)
+        )
         state = state.updated(frac)
         if r >= 300:
             late.append(math.log(state.clip_norm))
@@ -70,14 +77,20 @@ def test_clip_norm_tracks_the_quantile_under_count_noise() -> None:
 def test_released_fraction_noise_has_the_calibrated_std() -> None:
     bits = [1.0] * 30 + [0.0] * 10
     draws = torch.tensor(
-        [noisy_unclipped_fraction(bits, count_stddev=2.0, expected_count=40, generator=make_generator(2, i)) for i in range(4000)]
+        [
+            noisy_unclipped_fraction(bits, count_stddev=2.0, expected_count=40, generator=make_generator(2, i))
+            for i in range(4000)
+        ]
     )
     assert float(draws.mean()) == pytest.approx(0.75, abs=0.01)
     assert float(draws.std()) == pytest.approx(2.0 / 40, rel=0.05)
 
 
 def test_local_bits_average_to_the_fraction() -> None:
-    values = [local_noisy_indicator(0.5 if i % 4 else 2.0, 1.0, count_stddev=1.0, generator=make_generator(3, i)) for i in range(8000)]
+    values = [
+        local_noisy_indicator(0.5 if i % 4 else 2.0, 1.0, count_stddev=1.0, generator=make_generator(3, i))
+        for i in range(8000)
+    ]
     assert fraction_from_local_indicators(values) == pytest.approx(0.75, abs=0.04)
     assert float(torch.tensor(values).std()) == pytest.approx(math.sqrt(1.0 + 0.75 * 0.25), rel=0.05)
     assert fraction_from_local_indicators([]) is None
@@ -111,5 +124,7 @@ def test_adaptive_clipping_cost_is_accounted() -> None:
     expected = epsilon_for(noise_multiplier=1.0, sample_rate=0.2, steps=30, delta=1e-5)
     assert server.epsilon() == pytest.approx(expected, rel=1e-6)
     # ... which costs more than the update noise alone would
-    assert server.epsilon() > epsilon_for(noise_multiplier=server.update_noise_multiplier, sample_rate=0.2, steps=30, delta=1e-5)
+    assert server.epsilon() > epsilon_for(
+        noise_multiplier=server.update_noise_multiplier, sample_rate=0.2, steps=30, delta=1e-5
+    )
     assert server.summary()["final_clip_norm"] != 1.0  # the clip norm moved

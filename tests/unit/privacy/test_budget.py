@@ -21,7 +21,7 @@ from fedmeta.privacy.budget import (
 CENTRAL = {"federation": {"clients_total": 1000, "clients_per_round": 50, "rounds": 400, "sampling": "poisson"}}
 
 
-def _cfg(privacy: dict, **sections: dict):  # noqa: ANN202
+def _cfg(privacy: dict, **sections: dict):
     data = {**CENTRAL, **sections}
     data["privacy"] = privacy
     return config_from_dict(data)
@@ -30,7 +30,10 @@ def _cfg(privacy: dict, **sections: dict):  # noqa: ANN202
 @pytest.mark.parametrize(
     ("yaml_text", "match"),
     [
-        ("privacy:\n  noise_multiplier: -0.5\n", r"config key 'privacy.noise_multiplier' must be a non-negative number, got -0.5"),
+        (
+            "privacy:\n  noise_multiplier: -0.5\n",
+            r"config key 'privacy.noise_multiplier' must be a non-negative number, got -0.5",
+        ),
         ("privacy:\n  clip_norm: 0\n", r"config key 'privacy.clip_norm' must be a positive number, got 0"),
         ("privacy:\n  delta: 1\n", r"config key 'privacy.delta' must lie strictly between 0 and 1, got 1"),
         ("privacy:\n  delta: 2.5\n", r"'privacy.delta'.*2.5"),
@@ -41,15 +44,22 @@ def _cfg(privacy: dict, **sections: dict):  # noqa: ANN202
         ("privacy:\n  target_quantile: 1.0\n", r"'privacy.target_quantile'.*1.0"),
         ("privacy:\n  clip_lr: 0\n", r"'privacy.clip_lr'.*0"),
         ("privacy:\n  noise_seed: -3\n", r"'privacy.noise_seed'.*-3"),
-        ("privacy:\n  mode: client-central\n", r"'federation.sampling' must be 'poisson' for privacy.mode 'client-central'.*'uniform'"),
+        (
+            "privacy:\n  mode: client-central\n",
+            r"'federation.sampling' must be 'poisson' for privacy.mode 'client-central'.*'uniform'",
+        ),
         (
             "privacy:\n  mode: client-central\nfederation:\n  sampling: poisson\n  aggregation: median\n",
             r"'federation.aggregation' must be 'mean' for privacy.mode 'client-central'.*'median'",
         ),
         ("privacy:\n  mode: task\n", r"'task.tasks_per_site' must be set for privacy.mode 'task'"),
-        ("privacy:\n  mode: task\n  adaptive_clipping: true\ntask:\n  tasks_per_site: 20\n", r"'privacy.adaptive_clipping' applies to.*'task'"),
         (
-            "privacy:\n  mode: client-central\n  adaptive_clipping: true\n  noise_multiplier: 3\nfederation:\n  sampling: poisson\n",
+            "privacy:\n  mode: task\n  adaptive_clipping: true\ntask:\n  tasks_per_site: 20\n",
+            r"'privacy.adaptive_clipping' applies to.*'task'",
+        ),
+        (
+            "privacy:\n  mode: client-central\n  adaptive_clipping: true\n  noise_multiplier: 3\nfederation:\n  "
+            "sampling: poisson\n",
             r"'privacy.clipped_count_stddev' must exceed privacy.noise_multiplier / 2 = 1.5.*got 1.25",
         ),
     ],
@@ -73,16 +83,24 @@ def test_rounds_that_fit_is_the_exact_boundary() -> None:
 def test_plan_of_each_mode_equals_opacus_for_its_own_parameters() -> None:
     central = plan_privacy(_cfg({"mode": "client-central", "noise_multiplier": 1.1}))
     assert (central.accounted_noise_multiplier, central.sample_rate, central.steps) == (1.1, 0.05, 400)
-    assert central.epsilon == pytest.approx(epsilon_for(noise_multiplier=1.1, sample_rate=0.05, steps=400, delta=1e-5), rel=1e-6)
+    assert central.epsilon == pytest.approx(
+        epsilon_for(noise_multiplier=1.1, sample_rate=0.05, steps=400, delta=1e-5), rel=1e-6
+    )
 
     local = plan_privacy(_cfg({"mode": "client-local", "noise_multiplier": 20.0}))
     # local DP: sensitivity 2C (z/2), no amplification (q = 1), a client in every round
     assert (local.accounted_noise_multiplier, local.sample_rate, local.steps) == (10.0, 1.0, 400)
-    assert local.epsilon == pytest.approx(epsilon_for(noise_multiplier=10.0, sample_rate=1.0, steps=400, delta=1e-5), rel=1e-6)
+    assert local.epsilon == pytest.approx(
+        epsilon_for(noise_multiplier=10.0, sample_rate=1.0, steps=400, delta=1e-5), rel=1e-6
+    )
 
-    task = plan_privacy(_cfg({"mode": "task", "noise_multiplier": 1.0}, task={"tasks_per_site": 40}, meta={"tasks_per_client": 4}))
+    task = plan_privacy(
+        _cfg({"mode": "task", "noise_multiplier": 1.0}, task={"tasks_per_site": 40}, meta={"tasks_per_client": 4})
+    )
     assert (task.accounted_noise_multiplier, task.sample_rate, task.unit) == (1.0, 0.1, "task")
-    assert task.epsilon == pytest.approx(epsilon_for(noise_multiplier=1.0, sample_rate=0.1, steps=400, delta=1e-5), rel=1e-6)
+    assert task.epsilon == pytest.approx(
+        epsilon_for(noise_multiplier=1.0, sample_rate=0.1, steps=400, delta=1e-5), rel=1e-6
+    )
 
     none = plan_privacy(_cfg({"mode": "none"}))
     assert none.epsilon is None and none.within_budget
@@ -93,7 +111,9 @@ def test_schedule_over_budget_refuses_to_start_and_says_how_many_rounds_fit() ->
     plan = plan_privacy(cfg)
     assert not plan.within_budget and plan.epsilon > 2.0
     fit = plan.rounds_that_fit
-    assert fit == rounds_that_fit(target_epsilon=2.0, delta=1e-5, noise_multiplier=1.2, sample_rate=0.05, max_rounds=400)
+    assert fit == rounds_that_fit(
+        target_epsilon=2.0, delta=1e-5, noise_multiplier=1.2, sample_rate=0.05, max_rounds=400
+    )
     with pytest.raises(BudgetExhausted) as err:
         enforce_budget(cfg)
     msg = str(err.value)

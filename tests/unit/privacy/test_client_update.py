@@ -32,7 +32,12 @@ def _cfg(mode: str, **over: Any) -> Config:
         "task": {"name": "sinusoid", "shots": 5, "query": 5, "tasks_per_site": 8},
         "model": {"hidden": [16, 16]},
         "meta": {"algorithm": "maml", "tasks_per_client": 3},
-        "federation": {"clients_total": 10, "clients_per_round": 4, "rounds": 20, "sampling": "poisson" if mode == "client-central" else "uniform"},
+        "federation": {
+            "clients_total": 10,
+            "clients_per_round": 4,
+            "rounds": 20,
+            "sampling": "poisson" if mode == "client-central" else "uniform",
+        },
         "privacy": {"mode": mode, "noise_seed": 5, "clip_norm": 0.3, "noise_multiplier": 1.0},
     }
     for key, value in over.items():
@@ -92,7 +97,14 @@ def test_private_round_keeps_the_accountant_across_runs_in_a_state_dir(tmp_path:
 def test_task_mode_local_steps_are_dp_sgd_steps_whose_sum_is_sent() -> None:
     # sigma = 0, a huge clip norm and q = 1 (every task of the pool in every step): the K private
     # steps are exactly FedMeta-style local meta-steps on the site's whole pool
-    cfg = _cfg("task", meta__tasks_per_client=8, meta__local_steps=2, meta__local_lr=0.05, privacy__noise_multiplier=0.0, privacy__clip_norm=1e9)
+    cfg = _cfg(
+        "task",
+        meta__tasks_per_client=8,
+        meta__local_steps=2,
+        meta__local_lr=0.05,
+        privacy__noise_multiplier=0.0,
+        privacy__clip_norm=1e9,
+    )
     exp = Experiment(cfg)
     meta = exp.initial_meta_params()
     update, report = private_client_update(exp, meta, 5, 1, ClientPrivacy.for_site(cfg, 1, exp.source))

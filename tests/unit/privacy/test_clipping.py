@@ -113,7 +113,12 @@ def test_central_mean_is_clipped_sum_plus_calibrated_noise_over_expected_count()
     ref = updates[0]
     clip, z, expected = 0.8, 1.1, 7.0
     out, norms = central_private_mean(
-        updates, reference=ref, clip_norm=clip, noise_multiplier=z, expected_count=expected, generator=make_generator(9, "noise")
+        updates,
+        reference=ref,
+        clip_norm=clip,
+        noise_multiplier=z,
+        expected_count=expected,
+        generator=make_generator(9, "noise"),
     )
     total, _ = clipped_sum(updates, clip, reference=ref)
     noise = gaussian_noise(ref, z * clip, make_generator(9, "noise"))
@@ -128,7 +133,12 @@ def test_central_mean_without_noise_and_clipping_is_the_plain_mean() -> None:
     gen = make_generator(4, "updates")
     updates = [_meta_sgd_like(gen, 1.0) for _ in range(6)]
     out, _ = central_private_mean(
-        updates, reference=updates[0], clip_norm=1e12, noise_multiplier=0.0, expected_count=6, generator=make_generator(0, "n")
+        updates,
+        reference=updates[0],
+        clip_norm=1e12,
+        noise_multiplier=0.0,
+        expected_count=6,
+        generator=make_generator(0, "n"),
     )
     for k in updates[0]:
         torch.testing.assert_close(out[k], torch.stack([u[k] for u in updates]).mean(0), rtol=1e-6, atol=1e-7)
@@ -136,7 +146,9 @@ def test_central_mean_without_noise_and_clipping_is_the_plain_mean() -> None:
 
 def test_empty_cohort_releases_pure_noise() -> None:
     ref = {"w": torch.zeros(20_000)}
-    out, norms = central_private_mean([], reference=ref, clip_norm=2.0, noise_multiplier=1.5, expected_count=4, generator=make_generator(0, "n"))
+    out, norms = central_private_mean(
+        [], reference=ref, clip_norm=2.0, noise_multiplier=1.5, expected_count=4, generator=make_generator(0, "n")
+    )
     assert norms == []
     assert float(out["w"].std()) == pytest.approx(1.5 * 2.0 / 4, rel=0.03)
 

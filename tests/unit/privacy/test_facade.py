@@ -29,7 +29,12 @@ def _cfg(mode: str, *, total: int = 40, per_round: int = 10, rounds: int = 20, *
             "task": {"name": "sinusoid", "shots": 5, "query": 5},
             "model": {"hidden": [16, 16]},
             "meta": {"algorithm": "maml", "outer_optimizer": "sgd", "outer_lr": 0.01},
-            "federation": {"clients_total": total, "clients_per_round": per_round, "rounds": rounds, "sampling": "poisson"},
+            "federation": {
+                "clients_total": total,
+                "clients_per_round": per_round,
+                "rounds": rounds,
+                "sampling": "poisson",
+            },
             "privacy": {"mode": mode, **privacy},
             "eval": {"every": 5},
         }
@@ -38,7 +43,9 @@ def _cfg(mode: str, *, total: int = 40, per_round: int = 10, rounds: int = 20, *
 
 def _updates(n: int, seed: int, scale: float = 1.0) -> list[Params]:
     gen = make_generator(seed, "updates")
-    return [{"w": scale * torch.randn(30, generator=gen), "lr.w": scale * torch.randn(30, generator=gen)} for _ in range(n)]
+    return [
+        {"w": scale * torch.randn(30, generator=gen), "lr.w": scale * torch.randn(30, generator=gen)} for _ in range(n)
+    ]
 
 
 REF = {"w": torch.zeros(30), "lr.w": torch.zeros(30)}
@@ -60,7 +67,9 @@ def test_central_aggregate_is_clipped_sum_plus_calibrated_noise_over_expected_co
     big_updates = [{"w": torch.randn(50_000, generator=make_generator(i, "u"))} for i in range(5)]
     noisy = ServerPrivacy(_cfg("client-central", clip_norm=0.7, noise_multiplier=1.3, noise_seed=1))
     a = noisy.aggregate(3, big_updates, reference=big)["w"]
-    b = ServerPrivacy(_cfg("client-central", clip_norm=0.7, noise_multiplier=1.3, noise_seed=1)).aggregate(3, big_updates, reference=big)["w"]
+    b = ServerPrivacy(_cfg("client-central", clip_norm=0.7, noise_multiplier=1.3, noise_seed=1)).aggregate(
+        3, big_updates, reference=big
+    )["w"]
     assert torch.equal(a, b)
     residual = a * 10 - clipped_sum(big_updates, 0.7, reference=big)[0]["w"]
     assert float(residual.std()) == pytest.approx(1.3 * 0.7, rel=0.02)
@@ -166,7 +175,9 @@ def test_local_client_clips_and_adds_the_full_noise_itself() -> None:
     # a clip norm sent by the server scales the noise with it: the ratio (the guarantee) is the client's
     small, _ = ClientPrivacy(cfg, 4).privatize_update(big, round_idx=2, clip_norm=0.1)
     assert float((small["w"] - clip_by_global_norm(big, 0.1)[0]["w"]).std()) == pytest.approx(0.2, rel=0.02)
-    assert extra["privacy.epsilon"] == pytest.approx(epsilon_for(noise_multiplier=1.0, sample_rate=1.0, steps=1, delta=1e-5), rel=1e-6)
+    assert extra["privacy.epsilon"] == pytest.approx(
+        epsilon_for(noise_multiplier=1.0, sample_rate=1.0, steps=1, delta=1e-5), rel=1e-6
+    )
 
 
 def test_local_accounting_per_client_without_amplification() -> None:
@@ -210,14 +221,24 @@ def test_local_client_refuses_to_exceed_its_own_budget() -> None:
 
 
 def test_local_adaptive_clipping_moves_the_clip_norm_from_noisy_bits() -> None:
-    cfg = _cfg("client-local", noise_multiplier=1.0, adaptive_clipping=True, clip_norm=10.0, noise_seed=0, total=100, per_round=50)
+    cfg = _cfg(
+        "client-local",
+        noise_multiplier=1.0,
+        adaptive_clipping=True,
+        clip_norm=10.0,
+        noise_seed=0,
+        total=100,
+        per_round=50,
+    )
     server = ServerPrivacy(cfg)
     for r in range(1, 31):
         sampled = server.sample_clients(r)
         instructions = server.client_config(r)
         ups, reps = [], []
         for cid in sampled:
-            u, rep = ClientPrivacy(cfg, cid).privatize_update(_updates(1, r * 1000 + cid, scale=0.1)[0], round_idx=r, clip_norm=instructions[CLIP_NORM_KEY])
+            u, rep = ClientPrivacy(cfg, cid).privatize_update(
+                _updates(1, r * 1000 + cid, scale=0.1)[0], round_idx=r, clip_norm=instructions[CLIP_NORM_KEY]
+            )
             assert CLIP_BIT_KEY in rep
             ups.append(u)
             reps.append(rep)
@@ -235,7 +256,11 @@ def test_task_mode_server_reports_the_largest_site_epsilon() -> None:
     server = ServerPrivacy(cfg)
     out = server.aggregate(1, _updates(3, 0), reference=REF)
     torch.testing.assert_close(out["w"], torch.stack([u["w"] for u in _updates(3, 0)]).mean(0))
-    row = server.finish_round(1, sampled=[1, 2], reports={1: {"privacy.epsilon": 0.4, "privacy.steps": 1.0}, 2: {"privacy.epsilon": 0.9, "privacy.steps": 3.0}})
+    row = server.finish_round(
+        1,
+        sampled=[1, 2],
+        reports={1: {"privacy.epsilon": 0.4, "privacy.steps": 1.0}, 2: {"privacy.epsilon": 0.9, "privacy.steps": 3.0}},
+    )
     assert row["epsilon"] == 0.9 and server.steps == 3
     assert server.summary()["unit"] == "task"
 
@@ -262,7 +287,9 @@ def test_prv_epsilon_is_computed_on_eval_rounds_and_the_last() -> None:
     server = ServerPrivacy(cfg)
     rows = [server.finish_round(r, sampled=[]) for r in range(1, 8)]
     assert [r for r, row in enumerate(rows, start=1) if "epsilon" in row] == [5, 7]
-    assert rows[-1]["epsilon"] == pytest.approx(epsilon_for(noise_multiplier=1.0, sample_rate=0.25, steps=7, delta=1e-5, mechanism="prv"), rel=1e-6)
+    assert rows[-1]["epsilon"] == pytest.approx(
+        epsilon_for(noise_multiplier=1.0, sample_rate=0.25, steps=7, delta=1e-5, mechanism="prv"), rel=1e-6
+    )
 
 
 def test_local_server_state_survives_a_safe_checkpoint_load() -> None:

@@ -47,7 +47,7 @@ def _cfg(mode: str, **privacy: object) -> Config:
 
 def test_one_registered_class_per_mode_in_message_order() -> None:
     assert MECHANISMS.names() == ("none", "client-central", "client-local", "task")
-    assert PRIVACY_MODES == MECHANISMS.names()
+    assert MECHANISMS.names() == PRIVACY_MODES
     assert [MECHANISMS.get(n) for n in MECHANISMS] == [NoPrivacy, ClientCentralPrivacy, ClientLocalPrivacy, TaskPrivacy]
     for name, mech in MECHANISMS.items():
         assert issubclass(mech, PrivacyMechanism) and mech.name == name
@@ -84,7 +84,9 @@ def test_docs_table_matches_the_declarations() -> None:
 
 
 def test_unknown_mode_names_the_key_and_the_known_modes() -> None:
-    with pytest.raises(ConfigError, match=r"config key 'privacy.mode' has no mode 'central' \(known: none, client-central"):
+    with pytest.raises(
+        ConfigError, match=r"config key 'privacy.mode' has no mode 'central' \(known: none, client-central"
+    ):
         mechanism_for("central")
 
 
@@ -113,7 +115,9 @@ class FakeTerm:
 
 def test_task_level_dp_refuses_a_non_separable_objective_term_by_name() -> None:
     terms = [FakeTerm("l2", True), FakeTerm("cross_task_alignment", False)]
-    with pytest.raises(ConfigError, match=r"'cross_task_alignment' couples the tasks of a meta-batch: privacy.mode 'task'"):
+    with pytest.raises(
+        ConfigError, match=r"'cross_task_alignment' couples the tasks of a meta-batch: privacy.mode 'task'"
+    ):
         mechanism_for("task").check_objective_terms(terms)
     mechanism_for("task").check_objective_terms([FakeTerm("l2", True)])
     for mode in ("none", "client-central", "client-local"):
@@ -126,7 +130,9 @@ def test_mode_rules_are_the_mechanisms_own() -> None:
     with pytest.raises(ConfigError, match=r"'federation.aggregation' must be 'mean' for privacy.mode 'client-central'"):
         ClientCentralPrivacy().check_config(median)
     TaskPrivacy().check_config(median)  # post-processing of already private updates: any rule
-    with pytest.raises(ConfigError, match=r"'privacy.adaptive_clipping' applies to privacy.mode client-central or client-local"):
+    with pytest.raises(
+        ConfigError, match=r"'privacy.adaptive_clipping' applies to privacy.mode client-central or client-local"
+    ):
         _cfg("task", adaptive_clipping=True)
     # the clipped-count noise default is the mechanism's: the noise multiplier under local DP
     local = _cfg("client-local", adaptive_clipping=True, noise_multiplier=1.0)

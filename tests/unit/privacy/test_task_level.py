@@ -52,7 +52,9 @@ def _privacy(**kw: object) -> TaskLevelPrivacy:
 def test_no_noise_and_no_clipping_gives_the_mean_meta_gradient(site: tuple[Experiment, Params, Params]) -> None:
     _, meta, per_task = site
     assert any(k.startswith("lr.") for k in per_task)  # Meta-SGD rates go through the same path
-    out = _privacy(noise_multiplier=0.0, clip_norm=1e9).privatize(per_task, reference=meta, generator=make_generator(0, "n"))
+    out = _privacy(noise_multiplier=0.0, clip_norm=1e9).privatize(
+        per_task, reference=meta, generator=make_generator(0, "n")
+    )
     for k in meta:
         torch.testing.assert_close(out[k], per_task[k].mean(0), rtol=1e-5, atol=1e-7)
 
@@ -71,7 +73,9 @@ def test_every_task_is_clipped_and_bounds_its_influence(site: tuple[Experiment, 
     wild = {k: v.clone() for k, v in per_task.items()}
     for k in wild:
         wild[k][2] = 1e4 * torch.ones_like(wild[k][2])
-    out2 = _privacy(noise_multiplier=0.0, clip_norm=clip).privatize(wild, reference=meta, generator=make_generator(0, "n"))
+    out2 = _privacy(noise_multiplier=0.0, clip_norm=clip).privatize(
+        wild, reference=meta, generator=make_generator(0, "n")
+    )
     moved = global_l2_norm({k: out2[k] - out[k] for k in meta})
     assert moved <= 2 * clip / 6.0 * (1 + 1e-5)
 
@@ -95,7 +99,9 @@ def test_noise_has_the_calibrated_std_and_repeats_under_the_same_seed() -> None:
     assert not torch.equal(a["w"], c["w"])
 
 
-def test_site_epsilon_matches_opacus_for_its_rate_and_steps_across_restarts(site: tuple[Experiment, Params, Params]) -> None:
+def test_site_epsilon_matches_opacus_for_its_rate_and_steps_across_restarts(
+    site: tuple[Experiment, Params, Params],
+) -> None:
     from opacus.accountants import RDPAccountant
 
     _, meta, per_task = site
@@ -142,7 +148,9 @@ def test_per_task_gradients_must_match_the_meta_parameters(site: tuple[Experimen
 
 
 def test_poisson_task_sampling_has_the_configured_rate() -> None:
-    sizes = torch.tensor([len(poisson_indices(40, 0.1, make_generator(0, i))) for i in range(2000)], dtype=torch.float64)
+    sizes = torch.tensor(
+        [len(poisson_indices(40, 0.1, make_generator(0, i))) for i in range(2000)], dtype=torch.float64
+    )
     assert float(sizes.mean()) == pytest.approx(4.0, abs=0.15)  # mean of Binomial(40, 0.1); SE 0.04
     assert float(sizes.var()) == pytest.approx(40 * 0.1 * 0.9, rel=0.1)
     assert (sizes == 0).any()  # an empty batch happens and must be handled
@@ -171,7 +179,9 @@ def test_client_facade_runs_a_task_level_round_and_persists(tmp_path: Path) -> N
         update, report = client.privatize_task_gradients(per_task, reference=meta, round_idx=r)
         assert set(update) == set(meta) and all(torch.isfinite(v).all() for v in update.values())
         state = client.state_dict()
-    assert report["privacy.epsilon"] == pytest.approx(epsilon_for(noise_multiplier=0.9, sample_rate=0.5, steps=3, delta=1e-5), rel=1e-6)
+    assert report["privacy.epsilon"] == pytest.approx(
+        epsilon_for(noise_multiplier=0.9, sample_rate=0.5, steps=3, delta=1e-5), rel=1e-6
+    )
     assert set(report) >= {"privacy.epsilon", "privacy.delta", "privacy.steps"}
 
 
@@ -218,4 +228,6 @@ def test_two_steps_in_one_round_never_share_noise() -> None:
 
     plan = plan_privacy(cfg)
     assert plan.steps == 21
-    assert plan.epsilon == pytest.approx(epsilon_for(noise_multiplier=1.0, sample_rate=0.2, steps=21, delta=1e-5), rel=1e-6)
+    assert plan.epsilon == pytest.approx(
+        epsilon_for(noise_multiplier=1.0, sample_rate=0.2, steps=21, delta=1e-5), rel=1e-6
+    )

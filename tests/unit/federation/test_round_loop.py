@@ -26,7 +26,9 @@ def cfg(repo_root: Path) -> Config:
     )
 
 
-def test_reference_train_metrics_are_the_task_weighted_means_the_clients_would_send(cfg: Config, tmp_path: Path) -> None:
+def test_reference_train_metrics_are_the_task_weighted_means_the_clients_would_send(
+    cfg: Config, tmp_path: Path
+) -> None:
     """The in-process transport files one reply per client (its slice of the vectorized pass);
     the loop averages them as it averages Flower replies. That equals each client's own
     ``train_on_client`` metrics averaged over tasks, and the pooled float32 mean of all tasks up
