@@ -443,21 +443,13 @@ def validate(cfg: Config) -> Config:
         "must be null or a positive number",
     )
     if t.tasks_per_site is not None:
-        _require(
-            me.tasks_per_client <= t.tasks_per_site,
-            "meta.tasks_per_client",
-            me.tasks_per_client,
-            f"must not exceed task.tasks_per_site ({t.tasks_per_site})",
-        )
+        why = f"must not exceed task.tasks_per_site ({t.tasks_per_site})"
+        _require(me.tasks_per_client <= t.tasks_per_site, "meta.tasks_per_client", me.tasks_per_client, why)
 
     _require(f.clients_total >= 1, "federation.clients_total", f.clients_total, "must be at least 1")
     _require(f.clients_per_round >= 1, "federation.clients_per_round", f.clients_per_round, "must be at least 1")
-    _require(
-        f.clients_per_round <= f.clients_total,
-        "federation.clients_per_round",
-        f.clients_per_round,
-        f"must not exceed federation.clients_total ({f.clients_total})",
-    )
+    why = f"must not exceed federation.clients_total ({f.clients_total})"
+    _require(f.clients_per_round <= f.clients_total, "federation.clients_per_round", f.clients_per_round, why)
     _require(f.rounds >= 1, "federation.rounds", f.rounds, "must be at least 1")
     _require(
         f.min_replies is None or 1 <= f.min_replies <= f.clients_per_round,

@@ -23,19 +23,9 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 
     out = Path(args.out) if args.out else Path("runs") / f"adapt-{Path(args.data).resolve().name}"
     report = adapt_site(
-        args.checkpoint,
-        args.data,
-        out,
-        steps=args.steps,
-        shots=args.shots,
-        query=args.query,
-        episodes=args.episodes,
-        split=args.split,
-        seed=args.seed,
-        compare=args.compare,
-        save_models=not args.no_save,
-        ways=args.ways,
-    )
+        args.checkpoint, args.data, out, steps=args.steps, shots=args.shots, query=args.query, episodes=args.episodes,
+        split=args.split, seed=args.seed, compare=args.compare, save_models=not args.no_save, ways=args.ways,
+    )  # fmt: skip
     if args.json:
         print(json.dumps({k: report[k] for k in ("checkpoint", "site", "settings")} | {
             "initializations": {k: v["aggregate"] for k, v in report["initializations"].items()},

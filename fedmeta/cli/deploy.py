@@ -138,17 +138,13 @@ def register(subparsers: Any, add_common: Callable[..., None]) -> None:
     )
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt at the next round")
     p.add_argument(
-        "--keep-logs",
-        action="store_true",
+        "--keep-logs", action="store_true",
         help="keep DIR/deploy (process logs, keys, Flower homes) after a successful run",
-    )
+    )  # fmt: skip
     p.add_argument(
-        "--timeout",
-        type=float,
-        default=None,
-        metavar="SECONDS",
+        "--timeout", type=float, default=None, metavar="SECONDS",
         help="limit on the run itself (default: derived from rounds and federation.round_timeout)",
-    )
+    )  # fmt: skip
     add_common(p, out=False)
     p.set_defaults(func=cmd_deploy_local)
 

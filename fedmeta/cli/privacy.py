@@ -148,18 +148,12 @@ def register(subparsers: Any, add_common: Callable[..., None]) -> None:
         "--calibrate", action="store_true", help="also find the noise_multiplier that spends at most the target epsilon"
     )
     p.add_argument(
-        "--target-epsilon",
-        type=float,
-        default=None,
-        metavar="E",
+        "--target-epsilon", type=float, default=None, metavar="E",
         help="target for --calibrate (default: privacy.target_epsilon)",
-    )
+    )  # fmt: skip
     p.add_argument(
-        "--pool-size",
-        type=int,
-        default=None,
-        metavar="N",
+        "--pool-size", type=int, default=None, metavar="N",
         help="task mode: tasks per site (default: task.tasks_per_site or counted from task.data_dir)",
-    )
+    )  # fmt: skip
     add_common(p, out=False)
     p.set_defaults(func=cmd_privacy)

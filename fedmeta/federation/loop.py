@@ -64,6 +64,10 @@ log = logging.getLogger(__name__)
 #: its own epsilon is unbounded. NaN and ``-inf`` are refused everywhere.
 UNBOUNDED_METRICS = frozenset({"privacy.epsilon"})
 
+#: A round's validated client updates, and each one's releasable metrics (aligned; ``None``: none).
+Updates = Sequence[Params]
+Reports = Sequence[Mapping[str, Any]] | None
+
 #: ``(round, metrics row) -> None``, called after every round.
 ProgressFn = Callable[[int, dict[str, Any]], None]
 
@@ -102,14 +106,7 @@ class RoundPolicy(Protocol):
         """Extra scalars for the round's train instructions."""
         ...
 
-    def aggregate(
-        self,
-        round_idx: int,
-        updates: Sequence[Params],
-        *,
-        reference: Params,
-        reports: Sequence[Mapping[str, Any]] | None = None,
-    ) -> Params:
+    def aggregate(self, round_idx: int, updates: Updates, *, reference: Params, reports: Reports = None) -> Params:
         """The round's aggregate of validated updates (aligned with ``reports``)."""
         ...
 
@@ -151,14 +148,7 @@ class PlainPolicy:
     def client_config(self, round_idx: int) -> dict[str, float]:
         return {}
 
-    def aggregate(
-        self,
-        round_idx: int,
-        updates: Sequence[Params],
-        *,
-        reference: Params,
-        reports: Sequence[Mapping[str, Any]] | None = None,
-    ) -> Params:
+    def aggregate(self, round_idx: int, updates: Updates, *, reference: Params, reports: Reports = None) -> Params:
         if not updates:
             raise ValueError(f"round {round_idx}: no updates to aggregate")
         weights = torch.tensor(

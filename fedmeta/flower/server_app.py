@@ -89,15 +89,9 @@ def run_server(
         )
         experiment = Experiment(cfg, family=family)
     loop = RoundLoop(
-        cfg,
-        out_dir,
-        mode=mode,
-        resume=resume,
-        experiment=experiment,
-        policy=policy,
-        update_transforms=update_transforms,
-        aggregate_transforms=aggregate_transforms,
-    )
+        cfg, out_dir, mode=mode, resume=resume, experiment=experiment, policy=policy,
+        update_transforms=update_transforms, aggregate_transforms=aggregate_transforms,
+    )  # fmt: skip
     transport = FlowerTransport(grid, answers=answers)
     if answers is not None:
         transport.timings["discovery_seconds"] = time.perf_counter() - started

@@ -165,15 +165,9 @@ class HarmonicFamily(_GeneratedRegression):
         """From ``task.shots``/``query`` and the range keys (``None`` keeps the defaults above)."""
         t = cfg.task
         return cls(
-            shots=t.shots,
-            query=t.query,
-            amplitude=t.amplitude,
-            omega=t.omega,
-            damping=t.damping,
-            phase=t.phase,
-            x_range=t.x_range,
-            noise_std=t.noise_std,
-        )
+            shots=t.shots, query=t.query, amplitude=t.amplitude, omega=t.omega, damping=t.damping, phase=t.phase,
+            x_range=t.x_range, noise_std=t.noise_std,
+        )  # fmt: skip
 
     def sample_params(self, gen: torch.Generator, n: int, split: str) -> Tensor:
         if split not in SPLITS:
