@@ -77,6 +77,7 @@ class PrivacyMechanism:
         description: the trust model in words (``fedmeta privacy`` prints it).
         aggregations: the ``federation.aggregation`` rules (names in
             :data:`fedmeta.aggregation.AGGREGATORS`) this mode accepts; ``None``: every rule.
+        aggregations_why: why other rules are refused, in words (the config error says it).
         needs_poisson_sampling: whether the accountant assumes Poisson sampling of clients.
         accepts_non_separable_terms: whether an objective term that is not a sum over tasks may be used.
         supports_adaptive_clipping: whether ``privacy.adaptive_clipping`` applies.
@@ -93,6 +94,7 @@ class PrivacyMechanism:
     leaves_site: ClassVar[str] = ""
     description: ClassVar[ModeDescription]
     aggregations: ClassVar[tuple[str, ...] | None] = None
+    aggregations_why: ClassVar[str] = ""
     needs_poisson_sampling: ClassVar[bool] = False
     accepts_non_separable_terms: ClassVar[bool] = True
     supports_adaptive_clipping: ClassVar[bool] = False
@@ -142,9 +144,36 @@ class PrivacyMechanism:
     def check_config(self, cfg: Config) -> None:
         """Validate the privacy options that depend on this mode (config validation calls it).
 
+        Checks the adaptive-clipping rules, then what the declarations ask of the federation:
+        Poisson sampling (:attr:`needs_poisson_sampling`) and an accepted aggregation rule
+        (:attr:`aggregations`, refused with :attr:`aggregations_why`).
+
         Raises:
             ConfigError: naming the key and the bad value.
         """
+        self._check_adaptive_clipping(cfg)
+        f = cfg.federation
+        if self.needs_poisson_sampling:
+            # The accountant's amplification by subsampling assumes each client joins a round
+            # independently with probability q = clients_per_round / clients_total.
+            _require(
+                f.sampling == "poisson",
+                "federation.sampling",
+                f.sampling,
+                f"must be 'poisson' for privacy.mode '{self.name}' (the privacy accountant assumes Poisson "
+                "sampling of clients with rate clients_per_round / clients_total)",
+            )
+        if self.aggregations is not None:
+            rules = " or ".join(f"'{rule}'" for rule in self.aggregations)
+            _require(
+                self.accepts_aggregation(f.aggregation),
+                "federation.aggregation",
+                f.aggregation,
+                f"must be {rules} for privacy.mode '{self.name}' ({self.aggregations_why})",
+            )
+
+    def _check_adaptive_clipping(self, cfg: Config) -> None:
+        # privacy.adaptive_clipping: only where the mode supports it, with enough clipped-count noise
         p, f = cfg.privacy, cfg.federation
         if p.adaptive_clipping:
             _require(

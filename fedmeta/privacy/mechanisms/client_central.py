@@ -16,7 +16,6 @@ from fedmeta.privacy.clipping import central_private_mean
 from fedmeta.privacy.mechanisms.base import MECHANISMS, PrivacyMechanism
 from fedmeta.privacy.modes import AccountingParameters, ModeDescription, effective_config_noise_multiplier
 from fedmeta.privacy.randomness import privacy_generator
-from fedmeta.registry import require as _require
 from fedmeta.types import Params
 
 if TYPE_CHECKING:
@@ -52,32 +51,9 @@ class ClientCentralPrivacy(PrivacyMechanism):
     )
     #: the noise is calibrated to the clipped sum, which only the mean divides by a fixed count
     aggregations = ("mean",)
+    aggregations_why = "the noise is calibrated to the clipped sum"
     needs_poisson_sampling = True
     supports_adaptive_clipping = True
-
-    def check_config(self, cfg: Config) -> None:
-        """Adaptive-clipping rules, then Poisson sampling and the mean (the accountant assumes both).
-
-        Raises:
-            ConfigError: naming ``federation.sampling`` or ``federation.aggregation``.
-        """
-        super().check_config(cfg)
-        f = cfg.federation
-        # The accountant's amplification by subsampling assumes each client joins a round
-        # independently with probability q = clients_per_round / clients_total.
-        _require(
-            not self.needs_poisson_sampling or f.sampling == "poisson",
-            "federation.sampling",
-            f.sampling,
-            "must be 'poisson' for privacy.mode 'client-central' (the privacy accountant assumes Poisson "
-            "sampling of clients with rate clients_per_round / clients_total)",
-        )
-        _require(
-            self.accepts_aggregation(f.aggregation),
-            "federation.aggregation",
-            f.aggregation,
-            "must be 'mean' for privacy.mode 'client-central' (the noise is calibrated to the clipped sum)",
-        )
 
     def accounting_parameters(self, cfg: Config, *, pool_size: int | None = None) -> AccountingParameters:
         """``z`` (effective, with adaptive clipping) at ``q = clients_per_round / clients_total``, per client."""
