@@ -7,13 +7,12 @@ samples clients by Poisson sampling from a secret seed, clips every reply to ``C
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from fedmeta.privacy.accountant import PrivacyAccountant
 from fedmeta.privacy.adaptive import clipped_indicator, noisy_unclipped_fraction
 from fedmeta.privacy.clipping import central_private_mean
-from fedmeta.privacy.mechanisms.base import MECHANISMS, PrivacyMechanism
+from fedmeta.privacy.mechanisms.base import MECHANISMS, PrivacyMechanism, RoundRelease, RoundReplies
 from fedmeta.privacy.modes import AccountingParameters, ModeDescription, effective_config_noise_multiplier
 from fedmeta.privacy.randomness import privacy_generator
 from fedmeta.types import Params
@@ -78,24 +77,16 @@ class ClientCentralPrivacy(PrivacyMechanism):
         seed = derive_seed(server.secret_seed, "dp-sample")
         return sample_clients(seed, round_idx, f.clients_total, f.clients_per_round, method="poisson")
 
-    def aggregate(
-        self,
-        server: ServerPrivacy,
-        round_idx: int,
-        updates: Sequence[Params],
-        *,
-        reference: Params,
-        reports: Sequence[Mapping[str, Any]] | None,
-        info: dict[str, Any],
-    ) -> Params:
+    def aggregate(self, server: ServerPrivacy, replies: RoundReplies, info: dict[str, Any]) -> Params:
         """``(sum clip(u_i, C) + N(0, (z_u C)^2)) / clients_per_round``; adaptive clipping moves ``C``.
 
         An empty cohort releases pure noise (and is accounted).
         """
+        round_idx = replies.round_idx
         used_clip = server.clip.clip_norm
         out, norms = central_private_mean(
-            updates,
-            reference=reference,
+            replies.updates,
+            reference=replies.reference,
             clip_norm=used_clip,
             noise_multiplier=server.update_noise_multiplier,
             expected_count=server.expected_clients,
@@ -109,18 +100,10 @@ class ClientCentralPrivacy(PrivacyMechanism):
                 expected_count=server.expected_clients,
                 generator=privacy_generator(server.secret_seed, "count", round_idx),
             )
-            server.clip = server.clip.updated(frac)
-            info["unclipped_fraction"] = frac
+            self.move_clip(server, frac, info)
         return out
 
-    def account(
-        self,
-        server: ServerPrivacy,
-        round_idx: int,
-        *,
-        sampled: Sequence[int],
-        reports: Mapping[int, Mapping[str, Any]] | None,
-    ) -> None:
+    def account(self, server: ServerPrivacy, release: RoundRelease) -> None:
         """One step of the run's accountant at the client sample rate."""
         assert server.accountant is not None
         server.accountant.step(
