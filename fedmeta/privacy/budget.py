@@ -101,6 +101,12 @@ def _epsilon_after(
     return acc.get_epsilon(delta)
 
 
+def _check_target(target_epsilon: float) -> None:
+    # a budget search needs a positive epsilon to aim at
+    if not target_epsilon > 0:
+        raise ValueError(f"target_epsilon must be positive, got {target_epsilon!r}")
+
+
 def rounds_that_fit(
     *,
     target_epsilon: float,
@@ -119,8 +125,7 @@ def rounds_that_fit(
     Raises:
         ValueError: on invalid parameters.
     """
-    if not target_epsilon > 0:
-        raise ValueError(f"target_epsilon must be positive, got {target_epsilon!r}")
+    _check_target(target_epsilon)
     if max_rounds < 0:
         raise ValueError(f"max_rounds must be non-negative, got {max_rounds}")
     acc = PrivacyAccountant(accountant)
@@ -160,8 +165,7 @@ def calibrate_noise_multiplier(
         ValueError: if no noise multiplier up to Opacus' limit reaches the target, or on
             invalid parameters.
     """
-    if not target_epsilon > 0:
-        raise ValueError(f"target_epsilon must be positive, got {target_epsilon!r}")
+    _check_target(target_epsilon)
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     from opacus.accountants.utils import get_noise_multiplier

@@ -39,7 +39,7 @@ from fedmeta.config import Config
 from fedmeta.errors import CheckpointError
 from fedmeta.experiment import Experiment
 from fedmeta.privacy.facade import ClientPrivacy
-from fedmeta.privacy.mechanisms import mechanism_for
+from fedmeta.privacy.mechanisms import TrainInstruction, mechanism_for
 from fedmeta.privacy.mechanisms.task import private_task_update
 from fedmeta.types import Params
 
@@ -103,7 +103,8 @@ def private_client_update(
         The update to send and the releasable metrics to send with it (without DP: the update's
         own metrics, unchanged).
     """
-    return mechanism_for(exp.cfg).client_update(exp, meta, round_idx, client_id, privacy, clip_norm=clip_norm)
+    train = TrainInstruction(meta, round_idx, client_id, clip_norm)
+    return mechanism_for(exp.cfg).client_update(exp, privacy, train)
 
 
 # -- the client's privacy state between rounds and runs ----------------------------------------

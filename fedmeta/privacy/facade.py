@@ -33,7 +33,15 @@ from fedmeta.config import Config
 from fedmeta.errors import BudgetExhausted, CheckpointError
 from fedmeta.privacy.accountant import PrivacyAccountant
 from fedmeta.privacy.adaptive import AdaptiveClipState, effective_noise_multiplier
-from fedmeta.privacy.mechanisms import CLIP_BIT_KEY, CLIP_NORM_KEY, PrivacyMechanism, mechanism_for
+from fedmeta.privacy.mechanisms import (
+    CLIP_BIT_KEY,
+    CLIP_NORM_KEY,
+    ClientSetup,
+    PrivacyMechanism,
+    RoundRelease,
+    RoundReplies,
+    mechanism_for,
+)
 from fedmeta.privacy.modes import LOCAL_SENSITIVITY_FACTOR, update_noise
 from fedmeta.privacy.randomness import privacy_generator, secret_seed
 from fedmeta.privacy.task_level import TaskLevelPrivacy, sample_site_tasks
@@ -167,7 +175,7 @@ class ServerPrivacy:
             ValueError: if there is nothing to aggregate outside client-central.
         """
         info: dict[str, Any] = {"clip_norm": self.clip.clip_norm, "replies": len(updates)}
-        out = self.mechanism.aggregate(self, round_idx, updates, reference=reference, reports=reports, info=info)
+        out = self.mechanism.aggregate(self, RoundReplies(round_idx, updates, reference, reports), info)
         if self.cfg.privacy.adaptive_clipping:
             info["next_clip_norm"] = self.clip.clip_norm
         self._round_info = info
@@ -199,7 +207,7 @@ class ServerPrivacy:
         if not self.enabled:
             return {}
         p = self.cfg.privacy
-        self.mechanism.account(self, round_idx, sampled=sampled, reports=reports)
+        self.mechanism.account(self, RoundRelease(round_idx, sampled, reports))
         self.rounds_completed = max(self.rounds_completed, round_idx)
         if compute_epsilon is None:
             compute_epsilon = (
@@ -372,7 +380,7 @@ class ClientPrivacy:
         self.site: TaskLevelPrivacy | None = None
         self.pool_size: int | None = None
         self.update_noise_multiplier, self.count_stddev = 0.0, 0.0
-        self.mechanism.init_client(self, state=state, pool_size=pool_size, rdp_cache=rdp_cache)
+        self.mechanism.init_client(self, ClientSetup(state, pool_size, rdp_cache))
 
     @classmethod
     def for_site(

@@ -27,6 +27,7 @@ checks it).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -46,6 +47,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PrivacyMechanism",
+    "ClientSetup",
+    "TrainInstruction",
+    "RoundReplies",
+    "RoundRelease",
     "MECHANISMS",
     "mechanism_for",
     "declarations_table",
@@ -66,6 +71,70 @@ UNITS = ("none", "client", "task")
 NOISE_ADDERS = ("nobody", "server", "client", "site")
 
 
+@dataclass(frozen=True)
+class ClientSetup:
+    """What :meth:`PrivacyMechanism.init_client` sets a client's privacy state up from.
+
+    Attributes:
+        state: the client's saved privacy state (from its node state), to restore; ``None``: a fresh start.
+        pool_size: the size of the client's task pool, if known (task-level DP needs it).
+        rdp_cache: an RDP cache shared by the accountants of one process, if any.
+    """
+
+    state: Mapping[str, Any] | None = None
+    pool_size: int | None = None
+    rdp_cache: dict[tuple[float, float], Any] | None = None
+
+
+@dataclass(frozen=True)
+class TrainInstruction:
+    """What a client is asked to train on, as :meth:`PrivacyMechanism.client_update` receives it.
+
+    Attributes:
+        meta: the meta-parameters received from the server (never modified).
+        round_idx: the round (1-based).
+        client_id: the client's id.
+        clip_norm: the server's current clip norm (``None``: ``privacy.clip_norm``).
+    """
+
+    meta: Params
+    round_idx: int
+    client_id: int
+    clip_norm: float | None = None
+
+
+@dataclass(frozen=True)
+class RoundReplies:
+    """The replies of one round, as :meth:`PrivacyMechanism.aggregate` combines them.
+
+    Attributes:
+        round_idx: the round (1-based).
+        updates: the validated updates (may be empty under client-central).
+        reference: the meta-parameters (keys, shapes, dtypes).
+        reports: each update's releasable metrics, aligned with ``updates`` (``None``: none were sent).
+    """
+
+    round_idx: int
+    updates: Sequence[Params]
+    reference: Params
+    reports: Sequence[Mapping[str, Any]] | None = None
+
+
+@dataclass(frozen=True)
+class RoundRelease:
+    """A round whose aggregate is released, as :meth:`PrivacyMechanism.account` accounts for it.
+
+    Attributes:
+        round_idx: the round (1-based).
+        sampled: the clients sent train instructions this round.
+        reports: each reporting client's releasable metrics, by client id (``None``: none were sent).
+    """
+
+    round_idx: int
+    sampled: Sequence[int]
+    reports: Mapping[int, Mapping[str, Any]] | None = None
+
+
 class PrivacyMechanism:
     """One privacy mode: its declarations, its client side and its server side.
 
@@ -77,6 +146,7 @@ class PrivacyMechanism:
         description: the trust model in words (``fedmeta privacy`` prints it).
         aggregations: the ``federation.aggregation`` rules (names in
             :data:`fedmeta.aggregation.AGGREGATORS`) this mode accepts; ``None``: every rule.
+        aggregations_why: why other rules are refused, in words (the config error says it).
         needs_poisson_sampling: whether the accountant assumes Poisson sampling of clients.
         accepts_non_separable_terms: whether an objective term that is not a sum over tasks may be used.
         supports_adaptive_clipping: whether ``privacy.adaptive_clipping`` applies.
@@ -93,6 +163,7 @@ class PrivacyMechanism:
     leaves_site: ClassVar[str] = ""
     description: ClassVar[ModeDescription]
     aggregations: ClassVar[tuple[str, ...] | None] = None
+    aggregations_why: ClassVar[str] = ""
     needs_poisson_sampling: ClassVar[bool] = False
     accepts_non_separable_terms: ClassVar[bool] = True
     supports_adaptive_clipping: ClassVar[bool] = False
@@ -142,9 +213,36 @@ class PrivacyMechanism:
     def check_config(self, cfg: Config) -> None:
         """Validate the privacy options that depend on this mode (config validation calls it).
 
+        Checks the adaptive-clipping rules, then what the declarations ask of the federation:
+        Poisson sampling (:attr:`needs_poisson_sampling`) and an accepted aggregation rule
+        (:attr:`aggregations`, refused with :attr:`aggregations_why`).
+
         Raises:
             ConfigError: naming the key and the bad value.
         """
+        self._check_adaptive_clipping(cfg)
+        f = cfg.federation
+        if self.needs_poisson_sampling:
+            # The accountant's amplification by subsampling assumes each client joins a round
+            # independently with probability q = clients_per_round / clients_total.
+            _require(
+                f.sampling == "poisson",
+                "federation.sampling",
+                f.sampling,
+                f"must be 'poisson' for privacy.mode '{self.name}' (the privacy accountant assumes Poisson "
+                "sampling of clients with rate clients_per_round / clients_total)",
+            )
+        if self.aggregations is not None:
+            rules = " or ".join(f"'{rule}'" for rule in self.aggregations)
+            _require(
+                self.accepts_aggregation(f.aggregation),
+                "federation.aggregation",
+                f.aggregation,
+                f"must be {rules} for privacy.mode '{self.name}' ({self.aggregations_why})",
+            )
+
+    def _check_adaptive_clipping(self, cfg: Config) -> None:
+        # privacy.adaptive_clipping: only where the mode supports it, with enough clipped-count noise
         p, f = cfg.privacy, cfg.federation
         if p.adaptive_clipping:
             _require(
@@ -193,15 +291,8 @@ class PrivacyMechanism:
 
     # -- client side -----------------------------------------------------------------------------
 
-    def init_client(
-        self,
-        client: ClientPrivacy,
-        *,
-        state: Mapping[str, Any] | None,
-        pool_size: int | None,
-        rdp_cache: dict[tuple[float, float], Any] | None,
-    ) -> None:
-        """Set up a client's privacy state (its own accountant, if the mode gives it one).
+    def init_client(self, client: ClientPrivacy, setup: ClientSetup) -> None:
+        """Set up a client's privacy state (its own accountant, if the mode gives it one) from ``setup``.
 
         Raises:
             ConfigError: when the mode needs something the client does not know (task: its pool size).
@@ -235,22 +326,17 @@ class PrivacyMechanism:
         return MetaUpdate(sent, nominal_num_tasks(cfg), {}), self.releasable_metrics(extra)
 
     def client_update(
-        self,
-        exp: Experiment,
-        meta: Params,
-        round_idx: int,
-        client_id: int,
-        client: ClientPrivacy,
-        *,
-        clip_norm: float | None = None,
+        self, exp: Experiment, client: ClientPrivacy, train: TrainInstruction
     ) -> tuple[MetaUpdate, dict[str, float]]:
         """Everything a client computes for a train instruction: its update, then :meth:`privatize_client_update`.
 
         Returns:
             The update to send and the releasable metrics to send with it.
         """
-        update = exp.client_update(meta, round_idx, client_id)
-        return self.privatize_client_update(exp.cfg, client, update, round_idx=round_idx, clip_norm=clip_norm)
+        update = exp.client_update(train.meta, train.round_idx, train.client_id)
+        return self.privatize_client_update(
+            exp.cfg, client, update, round_idx=train.round_idx, clip_norm=train.clip_norm
+        )
 
     def releasable_metrics(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
         """The training metrics a client may send with its update.
@@ -288,24 +374,12 @@ class PrivacyMechanism:
         """Scalars for the train instructions of ``round_idx`` (the current clip norm under DP)."""
         return {CLIP_NORM_KEY: server.clip.clip_norm} if self.enabled else {}
 
-    def aggregate(
-        self,
-        server: ServerPrivacy,
-        round_idx: int,
-        updates: Sequence[Params],
-        *,
-        reference: Params,
-        reports: Sequence[Mapping[str, Any]] | None,
-        info: dict[str, Any],
-    ) -> Params:
+    def aggregate(self, server: ServerPrivacy, replies: RoundReplies, info: dict[str, Any]) -> Params:
         """The round's aggregate of already private updates: ``federation.aggregation``, unweighted.
 
         Args:
             server: the server's privacy state (its clip state may move).
-            round_idx: the round (1-based).
-            updates: the validated updates.
-            reference: the meta-parameters (keys, shapes, dtypes).
-            reports: each update's releasable metrics, aligned.
+            replies: the round's validated updates, the meta-parameters and the updates' reports.
             info: the round's ``privacy`` metrics entry, filled in place.
 
         Raises:
@@ -313,20 +387,27 @@ class PrivacyMechanism:
         """
         from fedmeta.aggregation import aggregate, stack
 
+        updates = replies.updates
         if not updates:
-            raise ValueError(f"round {round_idx}: no updates to aggregate")
+            raise ValueError(f"round {replies.round_idx}: no updates to aggregate")
         weights = torch.ones(len(updates), dtype=torch.float64)
         f = server.cfg.federation
         return aggregate(stack(list(updates)), weights, method=f.aggregation, trim_fraction=f.trim_fraction)
 
-    def account(
-        self,
-        server: ServerPrivacy,
-        round_idx: int,
-        *,
-        sampled: Sequence[int],
-        reports: Mapping[int, Mapping[str, Any]] | None,
-    ) -> None:
+    @staticmethod
+    def move_clip(server: ServerPrivacy, unclipped_fraction: float | None, info: dict[str, Any]) -> None:
+        """Adaptive clipping: move the server's clip norm by a round's noisy unclipped fraction, and record it.
+
+        Args:
+            server: the server's privacy state (its clip state moves).
+            unclipped_fraction: the round's noisy fraction of updates that were not clipped (``None``:
+                nothing arrived to estimate it from; the clip norm stays).
+            info: the round's ``privacy`` metrics entry (gets ``unclipped_fraction``).
+        """
+        server.clip = server.clip.updated(unclipped_fraction)
+        info["unclipped_fraction"] = unclipped_fraction
+
+    def account(self, server: ServerPrivacy, release: RoundRelease) -> None:
         """Step the server's accountant(s), or record the sites' reports, for one released round."""
 
     def round_entry(self, server: ServerPrivacy) -> dict[str, Any]:

@@ -7,16 +7,14 @@ samples clients by Poisson sampling from a secret seed, clips every reply to ``C
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from fedmeta.privacy.accountant import PrivacyAccountant
 from fedmeta.privacy.adaptive import clipped_indicator, noisy_unclipped_fraction
 from fedmeta.privacy.clipping import central_private_mean
-from fedmeta.privacy.mechanisms.base import MECHANISMS, PrivacyMechanism
+from fedmeta.privacy.mechanisms.base import MECHANISMS, PrivacyMechanism, RoundRelease, RoundReplies
 from fedmeta.privacy.modes import AccountingParameters, ModeDescription, effective_config_noise_multiplier
 from fedmeta.privacy.randomness import privacy_generator
-from fedmeta.registry import require as _require
 from fedmeta.types import Params
 
 if TYPE_CHECKING:
@@ -52,32 +50,9 @@ class ClientCentralPrivacy(PrivacyMechanism):
     )
     #: the noise is calibrated to the clipped sum, which only the mean divides by a fixed count
     aggregations = ("mean",)
+    aggregations_why = "the noise is calibrated to the clipped sum"
     needs_poisson_sampling = True
     supports_adaptive_clipping = True
-
-    def check_config(self, cfg: Config) -> None:
-        """Adaptive-clipping rules, then Poisson sampling and the mean (the accountant assumes both).
-
-        Raises:
-            ConfigError: naming ``federation.sampling`` or ``federation.aggregation``.
-        """
-        super().check_config(cfg)
-        f = cfg.federation
-        # The accountant's amplification by subsampling assumes each client joins a round
-        # independently with probability q = clients_per_round / clients_total.
-        _require(
-            not self.needs_poisson_sampling or f.sampling == "poisson",
-            "federation.sampling",
-            f.sampling,
-            "must be 'poisson' for privacy.mode 'client-central' (the privacy accountant assumes Poisson "
-            "sampling of clients with rate clients_per_round / clients_total)",
-        )
-        _require(
-            self.accepts_aggregation(f.aggregation),
-            "federation.aggregation",
-            f.aggregation,
-            "must be 'mean' for privacy.mode 'client-central' (the noise is calibrated to the clipped sum)",
-        )
 
     def accounting_parameters(self, cfg: Config, *, pool_size: int | None = None) -> AccountingParameters:
         """``z`` (effective, with adaptive clipping) at ``q = clients_per_round / clients_total``, per client."""
@@ -102,24 +77,16 @@ class ClientCentralPrivacy(PrivacyMechanism):
         seed = derive_seed(server.secret_seed, "dp-sample")
         return sample_clients(seed, round_idx, f.clients_total, f.clients_per_round, method="poisson")
 
-    def aggregate(
-        self,
-        server: ServerPrivacy,
-        round_idx: int,
-        updates: Sequence[Params],
-        *,
-        reference: Params,
-        reports: Sequence[Mapping[str, Any]] | None,
-        info: dict[str, Any],
-    ) -> Params:
+    def aggregate(self, server: ServerPrivacy, replies: RoundReplies, info: dict[str, Any]) -> Params:
         """``(sum clip(u_i, C) + N(0, (z_u C)^2)) / clients_per_round``; adaptive clipping moves ``C``.
 
         An empty cohort releases pure noise (and is accounted).
         """
+        round_idx = replies.round_idx
         used_clip = server.clip.clip_norm
         out, norms = central_private_mean(
-            updates,
-            reference=reference,
+            replies.updates,
+            reference=replies.reference,
             clip_norm=used_clip,
             noise_multiplier=server.update_noise_multiplier,
             expected_count=server.expected_clients,
@@ -133,18 +100,10 @@ class ClientCentralPrivacy(PrivacyMechanism):
                 expected_count=server.expected_clients,
                 generator=privacy_generator(server.secret_seed, "count", round_idx),
             )
-            server.clip = server.clip.updated(frac)
-            info["unclipped_fraction"] = frac
+            self.move_clip(server, frac, info)
         return out
 
-    def account(
-        self,
-        server: ServerPrivacy,
-        round_idx: int,
-        *,
-        sampled: Sequence[int],
-        reports: Mapping[int, Mapping[str, Any]] | None,
-    ) -> None:
+    def account(self, server: ServerPrivacy, release: RoundRelease) -> None:
         """One step of the run's accountant at the client sample rate."""
         assert server.accountant is not None
         server.accountant.step(

@@ -9,13 +9,19 @@ DP compares *any* two inputs of a client, so the sensitivity is ``2 C`` and the 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from fedmeta.privacy.accountant import PrivacyAccountant
 from fedmeta.privacy.adaptive import fraction_from_local_indicators, local_noisy_indicator
 from fedmeta.privacy.clipping import privatize_update
-from fedmeta.privacy.mechanisms.base import CLIP_BIT_KEY, MECHANISMS, PrivacyMechanism
+from fedmeta.privacy.mechanisms.base import (
+    CLIP_BIT_KEY,
+    MECHANISMS,
+    ClientSetup,
+    PrivacyMechanism,
+    RoundRelease,
+    RoundReplies,
+)
 from fedmeta.privacy.modes import (
     LOCAL_SENSITIVITY_FACTOR,
     AccountingParameters,
@@ -79,19 +85,12 @@ class ClientLocalPrivacy(PrivacyMechanism):
 
     # -- client side -----------------------------------------------------------------------------
 
-    def init_client(
-        self,
-        client: ClientPrivacy,
-        *,
-        state: Mapping[str, Any] | None,
-        pool_size: int | None,
-        rdp_cache: dict[tuple[float, float], Any] | None,
-    ) -> None:
-        """The client's own accountant, restored from ``state``."""
+    def init_client(self, client: ClientPrivacy, setup: ClientSetup) -> None:
+        """The client's own accountant, restored from ``setup.state``."""
         client.update_noise_multiplier, client.count_stddev = update_noise(client.cfg)
-        client.accountant = PrivacyAccountant(client.cfg.privacy.accountant, rdp_cache=rdp_cache)
-        if state:
-            client.accountant.load_state_dict(dict(state))
+        client.accountant = PrivacyAccountant(client.cfg.privacy.accountant, rdp_cache=setup.rdp_cache)
+        if setup.state:
+            client.accountant.load_state_dict(dict(setup.state))
 
     def privatize_update(
         self, client: ClientPrivacy, update: Params, *, round_idx: int, clip_norm: float | None
@@ -127,36 +126,18 @@ class ClientLocalPrivacy(PrivacyMechanism):
 
     # -- server side -----------------------------------------------------------------------------
 
-    def aggregate(
-        self,
-        server: ServerPrivacy,
-        round_idx: int,
-        updates: Sequence[Params],
-        *,
-        reference: Params,
-        reports: Sequence[Mapping[str, Any]] | None,
-        info: dict[str, Any],
-    ) -> Params:
+    def aggregate(self, server: ServerPrivacy, replies: RoundReplies, info: dict[str, Any]) -> Params:
         """The configured rule over private updates; adaptive clipping averages the clients' noisy bits."""
-        out = super().aggregate(server, round_idx, updates, reference=reference, reports=reports, info=info)
+        out = super().aggregate(server, replies, info)
         if server.cfg.privacy.adaptive_clipping:
-            bits = [float(r[CLIP_BIT_KEY]) for r in (reports or []) if CLIP_BIT_KEY in r]
-            local_frac = fraction_from_local_indicators(bits)
-            server.clip = server.clip.updated(local_frac)
-            info["unclipped_fraction"] = local_frac
+            bits = [float(r[CLIP_BIT_KEY]) for r in (replies.reports or []) if CLIP_BIT_KEY in r]
+            self.move_clip(server, fraction_from_local_indicators(bits), info)
         return out
 
-    def account(
-        self,
-        server: ServerPrivacy,
-        round_idx: int,
-        *,
-        sampled: Sequence[int],
-        reports: Mapping[int, Mapping[str, Any]] | None,
-    ) -> None:
+    def account(self, server: ServerPrivacy, release: RoundRelease) -> None:
         """Mirror every sampled client's accountant (``z / 2`` at ``q = 1``)."""
         z_eff = server.effective_noise_multiplier
-        for cid in sampled:
+        for cid in release.sampled:
             acc = server.client_accountants.get(int(cid))
             if acc is None:
                 acc = server.client_accountants[int(cid)] = PrivacyAccountant(

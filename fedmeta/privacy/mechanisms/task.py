@@ -9,14 +9,13 @@ task of a site (e.g. one patient of a hospital).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from fedmeta.errors import BudgetExhausted, ConfigError
 from fedmeta.privacy.accountant import PrivacyAccountant
-from fedmeta.privacy.mechanisms.base import MECHANISMS, PrivacyMechanism
+from fedmeta.privacy.mechanisms.base import MECHANISMS, ClientSetup, PrivacyMechanism, RoundRelease, TrainInstruction
 from fedmeta.privacy.modes import AccountingParameters, ModeDescription, task_sample_rate
 from fedmeta.registry import require as _require
 from fedmeta.types import Params
@@ -110,14 +109,7 @@ class TaskPrivacy(PrivacyMechanism):
 
     # -- client side -----------------------------------------------------------------------------
 
-    def init_client(
-        self,
-        client: ClientPrivacy,
-        *,
-        state: Mapping[str, Any] | None,
-        pool_size: int | None,
-        rdp_cache: dict[tuple[float, float], Any] | None,
-    ) -> None:
+    def init_client(self, client: ClientPrivacy, setup: ClientSetup) -> None:
         """The site's :class:`~fedmeta.privacy.task_level.TaskLevelPrivacy` (its accountant persists).
 
         Raises:
@@ -126,12 +118,12 @@ class TaskPrivacy(PrivacyMechanism):
         from fedmeta.privacy.task_level import TaskLevelPrivacy
 
         cfg = client.cfg
-        pool = pool_size if pool_size is not None else cfg.task.tasks_per_site
+        pool = setup.pool_size if setup.pool_size is not None else cfg.task.tasks_per_site
         if pool is None:
             raise ConfigError("privacy.mode 'task' needs the site's pool size (task.tasks_per_site or its task folder)")
         client.pool_size = int(pool)
         client.site = TaskLevelPrivacy.from_config(
-            cfg, pool_size=client.pool_size, state=dict(state) if state else None, rdp_cache=rdp_cache
+            cfg, pool_size=client.pool_size, state=dict(setup.state) if setup.state else None, rdp_cache=setup.rdp_cache
         )
 
     def privatize_update(
@@ -145,17 +137,10 @@ class TaskPrivacy(PrivacyMechanism):
         raise ValueError("task-level DP privatizes per-task gradients: use privatize_task_gradients")
 
     def client_update(
-        self,
-        exp: Experiment,
-        meta: Params,
-        round_idx: int,
-        client_id: int,
-        client: ClientPrivacy,
-        *,
-        clip_norm: float | None = None,
+        self, exp: Experiment, client: ClientPrivacy, train: TrainInstruction
     ) -> tuple[MetaUpdate, dict[str, float]]:
         """:func:`private_task_update` (the server's clip norm does not apply)."""
-        return private_task_update(exp, meta, round_idx, client_id, client)
+        return private_task_update(exp, train.meta, train.round_idx, train.client_id, client)
 
     # -- server side -----------------------------------------------------------------------------
 
@@ -166,16 +151,9 @@ class TaskPrivacy(PrivacyMechanism):
             return server.cfg.federation.rounds
         return super().rounds_to_run(server)
 
-    def account(
-        self,
-        server: ServerPrivacy,
-        round_idx: int,
-        *,
-        sampled: Sequence[int],
-        reports: Mapping[int, Mapping[str, Any]] | None,
-    ) -> None:
+    def account(self, server: ServerPrivacy, release: RoundRelease) -> None:
         """Record every reporting site's own ``privacy.*`` report (its epsilon)."""
-        for cid, rep in (reports or {}).items():
+        for cid, rep in (release.reports or {}).items():
             site = {k: float(v) for k, v in rep.items() if k.startswith("privacy.")}
             if site:
                 server.site_reports[int(cid)] = site
