@@ -268,7 +268,6 @@ class RoundLoop:
         self.optimizer = self.exp.server_optimizer(self.meta)
         self.round = 0
         self.totals = {"failed": 0, "rejected": 0, "unavailable": 0, "bytes_down": 0, "bytes_up": 0, "retries": 0}
-        self.extra: dict[str, Any] = {}
         self.transport: Transport | None = None
         self._transport_state: dict[str, Any] = {}
         self._stage_states: dict[str, Any] = {}
@@ -281,6 +280,7 @@ class RoundLoop:
             self.optimizer,
             update_transforms=update_transforms,
             aggregate_transforms=aggregate_transforms,
+            rounds=self.rounds_limit,
         )
         load_stage_states(self.stages, self._stage_states, path=str(self.out_dir / "checkpoint.pt"))
         self.recorder = RunRecorder(self.out_dir, resume_round=self.round if resume else None)
@@ -301,6 +301,11 @@ class RoundLoop:
         if state.get("optimizer"):
             self.optimizer.load_state_dict(state["optimizer"])
         if state.get("accountant"):
+            if not self.policy.state_dict():  # a DP run resumed without DP would drop its accountant
+                raise CheckpointError(
+                    f"checkpoint '{path}' holds privacy state (an accountant); this run has privacy.mode "
+                    f"'{self.cfg.privacy.mode}', which would drop it: resume with the checkpoint's privacy settings"
+                )
             self.policy.load_state_dict(state["accountant"])
         elif self.policy.state_dict():
             raise CheckpointError(
@@ -605,7 +610,7 @@ class RoundLoop:
             final=final,
             privacy=self.policy.summary(),
             wall_seconds=time.perf_counter() - self.started,
-            extra={"federation": {"totals": dict(self.totals), **self.extra, **dict(extra or {})}},
+            extra={"federation": {"totals": dict(self.totals), **dict(extra or {})}},
         )
         self.recorder.write_summary(summary)
         return summary

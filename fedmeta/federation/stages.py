@@ -97,7 +97,29 @@ class _Stateless:
         return None
 
 
-class ReplyTransformStage(_Stateless):
+class _TransformState:
+    """A transform stage's state is its transform's, when the transform keeps any.
+
+    A transform object with ``state_dict()`` / ``load_state_dict()`` (e.g. a constraint generator
+    mixing in its meta-gradient) has that state saved under the stage's name; a plain function has
+    none.
+    """
+
+    transform: Any
+
+    def state_dict(self) -> dict[str, Any]:
+        save = getattr(self.transform, "state_dict", None)
+        return dict(save()) if callable(save) else {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        load = getattr(self.transform, "load_state_dict", None)
+        if not callable(load):
+            name = getattr(self, "name", "?")
+            raise CheckpointError(f"server stage {name!r} keeps no state, but the checkpoint holds some")
+        load(state)
+
+
+class ReplyTransformStage(_TransformState):
     """Post-process the per-client replies before aggregation (``(round, replies) -> replies``)."""
 
     def __init__(self, name: str, transform: UpdateTransform) -> None:
@@ -137,7 +159,7 @@ class AggregationStage(_Stateless):
             state.aggregate = None
 
 
-class AggregateTransformStage(_Stateless):
+class AggregateTransformStage(_TransformState):
     """Post-process the aggregate before the optimizer (``(round, aggregate, replies) -> aggregate``)."""
 
     def __init__(self, name: str, transform: AggregateTransform) -> None:
@@ -158,8 +180,10 @@ class OuterSchedule:
     """The server optimizer's step size in round ``r`` of ``rounds`` (``meta.outer_schedule``).
 
     * ``constant``: ``lr`` every round.
-    * ``linear``: from ``lr`` in round 1 to ``final_lr`` in the last round.
-    * ``cosine``: ``final_lr + (lr - final_lr) (1 + cos(pi t)) / 2`` with ``t = (r - 1) / (rounds - 1)``.
+    * ``linear``: ``lr + (final_lr - lr) t`` with ``t = (r - 1) / rounds``: ``lr`` in round 1, and
+      ``final_lr`` where the schedule would go after the last round (as torch's ``LinearLR`` and
+      ``CosineAnnealingLR`` do), so the last round still takes a step even when ``final_lr`` is 0.
+    * ``cosine``: ``final_lr + (lr - final_lr) (1 + cos(pi t)) / 2`` with the same ``t``.
     * ``step``: ``lr × gamma^k`` where ``k`` counts the milestones strictly before ``r`` (a
       milestone ``m`` means rounds after ``m`` take the decayed rate). Unlike the glyph benchmark's
       old two-phase decay, the optimizer's moments carry on across a milestone.
@@ -167,7 +191,8 @@ class OuterSchedule:
     Args:
         name: one of :data:`OUTER_SCHEDULES`.
         lr: ``meta.outer_lr``.
-        rounds: ``federation.rounds`` (the schedule's length).
+        rounds: the rounds the run takes (``federation.rounds``, or fewer when a privacy budget
+            stops the run sooner): the schedule's length.
         final_lr: ``meta.outer_lr_final`` (linear, cosine).
         milestones: ``meta.outer_milestones`` (step).
         gamma: ``meta.outer_gamma`` (step).
@@ -181,13 +206,13 @@ class OuterSchedule:
     gamma: float = 0.1
 
     @classmethod
-    def from_config(cls, cfg: Config) -> OuterSchedule:
-        """The schedule of ``cfg.meta``."""
+    def from_config(cls, cfg: Config, *, rounds: int | None = None) -> OuterSchedule:
+        """The schedule of ``cfg.meta`` over ``rounds`` (default ``federation.rounds``)."""
         m = cfg.meta
         return cls(
             m.outer_schedule,
             m.outer_lr,
-            cfg.federation.rounds,
+            cfg.federation.rounds if rounds is None else rounds,
             final_lr=m.outer_lr_final,
             milestones=tuple(int(x) for x in m.outer_milestones),
             gamma=m.outer_gamma,
@@ -203,7 +228,7 @@ class OuterSchedule:
             return self.lr
         if self.name == "step":
             return self.lr * self.gamma ** sum(1 for m in self.milestones if round_idx > m)
-        t = 1.0 if self.rounds <= 1 else min(1.0, max(0.0, (round_idx - 1) / (self.rounds - 1)))
+        t = min(1.0, max(0.0, (round_idx - 1) / max(1, self.rounds)))
         if self.name == "linear":
             return self.lr + (self.final_lr - self.lr) * t
         if self.name == "cosine":
@@ -229,9 +254,10 @@ class OptimizerStage:
         if state.aggregate is None:
             return
         state.info["update_norm"] = global_norm(state.aggregate)
+        # set every round: a resumed run steps at its config's rate, not the one saved with the optimizer
+        lr = self.schedule.lr_at(state.round_idx)
+        self.optimizer.set_lr(lr)
         if self.schedule.name != "constant":
-            lr = self.schedule.lr_at(state.round_idx)
-            self.optimizer.set_lr(lr)
             state.info["outer_lr"] = lr
         state.meta = self.optimizer.step(state.aggregate)
 
@@ -249,11 +275,14 @@ def build_stages(
     *,
     update_transforms: Sequence[UpdateTransform] = (),
     aggregate_transforms: Sequence[AggregateTransform] = (),
+    rounds: int | None = None,
 ) -> list[Stage]:
     """The default chain: reply transforms, the aggregation, aggregate transforms, the optimizer.
 
     Transforms are named ``replies-<i>`` / ``update-<i>`` after their position, or by their
-    ``stage_name`` attribute when they have one.
+    ``stage_name`` attribute when they have one; a transform with ``state_dict()`` /
+    ``load_state_dict()`` has its state saved under that name. ``rounds`` is the outer schedule's
+    length (default ``federation.rounds``).
     """
 
     def named(fn: Callable[..., Any], default: str) -> str:
@@ -262,7 +291,7 @@ def build_stages(
     stages: list[Stage] = [ReplyTransformStage(named(t, f"replies-{i}"), t) for i, t in enumerate(update_transforms)]
     stages.append(AggregationStage(policy))
     stages += [AggregateTransformStage(named(t, f"update-{i}"), t) for i, t in enumerate(aggregate_transforms)]
-    stages.append(OptimizerStage(optimizer, OuterSchedule.from_config(cfg)))
+    stages.append(OptimizerStage(optimizer, OuterSchedule.from_config(cfg, rounds=rounds)))
     names = [s.name for s in stages]
     if len(set(names)) != len(names):
         raise ValueError(f"server stage names must be unique, got {names}")

@@ -64,7 +64,7 @@ def run_server(
         out_dir: output directory.
         resume: continue from ``out_dir/checkpoint.pt`` at the next round.
         mode: ``summary.json``'s ``mode``.
-        policy: cohort/aggregation/accounting policy (default: no privacy).
+        policy: cohort/aggregation/accounting policy (default: the config's, ``ServerPrivacy`` under DP).
         update_transforms: post-processing of per-client updates before aggregation.
         aggregate_transforms: post-processing of the aggregate before the optimizer step.
         progress: called after every round.

@@ -19,10 +19,11 @@ from flwr.app import ArrayRecord, Message
 from flwr.serverapp import Grid
 
 from fedmeta.config import Config
-from fedmeta.errors import InconsistentReplies, UpdateRejected
+from fedmeta.errors import CheckpointError, InconsistentReplies, UpdateRejected
 from fedmeta.federation.client import ClientIdentity
 from fedmeta.federation.directory import ClientDirectory
 from fedmeta.federation.loop import ClientReply, RoundLog, RoundLoop
+from fedmeta.federation.transport import CLIENT_PRIVACY_STATE
 from fedmeta.flower import records as fl
 
 __all__ = ["FlowerTransport", "ask_sites"]
@@ -123,7 +124,19 @@ class FlowerTransport:
         return {}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Nothing to restore."""
+        """Nothing to restore; refuse state that only the in-process transport can carry on.
+
+        Raises:
+            CheckpointError: if the checkpoint holds in-process clients' privacy accountants
+                (written by ``fedmeta centralized``): Flower clients keep their own, so resuming
+                here would restart those clients' accounting at zero.
+        """
+        if state.get(CLIENT_PRIVACY_STATE):
+            raise CheckpointError(
+                "the checkpoint holds the privacy accountants of in-process clients (written by fedmeta "
+                "centralized); Flower clients keep their own, so this run would restart them: resume it with "
+                "fedmeta centralized"
+            )
 
     def summary_extra(self) -> dict[str, Any]:
         """Registered clients, refused nodes and discovery time."""
@@ -216,8 +229,10 @@ class FlowerTransport:
             except UpdateRejected as exc:
                 if reply.has_error():
                     loop.fail(book, cid, str(exc))
-                else:
+                else:  # undecodable: refused like an invalid update, and no longer a pending failure
                     book.rejected[cid] = str(exc)
+                    book.failed.pop(cid, None)
+                    log.warning("round %d: rejected the reply of client %d: %s", book.round_idx, cid, exc)
                 continue
             loop.accept(book, ClientReply(cid, update, num_tasks, metrics, nbytes=fl.record_nbytes(reply.content)))
         return answered

@@ -82,3 +82,27 @@ def test_checkpoint_carries_the_in_process_clients_accountants(repo_root: Path, 
     assert saved["clients"] == sorted(saved["clients"]) and len(saved["clients"]) == len(saved["states"]) >= 3
     assert state["extra"]["mode"] == "centralized" and "totals" in state["extra"]
     assert torch.is_tensor(next(iter(state["meta_params"].values())))
+
+
+def test_a_dp_checkpoint_is_not_resumed_without_dp_and_flower_refuses_in_process_accountants(
+    repo_root: Path, tmp_path: Path
+) -> None:
+    """Resuming must never drop privacy state: a run without DP would lose the accountant, and a
+    Flower run would restart the in-process clients' accountants at zero."""
+    dp = load_config(
+        repo_root / "configs" / "sinusoid.yaml",
+        ["privacy.mode=client-local", "privacy.noise_seed=7", "federation.clients_total=6",
+         "federation.clients_per_round=3", "federation.rounds=2", "eval.tasks=10", "eval.every=2"],
+    )
+    run_centralized(dp, tmp_path)
+    plain = load_config(
+        repo_root / "configs" / "sinusoid.yaml",
+        ["federation.clients_total=6", "federation.clients_per_round=3", "federation.rounds=3", "eval.tasks=10"],
+    )
+    with pytest.raises(CheckpointError, match="holds privacy state"):
+        RoundLoop(plain, tmp_path, resume=True)
+    from fedmeta.flower.transport import FlowerTransport
+
+    extra = load_checkpoint(tmp_path / "checkpoint.pt")["extra"]
+    with pytest.raises(CheckpointError, match="resume it with fedmeta centralized"):
+        FlowerTransport(None).load_state_dict(extra)  # type: ignore[arg-type]

@@ -29,10 +29,13 @@ def _cfg(**meta: object) -> Config:
 
 
 def test_schedules_follow_their_formulas() -> None:
+    # t = (r - 1) / rounds: final_lr is where the schedule goes after the last round (torch's convention),
+    # so the last round still steps when final_lr is 0
     lin = OuterSchedule("linear", 1.0, 5, final_lr=0.2)
-    assert [lin.lr_at(r) for r in range(1, 6)] == pytest.approx([1.0, 0.8, 0.6, 0.4, 0.2])
+    assert [lin.lr_at(r) for r in range(1, 6)] == pytest.approx([1.0, 0.84, 0.68, 0.52, 0.36])
     cos = OuterSchedule("cosine", 1.0, 3, final_lr=0.0)
-    assert [cos.lr_at(r) for r in (1, 2, 3)] == pytest.approx([1.0, 0.5, 0.0], abs=1e-12)
+    assert [cos.lr_at(r) for r in (1, 2, 3)] == pytest.approx([1.0, 0.75, 0.25], abs=1e-12)
+    assert OuterSchedule("linear", 1.0, 1, final_lr=0.0).lr_at(1) == 1.0  # a one-round run trains
     step = OuterSchedule("step", 1.0, 10, milestones=(3, 6), gamma=0.5)
     assert [step.lr_at(r) for r in range(1, 9)] == [1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.25, 0.25]
     assert OuterSchedule("constant", 0.3, 10).lr_at(7) == 0.3
@@ -63,7 +66,7 @@ def test_chain_runs_reply_stages_then_aggregation_then_aggregate_stages_then_opt
     seen: list[str] = []
     cfg = _cfg()
     meta = {"w": torch.zeros(2)}
-    opt = ServerOptimizer(meta, name="sgd", lr=0.5)
+    opt = ServerOptimizer(meta, name="sgd", lr=0.5)  # the stage steps at the config's rate (0.1) every round
 
     def double(r: int, replies: list[ClientReply]) -> list[ClientReply]:
         seen.append("replies")
@@ -83,10 +86,47 @@ def test_chain_runs_reply_stages_then_aggregation_then_aggregate_stages_then_opt
     for stage in stages:
         stage(state)
     assert seen == ["replies", "aggregate"]
-    # mean of doubled updates = [1, 1]; +1 = [2, 2]; SGD lr 0.5 from 0: [-1, -1]
+    # mean of doubled updates = [1, 1]; +1 = [2, 2]; SGD at meta.outer_lr 0.1 from 0: [-0.2, -0.2]
     assert torch.equal(state.aggregate["w"], torch.tensor([2.0, 2.0]))
-    assert torch.equal(state.meta["w"], torch.tensor([-1.0, -1.0]))
+    torch.testing.assert_close(state.meta["w"], torch.tensor([-0.2, -0.2]))
     assert state.info["update_norm"] == pytest.approx(math.sqrt(8))
+
+
+class _Counting:
+    """An aggregate transform with state of its own (as a constraint generator would keep)."""
+
+    stage_name = "counting"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, r: int, aggregate: dict, replies: list[ClientReply]) -> dict:
+        self.calls += 1
+        return aggregate
+
+    def state_dict(self) -> dict:
+        return {"calls": self.calls}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.calls = int(state["calls"])
+
+
+def test_a_transform_with_state_has_it_saved_under_its_name_and_restored() -> None:
+    opt = ServerOptimizer({"w": torch.zeros(1)}, name="sgd", lr=0.1)
+    counting = _Counting()
+    stages = build_stages(_cfg(), _Policy(), opt, aggregate_transforms=[counting])  # type: ignore[arg-type]
+    state = RoundState(1, {"w": torch.zeros(1)}, [ClientReply(0, {"w": torch.ones(1)}, 1, {})])
+    for stage in stages:
+        stage(state)
+    saved = stage_states(stages, skip=("optimizer",))
+    assert saved == {"counting": {"calls": 1}}
+    fresh = _Counting()
+    load_stage_states(build_stages(_cfg(), _Policy(), opt, aggregate_transforms=[fresh]), saved, path="c.pt")  # type: ignore[arg-type]
+    assert fresh.calls == 1
+    with pytest.raises(CheckpointError, match="'counting' keeps no state"):
+        plain = build_stages(_cfg(), _Policy(), opt, aggregate_transforms=[lambda r, a, reps: a])  # type: ignore[arg-type]
+        plain[1].name = "counting"  # type: ignore[misc]
+        load_stage_states(plain, saved, path="c.pt")
 
 
 def test_stage_states_round_trip_and_unknown_stages_are_refused() -> None:
