@@ -6,25 +6,13 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from fedmeta.algorithms import ALGORITHMS, ANIL, FOMAML, MAML, MetaSGD, Reptile, build_algorithm
+from fedmeta.algorithms import ANIL, FOMAML, MAML, MetaSGD, Reptile, build_algorithm
 from fedmeta.algorithms.base import task_loss
 from fedmeta.errors import ConfigError
 from fedmeta.models import MLP
 from fedmeta.tasks.regression import SinusoidFamily
 from fedmeta.types import TaskBatch
-
-
-def _regression_algorithms() -> list[str]:
-    """The registered algorithms that take regression tasks (ProtoNets needs classes: test_protonet.py)."""
-    names = []
-    for name in sorted(ALGORITHMS):
-        try:
-            ALGORITHMS.get(name).check_options(kind="regression", head_init="learned")
-        except ConfigError:
-            continue
-        names.append(name)
-    return names
-
+from tests.unit.algorithms.helpers import regression_algorithms
 
 torch.set_default_dtype(torch.float32)
 
@@ -137,7 +125,7 @@ def test_reptile_equals_hand_built_reference() -> None:
         torch.testing.assert_close(update.gradient[k], expected[k], rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("name", _regression_algorithms())
+@pytest.mark.parametrize("name", regression_algorithms())
 def test_vmapped_batch_equals_per_task_loop_and_meta_is_not_mutated(name: str) -> None:
     model = MLP((1,), (16, 16), 1)
     algo = build_algorithm(name, model, kind="regression", inner_lr=0.05, inner_steps=2)

@@ -15,23 +15,10 @@ from torch.func import functional_call, vmap
 
 from fedmeta.algorithms import ALGORITHMS, ANIL, MAML, MetaSGD
 from fedmeta.algorithms.base import MetaAlgorithm
-from fedmeta.errors import ConfigError
 from fedmeta.models import MLP
 from fedmeta.models.conv4 import NORMS, Conv4
 from fedmeta.types import TaskBatch
-
-
-def _regression_algorithms() -> list[str]:
-    """The registered algorithms that take regression tasks (ProtoNets needs classes: test_protonet.py)."""
-    names = []
-    for name in sorted(ALGORITHMS):
-        try:
-            ALGORITHMS.get(name).check_options(kind="regression", head_init="learned")
-        except ConfigError:
-            continue
-        names.append(name)
-    return names
-
+from tests.unit.algorithms.helpers import image_tasks, perturbed, regression_algorithms
 
 SHAPE = (1, 20, 20)  # 2x2 maps after four stride-2 blocks: group statistics stay well conditioned
 WAYS = 3
@@ -62,18 +49,11 @@ def _conv4(norm: str = "batch", pool: str = "stride", batched: bool = True) -> C
 
 def _params(model: Conv4 | MLP, algo: MetaAlgorithm | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    raw = algo.init_meta_params(gen) if algo is not None else model.init_params(gen)
-    # perturb the unit/zero normalization affine so every parameter matters in the comparison
-    return {k: v.double() + 0.05 * torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in raw.items()}
+    return perturbed(algo.init_meta_params(gen) if algo is not None else model.init_params(gen), gen)
 
 
 def _images(tasks: int = 3, support: int = 6, query: int = 9, seed: int = 1) -> TaskBatch:
-    gen = torch.Generator().manual_seed(seed)
-    sx = torch.rand(tasks, support, *SHAPE, generator=gen, dtype=torch.float64)
-    qx = torch.rand(tasks, query, *SHAPE, generator=gen, dtype=torch.float64)
-    sy = torch.arange(support).remainder(WAYS).expand(tasks, -1).clone()
-    qy = torch.randint(0, WAYS, (tasks, query), generator=gen)
-    return TaskBatch(sx, sy, qx, qy, "classification")
+    return image_tasks(SHAPE, WAYS, tasks=tasks, support=support, query=query, seed=seed)
 
 
 def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rtol: float = 1e-10) -> None:
@@ -155,7 +135,7 @@ def test_batched_meta_gradient_matches_finite_differences(cls: type[MAML]) -> No
     _assert_matches_finite_differences(algo, meta, tasks, grads)
 
 
-@pytest.mark.parametrize("name", _regression_algorithms())
+@pytest.mark.parametrize("name", regression_algorithms())
 def test_default_batched_methods_serve_the_mlp(name: str) -> None:
     """A model without native batching (the MLP) keeps the vmap path, and the batched path still agrees."""
     model = MLP((1,), (16, 16), 1)

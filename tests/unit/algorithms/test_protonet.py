@@ -23,6 +23,8 @@ from fedmeta.models import MLP
 from fedmeta.models.conv4 import Conv4
 from fedmeta.tasks.folder import write_site
 from fedmeta.types import TaskBatch
+from tests.unit.algorithms.helpers import image_tasks, perturbed
+from tests.unit.test_adaptation import _image_site
 
 SHAPE = (1, 20, 20)
 WAYS = 3
@@ -34,18 +36,11 @@ def _conv4(batched: bool = True) -> Conv4:
 
 def _params(algo: ProtoNet, seed: int = 0) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    raw = algo.init_meta_params(gen)
-    # perturb the unit/zero normalization affine so every parameter matters
-    return {k: v.double() + 0.05 * torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in raw.items()}
+    return perturbed(algo.init_meta_params(gen), gen)
 
 
 def _images(tasks: int = 3, support: int = 6, query: int = 9, seed: int = 1) -> TaskBatch:
-    gen = torch.Generator().manual_seed(seed)
-    sx = torch.rand(tasks, support, *SHAPE, generator=gen, dtype=torch.float64)
-    qx = torch.rand(tasks, query, *SHAPE, generator=gen, dtype=torch.float64)
-    sy = torch.arange(support).remainder(WAYS).expand(tasks, -1).clone()
-    qy = torch.randint(0, WAYS, (tasks, query), generator=gen)
-    return TaskBatch(sx, sy, qx, qy, "classification")
+    return image_tasks(SHAPE, WAYS, tasks=tasks, support=support, query=query, seed=seed)
 
 
 def _hand_written_loss(
@@ -231,20 +226,6 @@ def test_registered_and_way_agnostic() -> None:
     assert ALGORITHMS.get("protonet") is ProtoNet and "protonet" in ALGORITHMS.names()
     cfg = config_from_dict({"task": {"name": "glyphs"}, "model": {"name": "conv4"}, "meta": {"algorithm": "protonet"}})
     assert serves_any_ways(cfg, "classification") and not serves_any_ways(cfg, "regression")
-
-
-def _image_site(root: Path, *, classes: int, per_class: int, tasks: int, seed: int) -> Path:
-    """A classification site of 8x8 'images' whose class is a bright row (as in test_adaptation)."""
-    rng = np.random.default_rng(seed)
-    items = []
-    for t in range(tasks):
-        rows = rng.choice(8, size=classes, replace=False)
-        x = rng.uniform(0, 0.3, size=(classes * per_class, 1, 8, 8)).astype(np.float32)
-        y = np.repeat(np.arange(classes), per_class)
-        for i, c in enumerate(y):
-            x[i, 0, rows[c]] += 0.7
-        items.append((f"task-{t}", x, y.astype(np.int64)))
-    return write_site(root, items, kind="classification")
 
 
 def test_checkpoint_adapts_at_a_new_site_with_other_ways(tmp_path: Path) -> None:
