@@ -14,9 +14,9 @@ messages to nodes (``fedmeta simulate``, ``flwr run``, deployments). Resume, che
 ``centralized`` agree by construction.
 
 Differential privacy plugs in through the :class:`RoundPolicy` (cohort sampling, extra train
-instructions, the aggregation, per-round accounting, the accountant state in the checkpoint —
-:class:`fedmeta.privacy.facade.ServerPrivacy` has exactly this interface) and through the two
-transform lists.
+instructions, the server stages that aggregate — the privacy mechanism's chain — per-round
+accounting, the accountant state in the checkpoint: :class:`fedmeta.privacy.facade.ServerPrivacy`
+has exactly this interface) and through the two transform lists.
 """
 
 from __future__ import annotations
@@ -39,7 +39,14 @@ from fedmeta.evaluation import evaluate
 from fedmeta.experiment import Experiment, RoundResult, build_summary
 from fedmeta.federation.client import COMPUTE_SECONDS, combine_eval_metrics, eval_cohort
 from fedmeta.federation.directory import ClientDirectory
-from fedmeta.federation.stages import RoundState, Stage, build_stages, load_stage_states, stage_states
+from fedmeta.federation.stages import (
+    AggregationStage,
+    RoundState,
+    Stage,
+    build_stages,
+    load_stage_states,
+    stage_states,
+)
 from fedmeta.outputs import EPISODE_PNG, RunRecorder, write_episode_montage
 from fedmeta.types import Params
 
@@ -84,10 +91,11 @@ class ClientReply:
 
 
 class RoundPolicy(Protocol):
-    """What a round may delegate: cohort, extra instructions, aggregation, accounting.
+    """What a round may delegate: cohort, extra instructions, the aggregating stages, accounting.
 
     The default is :class:`PlainPolicy`; :class:`fedmeta.privacy.facade.ServerPrivacy` (issue 5)
-    implements the same methods to add clipping, noise and accounting.
+    implements the same methods to add clipping, noise and accounting (its stages are the privacy
+    mechanism's, :mod:`fedmeta.privacy.stages`).
     """
 
     def rounds_to_run(self) -> int:
@@ -106,8 +114,16 @@ class RoundPolicy(Protocol):
         """Extra scalars for the round's train instructions."""
         ...
 
+    def server_stages(self) -> list[Stage]:
+        """The stages that turn the round's replies into its aggregate, in order (built once per run).
+
+        :func:`~fedmeta.federation.stages.build_stages` puts them between the reply transforms and
+        the aggregate transforms; their state is saved by name with the other stages'.
+        """
+        ...
+
     def aggregate(self, round_idx: int, updates: Updates, *, reference: Params, reports: Reports = None) -> Params:
-        """The round's aggregate of validated updates (aligned with ``reports``)."""
+        """The round's aggregate of validated updates (aligned with ``reports``), outside the loop."""
         ...
 
     def finish_round(
@@ -147,6 +163,9 @@ class PlainPolicy:
 
     def client_config(self, round_idx: int) -> dict[str, float]:
         return {}
+
+    def server_stages(self) -> list[Stage]:
+        return [AggregationStage(self)]
 
     def aggregate(self, round_idx: int, updates: Updates, *, reference: Params, reports: Reports = None) -> Params:
         if not updates:

@@ -3,14 +3,17 @@
 Like torchopt's ``chain`` or Flower's strategy wrappers, each stage does one thing to the round in
 flight (a :class:`RoundState`) and keeps its own state, saved under its name in the checkpoint::
 
-    replies --[reply stages: e.g. per-client clipping]--> replies
-            --[the aggregation stage: the rule, or DP clip+sum+noise]--> aggregate
-            --[aggregate stages: e.g. noise, mixing in a server meta-gradient]--> aggregate
+    replies --[reply transforms]--> replies
+            --[the policy's stages: the aggregation rule, or a privacy mechanism's chain, e.g.
+               client-central's per-client clip -> fixed-denominator sum -> central noise -> mean]--> aggregate
+            --[aggregate transforms: e.g. mixing in a server meta-gradient]--> aggregate
             --[the optimizer stage: server optimizer + outer-lr schedule]--> new meta-parameters
 
-:func:`build_stages` makes the default chain of a run; a caller may insert stages before or after
-the aggregation (the constraint generators mix their meta-gradient in as an aggregate stage).
-A stage that cannot act on an empty cohort (no replies, or no aggregate) leaves the round as is.
+:func:`build_stages` makes the default chain of a run: the round policy contributes the middle
+(:meth:`~fedmeta.federation.loop.RoundPolicy.server_stages`: the privacy mechanism's stages under
+DP, see :mod:`fedmeta.privacy.stages`); a caller may insert stages before or after it (the
+constraint generators mix their meta-gradient in as an aggregate stage). A stage that cannot act
+on an empty cohort (no replies, or no aggregate) leaves the round as is.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
 
 from fedmeta.aggregation import global_norm
 from fedmeta.config import Config
@@ -59,6 +64,11 @@ class RoundState:
             outside client-central DP).
         meta: the new meta-parameters once the optimizer stage has stepped (``None``: no step).
         info: entries stages add to the round's metrics row (e.g. ``outer_lr``).
+        clip_norm: the bound a clipping stage clipped the replies to (``None``: not clipped).
+        clip_factors: each reply's clip factor ``min(1, C / ||u_i||)`` (float64, aligned with
+            ``replies``), set by a clipping stage and applied by the sum after it.
+        denominator: set by a fixed-denominator sum: ``aggregate`` is then a sum still to be divided
+            by it (noise calibrated to the sum goes in first); its mean stage divides and clears it.
     """
 
     round_idx: int
@@ -67,6 +77,16 @@ class RoundState:
     aggregate: Params | None = None
     meta: Params | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    clip_norm: float | None = None
+    clip_factors: torch.Tensor | None = None
+    denominator: float | None = None
+
+
+def _require_divided(state: RoundState, stage: str) -> None:
+    if state.denominator is not None:
+        raise ValueError(
+            f"server stage {stage!r} got an undivided sum: a fixed-denominator sum needs its mean stage before it"
+        )
 
 
 class Stage(Protocol):
@@ -132,12 +152,10 @@ class ReplyTransformStage(_TransformState):
 
 
 class AggregationStage(_Stateless):
-    """The aggregation rule, through the run's :class:`~fedmeta.federation.loop.RoundPolicy`.
+    """The aggregation rule of a policy that has no stages of its own: its ``aggregate`` method.
 
-    Without DP that is ``federation.aggregation`` weighted by task counts; under client-central DP
-    it is clip, sum and noise (an empty Poisson cohort releases pure noise); under client-local and
-    task-level DP the already private updates are combined. The policy's own state (accountant,
-    adaptive clip norm) is saved in the checkpoint's accountant entry, not here.
+    Without DP (:class:`~fedmeta.federation.loop.PlainPolicy`) that is ``federation.aggregation``
+    weighted by task counts. An empty cohort leaves no aggregate.
     """
 
     name = "aggregate"
@@ -167,6 +185,7 @@ class AggregateTransformStage(_TransformState):
         self.transform = transform
 
     def __call__(self, state: RoundState) -> None:
+        _require_divided(state, self.name)
         if state.aggregate is not None:
             state.aggregate = self.transform(state.round_idx, state.aggregate, state.replies)
 
@@ -251,6 +270,7 @@ class OptimizerStage:
         self.schedule = schedule
 
     def __call__(self, state: RoundState) -> None:
+        _require_divided(state, self.name)
         if state.aggregate is None:
             return
         state.info["update_norm"] = global_norm(state.aggregate)
@@ -277,10 +297,13 @@ def build_stages(
     aggregate_transforms: Sequence[AggregateTransform] = (),
     rounds: int | None = None,
 ) -> list[Stage]:
-    """The default chain: reply transforms, the aggregation, aggregate transforms, the optimizer.
+    """The default chain: reply transforms, the policy's stages, aggregate transforms, the optimizer.
 
-    Transforms are named ``replies-<i>`` / ``update-<i>`` after their position, or by their
-    ``stage_name`` attribute when they have one; a transform with ``state_dict()`` /
+    The policy's stages are what its ``server_stages()`` returns (a privacy mechanism's chain,
+    e.g. client-central's ``clip``, ``sum``, ``noise``, ``mean``); a policy without that method
+    contributes one :class:`AggregationStage` around its ``aggregate``. Transforms are named
+    ``replies-<i>`` / ``update-<i>`` after their position, or by their ``stage_name`` attribute
+    when they have one; a transform with ``state_dict()`` /
     ``load_state_dict()`` has its state saved under that name. ``rounds`` is the outer schedule's
     length (default ``federation.rounds``).
     """
@@ -289,7 +312,8 @@ def build_stages(
         return str(getattr(fn, "stage_name", default))
 
     stages: list[Stage] = [ReplyTransformStage(named(t, f"replies-{i}"), t) for i, t in enumerate(update_transforms)]
-    stages.append(AggregationStage(policy))
+    own = getattr(policy, "server_stages", None)
+    stages += list(own()) if callable(own) else [AggregationStage(policy)]
     stages += [AggregateTransformStage(named(t, f"update-{i}"), t) for i, t in enumerate(aggregate_transforms)]
     stages.append(OptimizerStage(optimizer, OuterSchedule.from_config(cfg, rounds=rounds)))
     names = [s.name for s in stages]

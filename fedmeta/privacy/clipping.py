@@ -26,6 +26,8 @@ __all__ = [
     "clip_by_global_norm",
     "gaussian_noise",
     "add_gaussian_noise",
+    "clip_factors",
+    "weighted_sum",
     "clipped_sum",
     "privatize_update",
     "central_private_mean",
@@ -101,6 +103,52 @@ def add_gaussian_noise(update: Params, std: float, generator: torch.Generator) -
     return {k: v.detach() + noise[k] for k, v in update.items()}
 
 
+def _stacked(updates: Sequence[Params], reference: Params) -> dict[str, torch.Tensor]:
+    return {k: torch.stack([u[k].detach() for u in updates]).double() for k in reference}
+
+
+def clip_factors(
+    updates: Sequence[Params], clip_norm: float, *, reference: Params
+) -> tuple[torch.Tensor, list[float]]:
+    """Every update's clip factor ``min(1, clip_norm / norm)`` (vectorized over the updates, in float64).
+
+    Args:
+        updates: the client (or task) updates; may be empty.
+        clip_norm: the per-update bound.
+        reference: keys of an update.
+
+    Returns:
+        The factors (a float64 tensor, one per update) and every update's norm before clipping.
+
+    Raises:
+        ValueError: if ``clip_norm`` is not positive or an update is not finite.
+    """
+    if not clip_norm > 0:
+        raise ValueError(f"clip_norm must be positive, got {clip_norm!r}")
+    if not updates:
+        return torch.zeros(0, dtype=torch.float64), []
+    stacked = _stacked(updates, reference)
+    norms = torch.sqrt(sum(v.pow(2).flatten(1).sum(1) for v in stacked.values()))  # type: ignore[arg-type]
+    if not bool(torch.isfinite(norms).all()):
+        raise ValueError("cannot clip an update that contains NaN or Inf")
+    # min(1, C / norm), as clip_factor; a zero update has an infinite ratio and keeps factor 1
+    return torch.clamp(clip_norm / norms, max=1.0), norms.tolist()
+
+
+def weighted_sum(updates: Sequence[Params], factors: torch.Tensor, *, reference: Params) -> Params:
+    """``sum_i factors_i * updates_i``, in one float64 pass, cast back to each key's dtype.
+
+    Args:
+        updates: the updates; may be empty (the sum is zeros).
+        factors: one float64 factor per update (e.g. :func:`clip_factors`).
+        reference: keys, shapes and dtypes of an update.
+    """
+    if not updates:
+        return {k: torch.zeros_like(v) for k, v in reference.items()}
+    stacked = _stacked(updates, reference)
+    return {k: torch.tensordot(factors, v, dims=1).to(reference[k].dtype) for k, v in stacked.items()}
+
+
 def clipped_sum(updates: Sequence[Params], clip_norm: float, *, reference: Params) -> tuple[Params, list[float]]:
     """Sum of the updates, each clipped to ``clip_norm`` first (vectorized over the updates).
 
@@ -115,18 +163,8 @@ def clipped_sum(updates: Sequence[Params], clip_norm: float, *, reference: Param
     Raises:
         ValueError: if ``clip_norm`` is not positive or an update is not finite.
     """
-    if not clip_norm > 0:
-        raise ValueError(f"clip_norm must be positive, got {clip_norm!r}")
-    if not updates:
-        return {k: torch.zeros_like(v) for k, v in reference.items()}, []
-    stacked = {k: torch.stack([u[k].detach() for u in updates]).double() for k in reference}
-    norms = torch.sqrt(sum(v.pow(2).flatten(1).sum(1) for v in stacked.values()))  # type: ignore[arg-type]
-    if not bool(torch.isfinite(norms).all()):
-        raise ValueError("cannot clip an update that contains NaN or Inf")
-    # min(1, C / norm), as clip_factor; a zero update has an infinite ratio and keeps factor 1
-    factors = torch.clamp(clip_norm / norms, max=1.0)
-    total = {k: torch.tensordot(factors, v, dims=1).to(reference[k].dtype) for k, v in stacked.items()}
-    return total, norms.tolist()
+    factors, norms = clip_factors(updates, clip_norm, reference=reference)
+    return weighted_sum(updates, factors, reference=reference), norms
 
 
 def privatize_update(

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -39,14 +39,17 @@ from fedmeta.privacy.mechanisms import (
     ClientSetup,
     PrivacyMechanism,
     RoundRelease,
-    RoundReplies,
     mechanism_for,
 )
 from fedmeta.privacy.modes import LOCAL_SENSITIVITY_FACTOR, update_noise
 from fedmeta.privacy.randomness import privacy_generator, secret_seed
+from fedmeta.privacy.stages import ClipNormStage
 from fedmeta.privacy.task_level import TaskLevelPrivacy, sample_site_tasks
 from fedmeta.tasks import TaskSource
 from fedmeta.types import Params, TaskBatch
+
+if TYPE_CHECKING:
+    from fedmeta.federation.stages import Stage
 
 __all__ = ["ServerPrivacy", "ClientPrivacy", "CLIP_BIT_KEY", "CLIP_NORM_KEY"]
 
@@ -93,14 +96,21 @@ class ServerPrivacy:
                 cfg.eval.clients, p.mode,
             )  # fmt: skip
         self.update_noise_multiplier, self.count_stddev = update_noise(cfg) if self.enabled else (0.0, 0.0)
-        self.clip = AdaptiveClipState(p.clip_norm, p.target_quantile, p.clip_lr, self.count_stddev)
+        #: the round's ``privacy`` metrics entries, filled by the stages (:meth:`open_round`)
+        self.round_info: dict[str, Any] = {}
+        #: the mechanism's part of the server chain, built once for the run (the clip norm lives in one)
+        self.stages: list[Stage] = list(self.mechanism.server_stages(self))
+        owners = [s for s in self.stages if isinstance(s, ClipNormStage)]
+        if len(owners) > 1:
+            raise ValueError(f"privacy.mode '{self.mode}' has {len(owners)} stages owning the clip norm; one at most")
+        self._clip_stage: ClipNormStage | None = owners[0] if owners else None
+        self._fixed_clip = AdaptiveClipState(p.clip_norm, p.target_quantile, p.clip_lr, self.count_stddev)
         self.accountant = self.mechanism.server_accountant(cfg)
         self.client_accountants: dict[int, PrivacyAccountant] = {}
         self._rdp_cache: dict[tuple[float, float], Any] = {}  # shared by the mirrored client accountants
         self.site_reports: dict[int, dict[str, float]] = {}
         self.rounds_completed = 0
         self.rounds_allowed: int | None = None
-        self._round_info: dict[str, Any] = {}
 
     @property
     def secret_seed(self) -> int:
@@ -127,9 +137,25 @@ class ServerPrivacy:
     # -- each round ----------------------------------------------------------------------------
 
     @property
+    def clip(self) -> AdaptiveClipState:
+        """The clip norm and the constants that move it: the clip stage's (``privacy.clip_norm`` without one)."""
+        return self._fixed_clip if self._clip_stage is None else self._clip_stage.clip
+
+    @property
     def clip_norm(self) -> float:
         """The clip norm of the coming round (moves with adaptive clipping)."""
         return self.clip.clip_norm
+
+    def server_stages(self) -> list[Stage]:
+        """The mechanism's server stages (:mod:`fedmeta.privacy.stages`): the loop's aggregation."""
+        return list(self.stages)
+
+    def open_round(self, replies: int) -> None:
+        """Start the round's ``privacy`` entries: the clip norm it uses and the replies it aggregates.
+
+        The first of the mechanism's stages calls it; the others add their entries to :attr:`round_info`.
+        """
+        self.round_info = {"clip_norm": self.clip_norm, "replies": replies}
 
     def sample_clients(self, round_idx: int) -> list[int]:
         """Client ids for ``round_idx``.
@@ -153,7 +179,7 @@ class ServerPrivacy:
         reference: Params,
         reports: Sequence[Mapping[str, Any]] | None = None,
     ) -> Params:
-        """The round's aggregate of the replies that arrived.
+        """The round's aggregate of the replies that arrived: the mechanism's stages, outside the loop.
 
         * ``client-central``: ``(sum clip(u_i, C) + N(0, (z_u C)^2)) / clients_per_round``; with
           adaptive clipping also releases the noisy unclipped fraction and moves ``C``.
@@ -174,12 +200,20 @@ class ServerPrivacy:
         Raises:
             ValueError: if there is nothing to aggregate outside client-central.
         """
-        info: dict[str, Any] = {"clip_norm": self.clip.clip_norm, "replies": len(updates)}
-        out = self.mechanism.aggregate(self, RoundReplies(round_idx, updates, reference, reports), info)
-        if self.cfg.privacy.adaptive_clipping:
-            info["next_clip_norm"] = self.clip.clip_norm
-        self._round_info = info
-        return out
+        from fedmeta.federation.loop import ClientReply
+        from fedmeta.federation.stages import RoundState
+
+        aligned = list(reports) if reports is not None else [{} for _ in updates]
+        replies = [
+            ClientReply(i, dict(u), int(rep.get("num_tasks", 1)), {k: v for k, v in rep.items() if k != "num_tasks"})
+            for i, (u, rep) in enumerate(zip(updates, aligned))
+        ]
+        state = RoundState(round_idx, reference, replies)
+        for stage in self.stages:
+            stage(state)
+        if state.aggregate is None:
+            raise ValueError(f"round {round_idx}: no updates to aggregate")
+        return state.aggregate
 
     def finish_round(
         self,
@@ -214,14 +248,14 @@ class ServerPrivacy:
                 p.accountant != "prv" or round_idx % self.cfg.eval.every == 0 or round_idx >= self.cfg.federation.rounds
             )
         row: dict[str, Any] = {"delta": p.delta, "steps": self.steps, "noise_multiplier": p.noise_multiplier}
-        row.update(self._round_info)
+        row.update(self.round_info)
         row.update(self.mechanism.round_entry(self))
         if compute_epsilon:
             eps = self.epsilon()
             row["epsilon"] = _finite_or_none(eps)
             if math.isinf(eps):
                 row["epsilon_unbounded"] = True
-        self._round_info = {}
+        self.round_info = {}
         return row
 
     # -- what was spent ------------------------------------------------------------------------
@@ -292,7 +326,6 @@ class ServerPrivacy:
         return {
             "mode": self.mode,
             "accountant": None if self.accountant is None else self.accountant.state_dict(),
-            "clip_norm": self.clip.clip_norm,
             "rounds_completed": self.rounds_completed,
             "clients": ids,
             "client_accountants": [self.client_accountants[c].state_dict() for c in ids],
@@ -328,9 +361,9 @@ class ServerPrivacy:
             self.site_reports = {
                 int(s): {k: float(v) for k, v in r.items()} for s, r in zip(state["sites"], state["site_reports"])
             }
-            self.clip = AdaptiveClipState(
-                float(state["clip_norm"]), self.clip.target_quantile, self.clip.lr, self.clip.count_stddev
-            )
+            if "clip_norm" in state and self._clip_stage is not None:
+                # written before the clip norm moved to its stage (saved under the stage's name since)
+                self._clip_stage.load_state_dict({"clip_norm": state["clip_norm"]})
             self.rounds_completed = int(state["rounds_completed"])
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"the checkpoint's privacy state cannot be restored: {exc}") from exc

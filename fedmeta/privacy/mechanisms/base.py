@@ -8,13 +8,16 @@ implements both sides of the mode:
 * **client side** — what a client does to its computed update or its task pool before replying
   (:meth:`~PrivacyMechanism.client_update`, :meth:`~PrivacyMechanism.privatize_update`) and which
   metrics it may release (:meth:`~PrivacyMechanism.releasable_metrics`);
-* **server side** — cohort sampling, train instructions, aggregation, per-round accounting, epsilon
-  and the ``summary.json`` entry, budget planning (:meth:`~PrivacyMechanism.accounting_parameters`).
+* **server side** — cohort sampling, train instructions, the server stages that aggregate
+  (:meth:`~PrivacyMechanism.server_stages`, e.g. client-central's clip, sum, noise and mean),
+  per-round accounting, epsilon and the ``summary.json`` entry, budget planning
+  (:meth:`~PrivacyMechanism.accounting_parameters`).
 
 Mechanisms are stateless: the state that lives as long as what it protects (accountants, the
-adaptive clip norm, the sites' reports) stays in :class:`~fedmeta.privacy.facade.ServerPrivacy`
-and :class:`~fedmeta.privacy.facade.ClientPrivacy`, which pass themselves in, so that checkpoints
-and node states keep their format. A new mode is one module that registers itself::
+sites' reports) stays in :class:`~fedmeta.privacy.facade.ServerPrivacy` and
+:class:`~fedmeta.privacy.facade.ClientPrivacy`, which pass themselves in, so that checkpoints and
+node states keep their format; the clip norm lives in the one server stage that owns it, saved
+under its name. A new mode is one module that registers itself::
 
     @MECHANISMS.register("distributed")
     class DistributedNoise(PrivacyMechanism): ...
@@ -30,8 +33,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-
 from fedmeta.privacy.modes import AccountingParameters, ModeDescription
 from fedmeta.registry import Registry
 from fedmeta.registry import require as _require
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
     from fedmeta.algorithms import MetaUpdate
     from fedmeta.config import Config
     from fedmeta.experiment import Experiment
+    from fedmeta.federation.stages import Stage
     from fedmeta.privacy.accountant import PrivacyAccountant
     from fedmeta.privacy.facade import ClientPrivacy, ServerPrivacy
     from fedmeta.tasks import TaskSource
@@ -49,7 +51,6 @@ __all__ = [
     "PrivacyMechanism",
     "ClientSetup",
     "TrainInstruction",
-    "RoundReplies",
     "RoundRelease",
     "MECHANISMS",
     "mechanism_for",
@@ -101,23 +102,6 @@ class TrainInstruction:
     round_idx: int
     client_id: int
     clip_norm: float | None = None
-
-
-@dataclass(frozen=True)
-class RoundReplies:
-    """The replies of one round, as :meth:`PrivacyMechanism.aggregate` combines them.
-
-    Attributes:
-        round_idx: the round (1-based).
-        updates: the validated updates (may be empty under client-central).
-        reference: the meta-parameters (keys, shapes, dtypes).
-        reports: each update's releasable metrics, aligned with ``updates`` (``None``: none were sent).
-    """
-
-    round_idx: int
-    updates: Sequence[Params]
-    reference: Params
-    reports: Sequence[Mapping[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -374,38 +358,23 @@ class PrivacyMechanism:
         """Scalars for the train instructions of ``round_idx`` (the current clip norm under DP)."""
         return {CLIP_NORM_KEY: server.clip.clip_norm} if self.enabled else {}
 
-    def aggregate(self, server: ServerPrivacy, replies: RoundReplies, info: dict[str, Any]) -> Params:
-        """The round's aggregate of already private updates: ``federation.aggregation``, unweighted.
+    def server_stages(self, server: ServerPrivacy) -> list[Stage]:
+        """This mode's part of the server chain (:mod:`fedmeta.privacy.stages`), in order.
+
+        :class:`~fedmeta.privacy.facade.ServerPrivacy` builds it once per run and the round loop runs
+        it where the aggregation goes (after the reply transforms, before the aggregate transforms).
+        By default: ``federation.aggregation``, unweighted, over the already private updates (an
+        empty cohort gives no aggregate). A stage that owns the clip norm (a
+        :class:`~fedmeta.privacy.stages.ClipNormStage`, at most one) makes it the norm sent to the
+        clients and saved under the stage's name.
 
         Args:
-            server: the server's privacy state (its clip state may move).
-            replies: the round's validated updates, the meta-parameters and the updates' reports.
-            info: the round's ``privacy`` metrics entry, filled in place.
-
-        Raises:
-            ValueError: if there is nothing to aggregate.
+            server: the run's privacy state, which the stages read (noise constants, secret seed) and
+                fill (the round's ``privacy`` entries).
         """
-        from fedmeta.aggregation import aggregate, stack
+        from fedmeta.privacy.stages import RuleAggregationStage
 
-        updates = replies.updates
-        if not updates:
-            raise ValueError(f"round {replies.round_idx}: no updates to aggregate")
-        weights = torch.ones(len(updates), dtype=torch.float64)
-        f = server.cfg.federation
-        return aggregate(stack(list(updates)), weights, method=f.aggregation, trim_fraction=f.trim_fraction)
-
-    @staticmethod
-    def move_clip(server: ServerPrivacy, unclipped_fraction: float | None, info: dict[str, Any]) -> None:
-        """Adaptive clipping: move the server's clip norm by a round's noisy unclipped fraction, and record it.
-
-        Args:
-            server: the server's privacy state (its clip state moves).
-            unclipped_fraction: the round's noisy fraction of updates that were not clipped (``None``:
-                nothing arrived to estimate it from; the clip norm stays).
-            info: the round's ``privacy`` metrics entry (gets ``unclipped_fraction``).
-        """
-        server.clip = server.clip.updated(unclipped_fraction)
-        info["unclipped_fraction"] = unclipped_fraction
+        return [RuleAggregationStage(server)]
 
     def account(self, server: ServerPrivacy, release: RoundRelease) -> None:
         """Step the server's accountant(s), or record the sites' reports, for one released round."""

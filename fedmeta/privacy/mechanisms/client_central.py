@@ -2,7 +2,8 @@
 
 McMahan et al. (2018), "Learning Differentially Private Recurrent Language Models": the server
 samples clients by Poisson sampling from a secret seed, clips every reply to ``C``, adds
-``N(0, (z C)^2)`` to the sum and divides by the expected cohort size; one accountant per run.
+``N(0, (z C)^2)`` to the sum and divides by the expected cohort size — four server stages
+(:mod:`fedmeta.privacy.stages`) — and keeps one accountant per run.
 """
 
 from __future__ import annotations
@@ -10,15 +11,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from fedmeta.privacy.accountant import PrivacyAccountant
-from fedmeta.privacy.adaptive import clipped_indicator, noisy_unclipped_fraction
-from fedmeta.privacy.clipping import central_private_mean
-from fedmeta.privacy.mechanisms.base import MECHANISMS, PrivacyMechanism, RoundRelease, RoundReplies
+from fedmeta.privacy.mechanisms.base import MECHANISMS, PrivacyMechanism, RoundRelease
 from fedmeta.privacy.modes import AccountingParameters, ModeDescription, effective_config_noise_multiplier
-from fedmeta.privacy.randomness import privacy_generator
-from fedmeta.types import Params
 
 if TYPE_CHECKING:
     from fedmeta.config import Config
+    from fedmeta.federation.stages import Stage
     from fedmeta.privacy.facade import ServerPrivacy
 
 __all__ = ["ClientCentralPrivacy"]
@@ -77,31 +75,15 @@ class ClientCentralPrivacy(PrivacyMechanism):
         seed = derive_seed(server.secret_seed, "dp-sample")
         return sample_clients(seed, round_idx, f.clients_total, f.clients_per_round, method="poisson")
 
-    def aggregate(self, server: ServerPrivacy, replies: RoundReplies, info: dict[str, Any]) -> Params:
-        """``(sum clip(u_i, C) + N(0, (z_u C)^2)) / clients_per_round``; adaptive clipping moves ``C``.
+    def server_stages(self, server: ServerPrivacy) -> list[Stage]:
+        """``clip`` -> ``sum`` -> ``noise`` -> ``mean``: ``(sum clip(u_i, C) + N(0, (z_u C)^2)) / clients_per_round``.
 
-        An empty cohort releases pure noise (and is accounted).
+        The ``clip`` stage owns ``C``; adaptive clipping moves it. An empty cohort releases pure
+        noise (and is accounted).
         """
-        round_idx = replies.round_idx
-        used_clip = server.clip.clip_norm
-        out, norms = central_private_mean(
-            replies.updates,
-            reference=replies.reference,
-            clip_norm=used_clip,
-            noise_multiplier=server.update_noise_multiplier,
-            expected_count=server.expected_clients,
-            generator=privacy_generator(server.secret_seed, "noise", round_idx),
-        )
-        info["noise_std"] = server.update_noise_multiplier * used_clip
-        if server.cfg.privacy.adaptive_clipping:
-            frac = noisy_unclipped_fraction(
-                [clipped_indicator(n, used_clip) for n in norms],
-                count_stddev=server.count_stddev,
-                expected_count=server.expected_clients,
-                generator=privacy_generator(server.secret_seed, "count", round_idx),
-            )
-            self.move_clip(server, frac, info)
-        return out
+        from fedmeta.privacy.stages import CentralNoiseStage, ClippedSumStage, ClipStage, FixedDenominatorStage
+
+        return [ClipStage(server), ClippedSumStage(server), CentralNoiseStage(server), FixedDenominatorStage(server)]
 
     def account(self, server: ServerPrivacy, release: RoundRelease) -> None:
         """One step of the run's accountant at the client sample rate."""

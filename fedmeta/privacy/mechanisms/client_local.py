@@ -12,7 +12,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from fedmeta.privacy.accountant import PrivacyAccountant
-from fedmeta.privacy.adaptive import fraction_from_local_indicators, local_noisy_indicator
+from fedmeta.privacy.adaptive import local_noisy_indicator
 from fedmeta.privacy.clipping import privatize_update
 from fedmeta.privacy.mechanisms.base import (
     CLIP_BIT_KEY,
@@ -20,7 +20,6 @@ from fedmeta.privacy.mechanisms.base import (
     ClientSetup,
     PrivacyMechanism,
     RoundRelease,
-    RoundReplies,
 )
 from fedmeta.privacy.modes import (
     LOCAL_SENSITIVITY_FACTOR,
@@ -33,6 +32,7 @@ from fedmeta.types import Params
 
 if TYPE_CHECKING:
     from fedmeta.config import Config
+    from fedmeta.federation.stages import Stage
     from fedmeta.privacy.facade import ClientPrivacy, ServerPrivacy
 
 __all__ = ["ClientLocalPrivacy"]
@@ -126,13 +126,14 @@ class ClientLocalPrivacy(PrivacyMechanism):
 
     # -- server side -----------------------------------------------------------------------------
 
-    def aggregate(self, server: ServerPrivacy, replies: RoundReplies, info: dict[str, Any]) -> Params:
-        """The configured rule over private updates; adaptive clipping averages the clients' noisy bits."""
-        out = super().aggregate(server, replies, info)
-        if server.cfg.privacy.adaptive_clipping:
-            bits = [float(r[CLIP_BIT_KEY]) for r in (replies.reports or []) if CLIP_BIT_KEY in r]
-            self.move_clip(server, fraction_from_local_indicators(bits), info)
-        return out
+    def server_stages(self, server: ServerPrivacy) -> list[Stage]:
+        """``aggregate`` (the configured rule over private updates) -> ``clip`` (owns the clip norm sent out).
+
+        With adaptive clipping the ``clip`` stage moves the norm by the average of the clients' noisy bits.
+        """
+        from fedmeta.privacy.stages import LocalClipBitsStage, RuleAggregationStage
+
+        return [RuleAggregationStage(server), LocalClipBitsStage(server)]
 
     def account(self, server: ServerPrivacy, release: RoundRelease) -> None:
         """Mirror every sampled client's accountant (``z / 2`` at ``q = 1``)."""
