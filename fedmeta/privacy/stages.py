@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -55,12 +55,33 @@ log = logging.getLogger(__name__)
 
 
 class _PrivacyStage:
-    """A stage of a :class:`ServerPrivacy`'s chain: it writes the round's ``privacy`` entries there."""
+    """A stage of a :class:`ServerPrivacy`'s chain: it writes the round's ``privacy`` entries there.
+
+    A stage declares in :attr:`needs` the :class:`~fedmeta.federation.stages.RoundState` fields the
+    stages before it must have set; calling it checks them, then :meth:`apply` acts.
+    """
 
     name = "privacy"
+    #: the round-state fields (``aggregate``, ``clip_norm``, ...) the stages before this one must set
+    needs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, server: ServerPrivacy) -> None:
         self.server = server
+
+    def __call__(self, state: RoundState) -> None:
+        """Check :attr:`needs`, then :meth:`apply`.
+
+        Raises:
+            ValueError: naming the stage and the fields no stage before it set (a chain in the wrong order).
+        """
+        missing = [f for f in self.needs if getattr(state, f) is None]
+        if missing:
+            raise ValueError(f"server stage {self.name!r} needs {', '.join(missing)} from a stage before it")
+        self.apply(state)
+
+    def apply(self, state: RoundState) -> None:
+        """Act on the round in flight (in place)."""
+        raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
         """Stateless: ``{}``."""
@@ -127,7 +148,8 @@ class ClipStage(ClipNormStage):
         ValueError: if a reply is not finite.
     """
 
-    def __call__(self, state: RoundState) -> None:
+    def apply(self, state: RoundState) -> None:
+        """Clip the replies at the current ``C``; with adaptive clipping, release the count and move ``C``."""
         server = self.server
         used = self.clip.clip_norm
         server.open_round(len(state.replies))
@@ -149,17 +171,15 @@ class ClippedSumStage(_PrivacyStage):
 
     Sets ``state.aggregate`` to ``sum_i f_i u_i`` (the clip factors of :class:`ClipStage`; zeros for
     an empty cohort) and ``state.denominator`` to the expected cohort size ``clients_per_round``;
-    :class:`FixedDenominatorStage` divides once the noise is in.
-
-    Raises:
-        ValueError: if no clip stage ran before it.
+    :class:`FixedDenominatorStage` divides once the noise is in. Needs a clip stage before it.
     """
 
     name = "sum"
+    needs = ("clip_factors",)
 
-    def __call__(self, state: RoundState) -> None:
-        if state.clip_factors is None:
-            raise ValueError("server stage 'sum' needs the clip factors of a 'clip' stage before it")
+    def apply(self, state: RoundState) -> None:
+        """Sum the clipped replies; the denominator waits for the noise."""
+        assert state.clip_factors is not None
         updates = [rep.update for rep in state.replies]
         state.aggregate = weighted_sum(updates, state.clip_factors, reference=state.reference)
         state.denominator = self.server.expected_clients
@@ -170,17 +190,15 @@ class CentralNoiseStage(_PrivacyStage):
 
     ``z_u`` is the update noise multiplier (raised under adaptive clipping to pay for the count),
     ``C`` the bound the round was clipped to; the noise is drawn from the secret ``noise`` stream of
-    the round. Records ``noise_std`` in the round's ``privacy`` entry.
-
-    Raises:
-        ValueError: if there is no clipped sum to noise.
+    the round. Records ``noise_std`` in the round's ``privacy`` entry. Needs a clipped sum.
     """
 
     name = "noise"
+    needs = ("aggregate", "clip_norm")
 
-    def __call__(self, state: RoundState) -> None:
-        if state.aggregate is None or state.clip_norm is None:
-            raise ValueError("server stage 'noise' needs a clipped sum ('clip' and 'sum' stages before it)")
+    def apply(self, state: RoundState) -> None:
+        """Add the calibrated noise to the sum."""
+        assert state.aggregate is not None and state.clip_norm is not None
         server = self.server
         std = server.update_noise_multiplier * state.clip_norm
         generator = privacy_generator(server.secret_seed, "noise", state.round_idx)
@@ -192,17 +210,18 @@ class FixedDenominatorStage(_PrivacyStage):
     """Client-central: divide the noisy sum by its fixed denominator (the expected cohort size).
 
     Dividing by ``E[n]`` rather than the number that replied keeps the released mean's sensitivity
-    at ``C / E[n]`` whatever the cohort turned out to be.
+    at ``C / E[n]`` whatever the cohort turned out to be. Needs a sum over a fixed denominator.
 
     Raises:
-        ValueError: if there is no sum with a denominator.
+        ValueError: if the denominator is not positive.
     """
 
     name = "mean"
+    needs = ("aggregate", "denominator")
 
-    def __call__(self, state: RoundState) -> None:
-        if state.aggregate is None or state.denominator is None:
-            raise ValueError("server stage 'mean' needs a sum over a fixed denominator ('sum' stage before it)")
+    def apply(self, state: RoundState) -> None:
+        """Divide the sum by its denominator and clear it."""
+        assert state.aggregate is not None and state.denominator is not None
         if not state.denominator > 0:
             raise ValueError(f"expected_count must be positive, got {state.denominator!r}")
         denominator = state.denominator
@@ -218,7 +237,8 @@ class RuleAggregationStage(_PrivacyStage):
 
     name = "aggregate"
 
-    def __call__(self, state: RoundState) -> None:
+    def apply(self, state: RoundState) -> None:
+        """Combine the replies with the configured rule (nothing for an empty cohort)."""
         from fedmeta.aggregation import aggregate, stack
 
         if not state.replies:
@@ -239,7 +259,8 @@ class LocalClipBitsStage(ClipNormStage):
     ``C`` for the next round. A round without an aggregate (an empty cohort) leaves ``C`` as it is.
     """
 
-    def __call__(self, state: RoundState) -> None:
+    def apply(self, state: RoundState) -> None:
+        """Move ``C`` by the replies' noisy bits (adaptive clipping only)."""
         from fedmeta.privacy.adaptive import fraction_from_local_indicators
 
         if state.aggregate is None or not self.server.cfg.privacy.adaptive_clipping:
