@@ -24,6 +24,7 @@ from __future__ import annotations
 from fedmeta.privacy.accountant import MECHANISMS, PrivacyAccountant, epsilon_for
 from fedmeta.privacy.adaptive import AdaptiveClipState, effective_noise_multiplier, update_noise_multiplier
 from fedmeta.privacy.budget import (
+    BudgetTarget,
     PrivacyPlan,
     calibrate_config_noise_multiplier,
     calibrate_noise_multiplier,
@@ -66,6 +67,7 @@ __all__ = [
     "ModeDescription",
     "PrivacyAccountant",
     "PrivacyMechanism",
+    "BudgetTarget",
     "PrivacyPlan",
     "ServerPrivacy",
     "TaskLevelPrivacy",

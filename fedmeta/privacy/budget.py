@@ -23,6 +23,7 @@ from fedmeta.privacy.mechanisms import mechanism_for
 from fedmeta.privacy.modes import accounting_parameters, describe_mode
 
 __all__ = [
+    "BudgetTarget",
     "PrivacyPlan",
     "plan_privacy",
     "rounds_that_fit",
@@ -101,71 +102,82 @@ def _epsilon_after(
     return acc.get_epsilon(delta)
 
 
-def _check_target(target_epsilon: float) -> None:
-    # a budget search needs a positive epsilon to aim at
-    if not target_epsilon > 0:
-        raise ValueError(f"target_epsilon must be positive, got {target_epsilon!r}")
+@dataclass(frozen=True)
+class BudgetTarget:
+    """What a budget search aims at: at most ``epsilon`` at ``delta``, for steps at ``sample_rate``.
+
+    Attributes:
+        epsilon: the target epsilon, ``> 0``.
+        delta: the target delta.
+        sample_rate: the accountant's ``q`` of every step.
+        accountant: the Opacus mechanism (``rdp``, ``prv``, ``gdp``).
+
+    Raises:
+        ValueError: if ``epsilon`` is not positive (a search needs a positive epsilon to aim at).
+    """
+
+    epsilon: float
+    delta: float
+    sample_rate: float
+    accountant: str = "rdp"
+
+    def __post_init__(self) -> None:
+        if not self.epsilon > 0:
+            raise ValueError(f"target_epsilon must be positive, got {self.epsilon!r}")
 
 
-def rounds_that_fit(
-    *,
-    target_epsilon: float,
-    delta: float,
-    noise_multiplier: float,
-    sample_rate: float,
-    max_rounds: int,
-    accountant: str = "rdp",
-    steps_per_round: int = 1,
-) -> int:
-    """The largest ``n <= max_rounds`` whose epsilon after ``n`` rounds is at most ``target_epsilon``.
+def rounds_that_fit(target: BudgetTarget, *, noise_multiplier: float, max_rounds: int, steps_per_round: int = 1) -> int:
+    """The largest ``n <= max_rounds`` whose epsilon after ``n`` rounds is at most ``target.epsilon``.
 
     Epsilon grows with the number of identical steps, so this is a binary search over Opacus'
     epsilon.
 
+    Args:
+        target: the epsilon, delta, sample rate and accountant.
+        noise_multiplier: the accountant's ``z`` of every step.
+        max_rounds: the most rounds to consider.
+        steps_per_round: accountant steps per round.
+
     Raises:
         ValueError: on invalid parameters.
     """
-    _check_target(target_epsilon)
     if max_rounds < 0:
         raise ValueError(f"max_rounds must be non-negative, got {max_rounds}")
-    acc = PrivacyAccountant(accountant)
+    acc = PrivacyAccountant(target.accountant)
 
     def eps(n: int) -> float:
         return _epsilon_after(
-            acc, n * steps_per_round, noise_multiplier=noise_multiplier, sample_rate=sample_rate, delta=delta
-        )
+            acc, n * steps_per_round, noise_multiplier=noise_multiplier, sample_rate=target.sample_rate,
+            delta=target.delta,
+        )  # fmt: skip
 
-    if eps(max_rounds) <= target_epsilon:
+    if eps(max_rounds) <= target.epsilon:
         return max_rounds
     lo, hi = 0, max_rounds  # eps(lo) <= target < eps(hi)
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if eps(mid) <= target_epsilon:
+        if eps(mid) <= target.epsilon:
             lo = mid
         else:
             hi = mid
     return lo
 
 
-def calibrate_noise_multiplier(
-    *,
-    target_epsilon: float,
-    delta: float,
-    sample_rate: float,
-    steps: int,
-    accountant: str = "rdp",
-    tolerance: float = 0.01,
-) -> float:
-    """The accountant noise multiplier that spends at most ``target_epsilon`` in ``steps`` steps.
+def calibrate_noise_multiplier(target: BudgetTarget, *, steps: int, tolerance: float = 0.01) -> float:
+    """The accountant noise multiplier that spends at most ``target.epsilon`` in ``steps`` steps.
 
     Opacus' ``get_noise_multiplier`` (a binary search whose answer spends between
-    ``target_epsilon - tolerance`` and ``target_epsilon``).
+    ``target.epsilon - tolerance`` and ``target.epsilon``).
+
+    Args:
+        target: the epsilon, delta, sample rate and accountant.
+        steps: accountant steps, ``>= 1``.
+        tolerance: Opacus' epsilon tolerance.
 
     Raises:
         ValueError: if no noise multiplier up to Opacus' limit reaches the target, or on
             invalid parameters.
     """
-    _check_target(target_epsilon)
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     from opacus.accountants.utils import get_noise_multiplier
@@ -174,11 +186,11 @@ def calibrate_noise_multiplier(
         warnings.simplefilter("ignore")  # gdp warns at every probe
         return float(
             get_noise_multiplier(
-                target_epsilon=target_epsilon,
-                target_delta=delta,
-                sample_rate=sample_rate,
+                target_epsilon=target.epsilon,
+                target_delta=target.delta,
+                sample_rate=target.sample_rate,
                 steps=steps,
-                accountant=accountant,
+                accountant=target.accountant,
                 epsilon_tolerance=tolerance,
             )
         )
@@ -207,11 +219,8 @@ def calibrate_config_noise_multiplier(
     params = accounting_parameters(cfg, pool_size=pool_size)
     assert params is not None
     sigma = calibrate_noise_multiplier(
-        target_epsilon=target,
-        delta=cfg.privacy.delta,
-        sample_rate=params.sample_rate,
+        BudgetTarget(target, cfg.privacy.delta, params.sample_rate, cfg.privacy.accountant),
         steps=cfg.federation.rounds * params.steps_per_round,
-        accountant=cfg.privacy.accountant,
         tolerance=tolerance,
     )
     # the accountant's z is z / 2 under local DP; adaptive clipping keeps z as the effective total
@@ -247,9 +256,8 @@ def plan_privacy(cfg: Config, *, pool_size: int | None = None) -> PrivacyPlan:
     if p.target_epsilon is not None:
         within = epsilon <= p.target_epsilon
         fit = rounds if within else rounds_that_fit(
-            target_epsilon=p.target_epsilon, delta=p.delta, noise_multiplier=params.noise_multiplier,
-            sample_rate=params.sample_rate, max_rounds=rounds, accountant=p.accountant,
-            steps_per_round=params.steps_per_round,
+            BudgetTarget(p.target_epsilon, p.delta, params.sample_rate, p.accountant),
+            noise_multiplier=params.noise_multiplier, max_rounds=rounds, steps_per_round=params.steps_per_round,
         )  # fmt: skip
     return PrivacyPlan(
         mode=p.mode, accountant=p.accountant, delta=p.delta, noise_multiplier=p.noise_multiplier,

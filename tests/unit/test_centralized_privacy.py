@@ -21,7 +21,7 @@ from fedmeta.config import Config
 from fedmeta.errors import BudgetExhausted
 from fedmeta.outputs import read_metrics
 from fedmeta.privacy.accountant import epsilon_for
-from fedmeta.privacy.budget import rounds_that_fit
+from fedmeta.privacy.budget import BudgetTarget, rounds_that_fit
 from fedmeta.sampling import sample_clients
 from tests.privacy_helpers import dp_config, opacus_rdp_epsilon
 
@@ -113,7 +113,7 @@ def test_noiseless_run_with_a_huge_clip_norm_equals_the_non_private_run(mode: st
 
 def test_on_budget_stop_ends_cleanly_after_the_last_round_that_fits(tmp_path: Path) -> None:
     cfg = dp_config("client-central", rounds=40, noise_multiplier=0.9, target_epsilon=6.0, on_budget="stop")
-    fit = rounds_that_fit(target_epsilon=6.0, delta=1e-5, noise_multiplier=0.9, sample_rate=4 / 12, max_rounds=40)
+    fit = rounds_that_fit(BudgetTarget(6.0, 1e-5, 4 / 12), noise_multiplier=0.9, max_rounds=40)
     assert 1 < fit < 40
     summary = run_centralized(cfg, tmp_path)
     assert summary["rounds_completed"] == fit and summary["rounds_planned"] == 40
@@ -130,7 +130,7 @@ def test_on_budget_stop_ends_cleanly_after_the_last_round_that_fits(tmp_path: Pa
 
 def test_over_budget_run_refuses_to_start_and_writes_nothing(tmp_path: Path) -> None:
     cfg = dp_config("client-central", rounds=40, noise_multiplier=0.9, target_epsilon=6.0)
-    fit = rounds_that_fit(target_epsilon=6.0, delta=1e-5, noise_multiplier=0.9, sample_rate=4 / 12, max_rounds=40)
+    fit = rounds_that_fit(BudgetTarget(6.0, 1e-5, 4 / 12), noise_multiplier=0.9, max_rounds=40)
     with pytest.raises(BudgetExhausted, match=rf"only {fit} rounds fit.*set federation.rounds to at most {fit}"):
         run_centralized(cfg, tmp_path / "refused")
     assert not (tmp_path / "refused" / "metrics.jsonl").exists()

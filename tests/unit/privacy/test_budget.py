@@ -11,6 +11,7 @@ from fedmeta.config import config_from_dict, load_config
 from fedmeta.errors import BudgetExhausted, ConfigError
 from fedmeta.privacy.accountant import epsilon_for
 from fedmeta.privacy.budget import (
+    BudgetTarget,
     calibrate_config_noise_multiplier,
     calibrate_noise_multiplier,
     enforce_budget,
@@ -73,11 +74,11 @@ def test_bad_privacy_config_gets_a_clear_error(tmp_path: Path, yaml_text: str, m
 
 def test_rounds_that_fit_is_the_exact_boundary() -> None:
     target, delta, sigma, q = 3.0, 1e-5, 1.0, 0.05
-    n = rounds_that_fit(target_epsilon=target, delta=delta, noise_multiplier=sigma, sample_rate=q, max_rounds=5000)
+    n = rounds_that_fit(BudgetTarget(target, delta, q), noise_multiplier=sigma, max_rounds=5000)
     assert 0 < n < 5000
     assert epsilon_for(noise_multiplier=sigma, sample_rate=q, steps=n, delta=delta) <= target
     assert epsilon_for(noise_multiplier=sigma, sample_rate=q, steps=n + 1, delta=delta) > target
-    assert rounds_that_fit(target_epsilon=1e6, delta=delta, noise_multiplier=sigma, sample_rate=q, max_rounds=50) == 50
+    assert rounds_that_fit(BudgetTarget(1e6, delta, q), noise_multiplier=sigma, max_rounds=50) == 50
 
 
 def test_plan_of_each_mode_equals_opacus_for_its_own_parameters() -> None:
@@ -111,9 +112,7 @@ def test_schedule_over_budget_refuses_to_start_and_says_how_many_rounds_fit() ->
     plan = plan_privacy(cfg)
     assert not plan.within_budget and plan.epsilon > 2.0
     fit = plan.rounds_that_fit
-    assert fit == rounds_that_fit(
-        target_epsilon=2.0, delta=1e-5, noise_multiplier=1.2, sample_rate=0.05, max_rounds=400
-    )
+    assert fit == rounds_that_fit(BudgetTarget(2.0, 1e-5, 0.05), noise_multiplier=1.2, max_rounds=400)
     with pytest.raises(BudgetExhausted) as err:
         enforce_budget(cfg)
     msg = str(err.value)
@@ -141,7 +140,7 @@ def test_within_budget_runs_every_round() -> None:
 
 
 def test_calibrated_sigma_spends_just_under_the_target() -> None:
-    sigma = calibrate_noise_multiplier(target_epsilon=4.0, delta=1e-5, sample_rate=0.05, steps=400)
+    sigma = calibrate_noise_multiplier(BudgetTarget(4.0, 1e-5, 0.05), steps=400)
     eps = epsilon_for(noise_multiplier=sigma, sample_rate=0.05, steps=400, delta=1e-5)
     assert 4.0 - 0.01 <= eps <= 4.0
 
@@ -149,7 +148,7 @@ def test_calibrated_sigma_spends_just_under_the_target() -> None:
 def test_config_calibration_per_mode() -> None:
     central = _cfg({"mode": "client-central", "target_epsilon": 4.0})
     assert calibrate_config_noise_multiplier(central) == pytest.approx(
-        calibrate_noise_multiplier(target_epsilon=4.0, delta=1e-5, sample_rate=0.05, steps=400)
+        calibrate_noise_multiplier(BudgetTarget(4.0, 1e-5, 0.05), steps=400)
     )
     local = _cfg({"mode": "client-local"})
     z = calibrate_config_noise_multiplier(local, target_epsilon=100.0)

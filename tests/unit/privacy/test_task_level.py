@@ -12,7 +12,7 @@ from fedmeta.config import Config, config_from_dict
 from fedmeta.errors import BudgetExhausted
 from fedmeta.experiment import Experiment
 from fedmeta.privacy.accountant import epsilon_for
-from fedmeta.privacy.budget import rounds_that_fit
+from fedmeta.privacy.budget import BudgetTarget, rounds_that_fit
 from fedmeta.privacy.clipping import clip_by_global_norm, global_l2_norm
 from fedmeta.privacy.facade import ClientPrivacy
 from fedmeta.privacy.task_level import TaskLevelPrivacy, poisson_indices, sample_site_tasks, site_pool_size
@@ -129,7 +129,7 @@ def test_site_epsilon_matches_opacus_for_its_rate_and_steps_across_restarts(
 def test_site_refuses_a_step_beyond_its_budget(site: tuple[Experiment, Params, Params]) -> None:
     _, meta, per_task = site
     target = 1.5
-    fits = rounds_that_fit(target_epsilon=target, delta=1e-5, noise_multiplier=1.0, sample_rate=0.25, max_rounds=1000)
+    fits = rounds_that_fit(BudgetTarget(target, 1e-5, 0.25), noise_multiplier=1.0, max_rounds=1000)
     dp = _privacy(target_epsilon=target)
     for r in range(fits):
         dp.privatize(per_task, reference=meta, generator=make_generator(r, "n"))
