@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fedmeta.cli.common import add_command, add_optional
+
 __all__ = ["register", "cmd_adapt", "cmd_predict"]
 
 
@@ -62,8 +64,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction, add_common: Callable[..., None]) -> None:
     """Add the ``adapt`` and ``predict`` subcommands to the ``fedmeta`` parser."""
-    p = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "adapt",
+        cmd_adapt,
         help="a new site adapts the published initialization to its own tasks, offline",
         description=(
             "Load a published checkpoint (safely: tensors only), check that it fits the site's data, "
@@ -76,29 +80,25 @@ def register(subparsers: argparse._SubParsersAction, add_common: Callable[..., N
     )
     p.add_argument("--checkpoint", required=True, metavar="FILE", help="the published checkpoint.pt")
     p.add_argument("--data", required=True, metavar="DIR", help="this site's folder (docs/data-format.md)")
-    p.add_argument("--steps", type=int, default=None, help="inner steps (default: the checkpoint's eval.steps)")
+    add_optional(p, "--steps", int, help="inner steps (default: the checkpoint's eval.steps)")
     p.add_argument(
         "--compare",
         metavar="FILE",
         default=None,
         help="another checkpoint to adapt from on the same episodes (e.g. FedAvg-trained)",
     )
-    p.add_argument(
-        "--shots",
-        type=int,
-        default=None,
+    add_optional(
+        p, "--shots", int,
         help="support examples per task, per class for classification (default: the checkpoint's task.shots)",
-    )
-    p.add_argument(
-        "--query",
-        type=int,
-        default=None,
+    )  # fmt: skip
+    add_optional(
+        p, "--query", int,
         help="query examples per task, per class for classification (default: the checkpoint's task.query)",
-    )
-    p.add_argument(
+    )  # fmt: skip
+    add_optional(
+        p,
         "--ways",
-        type=int,
-        default=None,
+        int,
         help="classes per episode (default: the checkpoint's task.ways; another number needs an ANIL checkpoint with "
         "meta.head_init prototypes or zero, whose head is rebuilt for each support set)",
     )
@@ -116,10 +116,11 @@ def register(subparsers: argparse._SubParsersAction, add_common: Callable[..., N
     p.add_argument("--json", action="store_true", help="print the aggregate results as JSON instead of the summary")
     p.add_argument("--out", metavar="DIR", help="output folder (default: runs/adapt-<site folder name>)")
     add_common(p, out=False, overrides=False)
-    p.set_defaults(func=cmd_adapt)
 
-    p = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "predict",
+        cmd_predict,
         help="predict with the personalized models written by `fedmeta adapt`",
         description="Load personalized models (tensor-only files + manifest.json) and predict for new inputs.",
     )
@@ -135,4 +136,3 @@ def register(subparsers: argparse._SubParsersAction, add_common: Callable[..., N
     )
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     p.add_argument("--quiet", action="store_true", help="warnings only")
-    p.set_defaults(func=cmd_predict)

@@ -12,7 +12,16 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from fedmeta.config import Config
 
-__all__ = ["add_common", "add_training_command", "default_out", "Progress", "report", "run_training"]
+__all__ = [
+    "add_command",
+    "add_common",
+    "add_optional",
+    "add_training_command",
+    "default_out",
+    "Progress",
+    "report",
+    "run_training",
+]
 
 log = logging.getLogger("fedmeta")
 
@@ -39,6 +48,37 @@ def add_common(p: argparse.ArgumentParser, *, out: bool = True, overrides: bool 
         )
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     p.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+
+
+def add_command(
+    subparsers: Any, name: str, func: Callable[[argparse.Namespace], int], **kwargs: Any
+) -> argparse.ArgumentParser:
+    """Add the sub-command ``name``, run by ``func``; its parser, for the command's own options.
+
+    Args:
+        subparsers: the ``fedmeta`` parser's sub-command actions.
+        name: the command's name.
+        func: runs the command on the parsed arguments and returns the exit status.
+        **kwargs: for ``add_parser`` (``help``, ``description``).
+    """
+    p: argparse.ArgumentParser = subparsers.add_parser(name, **kwargs)
+    p.set_defaults(func=func)
+    return p
+
+
+def add_optional(
+    p: argparse.ArgumentParser, flag: str, kind: Callable[[str], Any], *, help: str, metavar: str | None = None
+) -> None:
+    """Add ``flag``: an optional value of type ``kind``; left out it is ``None``, the default ``help`` names.
+
+    Args:
+        p: the sub-command's parser, changed in place.
+        flag: the option, e.g. ``--pool-size``.
+        kind: converts the given string (``int``, ``float``, ...).
+        help: what the option means and what its absence means.
+        metavar: the value's name in the usage line (default: from ``flag``).
+    """
+    p.add_argument(flag, type=kind, default=None, metavar=metavar, help=help)
 
 
 def default_out(command: str, config: str) -> Path:
@@ -173,8 +213,7 @@ def add_training_command(
         help: the command's one-line help.
         resume_help: what ``--resume`` continues from.
     """
-    p = subparsers.add_parser(name, help=help)
+    p = add_command(subparsers, name, func, help=help)
     p.add_argument("config", help="YAML config file")
     p.add_argument("--resume", action="store_true", help=resume_help)
     add_common(p)
-    p.set_defaults(func=func)

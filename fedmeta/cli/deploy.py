@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fedmeta.cli.common import add_command, add_optional
+
 __all__ = ["register", "cmd_deploy_local", "cmd_make_certs", "cmd_make_node_key"]
 
 log = logging.getLogger(__name__)
@@ -102,8 +104,10 @@ def cmd_make_node_key(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any, add_common: Callable[..., None]) -> None:
     """Add ``deploy-local``, ``make-certs`` and ``make-node-key`` to the ``fedmeta`` command line."""
-    p = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "deploy-local",
+        cmd_deploy_local,
         help="run a config over a real SuperLink and N SuperNodes on 127.0.0.1, then tear them down",
         description=(
             "Writes N site folders (make-data), starts a SuperLink and one SuperNode per site on 127.0.0.1 "
@@ -113,7 +117,7 @@ def register(subparsers: Any, add_common: Callable[..., None]) -> None:
         ),
     )
     p.add_argument("config", help="YAML config file")
-    p.add_argument("--sites", type=int, default=None, help="number of sites (SuperNodes); required unless --data")
+    add_optional(p, "--sites", int, help="number of sites (SuperNodes); required unless --data")
     p.add_argument(
         "--out",
         required=True,
@@ -141,14 +145,15 @@ def register(subparsers: Any, add_common: Callable[..., None]) -> None:
         "--keep-logs", action="store_true",
         help="keep DIR/deploy (process logs, keys, Flower homes) after a successful run",
     )  # fmt: skip
-    p.add_argument(
-        "--timeout", type=float, default=None, metavar="SECONDS",
+    add_optional(
+        p, "--timeout", float, metavar="SECONDS",
         help="limit on the run itself (default: derived from rounds and federation.round_timeout)",
     )  # fmt: skip
     add_common(p, out=False)
-    p.set_defaults(func=cmd_deploy_local)
 
-    p = subparsers.add_parser("make-certs", help="create a test CA and the SuperLink's TLS certificate")
+    p = add_command(
+        subparsers, "make-certs", cmd_make_certs, help="create a test CA and the SuperLink's TLS certificate"
+    )
     p.add_argument(
         "--out",
         required=True,
@@ -164,14 +169,15 @@ def register(subparsers: Any, add_common: Callable[..., None]) -> None:
     p.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("--quiet", action="store_true", help="warnings only")
-    p.set_defaults(func=cmd_make_certs)
 
-    p = subparsers.add_parser(
-        "make-node-key", help="create a site's SuperNode authentication key pair (ECDSA P-384, OpenSSH)"
+    p = add_command(
+        subparsers,
+        "make-node-key",
+        cmd_make_node_key,
+        help="create a site's SuperNode authentication key pair (ECDSA P-384, OpenSSH)",
     )
     p.add_argument("path", help="private key file; the public key is written to PATH.pub")
     p.add_argument("--comment", default=None, help="comment after the public key (default: the file name)")
     p.add_argument("--force", action="store_true", help="replace an existing key")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("--quiet", action="store_true", help="warnings only")
-    p.set_defaults(func=cmd_make_node_key)

@@ -6,6 +6,8 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
+from fedmeta.cli.common import add_command, add_optional
+
 __all__ = ["register", "cmd_make_data"]
 
 
@@ -22,13 +24,12 @@ def cmd_make_data(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any, add_common: Callable[..., None]) -> None:
     """Add ``make-data`` to the ``fedmeta`` command line."""
-    p = subparsers.add_parser("make-data", help="write N site folders in the documented on-disk format")
+    p = add_command(
+        subparsers, "make-data", cmd_make_data, help="write N site folders in the documented on-disk format"
+    )
     p.add_argument("config", help="YAML config file (its task family and seed)")
     p.add_argument("--sites", type=int, required=True, help="number of site folders")
     p.add_argument("--out", required=True, metavar="DIR", help="where to write site-0000, site-0001, ...")
-    p.add_argument(
-        "--tasks-per-site", type=int, default=None, help="training tasks per site (default: task.tasks_per_site or 20)"
-    )
+    add_optional(p, "--tasks-per-site", int, help="training tasks per site (default: task.tasks_per_site or 20)")
     p.add_argument("--heldout", type=int, default=5, help="held-out tasks per site (default 5)")
     add_common(p, out=False)
-    p.set_defaults(func=cmd_make_data)

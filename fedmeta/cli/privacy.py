@@ -14,6 +14,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from fedmeta.cli.common import add_command, add_optional
+
 __all__ = ["register", "cmd_privacy", "privacy_report"]
 
 
@@ -136,8 +138,10 @@ def cmd_privacy(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any, add_common: Callable[..., None]) -> None:
     """Add ``fedmeta privacy`` to the CLI."""
-    p = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "privacy",
+        cmd_privacy,
         help="print the (epsilon, delta) a config would spend, without training",
         description="Print the (epsilon, delta) a config would spend (Opacus accountants), how many "
         "rounds fit a target epsilon, and optionally the noise multiplier that meets it.",
@@ -147,13 +151,11 @@ def register(subparsers: Any, add_common: Callable[..., None]) -> None:
     p.add_argument(
         "--calibrate", action="store_true", help="also find the noise_multiplier that spends at most the target epsilon"
     )
-    p.add_argument(
-        "--target-epsilon", type=float, default=None, metavar="E",
-        help="target for --calibrate (default: privacy.target_epsilon)",
-    )  # fmt: skip
-    p.add_argument(
-        "--pool-size", type=int, default=None, metavar="N",
+    add_optional(
+        p, "--target-epsilon", float, metavar="E", help="target for --calibrate (default: privacy.target_epsilon)"
+    )
+    add_optional(
+        p, "--pool-size", int, metavar="N",
         help="task mode: tasks per site (default: task.tasks_per_site or counted from task.data_dir)",
     )  # fmt: skip
     add_common(p, out=False)
-    p.set_defaults(func=cmd_privacy)
