@@ -10,8 +10,9 @@ two rounds long. Every wait is bounded; the fixture stops every process whatever
 from __future__ import annotations
 
 import json
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from fedmeta.centralized import run_centralized
 from fedmeta.checkpoint import load_checkpoint
 from fedmeta.config import Config, load_config
 from fedmeta.datagen import make_sites
+from fedmeta.errors import DeploymentError
 from fedmeta.experiment import Experiment
 from fedmeta.federation import combine_eval_metrics, evaluate_on_client
 from fedmeta.flower.deploy.certs import make_node_key, make_tls
@@ -84,23 +86,65 @@ def _train_rows(out: Path) -> list[dict[str, Any]]:
     return [r for r in read_metrics(out / "metrics.jsonl") if "replies" in r]
 
 
+class _RunWatch:
+    """Polls a run's status (``flwr ls``, a process of its own) in a background thread, so that a
+    test waiting for an event polls its file every 50 ms and reacts at once, never blocked behind
+    a status query; the status only serves to fail early if the run ends before the event."""
+
+    def __init__(self, fed: Federation, run_id: int) -> None:
+        self.fed, self.run_id = fed, run_id
+        self.ended = ""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(3.0):
+            try:
+                status = self.fed.deployment.run_status(self.run_id)
+            except DeploymentError:
+                continue  # e.g. the SuperLink being stopped by the test
+            if status.startswith("finished"):
+                self.ended = status
+                return
+
+    def until(self, event: Callable[[], bool], what: str, timeout: float = 300.0) -> None:
+        """Wait until ``event()`` holds; fail if the run ends first or after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        try:
+            while not event():
+                if self.ended and not event():
+                    logs = self.fed.deployment.run_logs(self.run_id)[-3000:]
+                    pytest.fail(f"run {self.run_id} ended ({self.ended}) before {what}:\n{logs}")
+                if time.monotonic() > deadline:
+                    link = self.fed.deployment.superlink
+                    pytest.fail(f"{what} not seen within {timeout:g}s; SuperLink log:\n{link.tail() if link else ''}")
+                time.sleep(0.05)
+        finally:
+            self._stop.set()
+
+
 def _wait_rows(fed: Federation, run_id: int, out: Path, count: int, timeout: float = 300.0) -> None:
     """Wait until ``count`` rounds are logged (the checkpoint is written before the row)."""
-    deadline = time.monotonic() + timeout
-    last_check = 0.0
-    while len(_train_rows(out)) < count:
-        if time.monotonic() > deadline:
-            pytest.fail(
-                f"round {count} of run {run_id} not logged within {timeout:g}s; SuperLink "
-                f"log:\n{fed.deployment.superlink.tail() if fed.deployment.superlink else ''}"
-            )
-        if time.monotonic() - last_check > 5:
-            last_check = time.monotonic()
-            status = fed.deployment.run_status(run_id)
-            assert not status.startswith("finished"), (
-                f"run {run_id} ended ({status}) before round {count}:\n{fed.deployment.run_logs(run_id)[-3000:]}"
-            )
-        time.sleep(0.2)
+    _RunWatch(fed, run_id).until(lambda: len(_train_rows(out)) >= count, f"round {count} of run {run_id}", timeout)
+
+
+def _sent_train_reply(log_path: Path, offset: int, run_id: int, round_idx: int) -> bool:
+    """True once a SuperNode's log (from byte ``offset``) shows its train reply of ``round_idx`` in run ``run_id`` sent.
+
+    Flower's SuperNode logs ``[RUN r, ROUND g]``, ``Sending: train message (...)`` and, once the
+    reply and its objects are at the SuperLink, ``Sent successfully``.
+    """
+    with log_path.open("rb") as fh:
+        fh.seek(offset)
+        lines = fh.read().decode(errors="replace").splitlines()
+    header, sending = f"[RUN {run_id}, ROUND {round_idx}]", False
+    for prev, line in zip(["", *lines], lines):
+        if "Sending: train message" in line:
+            sending = header in prev
+        elif "Sent successfully" in line and sending:
+            return True
+    return False
 
 
 def _finish(fed: Federation, run_id: int) -> None:
@@ -189,8 +233,15 @@ def test_supernode_killed_mid_run_is_skipped_and_can_rejoin(federation: Federati
     _ensure_all_online(fed)
     cfg = replace(fed.cfg, federation=replace(fed.cfg.federation, min_replies=2))
     out = fed.root / "dropout"
+    node_log = fed.deployment.nodes["site-0002"].process.log_path
+    offset = node_log.stat().st_size
     run_id = _submit(fed, cfg, out)
-    _wait_rows(fed, run_id, out, 1)
+    # Killed the moment its round-1 reply is at the SuperLink: round 2's message to it cannot
+    # exist before the server has that reply, and the node only pulls again after Flower's 3 s
+    # idle sleep and must start a fresh ClientApp to answer, so it never answers round 2.
+    _RunWatch(fed, run_id).until(
+        lambda: _sent_train_reply(node_log, offset, run_id, 1), f"site-0002's round-1 reply in run {run_id}"
+    )
     fed.deployment.stop_supernode("site-0002", kill=True)  # SIGKILL: the node and its ClientApp die
     _finish(fed, run_id)
 

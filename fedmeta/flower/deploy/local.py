@@ -57,6 +57,7 @@ __all__ = [
     "terminate_on_signals",
     "FINISHED_COMPLETED",
     "NODE_AUTH_REFUSED_EXIT",
+    "TASK_POLL_INTERVAL",
     "APP_DIR",
     "DEPLOY_DIR",
     "LocalRun",
@@ -74,6 +75,8 @@ BIN = Path(sys.executable).parent
 FINISHED_COMPLETED = "finished:completed"
 #: ``flower-supernode``'s exit status when the SuperLink refuses its authentication key.
 NODE_AUTH_REFUSED_EXIT = 305
+#: Seconds between a SuperExec's looks for new app tasks (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``).
+TASK_POLL_INTERVAL = "0.2"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -90,9 +93,13 @@ def flower_env(home: str | Path, extra: Mapping[str, str] | None = None) -> dict
     folder), telemetry and update checks are off, and runtime dependency installation is
     disabled (otherwise the SuperLink runs ``uv sync`` on the app's dependencies, which fails
     offline and would fetch a CUDA torch). The virtual environment's ``bin`` comes first on
-    ``PATH`` so that Flower finds ``flwr-serverapp`` / ``flwr-clientapp``.
+    ``PATH`` so that Flower finds ``flwr-serverapp`` / ``flwr-clientapp``. The SuperExec that
+    the SuperLink and each SuperNode run looks for new ServerApp/ClientApp tasks every
+    :data:`TASK_POLL_INTERVAL` seconds (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``, Flower's default
+    1 s) unless the environment sets it: every message to a SuperNode starts a ClientApp.
     """
     env = dict(os.environ)
+    poll = os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", TASK_POLL_INTERVAL)
     env.update(
         {
             "FLWR_HOME": str(Path(home).resolve()),
@@ -103,6 +110,7 @@ def flower_env(home: str | Path, extra: Mapping[str, str] | None = None) -> dict
             "PYTHONUNBUFFERED": "1",
             # one torch thread per process: several ClientApp processes share the cores
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": poll,
         }
     )
     env.update(extra or {})

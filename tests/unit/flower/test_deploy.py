@@ -26,6 +26,7 @@ from fedmeta.federation import (
     site_layout,
 )
 from fedmeta.flower.deploy.local import (
+    TASK_POLL_INTERVAL,
     LocalDeployment,
     ManagedProcess,
     deployment_config,
@@ -167,6 +168,15 @@ def test_flower_env_is_offline_and_local(tmp_path: Path) -> None:
     assert env["FLWR_HOME"] == str((tmp_path / "h").resolve())
     assert env["FLWR_TELEMETRY_ENABLED"] == "0" and env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
     assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
+
+
+def test_flower_env_polls_for_app_tasks_often_unless_the_environment_says(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", raising=False)
+    assert flower_env(tmp_path / "h")["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == TASK_POLL_INTERVAL == "0.2"
+    monkeypatch.setenv("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "2.5")
+    assert flower_env(tmp_path / "h")["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == "2.5"
 
 
 def test_sigterm_becomes_keyboard_interrupt_inside_the_block() -> None:
