@@ -9,11 +9,12 @@ two rounds long. Every wait is bounded; the fixture stops every process whatever
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,13 @@ from fedmeta.errors import DeploymentError
 from fedmeta.experiment import Experiment
 from fedmeta.federation import combine_eval_metrics, evaluate_on_client
 from fedmeta.flower.deploy.certs import make_node_key, make_tls
-from fedmeta.flower.deploy.local import FINISHED_COMPLETED, LocalDeployment, deployment_config, start_sites
+from fedmeta.flower.deploy.local import (
+    FINISHED_COMPLETED,
+    LocalDeployment,
+    deployment_config,
+    start_sites,
+    written_since,
+)
 from fedmeta.flower.run_config import RunOptions, run_config_for
 from fedmeta.outputs import read_metrics
 
@@ -48,6 +55,7 @@ class Federation:
     cfg: Config
     database: Path
     root: Path
+    submitted: dict[Path, float] = field(default_factory=dict)  # out-dir -> time.time() of its last submission
 
 
 def _base_config(repo_root: Path) -> Config:
@@ -79,6 +87,7 @@ def federation(repo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
 
 
 def _submit(fed: Federation, cfg: Config, out: Path, *, resume: bool = False) -> int:
+    fed.submitted[out.resolve()] = time.time()
     return fed.deployment.submit(run_config_for(cfg, RunOptions(out_dir=str(out), resume=resume)))
 
 
@@ -99,7 +108,7 @@ class _RunWatch:
         self._thread.start()
 
     def _poll(self) -> None:
-        while not self._stop.wait(3.0):
+        while not self._stop.wait(10.0):
             try:
                 status = self.fed.deployment.run_status(self.run_id)
             except DeploymentError:
@@ -147,8 +156,11 @@ def _sent_train_reply(log_path: Path, offset: int, run_id: int, round_idx: int) 
     return False
 
 
-def _finish(fed: Federation, run_id: int) -> None:
-    status = fed.deployment.wait_run(run_id, timeout=RUN_TIMEOUT)
+def _finish(fed: Federation, run_id: int, out: Path) -> None:
+    # status queries (a `flwr ls` process each) every 10 s until the ServerApp has written the
+    # run's summary (its last output), then every 0.5 s
+    ending = functools.partial(written_since, out / "summary.json", fed.submitted[out.resolve()])
+    status = fed.deployment.wait_run(run_id, timeout=RUN_TIMEOUT, interval=0.5, ending=ending)
     # `flwr run` exits 0 even for a failed run: the SuperLink's status is what counts
     assert status == FINISHED_COMPLETED, f"{status}\n{fed.deployment.run_logs(run_id)[-3000:]}"
 
@@ -166,7 +178,7 @@ def reference_run(federation: Federation) -> Path:
     """An uninterrupted two-round run over the three sites."""
     _ensure_all_online(federation)
     out = federation.root / "reference"
-    _finish(federation, _submit(federation, federation.cfg, out))
+    _finish(federation, _submit(federation, federation.cfg, out), out)
     return out
 
 
@@ -243,7 +255,7 @@ def test_supernode_killed_mid_run_is_skipped_and_can_rejoin(federation: Federati
         lambda: _sent_train_reply(node_log, offset, run_id, 1), f"site-0002's round-1 reply in run {run_id}"
     )
     fed.deployment.stop_supernode("site-0002", kill=True)  # SIGKILL: the node and its ClientApp die
-    _finish(fed, run_id)
+    _finish(fed, run_id, out)
 
     rows = _train_rows(out)
     assert [r["round"] for r in rows] == [1, 2]
@@ -299,7 +311,7 @@ def test_server_side_stopped_after_round_1_resumes_at_round_2_with_identical_sta
     assert killed in ("finished:stopped", "finished:failed"), killed
     if killed == "finished:stopped":
         assert f"run {run_id} into {out.resolve()} is still 'running': stopping it" in caplog.text
-    _finish(fed, resumed_id)
+    _finish(fed, resumed_id, out)
     assert fed.deployment.run_status(run_id) == killed  # the killed run is not left running
 
     rows = _train_rows(out)

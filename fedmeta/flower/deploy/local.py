@@ -31,6 +31,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -66,6 +67,7 @@ __all__ = [
     "start_sites",
     "run_local",
     "default_workdir",
+    "written_since",
 ]
 
 log = logging.getLogger(__name__)
@@ -637,24 +639,38 @@ class LocalDeployment:
         timeout: float,
         interval: float = 2.0,
         on_poll: Callable[[], None] | None = None,
+        ending: Callable[[], bool] | None = None,
+        idle_interval: float = 10.0,
     ) -> str:
         """Wait until the run finishes and return its final status.
+
+        Each status check is a ``flwr ls`` process (about a CPU second); with ``ending``, a cheap
+        sign that the run is about to finish (e.g. its ServerApp wrote the summary), the status
+        is checked only every ``idle_interval`` seconds until that sign appears (to notice a
+        failed run), then every ``interval``.
 
         Args:
             run_id: the run.
             timeout: seconds before giving up.
-            interval: seconds between status checks.
+            interval: seconds between status checks (and between ``on_poll`` calls).
             on_poll: called between checks (e.g. to report progress).
+            ending: ``True`` once the run is about to finish; ``None`` checks every ``interval``.
+            idle_interval: seconds between status checks while ``ending`` is false.
 
         Raises:
             DeploymentError: if the SuperLink dies or the run does not finish in time.
         """
         status = ""
+        checked = -math.inf
 
         def done() -> bool:
-            nonlocal status
+            nonlocal status, checked
             if on_poll is not None:
                 on_poll()
+            now = time.monotonic()
+            if ending is not None and not ending() and now - checked < idle_interval:
+                return False
+            checked = now
             status = self.run_status(run_id)
             return status.startswith("finished")
 
@@ -966,6 +982,17 @@ def start_sites(
     return ids
 
 
+def written_since(path: Path, since: float) -> bool:
+    """True if ``path`` exists and was last written at or after ``since`` (``time.time()`` seconds).
+
+    A ServerApp writes its run's summary last, so a fresh summary means the run is ending.
+    """
+    try:
+        return path.stat().st_mtime >= since
+    except OSError:
+        return False
+
+
 def _new_rows(path: Path, seen: int) -> list[dict[str, Any]]:
     from fedmeta.outputs import read_metrics
 
@@ -1068,6 +1095,7 @@ def run_local(
             deployment.start_superlink()
             start_sites(deployment, site_dirs, keys_dir=work / "keys", privacy_dir=privacy_dir)
             startup = time.perf_counter() - started
+            submitted = time.time()
             run_id = deployment.submit(run_config_for(dcfg, RunOptions(out_dir=str(out_dir), resume=resume)))
             t_run = time.perf_counter()
             seen = [0]
@@ -1079,7 +1107,10 @@ def run_local(
                     if progress is not None and "replies" in row:
                         progress(int(row["round"]), row)
 
-            status = deployment.wait_run(run_id, timeout=budget, interval=2.0, on_poll=report)
+            status = deployment.wait_run(
+                run_id, timeout=budget, interval=1.0, on_poll=report,
+                ending=functools.partial(written_since, out_dir / SUMMARY, submitted),
+            )  # fmt: skip
             report()
             run_seconds = time.perf_counter() - t_run
             if status != FINISHED_COMPLETED or not (out_dir / SUMMARY).is_file():

@@ -33,6 +33,7 @@ from fedmeta.flower.deploy.local import (
     flower_env,
     prepare_sites,
     terminate_on_signals,
+    written_since,
 )
 
 
@@ -316,3 +317,35 @@ def test_a_run_that_does_not_stop_fails_the_resumed_submission(
         deployment.stop_runs_writing_to(tmp_path / "a", timeout=0.0)
     assert [c[0] for c in fake.commands()] == ["run", "ls", "stop", "ls"]
     deployment.close()
+
+
+def test_wait_run_queries_the_status_rarely_until_the_run_is_ending(
+    tmp_path: Path, repo_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    deployment = LocalDeployment(tmp_path / "work", app_dir=repo_root)
+    fake = _FakeSuperLink()
+    monkeypatch.setattr(deployment, "flwr", fake)
+    run_id = deployment.submit(_config(tmp_path / "a", resume=False))
+    summary = tmp_path / "a" / "summary.json"
+    since = time.time()
+    polls = [0]
+
+    def on_poll() -> None:  # the ServerApp writes its summary on the 5th poll and finishes on the 8th
+        polls[0] += 1
+        if polls[0] == 5:
+            summary.parent.mkdir(parents=True, exist_ok=True)
+            summary.write_text("{}")
+        if polls[0] == 8:
+            fake.status[run_id] = "finished:completed"
+
+    fake.calls.clear()
+    status = deployment.wait_run(
+        run_id, timeout=60, interval=0.0, on_poll=on_poll, ending=lambda: written_since(summary, since),
+        idle_interval=3600,
+    )  # fmt: skip
+    assert status == "finished:completed"
+    # one status query at the start (a failed run is noticed), none until the summary appeared,
+    # then one per poll until the run is listed as finished
+    assert polls[0] == 8 and len(fake.calls) == 1 + 4
+    assert not written_since(summary, time.time() + 60)
+    assert not written_since(tmp_path / "missing.json", 0.0)
