@@ -2,9 +2,10 @@
 
 One deployment (module fixture) serves every test, in this order: an uninterrupted reference run
 (which also shows that an unregistered key is refused), a run in which a SuperNode is killed,
-and a run whose server side is killed after round 1 and resumed. Each round costs ~10-20 s on
-loopback (3 s polling on both sides, a fresh ``flwr-clientapp`` process per message), so runs are
-two rounds long. Every wait is bounded; the fixture stops every process whatever happens.
+and a run whose server side is killed after round 1 and resumed. Each round costs seconds on
+loopback (an idle SuperNode polls every 3 s, a fresh ``flwr-clientapp`` process per message), so
+runs are two rounds long. Every wait is on an event (a metrics row, a SuperNode's log line, the
+run's summary, a process exit) and bounded; the fixture stops every process whatever happens.
 """
 
 from __future__ import annotations
