@@ -33,7 +33,7 @@ from fedmeta.federation import (
 )
 from fedmeta.flower import records as fl
 from fedmeta.flower.run_config import run_settings
-from fedmeta.flower.transport import FlowerTransport, ask_sites
+from fedmeta.flower.transport import Deadline, FlowerTransport, ask_sites, timeout_deadline
 
 __all__ = ["build_run_config_server_app", "build_server_app", "run_server"]
 
@@ -51,6 +51,7 @@ def run_server(
     update_transforms: Sequence[UpdateTransform] = (),
     aggregate_transforms: Sequence[AggregateTransform] = (),
     progress: ProgressFn | None = None,
+    deadline: Deadline = timeout_deadline,
 ) -> dict[str, Any]:
     """Run federated meta-training on ``grid`` and write the outputs into ``out_dir``.
 
@@ -68,6 +69,8 @@ def run_server(
         update_transforms: post-processing of per-client updates before aggregation.
         aggregate_transforms: post-processing of the aggregate before the optimizer step.
         progress: called after every round.
+        deadline: when an exchange stops waiting for missing replies
+            (:data:`fedmeta.flower.transport.Deadline`; default: after its timeout).
 
     Returns:
         The summary.
@@ -79,7 +82,7 @@ def run_server(
         # to the start-up query (the architecture from the config); the same answers then
         # register the sites, so they are asked once.
         fl.prepare_grid(grid)
-        answers = ask_sites(grid, cfg)
+        answers = ask_sites(grid, cfg, deadline=deadline)
         family = site_layout([a for a in answers.values() if isinstance(a, ClientIdentity)])
         log.info(
             "no site data on the server: model built for %s inputs of shape %s with %d outputs, as the sites report",
@@ -92,7 +95,7 @@ def run_server(
         cfg, out_dir, mode=mode, resume=resume, experiment=experiment, policy=policy,
         update_transforms=update_transforms, aggregate_transforms=aggregate_transforms,
     )  # fmt: skip
-    transport = FlowerTransport(grid, answers=answers)
+    transport = FlowerTransport(grid, answers=answers, deadline=deadline)
     if answers is not None:
         transport.timings["discovery_seconds"] = time.perf_counter() - started
     return loop.run(transport, progress=progress)

@@ -59,7 +59,8 @@ def simulate(
         cpus_per_client: Ray CPUs per ClientApp actor.
         num_cpus: CPUs Ray may use (default: all cores).
         verbose: keep Flower's and Ray's logs.
-        **server_kwargs: passed to :func:`fedmeta.flower.server_app.run_server` (policy, transforms).
+        **server_kwargs: passed to :func:`fedmeta.flower.server_app.run_server` (policy, transforms,
+            the transport's ``deadline``).
 
     Returns:
         The summary written to ``summary.json``, with ``wall_seconds`` measured around the

@@ -6,13 +6,22 @@
 messages, retries of failed clients, and the reply decoding. Aggregation, the server optimizer,
 accounting, evaluation, checkpoints and outputs are the loop's, shared with the centralized
 reference. It is not a Flower ``Strategy``: the loop, not ``Strategy.start``, drives the rounds.
+
+Each exchange pushes its messages and pulls the replies itself (Flower's public
+``Grid.push_messages`` / ``Grid.pull_messages``), every ``poll_interval`` seconds rather than
+every 3 s as a deployment grid's ``send_and_receive`` does, until every reply is in or the
+exchange's :data:`Deadline` says to stop waiting. The default deadline is the exchange's timeout
+(``federation.round_timeout``, or ``federation.join_timeout`` for the start-up query); another
+one can be injected, e.g. one that ends a round as soon as only a client known to be held back is
+missing.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from flwr.app import ArrayRecord, Message
@@ -26,9 +35,70 @@ from fedmeta.federation.loop import ClientReply, RoundLog, RoundLoop
 from fedmeta.federation.transport import CLIENT_PRIVACY_STATE
 from fedmeta.flower import records as fl
 
-__all__ = ["FlowerTransport", "ask_sites"]
+__all__ = [
+    "DEPLOYMENT_POLL_INTERVAL",
+    "Deadline",
+    "FlowerTransport",
+    "Waiting",
+    "ask_sites",
+    "poll_interval_of",
+    "send_and_receive",
+    "timeout_deadline",
+]
 
 log = logging.getLogger(__name__)
+
+#: Seconds between two pulls of replies on a deployment grid (Flower's own ``send_and_receive`` waits 3 s).
+DEPLOYMENT_POLL_INTERVAL = 0.2
+
+
+def poll_interval_of(grid: Grid) -> float:
+    """Seconds between two pulls of replies on ``grid``.
+
+    The in-memory (simulation) grid's own ``pull_interval`` (see
+    :func:`fedmeta.flower.records.prepare_grid`), :data:`DEPLOYMENT_POLL_INTERVAL` otherwise.
+    """
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    return float(grid.pull_interval) if isinstance(grid, InMemoryGrid) else DEPLOYMENT_POLL_INTERVAL
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """Where one exchange stands while it waits for replies (what a :data:`Deadline` decides on).
+
+    Attributes:
+        kind: the message type (``train``, ``evaluate`` or ``query``).
+        round_idx: the round (0 for the start-up query).
+        pending_nodes: Flower node ids whose reply has not arrived.
+        pending_clients: the client ids of those nodes, where the directory knows them.
+        elapsed: seconds since the messages were pushed (monotonic clock).
+        timeout: the exchange's configured timeout in seconds.
+    """
+
+    kind: str
+    round_idx: int
+    pending_nodes: frozenset[int]
+    pending_clients: frozenset[int]
+    elapsed: float
+    timeout: float
+
+
+#: Decides, after each pull that left replies missing, whether the exchange stops waiting (``True``):
+#: the missing replies then count as "no reply within the timeout".
+Deadline = Callable[[Waiting], bool]
+
+
+def timeout_deadline(waiting: Waiting) -> bool:
+    """The default :data:`Deadline`: stop once the exchange's timeout has elapsed.
+
+    Args:
+        waiting: the exchange's state.
+
+    Returns:
+        ``True`` once ``waiting.elapsed >= waiting.timeout``.
+    """
+    return waiting.elapsed >= waiting.timeout
 
 
 class FlowerTransport:
@@ -40,14 +110,25 @@ class FlowerTransport:
             them to build its model); ``None`` asks in :meth:`start`.
         query_batch: nodes asked at once by the start-up query. Flower's in-memory state scans
             every stored message for every node, so smaller batches keep simulation sweeps short.
+        deadline: when an exchange stops waiting for missing replies (default
+            :func:`timeout_deadline`: after its timeout).
+        poll_interval: seconds between two pulls of replies (default :func:`poll_interval_of` the grid).
     """
 
     def __init__(
-        self, grid: Grid, *, answers: Mapping[int, ClientIdentity | str | None] | None = None, query_batch: int = 500
+        self,
+        grid: Grid,
+        *,
+        answers: Mapping[int, ClientIdentity | str | None] | None = None,
+        query_batch: int = 500,
+        deadline: Deadline = timeout_deadline,
+        poll_interval: float | None = None,
     ) -> None:
         self.grid = grid
         self.answers = answers
         self.query_batch = query_batch
+        self.deadline = deadline
+        self.poll_interval = poll_interval
         self.directory: ClientDirectory | None = None
         self.timings: dict[str, float] = {}
 
@@ -68,7 +149,13 @@ class FlowerTransport:
         fl.prepare_grid(self.grid)
         t0 = time.perf_counter()
         self.directory = loop.directory()
-        answers = self.answers if self.answers is not None else ask_sites(self.grid, cfg, query_batch=self.query_batch)
+        answers = (
+            self.answers
+            if self.answers is not None
+            else ask_sites(
+                self.grid, cfg, query_batch=self.query_batch, deadline=self.deadline, poll_interval=self.poll_interval
+            )
+        )
         self._register(answers)
         if len(self.directory) < cfg.min_replies:
             raise InconsistentReplies(
@@ -111,7 +198,8 @@ class FlowerTransport:
         arrays = fl.params_to_record(loop.meta)
         messages = self._messages(loop, book, located, arrays, {"eval-tasks": tasks_per_client}, fl.EVALUATE)
         results: list[tuple[Mapping[str, float], int]] = []
-        for reply in self.grid.send_and_receive(messages, timeout=loop.cfg.federation.round_timeout):
+        replies = self._send_and_receive(messages, fl.EVALUATE, round_idx, loop.cfg.federation.round_timeout)
+        for reply in replies:
             try:
                 results.append(fl.unpack_eval_metrics(reply))
             except UpdateRejected as exc:
@@ -156,8 +244,8 @@ class FlowerTransport:
         new = nodes - known
         if new:
             log.info("%d new nodes joined; asking who they are", len(new))
-            deadline = time.monotonic() + loop.cfg.federation.round_timeout
-            self._register(_ask(self.grid, loop.cfg, new, deadline, self.query_batch))
+            until = time.monotonic() + loop.cfg.federation.round_timeout
+            self._register(_ask(self.grid, loop.cfg, new, until, self.query_batch, self.deadline, self.poll_interval))
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -202,7 +290,7 @@ class FlowerTransport:
         asked = {m.metadata.dst_node_id for m in messages}
         timeout = loop.cfg.federation.round_timeout
         t = time.perf_counter()
-        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        replies = self._send_and_receive(messages, fl.TRAIN, book.round_idx, timeout)
         book.add_time("send_receive", time.perf_counter() - t)
         t = time.perf_counter()
         answered = self.collect_train(loop, book, replies)
@@ -212,6 +300,13 @@ class FlowerTransport:
             if cid is not None:
                 loop.fail(book, cid, f"no reply within federation.round_timeout={timeout:g}s")
         book.add_time("collect", time.perf_counter() - t)
+
+    def _send_and_receive(self, messages: list[Message], kind: str, round_idx: int, timeout: float) -> list[Message]:
+        """Push ``messages``, then pull their replies until all are in or :attr:`deadline` says stop."""
+        return send_and_receive(
+            self.grid, messages, kind=kind, round_idx=round_idx, timeout=timeout, deadline=self.deadline,
+            poll_interval=self.poll_interval, client_of=self.directory.client_of if self.directory else None,
+        )  # fmt: skip
 
     def collect_train(self, loop: RoundLoop, book: RoundLog, replies: Iterable[Message]) -> set[int]:
         """Decode and validate train replies into ``book``; returns the nodes that answered."""
@@ -238,17 +333,82 @@ class FlowerTransport:
         return answered
 
 
-def ask_sites(grid: Grid, cfg: Config, *, query_batch: int = 500) -> dict[int, ClientIdentity | str | None]:
+def send_and_receive(
+    grid: Grid,
+    messages: Sequence[Message],
+    *,
+    kind: str,
+    round_idx: int,
+    timeout: float,
+    deadline: Deadline = timeout_deadline,
+    poll_interval: float | None = None,
+    client_of: Callable[[int], int | None] | None = None,
+) -> list[Message]:
+    """Push ``messages`` and pull their replies until every reply is in or ``deadline`` says stop.
+
+    Flower's own ``Grid.send_and_receive`` with a deadline that can be injected and a shorter
+    pull interval (a deployment grid's waits 3 s between pulls).
+
+    Args:
+        grid: Flower's grid.
+        messages: the messages (one per destination node).
+        kind: their message type (reported to ``deadline``).
+        round_idx: their round (0 for the start-up query).
+        timeout: the exchange's timeout in seconds (reported to ``deadline``).
+        deadline: decides after each incomplete pull whether to stop waiting.
+        poll_interval: seconds between pulls (default :func:`poll_interval_of` the grid).
+        client_of: maps a node id to its client id, if known (for :attr:`Waiting.pending_clients`).
+
+    Returns:
+        The replies that arrived, in arrival order.
+    """
+    if not messages:
+        return []
+    interval = poll_interval_of(grid) if poll_interval is None else poll_interval
+    pushed = [mid for mid in grid.push_messages(messages) if mid]
+    node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+    pending = set(pushed)
+    started = time.monotonic()
+    replies: list[Message] = []
+    while True:
+        got = list(grid.pull_messages(pending))
+        replies.extend(got)
+        pending.difference_update(r.metadata.reply_to_message_id for r in got)
+        if not pending:
+            return replies
+        nodes = frozenset(node_of[mid] for mid in pending if mid in node_of)
+        clients = frozenset(c for c in (client_of(n) for n in nodes) if c is not None) if client_of else frozenset()
+        if deadline(Waiting(kind, round_idx, nodes, clients, time.monotonic() - started, timeout)):
+            return replies
+        time.sleep(interval)
+
+
+def ask_sites(
+    grid: Grid,
+    cfg: Config,
+    *,
+    query_batch: int = 500,
+    deadline: Deadline = timeout_deadline,
+    poll_interval: float | None = None,
+) -> dict[int, ClientIdentity | str | None]:
     """Wait for ``federation.clients_total`` nodes (at most ``federation.join_timeout`` s) and ask each who it is.
+
+    Args:
+        grid: Flower's grid.
+        cfg: the run configuration.
+        query_batch: nodes asked at once.
+        deadline: when the query stops waiting for missing answers (default: at
+            ``federation.join_timeout``).
+        poll_interval: seconds between pulls of the answers (default :func:`poll_interval_of` the grid).
 
     Returns:
         ``node id -> identity`` for the nodes that answered, the reason for those that answered
         with an error, and ``None`` for those that did not answer in time.
     """
     f = cfg.federation
-    deadline = time.monotonic() + f.join_timeout
+    until = time.monotonic() + f.join_timeout
     nodes = set(grid.get_node_ids())
-    while len(nodes) < f.clients_total and time.monotonic() < deadline:
+    while len(nodes) < f.clients_total and time.monotonic() < until:
         time.sleep(0.2)
         nodes = set(grid.get_node_ids())
     if len(nodes) < f.clients_total:
@@ -258,22 +418,31 @@ def ask_sites(grid: Grid, cfg: Config, *, query_batch: int = 500) -> dict[int, C
             f.clients_total,
             f.join_timeout,
         )
-    return _ask(grid, cfg, nodes, deadline, query_batch)
+    return _ask(grid, cfg, nodes, until, query_batch, deadline, poll_interval)
 
 
 def _ask(
-    grid: Grid, cfg: Config, nodes: set[int], deadline: float, query_batch: int
+    grid: Grid,
+    cfg: Config,
+    nodes: set[int],
+    until: float,
+    query_batch: int,
+    deadline: Deadline,
+    poll_interval: float | None,
 ) -> dict[int, ClientIdentity | str | None]:
-    """The start-up query to ``nodes``, in batches, until ``deadline`` (monotonic seconds)."""
+    """The start-up query to ``nodes``, in batches, until ``until`` (monotonic seconds) or ``deadline``."""
     ordered = sorted(nodes)
-    ttl = max(1.0, deadline - time.monotonic())
+    ttl = max(1.0, until - time.monotonic())
     answers: dict[int, ClientIdentity | str | None] = {}
     for start in range(0, len(ordered), query_batch):
         chunk = ordered[start : start + query_batch]
         content = fl.pack_query(cfg.federation.clients_total)
         messages = [Message(content, node, fl.QUERY, ttl=ttl + 60, group_id="query") for node in chunk]
-        left = max(1.0, deadline - time.monotonic())
-        for reply in grid.send_and_receive(messages, timeout=left):
+        left = max(1.0, until - time.monotonic())
+        replies = send_and_receive(
+            grid, messages, kind=fl.QUERY, round_idx=0, timeout=left, deadline=deadline, poll_interval=poll_interval
+        )
+        for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
                 answers[node] = f"error {reply.error.code}: {reply.error.reason}"

@@ -48,6 +48,10 @@ class Faults:
         """Let the held attempts of round ``rnd`` answer (call once the server has closed that round)."""
         (Path(self.marker_dir) / f"release-{rnd}").write_text("released")
 
+    def holding(self, cid: int, rnd: int) -> bool:
+        """True once the first attempt of ``(cid, rnd)`` is held (it waits for :meth:`release`)."""
+        return (Path(self.marker_dir) / f"held-{cid}-{rnd}").exists()
+
     def __call__(self, message: Message, context: Context, call_next: Any) -> Message:
         if message.metadata.message_type != "train":
             return call_next(message, context)
@@ -60,6 +64,7 @@ class Faults:
         if cid in self.raise_always:
             raise RuntimeError(f"injected failure of client {cid}")
         if (cid, rnd) in self.slow_first_try and self._first_attempt(cid, rnd):
+            (Path(self.marker_dir) / f"held-{cid}-{rnd}").write_text("held")
             self._hold(rnd)
         reply = call_next(message, context)
         if cid in self.nan_reply and not reply.has_error():

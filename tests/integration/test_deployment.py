@@ -2,17 +2,20 @@
 
 One deployment (module fixture) serves every test, in this order: an uninterrupted reference run
 (which also shows that an unregistered key is refused), a run in which a SuperNode is killed,
-and a run whose server side is killed after round 1 and resumed. Each round costs ~10-20 s on
-loopback (3 s polling on both sides, a fresh ``flwr-clientapp`` process per message), so runs are
-two rounds long. Every wait is bounded; the fixture stops every process whatever happens.
+and a run whose server side is killed after round 1 and resumed. Each round costs seconds on
+loopback (an idle SuperNode polls every 3 s, a fresh ``flwr-clientapp`` process per message), so
+runs are two rounds long. Every wait is on an event (a metrics row, a SuperNode's log line, the
+run's summary, a process exit) and bounded; the fixture stops every process whatever happens.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +26,17 @@ from fedmeta.centralized import run_centralized
 from fedmeta.checkpoint import load_checkpoint
 from fedmeta.config import Config, load_config
 from fedmeta.datagen import make_sites
+from fedmeta.errors import DeploymentError
 from fedmeta.experiment import Experiment
 from fedmeta.federation import combine_eval_metrics, evaluate_on_client
 from fedmeta.flower.deploy.certs import make_node_key, make_tls
-from fedmeta.flower.deploy.local import FINISHED_COMPLETED, LocalDeployment, deployment_config, start_sites
+from fedmeta.flower.deploy.local import (
+    FINISHED_COMPLETED,
+    LocalDeployment,
+    deployment_config,
+    start_sites,
+    written_since,
+)
 from fedmeta.flower.run_config import RunOptions, run_config_for
 from fedmeta.outputs import read_metrics
 
@@ -46,6 +56,7 @@ class Federation:
     cfg: Config
     database: Path
     root: Path
+    submitted: dict[Path, float] = field(default_factory=dict)  # out-dir -> time.time() of its last submission
 
 
 def _base_config(repo_root: Path) -> Config:
@@ -77,6 +88,7 @@ def federation(repo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
 
 
 def _submit(fed: Federation, cfg: Config, out: Path, *, resume: bool = False) -> int:
+    fed.submitted[out.resolve()] = time.time()
     return fed.deployment.submit(run_config_for(cfg, RunOptions(out_dir=str(out), resume=resume)))
 
 
@@ -84,27 +96,72 @@ def _train_rows(out: Path) -> list[dict[str, Any]]:
     return [r for r in read_metrics(out / "metrics.jsonl") if "replies" in r]
 
 
+class _RunWatch:
+    """Polls a run's status (``flwr ls``, a process of its own) in a background thread, so that a
+    test waiting for an event polls its file every 50 ms and reacts at once, never blocked behind
+    a status query; the status only serves to fail early if the run ends before the event."""
+
+    def __init__(self, fed: Federation, run_id: int) -> None:
+        self.fed, self.run_id = fed, run_id
+        self.ended = ""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(10.0):
+            try:
+                status = self.fed.deployment.run_status(self.run_id)
+            except DeploymentError:
+                continue  # e.g. the SuperLink being stopped by the test
+            if status.startswith("finished"):
+                self.ended = status
+                return
+
+    def until(self, event: Callable[[], bool], what: str, timeout: float = 300.0) -> None:
+        """Wait until ``event()`` holds; fail if the run ends first or after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        try:
+            while not event():
+                if self.ended and not event():
+                    logs = self.fed.deployment.run_logs(self.run_id)[-3000:]
+                    pytest.fail(f"run {self.run_id} ended ({self.ended}) before {what}:\n{logs}")
+                if time.monotonic() > deadline:
+                    link = self.fed.deployment.superlink
+                    pytest.fail(f"{what} not seen within {timeout:g}s; SuperLink log:\n{link.tail() if link else ''}")
+                time.sleep(0.05)
+        finally:
+            self._stop.set()
+
+
 def _wait_rows(fed: Federation, run_id: int, out: Path, count: int, timeout: float = 300.0) -> None:
     """Wait until ``count`` rounds are logged (the checkpoint is written before the row)."""
-    deadline = time.monotonic() + timeout
-    last_check = 0.0
-    while len(_train_rows(out)) < count:
-        if time.monotonic() > deadline:
-            pytest.fail(
-                f"round {count} of run {run_id} not logged within {timeout:g}s; SuperLink "
-                f"log:\n{fed.deployment.superlink.tail() if fed.deployment.superlink else ''}"
-            )
-        if time.monotonic() - last_check > 5:
-            last_check = time.monotonic()
-            status = fed.deployment.run_status(run_id)
-            assert not status.startswith("finished"), (
-                f"run {run_id} ended ({status}) before round {count}:\n{fed.deployment.run_logs(run_id)[-3000:]}"
-            )
-        time.sleep(0.2)
+    _RunWatch(fed, run_id).until(lambda: len(_train_rows(out)) >= count, f"round {count} of run {run_id}", timeout)
 
 
-def _finish(fed: Federation, run_id: int) -> None:
-    status = fed.deployment.wait_run(run_id, timeout=RUN_TIMEOUT)
+def _sent_train_reply(log_path: Path, offset: int, run_id: int, round_idx: int) -> bool:
+    """True once a SuperNode's log (from byte ``offset``) shows its train reply of ``round_idx`` in run ``run_id`` sent.
+
+    Flower's SuperNode logs ``[RUN r, ROUND g]``, ``Sending: train message (...)`` and, once the
+    reply and its objects are at the SuperLink, ``Sent successfully``.
+    """
+    with log_path.open("rb") as fh:
+        fh.seek(offset)
+        lines = fh.read().decode(errors="replace").splitlines()
+    header, sending = f"[RUN {run_id}, ROUND {round_idx}]", False
+    for prev, line in zip(["", *lines], lines):
+        if "Sending: train message" in line:
+            sending = header in prev
+        elif "Sent successfully" in line and sending:
+            return True
+    return False
+
+
+def _finish(fed: Federation, run_id: int, out: Path) -> None:
+    # status queries (a `flwr ls` process each) every 10 s until the ServerApp has written the
+    # run's summary (its last output), then every 0.5 s
+    ending = functools.partial(written_since, out / "summary.json", fed.submitted[out.resolve()])
+    status = fed.deployment.wait_run(run_id, timeout=RUN_TIMEOUT, interval=0.5, ending=ending)
     # `flwr run` exits 0 even for a failed run: the SuperLink's status is what counts
     assert status == FINISHED_COMPLETED, f"{status}\n{fed.deployment.run_logs(run_id)[-3000:]}"
 
@@ -122,7 +179,7 @@ def reference_run(federation: Federation) -> Path:
     """An uninterrupted two-round run over the three sites."""
     _ensure_all_online(federation)
     out = federation.root / "reference"
-    _finish(federation, _submit(federation, federation.cfg, out))
+    _finish(federation, _submit(federation, federation.cfg, out), out)
     return out
 
 
@@ -189,10 +246,17 @@ def test_supernode_killed_mid_run_is_skipped_and_can_rejoin(federation: Federati
     _ensure_all_online(fed)
     cfg = replace(fed.cfg, federation=replace(fed.cfg.federation, min_replies=2))
     out = fed.root / "dropout"
+    node_log = fed.deployment.nodes["site-0002"].process.log_path
+    offset = node_log.stat().st_size
     run_id = _submit(fed, cfg, out)
-    _wait_rows(fed, run_id, out, 1)
+    # Killed the moment its round-1 reply is at the SuperLink: round 2's message to it cannot
+    # exist before the server has that reply, and the node only pulls again after Flower's 3 s
+    # idle sleep and must start a fresh ClientApp to answer, so it never answers round 2.
+    _RunWatch(fed, run_id).until(
+        lambda: _sent_train_reply(node_log, offset, run_id, 1), f"site-0002's round-1 reply in run {run_id}"
+    )
     fed.deployment.stop_supernode("site-0002", kill=True)  # SIGKILL: the node and its ClientApp die
-    _finish(fed, run_id)
+    _finish(fed, run_id, out)
 
     rows = _train_rows(out)
     assert [r["round"] for r in rows] == [1, 2]
@@ -248,7 +312,7 @@ def test_server_side_stopped_after_round_1_resumes_at_round_2_with_identical_sta
     assert killed in ("finished:stopped", "finished:failed"), killed
     if killed == "finished:stopped":
         assert f"run {run_id} into {out.resolve()} is still 'running': stopping it" in caplog.text
-    _finish(fed, resumed_id)
+    _finish(fed, resumed_id, out)
     assert fed.deployment.run_status(run_id) == killed  # the killed run is not left running
 
     rows = _train_rows(out)

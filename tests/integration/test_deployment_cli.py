@@ -82,7 +82,7 @@ def test_deploy_local_interrupted_leaves_nothing_running_and_resumes(repo_root: 
         while not any("replies" in r for r in read_metrics(out / "metrics.jsonl")):
             assert proc.poll() is None, log_path.read_text()[-3000:]
             assert time.monotonic() < deadline, "round 1 did not complete in time:\n" + log_path.read_text()[-3000:]
-            time.sleep(0.5)
+            time.sleep(0.1)
         homes = out / "deploy" / "homes"
         assert len(_deployment_processes(homes)) >= 3  # SuperLink, two SuperNodes (and the ServerApp)
         proc.send_signal(signal.SIGINT)  # Ctrl-C

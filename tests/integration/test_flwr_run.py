@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -68,10 +69,17 @@ def test_flwr_run_local_simulation(repo_root: Path, tmp_path: Path) -> None:
                 pytest.fail(f"flwr run failed: {res}\n{log_file.read_text()[-2000:]}")
             else:
                 time.sleep(2)  # the SuperLink may still be starting
-        status = ""
+        # the run's status (a `flwr ls` process, about a CPU second) every 10 s until the ServerApp
+        # has written its summary (its last output), then every 0.5 s until the run is listed finished
+        status, checked = "", -math.inf
         deadline = time.monotonic() + 300
         while not status.startswith("finished") and time.monotonic() < deadline:
-            time.sleep(3)
+            time.sleep(0.1)
+            if not (out / "summary.json").is_file() and time.monotonic() - checked < 10:
+                continue
+            if (out / "summary.json").is_file() and time.monotonic() - checked < 0.5:
+                continue
+            checked = time.monotonic()
             runs = _flwr(["ls", "fedmeta-test", "--run-id", str(started)], env, repo_root).get("runs", [])
             status = runs[0]["status"] if runs else ""
         # flwr run exits 0 even when the run fails: the run's status and outputs are what count

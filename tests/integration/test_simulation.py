@@ -74,10 +74,14 @@ def test_simulation_learns_and_survives_faulty_clients(
     once, and one sends NaN (rejected, never aggregated); enough valid replies arrive every
     round, so failed clients are skipped rather than retried. The timeout leaves room for a
     loaded machine (the first round also warms the actors: at a load of ~25 on two cores one
-    actor served round 1 alone and a healthy client missed 30 s and even 90 s); only the slow
-    client's round waits for it. That client holds its reply until the server has closed its
-    round, so the reply comes after the timeout by construction."""
+    actor served round 1 alone and a healthy client missed 30 s and even 90 s). The slow
+    client holds its reply until the server has closed its round, so the reply comes after the
+    timeout by construction; the server's deadline for that round (the transport's injectable
+    ``Deadline``) fires as soon as that held client is the only one missing, instead of after
+    the full timeout: an event, not a wait for the clock. Every other exchange keeps the
+    default deadline (the timeout)."""
     from fedmeta.flower.simulation import simulate
+    from fedmeta.flower.transport import Waiting, timeout_deadline
 
     rounds, total, per_round = 25, 20, 10
     cfg = load_config(
@@ -103,9 +107,18 @@ def test_simulation_learns_and_survives_faulty_clients(
         raise_always=(raiser,), nan_reply=(nan_client,), slow_first_try=((slow, slow_round),),
         marker_dir=str(tmp_path),
     )
+
+    def held_client_alone_missing(waiting: Waiting) -> bool:
+        if waiting.kind == "train" and waiting.round_idx == slow_round:
+            return waiting.pending_clients == {slow} and faults.holding(slow, slow_round)
+        return timeout_deadline(waiting)
+
     with caplog.at_level("WARNING", logger="fedmeta"):
         # a round's metrics row is written once the server has closed it: held replies go then
-        summary = simulate(cfg, tmp_path / "out", client_mods=[faults], progress=lambda rnd, row: faults.release(rnd))
+        summary = simulate(
+            cfg, tmp_path / "out", client_mods=[faults], progress=lambda rnd, row: faults.release(rnd),
+            deadline=held_client_alone_missing,
+        )  # fmt: skip
 
     assert summary["rounds_completed"] == rounds
     rows = {r["round"]: r for r in _rows(tmp_path / "out")}

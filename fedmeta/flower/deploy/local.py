@@ -31,6 +31,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -57,6 +58,7 @@ __all__ = [
     "terminate_on_signals",
     "FINISHED_COMPLETED",
     "NODE_AUTH_REFUSED_EXIT",
+    "TASK_POLL_INTERVAL",
     "APP_DIR",
     "DEPLOY_DIR",
     "LocalRun",
@@ -65,6 +67,7 @@ __all__ = [
     "start_sites",
     "run_local",
     "default_workdir",
+    "written_since",
 ]
 
 log = logging.getLogger(__name__)
@@ -74,6 +77,8 @@ BIN = Path(sys.executable).parent
 FINISHED_COMPLETED = "finished:completed"
 #: ``flower-supernode``'s exit status when the SuperLink refuses its authentication key.
 NODE_AUTH_REFUSED_EXIT = 305
+#: Seconds between a SuperExec's looks for new app tasks (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``).
+TASK_POLL_INTERVAL = "0.2"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -90,9 +95,13 @@ def flower_env(home: str | Path, extra: Mapping[str, str] | None = None) -> dict
     folder), telemetry and update checks are off, and runtime dependency installation is
     disabled (otherwise the SuperLink runs ``uv sync`` on the app's dependencies, which fails
     offline and would fetch a CUDA torch). The virtual environment's ``bin`` comes first on
-    ``PATH`` so that Flower finds ``flwr-serverapp`` / ``flwr-clientapp``.
+    ``PATH`` so that Flower finds ``flwr-serverapp`` / ``flwr-clientapp``. The SuperExec that
+    the SuperLink and each SuperNode run looks for new ServerApp/ClientApp tasks every
+    :data:`TASK_POLL_INTERVAL` seconds (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``, Flower's default
+    1 s) unless the environment sets it: every message to a SuperNode starts a ClientApp.
     """
     env = dict(os.environ)
+    poll = os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", TASK_POLL_INTERVAL)
     env.update(
         {
             "FLWR_HOME": str(Path(home).resolve()),
@@ -103,6 +112,7 @@ def flower_env(home: str | Path, extra: Mapping[str, str] | None = None) -> dict
             "PYTHONUNBUFFERED": "1",
             # one torch thread per process: several ClientApp processes share the cores
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": poll,
         }
     )
     env.update(extra or {})
@@ -629,24 +639,38 @@ class LocalDeployment:
         timeout: float,
         interval: float = 2.0,
         on_poll: Callable[[], None] | None = None,
+        ending: Callable[[], bool] | None = None,
+        idle_interval: float = 10.0,
     ) -> str:
         """Wait until the run finishes and return its final status.
+
+        Each status check is a ``flwr ls`` process (about a CPU second); with ``ending``, a cheap
+        sign that the run is about to finish (e.g. its ServerApp wrote the summary), the status
+        is checked only every ``idle_interval`` seconds until that sign appears (to notice a
+        failed run), then every ``interval``.
 
         Args:
             run_id: the run.
             timeout: seconds before giving up.
-            interval: seconds between status checks.
+            interval: seconds between status checks (and between ``on_poll`` calls).
             on_poll: called between checks (e.g. to report progress).
+            ending: ``True`` once the run is about to finish; ``None`` checks every ``interval``.
+            idle_interval: seconds between status checks while ``ending`` is false.
 
         Raises:
             DeploymentError: if the SuperLink dies or the run does not finish in time.
         """
         status = ""
+        checked = -math.inf
 
         def done() -> bool:
-            nonlocal status
+            nonlocal status, checked
             if on_poll is not None:
                 on_poll()
+            now = time.monotonic()
+            if ending is not None and not ending() and now - checked < idle_interval:
+                return False
+            checked = now
             status = self.run_status(run_id)
             return status.startswith("finished")
 
@@ -958,6 +982,17 @@ def start_sites(
     return ids
 
 
+def written_since(path: Path, since: float) -> bool:
+    """True if ``path`` exists and was last written at or after ``since`` (``time.time()`` seconds).
+
+    A ServerApp writes its run's summary last, so a fresh summary means the run is ending.
+    """
+    try:
+        return path.stat().st_mtime >= since
+    except OSError:
+        return False
+
+
 def _new_rows(path: Path, seen: int) -> list[dict[str, Any]]:
     from fedmeta.outputs import read_metrics
 
@@ -1060,6 +1095,7 @@ def run_local(
             deployment.start_superlink()
             start_sites(deployment, site_dirs, keys_dir=work / "keys", privacy_dir=privacy_dir)
             startup = time.perf_counter() - started
+            submitted = time.time()
             run_id = deployment.submit(run_config_for(dcfg, RunOptions(out_dir=str(out_dir), resume=resume)))
             t_run = time.perf_counter()
             seen = [0]
@@ -1071,7 +1107,10 @@ def run_local(
                     if progress is not None and "replies" in row:
                         progress(int(row["round"]), row)
 
-            status = deployment.wait_run(run_id, timeout=budget, interval=2.0, on_poll=report)
+            status = deployment.wait_run(
+                run_id, timeout=budget, interval=1.0, on_poll=report,
+                ending=functools.partial(written_since, out_dir / SUMMARY, submitted),
+            )  # fmt: skip
             report()
             run_seconds = time.perf_counter() - t_run
             if status != FINISHED_COMPLETED or not (out_dir / SUMMARY).is_file():

@@ -26,12 +26,14 @@ from fedmeta.federation import (
     site_layout,
 )
 from fedmeta.flower.deploy.local import (
+    TASK_POLL_INTERVAL,
     LocalDeployment,
     ManagedProcess,
     deployment_config,
     flower_env,
     prepare_sites,
     terminate_on_signals,
+    written_since,
 )
 
 
@@ -167,6 +169,15 @@ def test_flower_env_is_offline_and_local(tmp_path: Path) -> None:
     assert env["FLWR_HOME"] == str((tmp_path / "h").resolve())
     assert env["FLWR_TELEMETRY_ENABLED"] == "0" and env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
     assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
+
+
+def test_flower_env_polls_for_app_tasks_often_unless_the_environment_says(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", raising=False)
+    assert flower_env(tmp_path / "h")["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == TASK_POLL_INTERVAL == "0.2"
+    monkeypatch.setenv("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "2.5")
+    assert flower_env(tmp_path / "h")["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == "2.5"
 
 
 def test_sigterm_becomes_keyboard_interrupt_inside_the_block() -> None:
@@ -306,3 +317,35 @@ def test_a_run_that_does_not_stop_fails_the_resumed_submission(
         deployment.stop_runs_writing_to(tmp_path / "a", timeout=0.0)
     assert [c[0] for c in fake.commands()] == ["run", "ls", "stop", "ls"]
     deployment.close()
+
+
+def test_wait_run_queries_the_status_rarely_until_the_run_is_ending(
+    tmp_path: Path, repo_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    deployment = LocalDeployment(tmp_path / "work", app_dir=repo_root)
+    fake = _FakeSuperLink()
+    monkeypatch.setattr(deployment, "flwr", fake)
+    run_id = deployment.submit(_config(tmp_path / "a", resume=False))
+    summary = tmp_path / "a" / "summary.json"
+    since = time.time()
+    polls = [0]
+
+    def on_poll() -> None:  # the ServerApp writes its summary on the 5th poll and finishes on the 8th
+        polls[0] += 1
+        if polls[0] == 5:
+            summary.parent.mkdir(parents=True, exist_ok=True)
+            summary.write_text("{}")
+        if polls[0] == 8:
+            fake.status[run_id] = "finished:completed"
+
+    fake.calls.clear()
+    status = deployment.wait_run(
+        run_id, timeout=60, interval=0.0, on_poll=on_poll, ending=lambda: written_since(summary, since),
+        idle_interval=3600,
+    )  # fmt: skip
+    assert status == "finished:completed"
+    # one status query at the start (a failed run is noticed), none until the summary appeared,
+    # then one per poll until the run is listed as finished
+    assert polls[0] == 8 and len(fake.calls) == 1 + 4
+    assert not written_since(summary, time.time() + 60)
+    assert not written_since(tmp_path / "missing.json", 0.0)
