@@ -547,7 +547,27 @@ def config_from_dict(data: Any, *, source: str = "config") -> Config:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source} must hold a YAML mapping at the top level, got {type(data).__name__}")
-    return validate(_build(Config, data, ""))
+    return validate(_declared_defaults(_build(Config, data, ""), data))
+
+
+def _given_keys(data: dict[str, Any], prefix: str = "") -> set[str]:
+    """The dotted keys a nested mapping sets (sections included)."""
+    keys: set[str] = set()
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        keys.add(dotted)
+        if isinstance(value, dict):
+            keys |= _given_keys(value, dotted)
+    return keys
+
+
+def _declared_defaults(cfg: Config, data: dict[str, Any]) -> Config:
+    """Options the privacy mechanism's declarations imply where ``data`` leaves them unset."""
+    from fedmeta.privacy.mechanisms import MECHANISMS
+
+    if cfg.privacy.mode not in MECHANISMS:
+        return cfg  # validate() names the bad mode
+    return MECHANISMS.get(cfg.privacy.mode)().with_declared_defaults(cfg, given=_given_keys(data))
 
 
 def _parse_scalar(text: str) -> Any:

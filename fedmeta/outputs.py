@@ -15,6 +15,7 @@ __all__ = [
     "read_metrics",
     "plot_learning_curves",
     "plot_adaptation_curve",
+    "montage_grid",
     "plot_episode_montage",
     "write_episode_montage",
     "EPISODE_PNG",
@@ -187,6 +188,24 @@ def _is_image_batch(x: Any) -> bool:
     return getattr(x, "dim", lambda: 0)() == 4 and int(x.shape[1]) in (1, 3)
 
 
+def montage_grid(ways: int, cols: int) -> tuple[int, int]:
+    """How :func:`plot_episode_montage` lays out ``ways`` class rows of ``cols`` images each.
+
+    The rows wrap into side-by-side blocks so that the picture stays roughly square (an image
+    cell is 0.75 wide by 0.8 high): about ``sqrt(ways * cols * 0.75 / 0.8)`` rows per block.
+
+    Args:
+        ways: classes (one row each).
+        cols: image columns of one class row (support, spacer, queries).
+
+    Returns:
+        ``(blocks, rows)``: blocks side by side and rows per block (``blocks * rows >= ways``).
+    """
+    per_block = max(1, math.ceil(math.sqrt(ways * cols * 0.75 / 0.8)))
+    blocks = math.ceil(ways / per_block)
+    return blocks, math.ceil(ways / blocks)
+
+
 def plot_episode_montage(
     support_x: Any,
     support_y: Any,
@@ -202,6 +221,8 @@ def plot_episode_montage(
     """One few-shot episode as a picture: a row per class, its support images, then its queries.
 
     Each query image is titled with the predicted label, green when right and red when wrong.
+    Many classes are laid out as a grid: the rows wrap into side-by-side blocks (one block up
+    to about a square picture, e.g. 5 ways; 40 ways: 3 blocks of 14 rows), not one tall column.
 
     Args:
         support_x, query_x: ``[N, C, H, W]`` image tensors (``C`` 1 or 3, values in [0, 1]).
@@ -222,7 +243,17 @@ def plot_episode_montage(
     shots = max(int((support_y == c).sum()) for c in range(ways))
     shown = min(max_query, max(int((query_y == c).sum()) for c in range(ways)))
     cols = shots + 1 + shown
-    fig, axes = plt.subplots(ways, cols, figsize=(max(0.75 * cols + 1.2, 6.5), 0.8 * ways + 0.9), squeeze=False)
+    blocks, rows = montage_grid(ways, cols)
+    # a block's columns (support, a spacer, queries), then a wider gap holding the next block's captions
+    ratios = ([1.0] * cols + [1.6]) * blocks
+    ratios = ratios[:-1]
+    fig, axes = plt.subplots(
+        rows,
+        len(ratios),
+        figsize=(max(0.75 * sum(ratios) + 1.2, 6.5), 0.8 * rows + 0.9),
+        squeeze=False,
+        gridspec_kw={"width_ratios": ratios},
+    )
 
     def show(ax: Any, img: Any) -> None:
         arr = img.detach().cpu().float()
@@ -237,24 +268,30 @@ def plot_episode_montage(
         for side in ax.spines.values():
             side.set_visible(False)
     for c in range(ways):
+        row, first = c % rows, (c // rows) * (cols + 1)
         name = class_names[c] if class_names and c < len(class_names) else ""
-        axes[c, 0].set_ylabel(f"{c}: {name}" if name else f"class {c}", rotation=0, ha="right", va="center", fontsize=7)
+        axes[row, first].set_ylabel(
+            f"{c}: {name}" if name else f"class {c}", rotation=0, ha="right", va="center", fontsize=7
+        )
         for j, i in enumerate((support_y == c).nonzero().flatten().tolist()[:shots]):
-            show(axes[c, j], support_x[i])
+            show(axes[row, first + j], support_x[i])
         for j, i in enumerate((query_y == c).nonzero().flatten().tolist()[:shown]):
-            ax = axes[c, shots + 1 + j]
+            ax = axes[row, first + shots + 1 + j]
             show(ax, query_x[i])
             ok = int(predicted[i]) == c
             ax.set_title(f"{int(predicted[i])}", fontsize=7, color="tab:green" if ok else "tab:red", pad=1)
             for side in ax.spines.values():
                 side.set_visible(True)
                 side.set_color("tab:green" if ok else "tab:red")
-    axes[0, 0].set_title("support", fontsize=7, loc="left", pad=1)
-    axes[0, shots + 1].set_xlabel("")
+    for b in range(blocks):
+        axes[0, b * (cols + 1)].set_title("support", fontsize=7, loc="left", pad=1)
     import textwrap
 
     fig.suptitle(textwrap.fill(title or "episode: support | queries (predicted label)", 90), fontsize=8)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    if blocks == 1:
+        fig.tight_layout(rect=(0, 0, 1, 0.95))
+    else:  # tight_layout cannot fit the inner blocks' captions into their gap columns
+        fig.subplots_adjust(left=0.08, right=0.99, bottom=0.02, top=0.92, wspace=0.15, hspace=0.4)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -96,6 +96,12 @@ OMNIGLOT_MAML = {(5, 1): 98.7, (5, 5): 99.9, (20, 1): 95.8}
 EPISODES = 600
 QUERIES = {5: 15, 20: 5}
 EVAL_SHOTS = {5: (1, 5), 20: (1,)}
+#: the last commit of this script that trained a step decay as two runs (a second phase that
+#: restarted Adam from the first's final meta-parameters, with fresh tasks from seed + 1, in
+#: ``<run>/decay/``); result rows with ``decay_rounds`` come from it and are kept as they are
+TWO_PHASE_COMMIT = "72205bd"
+#: the mark of a number transcribed from an earlier text (a result file with a ``provenance``)
+TRANSCRIBED = "ʳ"
 #: markers of the table's footnotes (models evaluated at a number of ways they were not trained on)
 FOOTNOTES = ("†", "‡", "§", "¶")
 
@@ -114,11 +120,12 @@ class Run:
     eval_steps: int
     outer_lr: float
     query: int = 1
-    #: extra iterations after ``rounds`` at ``outer_lr * decay_factor``, continuing from the
-    #: meta-parameters reached (a step decay; the second phase starts a fresh Adam and draws
-    #: fresh tasks, seed + 1)
-    decay_rounds: int = 0
-    decay_factor: float = 0.1
+    #: a step decay of the outer lr (``meta.outer_schedule: step``): ``outer_lr * gamma`` after
+    #: each of these iterations, in one run (Adam's moments carry on). The retired two-phase
+    #: script (:data:`TWO_PHASE_COMMIT`) ran a second run instead, with a fresh Adam and fresh
+    #: tasks; its result rows carry ``decay_rounds`` / ``decay_factor``.
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
     #: further test-time step counts reported besides ``eval_steps``
     extra_eval_steps: tuple[int, ...] = ()
     #: ANIL only: where the head's adaptation starts (``meta.head_init``)
@@ -139,8 +146,8 @@ class Run:
 
     @property
     def iterations(self) -> int:
-        """Meta-iterations of both phases."""
-        return self.rounds + self.decay_rounds
+        """Meta-iterations of the run (its own, not those of the run it continues)."""
+        return self.rounds
 
     @property
     def way_agnostic(self) -> bool:
@@ -153,6 +160,7 @@ class Run:
         return _variant(self.__dict__)
 
     def overrides(self) -> list[str]:
+        """The ``--set`` overrides of ``configs/glyphs.yaml`` that make this run's config."""
         return [
             f"task.ways={self.train_ways or self.ways}",
             "task.shots=1",
@@ -167,6 +175,15 @@ class Run:
             "federation.clients_total=1",
             "federation.clients_per_round=1",
             f"federation.rounds={self.rounds}",
+            *(
+                [
+                    "meta.outer_schedule=step",
+                    f"meta.outer_milestones=[{', '.join(map(str, self.milestones))}]",
+                    f"meta.outer_gamma={self.gamma}",
+                ]
+                if self.milestones
+                else []
+            ),
             # the run's own periodic evaluation is kept small; the benchmark evaluates 600 episodes
             "eval.tasks=20",
             f"eval.steps={self.eval_steps}",
@@ -181,33 +198,33 @@ RUNS: tuple[Run, ...] = (
     # MAML and Meta-SGD: 4,000 iterations each (the batched path made them ~1.4-1.6x cheaper than
     # the first 1,200-iteration runs, which the report keeps as superseded rows), the last quarter
     # at a tenth of the outer lr
-    Run("MAML (2nd order)", 5, "maml", 3000, 32, 0.4, 1, 3, 0.003, decay_rounds=1000),
-    Run("Meta-SGD", 5, "metasgd", 3000, 32, 0.4, 1, 1, 0.003, decay_rounds=1000),
+    Run("MAML (2nd order)", 5, "maml", 4000, 32, 0.4, 1, 3, 0.003, milestones=(3000,)),
+    Run("Meta-SGD", 5, "metasgd", 4000, 32, 0.4, 1, 1, 0.003, milestones=(3000,)),
     # ANIL runs longer than the others (the batched path made it ~1.0-1.5x cheaper per iteration,
     # and it is the best of the three here), then a tenth of the outer lr for the last sixth;
     # 25 test steps because more head steps kept helping the earlier 5,000-iteration model
     # (10 steps also reported)
-    Run("ANIL", 5, "anil", 20000, 32, 0.4, 5, 25, 0.003, decay_rounds=2000, extra_eval_steps=(10,)),
+    Run("ANIL", 5, "anil", 22000, 32, 0.4, 5, 25, 0.003, milestones=(20000,), extra_eval_steps=(10,)),
     # 2,000 iterations at 20-way (outer lr 0.001: ANIL diverged at 0.003 here)
-    Run("MAML (1st order)", 20, "fomaml", 1500, 16, 0.1, 5, 5, 0.001, decay_rounds=500, decay_factor=0.3),
-    Run("Meta-SGD", 20, "metasgd", 1500, 16, 0.1, 1, 1, 0.001, decay_rounds=500, decay_factor=0.3),
+    Run("MAML (1st order)", 20, "fomaml", 2000, 16, 0.1, 5, 5, 0.001, milestones=(1500,), gamma=0.3),
+    Run("Meta-SGD", 20, "metasgd", 2000, 16, 0.1, 1, 1, 0.001, milestones=(1500,), gamma=0.3),
     # at outer lr 0.003 this run diverged after ~1000 iterations (the report keeps that attempt)
-    Run("ANIL", 20, "anil", 4000, 16, 0.1, 10, 25, 0.001, decay_rounds=4000, decay_factor=0.3, extra_eval_steps=(10,)),
+    Run("ANIL", 20, "anil", 8000, 16, 0.1, 10, 25, 0.001, milestones=(4000,), gamma=0.3, extra_eval_steps=(10,)),
     # ANIL whose head starts at the support prototypes (Proto-MAML's initialization, Triantafillou
     # et al., 2020), continued from the ANIL runs above: way-agnostic, and the body learns a metric
     Run(
         "ANIL, prototype head",
         5,
         "anil",
-        4000,
+        5000,
         32,
         0.4,
         5,
         25,
         0.001,
-        decay_rounds=1000,
+        milestones=(4000,),
         head_init="prototypes",
-        start_from="5way-anil-lr0.003-22000it/decay",
+        start_from="5way-anil-lr0.003-22000it",
         start_iterations=22000,
         extra_eval_steps=(1, 100),
     ),
@@ -215,16 +232,16 @@ RUNS: tuple[Run, ...] = (
         "ANIL, prototype head",
         20,
         "anil",
-        3000,
+        4000,
         16,
         0.1,
         10,
         25,
         0.0005,
-        decay_rounds=1000,
-        decay_factor=0.3,
+        milestones=(3000,),
+        gamma=0.3,
         head_init="prototypes",
-        start_from="20way-anil-lr0.001-8000it/decay",
+        start_from="20way-anil-lr0.001-8000it",
         start_iterations=8000,
         extra_eval_steps=(1, 100),
     ),
@@ -234,16 +251,16 @@ RUNS: tuple[Run, ...] = (
         "ANIL, prototype head",
         20,
         "anil",
-        3000,
+        4000,
         8,
         0.1,
         10,
         25,
         0.0005,
-        decay_rounds=1000,
-        decay_factor=0.3,
+        milestones=(3000,),
+        gamma=0.3,
         head_init="prototypes",
-        start_from="20way-anil-lr0.001-8000it/decay",
+        start_from="20way-anil-lr0.001-8000it",
         start_iterations=8000,
         extra_eval_steps=(1,),
         train_ways=40,
@@ -255,13 +272,13 @@ RUNS: tuple[Run, ...] = (
         "ANIL, prototype head (from scratch)",
         5,
         "anil",
-        6000,
+        7000,
         32,
         0.4,
         5,
         25,
         0.001,
-        decay_rounds=1000,
+        milestones=(6000,),
         head_init="prototypes",
         tag="scratch",
         extra_eval_steps=(1,),
@@ -270,14 +287,14 @@ RUNS: tuple[Run, ...] = (
         "ANIL, prototype head (from scratch)",
         20,
         "anil",
-        4000,
+        5000,
         8,
         0.1,
         10,
         25,
         0.001,
-        decay_rounds=1000,
-        decay_factor=0.3,
+        milestones=(4000,),
+        gamma=0.3,
         head_init="prototypes",
         tag="scratch",
         extra_eval_steps=(1,),
@@ -287,16 +304,17 @@ RUNS: tuple[Run, ...] = (
     # Prototypical Networks (Snell et al., 2017): no inner loop (inner lr and steps are ignored,
     # as are test-time steps), trained with more ways than tested (20-way, 5 queries per class, 4
     # episodes per iteration), from the seed's initialization
-    Run("ProtoNets", 5, "protonet", 2500, 4, 0.4, 1, 1, 0.001, query=5, decay_rounds=500, train_ways=20),
+    Run("ProtoNets", 5, "protonet", 3000, 4, 0.4, 1, 1, 0.001, milestones=(2500,), query=5, train_ways=20),
 )
 
 
 def _quick(run: Run) -> Run:
-    return replace(run, rounds=3, meta_batch=2, decay_rounds=min(run.decay_rounds, 2))
+    """A few-round version of ``run`` for ``--quick``: a step schedule keeps one milestone (round 2)."""
+    return replace(run, rounds=3, meta_batch=2, milestones=(2,) if run.milestones else ())
 
 
 class _Continued(Experiment):
-    """An experiment whose round-0 meta-parameters are given (the second phase of a step decay)."""
+    """An experiment whose round-0 meta-parameters are given (a run that continues another's)."""
 
     def __init__(self, cfg: Config, start: Params) -> None:
         super().__init__(cfg)
@@ -369,9 +387,10 @@ def run_folder(run: Run, *, chosen: bool) -> str:
     return f"{run.ways}way-{run.variant}" + (f"-lr{run.outer_lr:g}-{run.iterations}it" if chosen else "")
 
 
-def _final_checkpoint(out: Path, run: Run | dict[str, Any]) -> Path:
-    decay = run.decay_rounds if isinstance(run, Run) else run.get("decay_rounds", 0)
-    return out / ("decay" if decay else "") / "checkpoint.pt"
+def _final_checkpoint(out: Path) -> Path:
+    """A run folder's final checkpoint: in ``decay/`` in a folder of the retired two-phase script."""
+    second_phase = out / "decay" / "checkpoint.pt"
+    return second_phase if second_phase.exists() else out / "checkpoint.pt"
 
 
 def evaluate_elsewhere(run: Run, folder: Path, ways: int, base: Config, episodes: int, record: Path) -> dict[str, Any]:
@@ -381,7 +400,7 @@ def evaluate_elsewhere(run: Run, folder: Path, ways: int, base: Config, episodes
     (a result row finished after it is a retrained model, which the evaluation does not describe).
     """
     for name in (run_folder(run, chosen=True), run_folder(run, chosen=False)):
-        final = _final_checkpoint(folder / name, run)
+        final = _final_checkpoint(folder / name)
         if final.exists():
             break
     else:
@@ -584,6 +603,12 @@ def _train(run: Run, out: Path, quick: bool) -> tuple[Experiment, Params, dict[s
             raise SystemExit(
                 f"run '{run.label}' ({run.ways}-way) continues from '{start}', which does not exist: run that one first"
             )
+        if (start.parent / "decay" / "checkpoint.pt").exists():
+            # its top-level checkpoint is the end of the first phase, not the run's final model
+            raise SystemExit(
+                f"run '{run.label}' ({run.ways}-way) would continue from '{start.parent}', a run folder of the retired "
+                f"two-phase script (commit {TWO_PHASE_COMMIT}): rerun that setting with this script first"
+            )
         params = load_checkpoint(start)["meta_params"]
         shapes = exp.model.param_shapes
         wrong = [k for k in params if k in shapes and tuple(params[k].shape) != shapes[k]]
@@ -598,15 +623,6 @@ def _train(run: Run, out: Path, quick: bool) -> tuple[Experiment, Params, dict[s
     train_seconds = sum(r.get("seconds", 0.0) for r in rows if r.get("round", 0) > 0)
     meta = load_checkpoint(out / "checkpoint.pt")["meta_params"]
     rounds = summary["rounds_completed"]
-    if run.decay_rounds:
-        decayed = replace(run, rounds=run.decay_rounds, outer_lr=run.outer_lr * run.decay_factor)
-        cfg2 = load_config(CONFIG, [*decayed.overrides(), f"seed={cfg.seed + 1}"])
-        exp = _Continued(cfg2, meta)
-        summary = run_centralized(cfg2, out / "decay", experiment=exp)
-        rows2 = read_metrics(out / "decay" / "metrics.jsonl")
-        train_seconds += sum(r.get("seconds", 0.0) for r in rows2 if r.get("round", 0) > 0)
-        meta = load_checkpoint(out / "decay" / "checkpoint.pt")["meta_params"]
-        rounds += summary["rounds_completed"]
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     log.info("%s %d-way: %d rounds, %.0f s training", run.label, run.ways, rounds, train_seconds)
     info = {
@@ -619,7 +635,7 @@ def _train(run: Run, out: Path, quick: bool) -> tuple[Experiment, Params, dict[s
         "path": "batched" if exp.model.batched_tasks else "vmap",
         "threads": torch.get_num_threads(),
         # which model the row describes (a cross-way evaluation must be of this very checkpoint)
-        "checkpoint_sha256": file_sha256(_final_checkpoint(out, run)),
+        "checkpoint_sha256": file_sha256(out / "checkpoint.pt"),
     }
     if run.start_from is not None:
         info["start_checkpoint"] = {"path": str(start.relative_to(out.parent)), "sha256": file_sha256(start)}
@@ -782,7 +798,8 @@ def render_speed(speed: dict[str, Any]) -> list[str]:
     cpu_columns = [n for n in SPEED_VARIANTS if not n.endswith("2 threads")]
     lines = [
         "",
-        "### Speed of the per-task meta-gradient",
+        "### Speed of the per-task meta-gradient"
+        + (" (transcribed from an earlier version of this page, not re-measured)" if speed.get("provenance") else ""),
         "",
         "One meta-batch's per-task meta-gradients (the `task_updates` of every training iteration), measured on "
         f"{speed['machine']}; "
@@ -1060,10 +1077,17 @@ def merge_results(folder: Path, runs: Path | None = None) -> dict[str, Any]:
                     "dates": part.get("dates", []),
                 }
             )
+        # a file with a provenance was transcribed from an earlier text, not written by its runs
+        transcribed = path.name if part.get("provenance") else None
+        if "render" in part and "render_transcribed" not in merged:
+            merged["render_transcribed"] = transcribed
         for i, row in enumerate(part["runs"]):
             row.setdefault("finished", _written(path, part))
+            if transcribed:
+                row["transcribed"] = transcribed
             rows.append((row["finished"], _written(path, part), path.name, i, row))
         merged["floor"].update(part["floor"])
+        merged.setdefault("floor_transcribed", {}).update(dict.fromkeys(part["floor"], transcribed))
         merged["total_seconds"] += part.get("total_seconds", 0.0)
         merged["eval_seconds"] += part.get("eval_seconds", 0.0)
         # a file that gathers several processes' runs (the reconstructed one) says its longest
@@ -1092,6 +1116,9 @@ def merge_results(folder: Path, runs: Path | None = None) -> dict[str, Any]:
                 row.setdefault("cross", {}).update(part["cross"])
     if (folder / "speed.json").exists():
         merged["speed"] = json.loads((folder / "speed.json").read_text())
+    merged["transcribed"] = sorted(
+        {row["transcribed"] for row in merged["runs"] + merged["superseded"] if row.get("transcribed")}
+    )
     for row in merged["runs"] + merged["superseded"]:
         if "trajectory" not in row:
             run = row["run"]
@@ -1160,8 +1187,8 @@ def _column(row: dict[str, Any]) -> str:
 def training_trajectory(folder: Path) -> dict[str, float]:
     """Peak and final training query accuracy (after adaptation) of a run, each a mean over 5% of its rounds.
 
-    Reads the run's ``metrics.jsonl`` and, for a run with a step decay, its second phase's
-    (``decay/metrics.jsonl``) after it. Empty when the run folder is gone.
+    Reads the run's ``metrics.jsonl`` and, in a run folder of the retired two-phase script, its
+    second phase's (``decay/metrics.jsonl``) after it. Empty when the run folder is gone.
     """
     acc = []
     for path in (folder / "metrics.jsonl", folder / "decay" / "metrics.jsonl"):
@@ -1200,12 +1227,13 @@ def render_markdown(results: dict[str, Any]) -> str:
         if not mine:
             return "—"
         acc, ci, row, cross = max(mine, key=lambda f: f[0])
+        mark = _mark(row)
         if not cross:
-            return _fmt(acc, ci)
+            return _fmt(acc, ci) + mark
         note = f"{row['run']['label']} trained at {_trained_ways(row)}-way"
         if note not in crossed:
             crossed.append(note)
-        return _fmt(acc, ci) + FOOTNOTES[crossed.index(note)]
+        return _fmt(acc, ci) + FOOTNOTES[crossed.index(note)] + mark
 
     columns = [name for name in dict.fromkeys(COLUMNS.values()) if name in present]
 
@@ -1221,7 +1249,15 @@ def render_markdown(results: dict[str, Any]) -> str:
         "were "
         "shared with other jobs, so wall times are upper bounds). Centralized, IID over the "
         f"background alphabets; accuracy (%) on the same {n} episodes per setting drawn from the evaluation "
-        "alphabets only (15 queries per class at 5-way, 5 at 20-way), mean ± 95% interval over episodes.",
+        "alphabets only (15 queries per class at 5-way, 5 at 20-way), mean ± 95% interval over episodes."
+        + (
+            f" Regenerate with `python -m simulations.bench_glyphs --report-only` (renders the record; the runs "
+            f"themselves take hours). Numbers marked {TRANSCRIBED} and rows marked (reconstructed) are transcribed "
+            f"from earlier versions of this page ({', '.join(f'`{f}`' for f in results['transcribed'])}, see below), "
+            "not written by the runs themselves."
+            if results.get("transcribed")
+            else " Regenerate with `python -m simulations.bench_glyphs --report-only` (renders the record)."
+        ),
         "",
         "| setting | raw-pixel 1-NN | " + " | ".join(columns) + " | MAML on Omniglot (published) |",
         "| --- | --- | " + " | ".join("---" for _ in columns) + " | --- |",
@@ -1231,8 +1267,9 @@ def render_markdown(results: dict[str, Any]) -> str:
         if floor is None:
             continue
         cells = [cell(ways, shots, name) for name in columns]
+        floor_mark = TRANSCRIBED if (results.get("floor_transcribed") or {}).get(f"{ways}-{shots}") else ""
         lines.append(
-            f"| {ways}-way {shots}-shot | {_fmt(*floor)} | "
+            f"| {ways}-way {shots}-shot | {_fmt(*floor)}{floor_mark} | "
             + " | ".join(cells)
             + f" | {OMNIGLOT_MAML[(ways, shots)]} |"
         )
@@ -1254,7 +1291,7 @@ def render_markdown(results: dict[str, Any]) -> str:
             mine = sorted((f for f in found if _column(f[2]) == name), key=lambda f: _trained_ways(f[2]))
             if any(cross for *_, cross in mine):
                 gave = ", ".join(
-                    f"{_fmt(a, c)} trained {_trained_ways(r)}-way"
+                    f"{_fmt(a, c)}{_mark(r)} trained {_trained_ways(r)}-way"
                     + (" from scratch" if r["run"].get("tag") == "scratch" else "")
                     for a, c, r, _ in mine
                 )
@@ -1284,16 +1321,12 @@ def render_markdown(results: dict[str, Any]) -> str:
         inner = f"{run['inner_steps']} × {run['inner_lr']:g} ({what}, {order})"
         if run["algorithm"] == "protonet":
             inner = "none (class prototypes of the support set; query cross-entropy of the negative squared distances)"
-        decay = run.get("decay_rounds", 0)
-        iterations = (
-            f"{row['rounds']}"
-            if not decay
-            else f"{row['rounds'] - decay} + {decay} at lr × {run.get('decay_factor', 0.1):g}"
-        )
+        iterations = _iterations(row)
         if run.get("start_from"):
             iterations = f"{run['start_iterations']} (from `{run['start_from'].split('/')[0]}`) + {iterations}"
         lines.append(
-            f"| {run['label']} | {_trained_ways(row)} | {inner} | "
+            f"| {run['label']}{' (reconstructed)' if row.get('transcribed') else ''} | {_trained_ways(row)} | "
+            f"{inner} | "
             f"{run['eval_steps'] if run['algorithm'] != 'protonet' else '—'} | "
             f"{run['meta_batch']} × {_trained_ways(row)}-way 1-shot, {run['query']} query/class | {iterations} | "
             f"{run['outer_lr']:g} | "
@@ -1304,12 +1337,24 @@ def render_markdown(results: dict[str, Any]) -> str:
         run = row["run"]
         acc = "; ".join(f"{k}-shot {_fmt(*v['post'])}" for k, v in row["accuracy"].items())
         lines.append(
-            f"| ~~{run['label']}~~ (superseded: {acc}) | {run['ways']} | {run['inner_steps']} × {run['inner_lr']:g} | "
+            f"| ~~{run['label']}~~{' (reconstructed)' if row.get('transcribed') else ''} (superseded: {acc}) | "
+            f"{run['ways']} | {run['inner_steps']} × {run['inner_lr']:g} | "
             f"{run['eval_steps']} | "
             f"{run['meta_batch']} × {run['ways']}-way 1-shot | {row['rounds']} | {run['outer_lr']:g} | "
             f"{_path_label(row)} | {row['train_seconds'] / 60:.1f} min | "
             f"{row.get('cpu_seconds', 0) / 60:.1f} min | {row['train_seconds'] / max(row['rounds'], 1):.2f} |"
         )
+    if any(row["run"].get("decay_rounds") for row in results["runs"]):
+        lines += [
+            "",
+            "Iterations written \"A + B at lr × g\" are runs of the retired two-phase script "
+            f"(`simulations/bench_glyphs.py` at commit {TWO_PHASE_COMMIT}), kept as they were recorded: after A "
+            "iterations it started a second run "
+            "from the first's final meta-parameters at the outer lr × g, with a fresh Adam (moments reset) and fresh "
+            "tasks (seed + 1). The script now trains one run with `meta.outer_schedule: step` (milestone A, "
+            "`meta.outer_gamma` g), whose Adam moments carry across the milestone; its rows read \"N (lr × g after "
+            "A)\", and a rerun is not expected to repeat a two-phase row's numbers exactly.",
+        ]
     if any(row["run"].get("start_from") for row in results["runs"]):
         lines += [
             "",
@@ -1341,7 +1386,7 @@ def render_markdown(results: dict[str, Any]) -> str:
             run = row["run"]
             steps_notes.append(
                 f"{run['label']} {run['ways']}-way 1-shot (trained {_trained_ways(row)}-way) after "
-                + ", ".join(f"{k} steps {_fmt(*by[k])}" for k in others)
+                + ", ".join(f"{k} steps {_fmt(*by[k])}{_mark(row)}" for k in others)
                 + f" (table: {run['eval_steps']} steps)"
             )
     if steps_notes:
@@ -1370,7 +1415,9 @@ def render_markdown(results: dict[str, Any]) -> str:
     if r:
         lines += [
             "",
-            f"Rendering: the whole drawing bank ({r['images']:,} images of 28×28, {load_catalog_size()} characters × "
+            ("Rendering (transcribed, from " + f"`{results['render_transcribed']}`): "
+             if results.get("render_transcribed") else "Rendering: ")
+            + f"the whole drawing bank ({r['images']:,} images of 28×28, {load_catalog_size()} characters × "
             "20 drawings) "
             f"renders from the fonts in {r['cold_cpu_seconds']:.1f} s of CPU time on one thread "
             f"({r['cold_images_per_cpu_second']:,.0f} images per CPU-second; {r['cold_seconds']:.0f} s of wall time on "
@@ -1380,7 +1427,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         ]
     def best(ways: int, *, own_ways: bool = False) -> tuple[float, str]:
         found = [
-            (a, r["run"]["label"] + (f", trained {_trained_ways(r)}-way" if cross else ""))
+            (a, r["run"]["label"] + (f", trained {_trained_ways(r)}-way" if cross else "") + _mark(r))
             for a, _, r, cross in results_at(ways, 1)
             if not (own_ways and cross)
         ]
@@ -1413,6 +1460,24 @@ def render_markdown(results: dict[str, Any]) -> str:
         "to them is mostly training budget. The benchmark and its construction are described in docs/glyphs.md.",
     ]
     return "\n".join(lines)
+
+
+def _mark(row: dict[str, Any]) -> str:
+    """:data:`TRANSCRIBED` for a row of a transcribed result file, else nothing."""
+    return TRANSCRIBED if row.get("transcribed") else ""
+
+
+def _iterations(row: dict[str, Any]) -> str:
+    """A result row's iterations: ``N (lr × g after A)`` for a step schedule, ``A + B at lr × g`` for a
+    row of the retired two-phase script (:data:`TWO_PHASE_COMMIT`)."""
+    run = row["run"]
+    decay = run.get("decay_rounds", 0)
+    if decay:
+        return f"{row['rounds'] - decay} + {decay} at lr × {run.get('decay_factor', 0.1):g}"
+    milestones = run.get("milestones") or ()
+    if milestones:
+        return f"{row['rounds']} (lr × {run.get('gamma', 0.1):g} after {', '.join(map(str, milestones))})"
+    return f"{row['rounds']}"
 
 
 def _date_span(dates: list[str]) -> str:

@@ -29,7 +29,9 @@ checks it).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import dataclasses
+import logging
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -60,6 +62,8 @@ __all__ = [
     "UNITS",
     "NOISE_ADDERS",
 ]
+
+log = logging.getLogger(__name__)
 
 #: Key under which a client-local client sends its noisy clip bit (adaptive clipping).
 CLIP_BIT_KEY = "privacy.clip_bit"
@@ -193,6 +197,29 @@ class PrivacyMechanism:
                 "of "
             "per-task terms",
         )
+
+    def with_declared_defaults(self, cfg: Config, *, given: Collection[str]) -> Config:
+        """Fill in the options this mode's declarations imply where the config did not set them.
+
+        With :attr:`needs_poisson_sampling`, a config that leaves ``federation.sampling`` at its
+        default takes ``poisson`` (and says so in the log) instead of being refused; one that asks
+        for another sampling explicitly is still refused by :meth:`check_config`.
+
+        Args:
+            cfg: the config as built from the file and overrides (not yet validated).
+            given: the dotted keys the config's source set explicitly.
+
+        Returns:
+            ``cfg``, or a copy with the implied options.
+        """
+        if self.needs_poisson_sampling and "federation.sampling" not in given and cfg.federation.sampling != "poisson":
+            log.info(
+                "privacy.mode '%s' assumes Poisson sampling of clients (rate clients_per_round / clients_total): "
+                "federation.sampling, not set in the config, is 'poisson'",
+                self.name,
+            )
+            return dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, sampling="poisson"))
+        return cfg
 
     def check_config(self, cfg: Config) -> None:
         """Validate the privacy options that depend on this mode (config validation calls it).

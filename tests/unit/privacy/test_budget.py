@@ -46,7 +46,8 @@ def _cfg(privacy: dict, **sections: dict):
         ("privacy:\n  clip_lr: 0\n", r"'privacy.clip_lr'.*0"),
         ("privacy:\n  noise_seed: -3\n", r"'privacy.noise_seed'.*-3"),
         (
-            "privacy:\n  mode: client-central\n",
+            # an explicit other sampling is refused (the default becomes Poisson: test_mechanisms.py)
+            "privacy:\n  mode: client-central\nfederation:\n  sampling: uniform\n",
             r"'federation.sampling' must be 'poisson' for privacy.mode 'client-central'.*'uniform'",
         ),
         (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,6 +139,23 @@ def test_mode_rules_are_the_mechanisms_own() -> None:
     local = _cfg("client-local", adaptive_clipping=True, noise_multiplier=1.0)
     central = _cfg("client-central", adaptive_clipping=True, noise_multiplier=0.1)
     assert local.privacy.count_stddev(4) == 1.0 and central.privacy.count_stddev(4) == 4 / 20
+
+
+def test_client_central_with_the_default_sampling_takes_poisson_and_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.INFO, logger="fedmeta.privacy.mechanisms.base"):
+        cfg = config_from_dict({"privacy": {"mode": "client-central"}})
+    assert cfg.federation.sampling == "poisson"
+    assert "federation.sampling, not set in the config, is 'poisson'" in caplog.text
+    # an explicit choice is the user's: refused, not overridden
+    with pytest.raises(ConfigError, match=r"'federation.sampling' must be 'poisson' for privacy.mode 'client-central'"):
+        config_from_dict({"privacy": {"mode": "client-central"}, "federation": {"sampling": "uniform"}})
+    # modes that do not declare Poisson sampling keep the default, and nothing is logged for them
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fedmeta.privacy.mechanisms.base"):
+        assert config_from_dict({"privacy": {"mode": "client-local"}}).federation.sampling == "uniform"
+    assert "poisson" not in caplog.text
 
 
 # -- the facades ask the mechanism -----------------------------------------------------------------

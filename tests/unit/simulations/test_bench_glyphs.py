@@ -184,3 +184,58 @@ def test_training_trajectory_spans_both_phases_of_a_step_decay(tmp_path: Path) -
     merged = merge_results(tmp_path / "record", tmp_path)
     assert merged["runs"][0]["trajectory"]["peak"] == 0.9
     assert "diverged" in render_markdown(merged)
+
+
+# -- the runs: one step schedule, not two phases -----------------------------------------------
+
+
+def test_every_run_is_one_config_with_its_step_schedule() -> None:
+    """The old two-phase decay (a second run restarting Adam) is a ``meta.outer_schedule: step`` config."""
+    from fedmeta.config import load_config
+    from fedmeta.federation.stages import OuterSchedule
+    from simulations.bench_glyphs import CONFIG, RUNS, _quick
+
+    assert all("decay_rounds" not in vars(run) for run in RUNS)
+    for run in RUNS:
+        cfg = load_config(CONFIG, run.overrides())
+        assert cfg.federation.rounds == run.iterations == run.rounds
+        schedule = OuterSchedule.from_config(cfg)
+        if not run.milestones:
+            assert cfg.meta.outer_schedule == "constant"
+            continue
+        (boundary,) = run.milestones
+        assert cfg.meta.outer_schedule == "step" and cfg.meta.outer_milestones == (boundary,)
+        assert schedule.lr_at(boundary) == run.outer_lr
+        assert schedule.lr_at(boundary + 1) == pytest.approx(run.outer_lr * run.gamma)
+        assert schedule.lr_at(run.rounds) == pytest.approx(run.outer_lr * run.gamma)
+        # a --quick smoke run keeps a (valid) milestone
+        quick = load_config(CONFIG, _quick(run).overrides())
+        assert quick.federation.rounds == 3 and quick.meta.outer_milestones == (2,)
+    # the re-expressed runs keep the old phase boundaries and factors: MAML 5-way was 3000 + 1000 at lr x 0.1
+    maml = next(r for r in RUNS if r.algorithm == "maml")
+    assert (maml.rounds, maml.milestones, maml.gamma) == (4000, (3000,), 0.1)
+    # a continued run starts from its start run's one folder (no "/decay" second phase any more)
+    assert all(r.start_from is None or "/" not in r.start_from for r in RUNS)
+
+
+def test_rows_of_the_retired_two_phase_script_render_as_they_were_and_are_marked() -> None:
+    from simulations.bench_glyphs import TWO_PHASE_COMMIT, Run
+
+    old = _row(MAML, "5way-maml", 0.9)
+    old["run"] = {**old["run"], "rounds": 300, "decay_rounds": 100, "decay_factor": 0.1}
+    old["rounds"] = 400
+    del old["run"]["milestones"], old["run"]["gamma"]
+    new = _row(Run("Meta-SGD", 5, "metasgd", 400, 32, 0.4, 1, 1, 0.003, milestones=(300,)), "5way-metasgd", 0.9)
+    merged = {**_part([old, new], "2026-12-01T10:00:00+00:00"), "superseded": [], "provenance": []}
+    markdown = render_markdown(merged)
+    assert "| 300 + 100 at lr × 0.1 |" in markdown and "| 400 (lr × 0.1 after 300) |" in markdown
+    assert f"retired two-phase script (`simulations/bench_glyphs.py` at commit {TWO_PHASE_COMMIT})" in markdown
+
+
+def test_numbers_of_a_transcribed_record_are_marked_where_they_appear(tmp_path: Path) -> None:
+    part = _part([_row(MAML, "5way-maml", 0.9)], "2026-11-22T10:00:00+00:00")
+    part["provenance"] = "reconstructed from an earlier text"
+    (tmp_path / "results-old.json").write_text(json.dumps(part))
+    markdown = render_markdown(merge_results(tmp_path))
+    assert "| 5-way 1-shot | 50.0 ± 1.0ʳ | 90.0 ± 1.0ʳ |" in markdown
+    assert "| MAML (2nd order) (reconstructed) |" in markdown and "`results-old.json`" in markdown

@@ -390,6 +390,39 @@ def test_episode_montage_shows_an_adapted_episode(family: GlyphFamily, tmp_path:
     assert not (tmp_path / "none.png").exists()
 
 
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_a_40_way_montage_is_a_grid_not_one_tall_column(tmp_path: Path) -> None:
+    import torch
+
+    from fedmeta.outputs import plot_episode_montage
+
+    ways, queries = 40, 5
+    gen = torch.Generator().manual_seed(0)
+    support_y = torch.arange(ways)
+    query_y = torch.arange(ways).repeat_interleave(queries)
+    path = plot_episode_montage(
+        torch.rand(ways, 1, 28, 28, generator=gen),
+        support_y,
+        torch.rand(ways * queries, 1, 28, 28, generator=gen),
+        query_y,
+        query_y.roll(1),
+        tmp_path / "episode-40.png",
+    )
+    assert path is not None
+    width, height = _png_size(path)
+    # one column of 40 class rows was 3,619 pixels tall at 110 dpi
+    assert height < 1_500 and width < 2_500 and 0.5 < width / height < 2.5
+    from fedmeta.outputs import montage_grid
+
+    assert montage_grid(40, 7) == (3, 14)
+    assert montage_grid(5, 7) == (1, 5) and montage_grid(20, 7) == (2, 10)  # 5-way stays one block
+
+
 # -- meta-training end to end --------------------------------------------------------------------
 
 
