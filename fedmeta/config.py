@@ -172,8 +172,13 @@ class FederationConfig:
     rounds: int = 1000
     min_replies: int | None = None
     round_timeout: float = 600.0
+    # one of fedmeta.aggregation.AGGREGATORS: mean | median | trimmed_mean | weighted_median |
+    # weighted_trimmed_mean | krum | multikrum | norm_bound; each rule owns and checks its options:
     aggregation: str = "mean"
-    trim_fraction: float = 0.1
+    trim_fraction: float = 0.1  # trimmed_mean, weighted_trimmed_mean: share trimmed at each end
+    krum_f: int = 1  # krum, multikrum: hostile clients tolerated (clients_per_round > 2 f + 2)
+    multikrum_m: int | None = None  # multikrum: updates averaged (null: clients_per_round - krum_f)
+    norm_bound: float | None = None  # norm_bound: L2 bound per update (null: the round's median norm)
     sampling: str = "uniform"
     # Seconds the server waits for clients to register and answer its start-up query.
     join_timeout: float = 600.0
