@@ -54,6 +54,8 @@ class ClientDirectory:
         self._client_of: dict[int, int] = {}
         self._unassigned: dict[int, ClientIdentity] = {}
         self.refused: dict[int, str] = {}
+        #: nodes refused because another node holds the id they claim (asked again at each refresh)
+        self.contested: dict[int, str] = {}
         self.identities: dict[int, ClientIdentity] = {}
 
     def __len__(self) -> int:
@@ -67,14 +69,28 @@ class ClientDirectory:
     def register(self, node_id: int, identity: ClientIdentity) -> str | None:
         """Record a node's answer. Returns why it was refused, or ``None``.
 
-        A node claiming an id another node holds replaces it (a site that came back with a new
-        node id); ids outside ``0 .. clients_total-1`` and mismatched data are refused.
+        A client id binds to the first node that claims it: another node claiming an id a
+        registered node holds is refused (logged) and kept in :attr:`contested`, which is not
+        among :attr:`known_nodes`, so it is asked again at the next refresh and takes the id once
+        the holder has left (:meth:`forget`) — a site that came back with a new node id rejoins
+        that way, and no registered node can take over another's client. Ids outside
+        ``0 .. clients_total-1`` and mismatched data are refused.
         """
         problem = self._check(identity)
         if problem is not None:
             self.refused[node_id] = problem
             log.warning("node %s refused: %s", node_id, problem)
             return problem
+        holder = self._node_of.get(identity.client_id) if identity.client_id >= 0 else None
+        if holder is not None and holder != node_id:
+            why = (
+                f"client id {identity.client_id} is held by node {holder} (an id binds to the first node that claims "
+                f"it; node {node_id} is asked again once node {holder} has left)"
+            )
+            self.contested[node_id] = why
+            log.warning("node %s refused: %s", node_id, why)
+            return why
+        self.contested.pop(node_id, None)
         self.identities[node_id] = identity
         if identity.client_id < 0:
             self._unassigned[node_id] = identity
@@ -98,10 +114,10 @@ class ClientDirectory:
         return None
 
     def _bind(self, client_id: int, node_id: int) -> None:
-        old = self._node_of.get(client_id)
-        if old is not None and old != node_id:
-            log.info("client %d moved from node %s to node %s", client_id, old, node_id)
-            self._client_of.pop(old, None)
+        previous = self._client_of.get(node_id)
+        if previous is not None and previous != client_id:  # the node now claims another id: release its old one
+            log.info("node %s now acts as client %d instead of %d", node_id, client_id, previous)
+            self._node_of.pop(previous, None)
         self._node_of[client_id] = node_id
         self._client_of[node_id] = client_id
 
@@ -131,6 +147,7 @@ class ClientDirectory:
                 del self._node_of[cid]
             self._unassigned.pop(node_id, None)
             self.refused.pop(node_id, None)
+            self.contested.pop(node_id, None)
             self.identities.pop(node_id, None)
 
     def locate(self, client_ids: Sequence[int]) -> tuple[dict[int, int], list[int]]:

@@ -227,9 +227,14 @@ class FlowerTransport:
             )
 
     def summary_extra(self) -> dict[str, Any]:
-        """Registered clients, refused nodes and discovery time."""
+        """Registered clients, refused nodes (and those refused for claiming a held client id) and discovery time."""
         d = self.directory
-        return {"clients_registered": len(d) if d else 0, "nodes_refused": len(d.refused) if d else 0, **self.timings}
+        return {
+            "clients_registered": len(d) if d else 0,
+            "nodes_refused": len(d.refused) if d else 0,
+            "nodes_contested": len(d.contested) if d else 0,
+            **self.timings,
+        }
 
     # -- membership --------------------------------------------------------------------------
 

@@ -32,7 +32,7 @@ import torch
 from fedmeta.config import Config
 from fedmeta.errors import BudgetExhausted, CheckpointError
 from fedmeta.privacy.accountant import PrivacyAccountant
-from fedmeta.privacy.adaptive import AdaptiveClipState, effective_noise_multiplier
+from fedmeta.privacy.adaptive import AdaptiveClipState, effective_noise_multiplier, initial_clip_state
 from fedmeta.privacy.mechanisms import (
     CLIP_BIT_KEY,
     CLIP_NORM_KEY,
@@ -104,7 +104,7 @@ class ServerPrivacy:
         if len(owners) > 1:
             raise ValueError(f"privacy.mode '{self.mode}' has {len(owners)} stages owning the clip norm; one at most")
         self._clip_stage: ClipNormStage | None = owners[0] if owners else None
-        self._fixed_clip = AdaptiveClipState(p.clip_norm, p.target_quantile, p.clip_lr, self.count_stddev)
+        self._fixed_clip = initial_clip_state(p, self.count_stddev)
         self.accountant = self.mechanism.server_accountant(cfg)
         self.client_accountants: dict[int, PrivacyAccountant] = {}
         self._rdp_cache: dict[tuple[float, float], Any] = {}  # shared by the mirrored client accountants

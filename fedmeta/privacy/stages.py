@@ -26,13 +26,14 @@ in the checkpoint. A checkpoint written before the split holds it in the privacy
 from __future__ import annotations
 
 import logging
+import dataclasses
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from fedmeta.errors import CheckpointError
-from fedmeta.privacy.adaptive import AdaptiveClipState, clipped_indicator, noisy_unclipped_fraction
+from fedmeta.privacy.adaptive import clipped_indicator, initial_clip_state, noisy_unclipped_fraction
 from fedmeta.privacy.clipping import add_gaussian_noise, clip_factors, weighted_sum
 from fedmeta.privacy.mechanisms.base import CLIP_BIT_KEY
 from fedmeta.privacy.randomness import privacy_generator
@@ -104,7 +105,7 @@ class ClipNormStage(_PrivacyStage):
         super().__init__(server)
         p = server.cfg.privacy
         #: the current clip norm and the constants that move it
-        self.clip = AdaptiveClipState(p.clip_norm, p.target_quantile, p.clip_lr, server.count_stddev)
+        self.clip = initial_clip_state(p, server.count_stddev)
 
     def move(self, unclipped_fraction: float | None) -> None:
         """Adaptive clipping: move ``C`` by a round's noisy unclipped fraction, and record it.
@@ -132,7 +133,7 @@ class ClipNormStage(_PrivacyStage):
             norm = float(state["clip_norm"])
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"server stage {self.name!r}: the checkpoint's clip norm is unusable: {exc}") from exc
-        self.clip = AdaptiveClipState(norm, self.clip.target_quantile, self.clip.lr, self.clip.count_stddev)
+        self.clip = dataclasses.replace(self.clip, clip_norm=norm)
 
 
 class ClipStage(ClipNormStage):
@@ -239,7 +240,7 @@ class RuleAggregationStage(_PrivacyStage):
 
     def apply(self, state: RoundState) -> None:
         """Combine the replies with the configured rule (nothing for an empty cohort)."""
-        from fedmeta.aggregation import aggregate, stack
+        from fedmeta.aggregation import build_aggregator, stack
 
         if not state.replies:
             log.info("round %d: empty cohort, no update", state.round_idx)
@@ -248,8 +249,8 @@ class RuleAggregationStage(_PrivacyStage):
         self.server.open_round(len(state.replies))
         updates = [rep.update for rep in state.replies]
         weights = torch.ones(len(updates), dtype=torch.float64)
-        f = self.server.cfg.federation
-        state.aggregate = aggregate(stack(updates), weights, method=f.aggregation, trim_fraction=f.trim_fraction)
+        rule = build_aggregator(self.server.cfg)
+        state.aggregate = rule.aggregate(stack(updates), weights, reference=state.reference)
 
 
 class LocalClipBitsStage(ClipNormStage):

@@ -59,11 +59,27 @@ def test_directory_maps_ids_refuses_mismatches_and_assigns_free_ids() -> None:
     assert d.assign_missing() == [(1, 106), (2, 107)]  # free ids in order of site name
     found, missing = d.locate([0, 1, 2, 3, 4])
     assert found == {0: 101, 1: 106, 2: 107, 3: 102} and missing == [4]
-    d.register(108, _ident(3))  # client 3 came back on a new node
+    assert "held by node 102" in (d.register(108, _ident(3)) or "")  # client 3's id is node 102's
+    assert d.locate([3])[0] == {3: 102} and d.client_of(108) is None
+    d.forget({101, 102})
+    assert d.register(108, _ident(3)) is None  # client 3 came back on a new node once the old one left
     assert d.locate([3])[0] == {3: 108} and d.client_of(102) is None
-    d.forget({101})
     assert d.locate([0])[1] == [0]
     assert d.known_nodes == {103, 104, 105, 106, 107, 108}
+
+
+def test_a_registered_node_cannot_take_over_another_nodes_client_id() -> None:
+    # issue 15, finding 7: any node claiming an id replaced the node that held it
+    d = ClientDirectory(4, kind="regression", input_shape=(1,), output_dim=1)
+    assert d.register(201, _ident(1)) is None
+    assert d.register(202, _ident(2)) is None
+    why = d.register(202, _ident(1))  # node 202 now claims client 1
+    assert why is not None and "client id 1 is held by node 201" in why
+    assert d.locate([1, 2])[0] == {1: 201, 2: 202}  # both keep what they had
+    assert d.register(203, _ident(1)) is not None and d.client_of(203) is None
+    assert 203 in d.contested and 203 not in d.known_nodes  # asked again at the next refresh
+    d.forget({201})
+    assert d.register(203, _ident(1)) is None and d.locate([1])[0] == {1: 203} and 203 not in d.contested
 
 
 def test_resolve_client_id() -> None:
@@ -192,3 +208,24 @@ def test_a_site_folder_describes_itself(small_cfg: Config, tmp_path: Path) -> No
     assert (ident.client_id, ident.kind, ident.num_tasks, ident.site) == (-1, "regression", 6, "site-0001")
     metrics, n = evaluate_on_client(exp, exp.initial_meta_params(), 5, num_tasks=4)
     assert n == 4 and metrics["post_adapt_loss"] > 0  # from the site's heldout/ folder
+
+
+def test_a_claimed_task_count_is_capped_and_a_non_positive_one_refused(small_cfg: Config, tmp_path: Path) -> None:
+    # issue 15, finding 7: the weighted mean trusted the claimed count, so one client claiming 10^9
+    # tasks set the aggregate alone
+    server = RoundLoop(small_cfg, tmp_path)
+    book = server.begin_round()
+    replies = _replies(server, 1, book.sampled)
+    honest = replies[0].num_tasks
+    assert honest == small_cfg.meta.tasks_per_client
+    liar = replies[1]
+    huge = {k: v * 1e3 for k, v in liar.update.items()}
+    assert server.accept(book, ClientReply(liar.client_id, huge, 10**9, liar.metrics))
+    assert book.replies[liar.client_id].num_tasks == honest  # weight capped at meta.tasks_per_client
+    assert not server.accept(book, ClientReply(replies[2].client_id, replies[2].update, 0, {}))
+    assert "task count 0" in book.rejected[replies[2].client_id]
+    assert server.accept(book, replies[2])
+    for r in replies[3:] + replies[:1]:
+        assert server.accept(book, r)
+    row = server.complete_round(book)
+    assert row["tasks"] == honest * len(replies)
