@@ -102,6 +102,10 @@ class TaskConfig:
     damping: Range | None = None
     noise_std: float = 0.0
     data_dir: str | None = None
+    # folder: let several clients read the same site when a folder holds fewer sites than
+    # federation.clients_total (client c reads site c mod sites). Off by default: one site's data
+    # entering as several clients is not what a "client" means; every DP mode refuses it.
+    share_sites: bool = False
     # glyphs (docs/glyphs.md): side of the images, fixed drawings per character, 90-degree
     # rotations as extra background classes, how background classes are split among clients
     # (iid | style | script | dirichlet), the Dirichlet concentration, the seed of the drawings,

@@ -155,6 +155,8 @@ class PrivacyMechanism:
         batched_cohort: whether a cohort's updates may come from one vectorized pass (privatized per
             client afterwards) rather than from each site's own private steps.
         budget_holder: who a full-schedule epsilon is about, in words (budget messages).
+        accepts_shared_sites: whether ``task.share_sites`` (several clients reading one site folder)
+            may be used; no DP mode accepts it (one site entering as several clients is not the unit).
     """
 
     name: ClassVar[str] = ""
@@ -171,6 +173,7 @@ class PrivacyMechanism:
     client_keeps_state: ClassVar[bool] = False
     batched_cohort: ClassVar[bool] = True
     budget_holder: ClassVar[str] = "the run"
+    accepts_shared_sites: ClassVar[bool] = False
 
     # -- declarations ----------------------------------------------------------------------------
 
@@ -222,6 +225,13 @@ class PrivacyMechanism:
         """
         self._check_adaptive_clipping(cfg)
         f = cfg.federation
+        _require(
+            self.accepts_shared_sites or not cfg.task.share_sites,
+            "task.share_sites",
+            cfg.task.share_sites,
+            f"must be false for privacy.mode '{self.name}': clients sharing a site folder would let one site's "
+            f"data enter as several clients, and the {self.unit}-level epsilon would protect the wrong unit",
+        )
         if self.needs_poisson_sampling:
             # The accountant's amplification by subsampling assumes each client joins a round
             # independently with probability q = clients_per_round / clients_total.

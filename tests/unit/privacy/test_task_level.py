@@ -195,6 +195,7 @@ def test_folder_sites_count_their_own_tasks(tmp_path: Path) -> None:
             "task": {"name": "folder", "shots": 5, "query": 5, "data_dir": str(tmp_path / "sites")},
             "model": {"hidden": [16, 16]},
             "meta": {"tasks_per_client": 2},
+            "federation": {"clients_total": 2, "clients_per_round": 2},
             "privacy": {"mode": "task", "noise_seed": 0},
         }
     )
