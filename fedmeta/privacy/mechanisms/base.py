@@ -155,6 +155,10 @@ class PrivacyMechanism:
         batched_cohort: whether a cohort's updates may come from one vectorized pass (privatized per
             client afterwards) rather than from each site's own private steps.
         budget_holder: who a full-schedule epsilon is about, in words (budget messages).
+        public: the config keys (and facts) this mode's guarantee treats as public: what a site's
+            releases may depend on besides its noised data.
+        reports_task_count: whether a site's start-up answer carries how many tasks it holds (only
+            without DP: under DP the count is the site's data, and nothing needs it).
         accepts_shared_sites: whether ``task.share_sites`` (several clients reading one site folder)
             may be used; no DP mode accepts it (one site entering as several clients is not the unit).
     """
@@ -174,6 +178,8 @@ class PrivacyMechanism:
     batched_cohort: ClassVar[bool] = True
     budget_holder: ClassVar[str] = "the run"
     accepts_shared_sites: ClassVar[bool] = False
+    public: ClassVar[tuple[str, ...]] = ()
+    reports_task_count: ClassVar[bool] = False
 
     # -- declarations ----------------------------------------------------------------------------
 
