@@ -234,8 +234,12 @@ class EvalConfig:
     # Server-side evaluation on TaskSource.eval_tasks() (needs the task data on the server).
     server: bool = True
     # Federated evaluation: clients asked every `every` rounds to adapt on their own held-out
-    # tasks and return aggregate metrics only (0: none).
+    # tasks and return aggregate metrics only (0: none). Refused under every DP mode (un-noised).
     clients: int = 0
+    # folder: a site folder (or folder of sites) that no client reads, whose heldout/ tasks the
+    # server evaluates on instead of task.data_dir's; required for server-side evaluation over
+    # site folders under DP (the sites' own held-out tasks are their data).
+    data_dir: str | None = None
 
 
 @dataclass(frozen=True)

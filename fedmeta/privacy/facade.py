@@ -86,12 +86,6 @@ class ServerPrivacy:
         self.client_sample_rate = f.clients_per_round / f.clients_total
         self._seed = secret_seed(p.noise_seed)
         _warn_fixed_seed(cfg, self.mechanism)
-        if self.enabled and cfg.eval.clients > 0:
-            log.warning(
-                "eval.clients=%d: under privacy.mode %s the clients' federated evaluation metrics are sent without "
-                "noise and are not covered by epsilon (eval.server evaluates on tasks that belong to no client)",
-                cfg.eval.clients, p.mode,
-            )  # fmt: skip
         self.update_noise_multiplier, self.count_stddev = update_noise(cfg) if self.enabled else (0.0, 0.0)
         self.clip = AdaptiveClipState(p.clip_norm, p.target_quantile, p.clip_lr, self.count_stddev)
         self.accountant = self.mechanism.server_accountant(cfg)

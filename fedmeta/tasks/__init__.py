@@ -172,9 +172,19 @@ class TaskSource:
         )
 
     def eval_tasks(self, n: int | None = None) -> TaskBatch:
-        """The held-out evaluation tasks (fixed for a seed; never used in training)."""
+        """The held-out evaluation tasks (fixed for a seed; never used in training).
+
+        With ``eval.data_dir`` set they are the ``heldout/`` tasks of the site(s) there, which no
+        client reads; otherwise those of ``task.data_dir``'s sites (folder) or the family's
+        evaluation split.
+        """
         n = self.cfg.eval.tasks if n is None else n
         gen = make_generator(self.cfg.seed, "eval")
+        if self.cfg.eval.data_dir:
+            held = list_sites(self.cfg.eval.data_dir)
+            per = -(-n // len(held))
+            parts = [build_family(self.cfg, site=site).sample(gen, per, "eval") for site in held]
+            return TaskBatch.concat(parts).slice(0, n)
         if self._sites is not None and len(self._sites) > 1:
             per_site = -(-n // len(self._sites))
             parts = [self.family(c).sample(gen, per_site, "eval") for c in range(len(self._sites))]
