@@ -17,6 +17,8 @@ import torch
 from fedmeta.config import Config, config_from_dict
 from fedmeta.datagen import make_sites
 from fedmeta.errors import ConfigError
+from fedmeta.experiment import Experiment
+from fedmeta.federation import RoundLoop, SiteLayoutFamily
 from fedmeta.flower.deploy.local import deployment_config, prepare_heldout_site
 from fedmeta.tasks import TaskSource
 
@@ -53,6 +55,9 @@ def test_deploy_local_does_not_turn_federated_evaluation_on_under_dp(tmp_path: P
     held = prepare_heldout_site(cfg, 3, tmp_path / "server_heldout")
     d = deployment_config(cfg, 3, heldout_dir=held)
     assert (d.eval.clients, d.eval.server, d.eval.data_dir) == (0, True, str(held))
+    # the deployment server (no site data, model from the sites' answers) evaluates on that site
+    loop = RoundLoop(d, tmp_path / "out", experiment=Experiment(d, family=SiteLayoutFamily("regression", (1,), 1)))
+    assert loop._eval_tasks is not None and loop._eval_tasks.num_tasks == d.eval.tasks
     # the held-out site is written as site 3: none of the clients' sites 0..2
     sites = make_sites(cfg, 3, tmp_path / "sites")
     ours = _heldout_y(held)
