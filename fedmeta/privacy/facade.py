@@ -343,8 +343,9 @@ class ClientPrivacy:
     """A client's (site's) side of differential privacy; one per client, its state persisted.
 
     Args:
-        cfg: the run configuration (the client's own copy: under client-local DP the noise
-            multiplier comes from here, never from the server's instructions).
+        cfg: the run configuration (under client-local DP the noise multiplier comes from here,
+            never from the server's per-round instructions; a site bounds it with its node
+            config's privacy floor, :mod:`fedmeta.privacy.site_floor`).
         client_id: the client's id (keys its noise stream when ``privacy.noise_seed`` is set).
         state: a :meth:`state_dict` kept by the client between rounds.
         pool_size: ``task`` mode: the number of tasks the site holds (see :func:`site_pool_size`).
