@@ -15,11 +15,10 @@ from flwr.app import Context, Message, RecordDict
 from flwr.app.metadata import Metadata
 
 from fedmeta.config import Config, config_from_dict
-from fedmeta.errors import ConfigError, PrivacyFloorViolated
+from fedmeta.errors import ConfigError
 from fedmeta.experiment import Experiment
 from fedmeta.flower import records as fl
 from fedmeta.flower.client_app import build_client_app
-from fedmeta.privacy.site_floor import SiteFloor
 
 FLOOR = {
     "privacy-mode": "client-local",
@@ -95,6 +94,9 @@ def test_a_run_that_meets_the_floor_trains() -> None:
     ],
 )
 def test_each_part_of_the_floor_is_checked_naming_the_key(privacy: dict[str, Any], needle: str) -> None:
+    from fedmeta.errors import PrivacyFloorViolated
+    from fedmeta.privacy.site_floor import SiteFloor
+
     cfg = _cfg(**privacy)
     with pytest.raises(PrivacyFloorViolated, match="this site refuses the run") as err:
         SiteFloor.from_node_config(FLOOR).check(cfg)
@@ -102,6 +104,8 @@ def test_each_part_of_the_floor_is_checked_naming_the_key(privacy: dict[str, Any
 
 
 def test_a_malformed_floor_names_the_node_config_key() -> None:
+    from fedmeta.privacy.site_floor import SiteFloor
+
     with pytest.raises(ConfigError, match="node config 'privacy-mode' must be one of"):
         SiteFloor.from_node_config({"privacy-mode": "strong"})
     with pytest.raises(ConfigError, match="node config 'privacy-mode' must be a differential-privacy mode"):

@@ -19,7 +19,7 @@ from fedmeta.datagen import make_sites
 from fedmeta.errors import ConfigError
 from fedmeta.experiment import Experiment
 from fedmeta.federation import RoundLoop, SiteLayoutFamily
-from fedmeta.flower.deploy.local import deployment_config, prepare_heldout_site
+from fedmeta.flower.deploy.local import deployment_config
 from fedmeta.tasks import TaskSource
 
 DP = {
@@ -49,6 +49,8 @@ def test_every_dp_mode_refuses_federated_evaluation_naming_the_key(mode: str) ->
 
 
 def test_deploy_local_does_not_turn_federated_evaluation_on_under_dp(tmp_path: Path) -> None:
+    from fedmeta.flower.deploy.local import prepare_heldout_site
+
     cfg = _cfg("client-central", task={"name": "sinusoid"})
     with pytest.raises(ConfigError, match=r"'eval.data_dir' must name held-out site folders"):
         deployment_config(cfg, 3)
