@@ -102,6 +102,10 @@ class TaskConfig:
     damping: Range | None = None
     noise_std: float = 0.0
     data_dir: str | None = None
+    # folder: let several clients read the same site when a folder holds fewer sites than
+    # federation.clients_total (client c reads site c mod sites). Off by default: one site's data
+    # entering as several clients is not what a "client" means; every DP mode refuses it.
+    share_sites: bool = False
     # glyphs (docs/glyphs.md): side of the images, fixed drawings per character, 90-degree
     # rotations as extra background classes, how background classes are split among clients
     # (iid | style | script | dirichlet), the Dirichlet concentration, the seed of the drawings,
@@ -249,8 +253,12 @@ class EvalConfig:
     # Server-side evaluation on TaskSource.eval_tasks() (needs the task data on the server).
     server: bool = True
     # Federated evaluation: clients asked every `every` rounds to adapt on their own held-out
-    # tasks and return aggregate metrics only (0: none).
+    # tasks and return aggregate metrics only (0: none). Refused under every DP mode (un-noised).
     clients: int = 0
+    # folder: a site folder (or folder of sites) that no client reads, whose heldout/ tasks the
+    # server evaluates on instead of task.data_dir's; required for server-side evaluation over
+    # site folders under DP (the sites' own held-out tasks are their data).
+    data_dir: str | None = None
 
 
 @dataclass(frozen=True)

@@ -29,13 +29,15 @@ def make_sites(
     tasks_per_site: int | None = None,
     heldout_per_site: int = 5,
     examples_per_task: int | None = None,
+    first: int = 0,
 ) -> list[Path]:
     """Write ``sites`` site folders ``out/site-0000 ...`` for the config's task family.
 
     Each site holds ``tasks_per_site`` training tasks (``task.tasks_per_site``, default 20) in
     ``tasks/`` and ``heldout_per_site`` held-out tasks in ``heldout/``. A regression task stores
     ``examples_per_task`` points (default ``2 * (shots + query)``) so that every round can draw
-    a fresh support/query split. Tasks of site ``c`` are a function of ``(seed, c)``.
+    a fresh support/query split. Tasks of site ``c`` are a function of ``(seed, c)``; sites are
+    numbered from ``first`` (a server's held-out site is written as the site after the clients').
 
     Raises:
         ConfigError: if the family cannot be written as site folders (e.g. ``folder`` itself).
@@ -68,7 +70,7 @@ def make_sites(
             (f"{split}-{i:04d}", batch.support_x[i].numpy(), batch.support_y[i].numpy()) for i in range(count)
         ]
 
-    for c in range(sites):
+    for c in range(first, first + sites):
         site = write_site(
             root / f"site-{c:04d}",
             draw(c, "train", n_tasks),

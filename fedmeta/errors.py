@@ -11,6 +11,7 @@ __all__ = [
     "InconsistentReplies",
     "UpdateRejected",
     "DeploymentError",
+    "PrivacyFloorViolated",
 ]
 
 
@@ -60,3 +61,9 @@ class DeploymentError(FedMetaError):
     """A deployment process (SuperLink, SuperNode, ``flwr run``) failed or timed out."""
 
     exit_code = 8
+
+
+class PrivacyFloorViolated(FedMetaError):
+    """A run asks a site for less privacy than the floor the site pinned in its node config."""
+
+    exit_code = 9

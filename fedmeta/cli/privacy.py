@@ -20,19 +20,12 @@ __all__ = ["register", "cmd_privacy", "privacy_report"]
 
 
 def _pool_size(cfg: Any, given: int | None) -> int | None:
-    """Task mode: the smallest site's pool (the worst case) when it is not in the config."""
-    from fedmeta.privacy.mechanisms import mechanism_for
+    """Task mode: ``--pool-size`` if given; otherwise the config's public ``task.tasks_per_site`` applies.
 
-    if given is not None:
-        return given
-    if not mechanism_for(cfg).counts_site_pools or cfg.task.tasks_per_site is not None:
-        return None
-    from fedmeta.privacy import site_pool_size
-    from fedmeta.tasks import TaskSource
-
-    source = TaskSource(cfg)
-    sites = source.num_sites or 1
-    return min(site_pool_size(source, c) for c in range(sites))
+    Sites' own task counts are never read: under task-level DP the sample rate comes from the
+    public config only.
+    """
+    return given
 
 
 def privacy_report(

@@ -51,7 +51,8 @@ class ClientIdentity:
     Attributes:
         client_id: its own client id, or -1 when it has none (the server then assigns one).
         kind: ``"regression"`` or ``"classification"``.
-        num_tasks: training tasks it holds (0: it draws fresh tasks every round).
+        num_tasks: training tasks it holds (0: it draws fresh tasks every round, or the run is
+            under DP, where the count is not sent).
         site: its site name (the data folder's name; ``""`` for generated data).
         input_shape: shape of one input example.
         output_dim: model outputs its tasks need.
@@ -68,10 +69,17 @@ class ClientIdentity:
 def describe_client(exp: Experiment, client_id: int | None, data_dir: str | None) -> ClientIdentity:
     """The identity a node reports: its id, and the shape of the data it would train on.
 
-    For a site folder this reads (and so validates) the site's tasks.
+    For a site folder this reads (and so validates) the site's tasks. How many tasks the site
+    holds is sent only without differential privacy (``PrivacyMechanism.reports_task_count``):
+    under DP it is the site's data (task-level DP's adjacency protects it) and the server needs
+    no count, so ``num_tasks`` is 0.
     """
+    from fedmeta.privacy.mechanisms import mechanism_for
+
     family = exp.source.family(client_id if client_id is not None else None)
-    if exp.cfg.task.name == "folder":
+    if not mechanism_for(exp.cfg).reports_task_count:
+        num_tasks = 0
+    elif exp.cfg.task.name == "folder":
         num_tasks = len(family.tasks("train"))  # type: ignore[attr-defined]
     else:
         num_tasks = exp.cfg.task.tasks_per_site or 0

@@ -19,6 +19,13 @@ node's ``context.state`` for the run and, when the node has a ``privacy-state-di
 or the app was built with one, in a file there across runs. A client whose own budget is spent
 answers with an error and sends nothing.
 
+A site pins its own privacy floor in its node config (``privacy-mode``,
+``privacy-min-noise-multiplier``, ``privacy-max-epsilon``, ``privacy-max-delta``,
+``privacy-max-clip-norm``; :mod:`fedmeta.privacy.site_floor`): the run config comes from whoever
+submits the run, so before the train and evaluate handlers compute anything they check it against
+that floor, and a run that asks for less gets an error reply (``PrivacyFloorViolated: ...``, a
+failed client on the server) and an error in the site's log.
+
 Apart from that privacy state, clients are stateless between messages: task data exists only
 while a handler runs. The :class:`~fedmeta.experiment.Experiment` (model skeleton, algorithm,
 task family — for a site, its files) is a pure function of the config and data folder and is memoized per process, which
@@ -33,6 +40,7 @@ differential-privacy mods on ``train`` only).
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,7 +50,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedmeta.config import Config
-from fedmeta.errors import BudgetExhausted
+from fedmeta.errors import BudgetExhausted, ConfigError, PrivacyFloorViolated
 from fedmeta.experiment import Experiment
 from fedmeta.federation import (
     COMPUTE_SECONDS,
@@ -55,8 +63,26 @@ from fedmeta.federation import (
 from fedmeta.flower import records as fl
 from fedmeta.flower.run_config import run_settings
 from fedmeta.privacy.mechanisms import CLIP_NORM_KEY, mechanism_for
+from fedmeta.privacy.site_floor import SiteFloor
 
 __all__ = ["build_client_app"]
+
+log = logging.getLogger(__name__)
+
+
+def _floor_refusal(cfg: Config, context: Context, message: Message) -> Message | None:
+    """An error reply when the run asks for less privacy than the node config's floor, else ``None``.
+
+    A malformed floor refuses too (the site's operator must fix its node config; training without
+    the floor it meant to pin would be worse).
+    """
+    try:
+        SiteFloor.from_node_config(context.node_config).check(cfg)
+    except (PrivacyFloorViolated, ConfigError) as exc:
+        kind = type(exc).__name__
+        log.error("%s: %s", kind, exc)
+        return fl.reply_error(message, f"{kind}: {exc}")
+    return None
 
 
 @functools.lru_cache(maxsize=4)
@@ -123,6 +149,9 @@ def build_client_app(
     def train(message: Message, context: Context) -> Message:
         started = time.perf_counter()
         exp, own_id, _ = setup(context)
+        refusal = _floor_refusal(exp.cfg, context, message)
+        if refusal is not None:
+            return refusal
         meta, config = fl.unpack_instructions(message)
         client_id = resolve_client_id(own_id, _int_or_none(config.get("client-id")))
         round_idx = int(config["round"])
@@ -149,6 +178,9 @@ def build_client_app(
     @app.evaluate(mods=list(evaluate_mods))
     def evaluate(message: Message, context: Context) -> Message:
         exp, own_id, _ = setup(context)
+        refusal = _floor_refusal(exp.cfg, context, message)
+        if refusal is not None:
+            return refusal
         meta, config = fl.unpack_instructions(message)
         client_id = resolve_client_id(own_id, _int_or_none(config.get("client-id")))
         metrics, num_tasks = evaluate_on_client(exp, meta, client_id, num_tasks=int(config["eval-tasks"]))

@@ -57,7 +57,8 @@ def run_server(
 
     A server whose config has on-disk sites but no ``task.data_dir`` (a deployment: every
     SuperNode has its own ``data-dir``) builds its model from the sites' start-up answers
-    (:func:`fedmeta.federation.directory.site_layout`) and evaluates only through them (``eval.clients``).
+    (:func:`fedmeta.federation.directory.site_layout`) and evaluates through them (``eval.clients``) or, under
+    DP, on held-out sites of its own (``eval.data_dir``).
 
     Args:
         grid: Flower's grid (simulation or deployment).

@@ -89,12 +89,6 @@ class ServerPrivacy:
         self.client_sample_rate = f.clients_per_round / f.clients_total
         self._seed = secret_seed(p.noise_seed)
         _warn_fixed_seed(cfg, self.mechanism)
-        if self.enabled and cfg.eval.clients > 0:
-            log.warning(
-                "eval.clients=%d: under privacy.mode %s the clients' federated evaluation metrics are sent without "
-                "noise and are not covered by epsilon (eval.server evaluates on tasks that belong to no client)",
-                cfg.eval.clients, p.mode,
-            )  # fmt: skip
         self.update_noise_multiplier, self.count_stddev = update_noise(cfg) if self.enabled else (0.0, 0.0)
         #: the round's ``privacy`` metrics entries, filled by the stages (:meth:`open_round`)
         self.round_info: dict[str, Any] = {}
@@ -382,8 +376,9 @@ class ClientPrivacy:
     """A client's (site's) side of differential privacy; one per client, its state persisted.
 
     Args:
-        cfg: the run configuration (the client's own copy: under client-local DP the noise
-            multiplier comes from here, never from the server's instructions).
+        cfg: the run configuration (under client-local DP the noise multiplier comes from here,
+            never from the server's per-round instructions; a site bounds it with its node
+            config's privacy floor, :mod:`fedmeta.privacy.site_floor`).
         client_id: the client's id (keys its noise stream when ``privacy.noise_seed`` is set).
         state: a :meth:`state_dict` kept by the client between rounds.
         pool_size: ``task`` mode: the number of tasks the site holds (see :func:`site_pool_size`).

@@ -25,8 +25,8 @@ in the checkpoint. A checkpoint written before the split holds it in the privacy
 
 from __future__ import annotations
 
-import logging
 import dataclasses
+import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 

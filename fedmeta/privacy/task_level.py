@@ -241,15 +241,17 @@ class TaskLevelPrivacy:
     # -- reporting and persistence -------------------------------------------------------------
 
     def report(self) -> dict[str, float]:
-        """The site's own privacy, as scalars (safe to log and to send: no data enters them)."""
+        """The site's own privacy, as scalars: epsilon, delta and steps.
+
+        Safe to log and to send when the sample rate is public (``from_config`` takes it from
+        ``task.tasks_per_site``): then they are functions of public parameters and of the rounds
+        the site took part in. The sample rate itself is never reported.
+        """
         eps = self.epsilon()
         return {
             "privacy.epsilon": eps if math.isfinite(eps) else float("inf"),
             "privacy.delta": self.delta,
             "privacy.steps": float(self.accountant.steps),
-            "privacy.sample_rate": self.sample_rate,
-            "privacy.noise_multiplier": self.noise_multiplier,
-            "privacy.clip_norm": self.clip_norm,
         }
 
     def state_dict(self) -> dict[str, Any]:

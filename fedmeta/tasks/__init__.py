@@ -56,8 +56,13 @@ class TaskSource:
       ``task.tasks_per_site = n`` a client holds a fixed private pool of ``n`` tasks (drawn once
       from ``(seed, client)``) and each round picks ``meta.tasks_per_client`` of them with fresh
       support/query examples; with ``null`` it draws new tasks every round (MAML's setting).
-    * ``folder``: ``task.data_dir`` is one site (all clients share it) or a folder of sites
-      (client ``c`` is the ``c``-th site).
+    * ``folder``: client ``c`` reads the ``c``-th site of ``task.data_dir`` (a folder of sites),
+      one client per site; a folder with fewer sites than ``federation.clients_total`` is refused.
+      One site (``task.data_dir`` names a site) is client 0's; a node given its own ``data_dir``
+      (a SuperNode's ``data-dir``) reads it whatever its client id. Several clients reading one
+      site (client ``c`` reads site ``c mod sites``) only with ``task.share_sites: true``, which
+      every DP mode refuses: one site's data entering as several clients voids a per-client or
+      per-task guarantee.
     * ``glyphs``: client ``c`` sees only its own partition of the background scripts.
 
     Randomness comes from ``(seed, purpose, round, client)`` only, never from global state.
@@ -72,16 +77,50 @@ class TaskSource:
             # passes one that only describes the sites' shapes, from their start-up answers)
             self._shared: TaskFamily | None = family
             return
+        # a folder given to this node itself (a SuperNode's data-dir) is its own site, whatever its id
+        self._own_folder = data_dir is not None
         if cfg.task.name == "folder":
             root = data_dir if data_dir is not None else cfg.task.data_dir
             if root is None:
                 raise ConfigError("config key 'task.data_dir' must name a site folder for task.name 'folder'")
+            self._root = Path(root)
             self._sites = list_sites(root)
+            total = cfg.federation.clients_total
+            if len(self._sites) > 1 and len(self._sites) < total and not cfg.task.share_sites:
+                raise ConfigError(
+                    f"data folder '{root}' holds {len(self._sites)} sites but federation.clients_total is {total}: "
+                    "each client is one site (client c reads the c-th site); add sites, lower "
+                    "federation.clients_total, or set task.share_sites true to let clients share sites "
+                    "(refused under differential privacy)"
+                )
         self._shared = None if self._sites is not None and len(self._sites) > 1 else self._build(None)
+
+    def site_of(self, client_id: int) -> Path:
+        """The site folder client ``client_id`` reads (``folder`` family only).
+
+        Raises:
+            ConfigError: when the client has no site of its own and ``task.share_sites`` is false,
+                naming the folder, ``federation.clients_total`` and ``task.share_sites``.
+        """
+        sites = self._sites
+        if sites is None:
+            raise ValueError("site_of is for task.name 'folder'")
+        if len(sites) == 1 and self._own_folder:
+            return sites[0]
+        if client_id < len(sites):
+            return sites[client_id]
+        if not self.cfg.task.share_sites:
+            raise ConfigError(
+                f"client {client_id} has no site of its own: data folder '{self._root}' holds {len(sites)} "
+                f"site(s) for federation.clients_total={self.cfg.federation.clients_total} clients (client c "
+                "reads the c-th site); add sites, lower federation.clients_total, or set task.share_sites true "
+                "to let clients share sites (refused under differential privacy)"
+            )
+        return sites[client_id % len(sites)]
 
     def _build(self, client_id: int | None) -> TaskFamily:
         if self._sites is not None:
-            site = self._sites[0] if client_id is None else self._sites[client_id % len(self._sites)]
+            site = self._sites[0] if client_id is None else self.site_of(client_id)
             return build_family(self.cfg, site=site)
         if self.cfg.task.name == "glyphs" and client_id is not None:
             from fedmeta.tasks.glyphs import build_glyph_family
@@ -97,6 +136,8 @@ class TaskSource:
     def family(self, client_id: int | None = None) -> TaskFamily:
         """The task family client ``client_id`` draws from (``None``: the whole family)."""
         if self._shared is not None and not (self.cfg.task.name == "glyphs" and client_id is not None):
+            if self._sites is not None and client_id is not None:
+                self.site_of(client_id)  # one site read by several clients only with task.share_sites
             return self._shared
         key = -1 if client_id is None else client_id
         if key not in self._families:
@@ -131,9 +172,19 @@ class TaskSource:
         )
 
     def eval_tasks(self, n: int | None = None) -> TaskBatch:
-        """The held-out evaluation tasks (fixed for a seed; never used in training)."""
+        """The held-out evaluation tasks (fixed for a seed; never used in training).
+
+        With ``eval.data_dir`` set they are the ``heldout/`` tasks of the site(s) there, which no
+        client reads; otherwise those of ``task.data_dir``'s sites (folder) or the family's
+        evaluation split.
+        """
         n = self.cfg.eval.tasks if n is None else n
         gen = make_generator(self.cfg.seed, "eval")
+        if self.cfg.eval.data_dir:
+            held = list_sites(self.cfg.eval.data_dir)
+            per = -(-n // len(held))
+            parts = [build_family(self.cfg, site=site).sample(gen, per, "eval") for site in held]
+            return TaskBatch.concat(parts).slice(0, n)
         if self._sites is not None and len(self._sites) > 1:
             per_site = -(-n // len(self._sites))
             parts = [self.family(c).sample(gen, per_site, "eval") for c in range(len(self._sites))]

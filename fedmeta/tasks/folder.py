@@ -396,7 +396,20 @@ class FolderFamily(TaskFamily):
     def check_config(cls, cfg: Config) -> None:
         """When selected and the server evaluates, ``task.data_dir`` must name the site folder(s)."""
         t = cfg.task
-        if t.name == cls.name and cfg.eval.server:
+        if cfg.eval.data_dir:
+            require(
+                t.name == cls.name,
+                "eval.data_dir",
+                cfg.eval.data_dir,
+                f"applies to task.name 'folder' only (task.name is '{t.name}')",
+            )
+            require(
+                not t.data_dir or Path(t.data_dir).resolve() != Path(cfg.eval.data_dir).resolve(),
+                "eval.data_dir",
+                cfg.eval.data_dir,
+                "must be a folder no client reads, not task.data_dir itself",
+            )
+        if t.name == cls.name and cfg.eval.server and not cfg.eval.data_dir:
             # A deployment server without site data (each SuperNode has its own data-dir) leaves it
             # null; it then evaluates only through the sites (eval.server false, eval.clients > 0).
             require(

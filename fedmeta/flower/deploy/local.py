@@ -64,6 +64,7 @@ __all__ = [
     "LocalRun",
     "deployment_config",
     "prepare_sites",
+    "prepare_heldout_site",
     "start_sites",
     "run_local",
     "default_workdir",
@@ -862,35 +863,76 @@ APP_DIR = Path(__file__).resolve().parents[3]
 DEPLOY_DIR = "deploy"
 
 
-def deployment_config(cfg: Config, num_sites: int) -> Config:
+def deployment_config(cfg: Config, num_sites: int, *, heldout_dir: str | Path | None = None) -> Config:
     """The config a deployment of ``num_sites`` on-disk sites runs with.
 
     Each site is one client (``federation.clients_total = num_sites``, at most that many per
     round; ``federation.min_replies`` capped accordingly) reading its own folder
-    (``task.name: folder``). The server holds no site data (``task.data_dir`` null), builds its
-    model from the sites' start-up answers, and evaluates through the sites' ``heldout/`` tasks
-    (``eval.server`` false, ``eval.clients`` = all sites unless the config asks for fewer).
+    (``task.name: folder``). The server holds no site data (``task.data_dir`` null) and builds
+    its model from the sites' start-up answers. Without DP it evaluates through the sites'
+    ``heldout/`` tasks (``eval.server`` false, ``eval.clients`` = all sites unless the config
+    asks for fewer). Under DP federated evaluation is refused (its metrics are un-noised), so the
+    server evaluates on held-out sites that no client reads (``eval.data_dir``: ``heldout_dir``,
+    else the config's own).
+
+    Args:
+        cfg: the config.
+        num_sites: the number of sites (clients).
+        heldout_dir: under DP, the server's held-out site folder (see :func:`prepare_heldout_site`).
 
     Raises:
-        ConfigError: if the result is not a valid config.
+        ConfigError: if the result is not a valid config, or under DP without held-out sites
+            for the server (naming ``eval.data_dir``).
     """
     from dataclasses import replace
 
     from fedmeta.config import config_from_dict, to_dict
+    from fedmeta.privacy.mechanisms import mechanism_for
 
     if num_sites < 1:
         raise ConfigError(f"--sites must be at least 1, got {num_sites}")
     f = cfg.federation
     per_round = min(f.clients_per_round, num_sites)
     min_replies = None if f.min_replies is None else min(f.min_replies, per_round)
-    eval_clients = num_sites if cfg.eval.clients <= 0 else min(cfg.eval.clients, num_sites)
+    if mechanism_for(cfg).evaluates_on_site_data:
+        eval_clients = num_sites if cfg.eval.clients <= 0 else min(cfg.eval.clients, num_sites)
+        evaluation = replace(cfg.eval, server=False, clients=eval_clients)
+    else:
+        held = str(heldout_dir) if heldout_dir is not None else cfg.eval.data_dir
+        if not held:
+            raise ConfigError(
+                f"config key 'eval.data_dir' must name held-out site folders that no client reads: under privacy.mode "
+                f"'{cfg.privacy.mode}' a deployment does not turn on federated evaluation (eval.clients; its metrics "
+                "are sent without noise), so the server evaluates on held-out tasks of its own"
+            )
+        evaluation = replace(cfg.eval, server=True, clients=0, data_dir=held)
     out = replace(
         cfg,
         task=replace(cfg.task, name="folder", data_dir=None),
         federation=replace(f, clients_total=num_sites, clients_per_round=per_round, min_replies=min_replies),
-        eval=replace(cfg.eval, server=False, clients=eval_clients),
+        eval=evaluation,
     )
     return config_from_dict(to_dict(out), source="the deployment config")
+
+
+def prepare_heldout_site(cfg: Config, num_sites: int, out: Path) -> Path:
+    """A held-out site for the server of a DP deployment: written like site ``num_sites``, read by no client.
+
+    Its tasks are a function of ``(seed, num_sites)``, so they differ from every client's site
+    (sites ``0 .. num_sites-1``) and a resumed run rewrites the same folder.
+
+    Raises:
+        ConfigError: for a family ``make-data`` cannot write past the clients' partitions (``folder``,
+            ``glyphs``): name held-out sites with ``eval.data_dir`` instead.
+    """
+    from fedmeta.datagen import make_sites
+
+    if cfg.task.name in ("folder", "glyphs"):
+        raise ConfigError(
+            f"config key 'eval.data_dir' must name held-out site folders for a DP deployment of task.name "
+            f"'{cfg.task.name}' (the server evaluates on tasks no client holds)"
+        )
+    return make_sites(cfg, 1, out, first=num_sites)[0].resolve()
 
 
 def prepare_sites(cfg: Config, num_sites: int | None, out: Path, *, data: str | Path | None = None) -> list[Path]:
@@ -1064,9 +1106,13 @@ def run_local(
         done = int(load_checkpoint(out_dir / "checkpoint.pt")["round"])
         log.info("resuming after round %d", done)
     site_dirs = prepare_sites(cfg, sites, out_dir / "sites", data=data)
-    dcfg = deployment_config(cfg, len(site_dirs))
-    privacy_dir: Path | None = None
     from fedmeta.privacy.mechanisms import mechanism_for
+
+    heldout = None
+    if not mechanism_for(cfg).evaluates_on_site_data and not cfg.eval.data_dir and data is None:
+        heldout = prepare_heldout_site(cfg, len(site_dirs), out_dir / "server_heldout")
+    dcfg = deployment_config(cfg, len(site_dirs), heldout_dir=heldout)
+    privacy_dir: Path | None = None
 
     mechanism = mechanism_for(dcfg)
     if mechanism.enabled:

@@ -143,6 +143,16 @@ class PrivacyMechanism:
         batched_cohort: whether a cohort's updates may come from one vectorized pass (privatized per
             client afterwards) rather than from each site's own private steps.
         budget_holder: who a full-schedule epsilon is about, in words (budget messages).
+        public: the config keys (and facts) this mode's guarantee treats as public: what a site's
+            releases may depend on besides its noised data.
+        reports_task_count: whether a site's start-up answer carries how many tasks it holds (only
+            without DP: under DP the count is the site's data, and nothing needs it).
+        evaluates_on_site_data: whether evaluation may use the sites' data without noise: federated
+            evaluation (``eval.clients > 0``: each site's held-out means) and the server evaluating on
+            the clients' own site folders (``task.data_dir``'s ``heldout/`` tasks). No DP mode
+            allows it: those metrics would not be covered by epsilon.
+        accepts_shared_sites: whether ``task.share_sites`` (several clients reading one site folder)
+            may be used; no DP mode accepts it (one site entering as several clients is not the unit).
     """
 
     name: ClassVar[str] = ""
@@ -159,6 +169,10 @@ class PrivacyMechanism:
     client_keeps_state: ClassVar[bool] = False
     batched_cohort: ClassVar[bool] = True
     budget_holder: ClassVar[str] = "the run"
+    accepts_shared_sites: ClassVar[bool] = False
+    evaluates_on_site_data: ClassVar[bool] = False
+    public: ClassVar[tuple[str, ...]] = ()
+    reports_task_count: ClassVar[bool] = False
 
     # -- declarations ----------------------------------------------------------------------------
 
@@ -233,6 +247,14 @@ class PrivacyMechanism:
         """
         self._check_adaptive_clipping(cfg)
         f = cfg.federation
+        _require(
+            self.accepts_shared_sites or not cfg.task.share_sites,
+            "task.share_sites",
+            cfg.task.share_sites,
+            f"must be false for privacy.mode '{self.name}': clients sharing a site folder would let one site's "
+            f"data enter as several clients, and the {self.unit}-level epsilon would protect the wrong unit",
+        )
+        self._check_evaluation(cfg)
         if self.needs_poisson_sampling:
             # The accountant's amplification by subsampling assumes each client joins a round
             # independently with probability q = clients_per_round / clients_total.
@@ -251,6 +273,28 @@ class PrivacyMechanism:
                 f.aggregation,
                 f"must be {rules} for privacy.mode '{self.name}' ({self.aggregations_why})",
             )
+
+    def _check_evaluation(self, cfg: Config) -> None:
+        # evaluation on the sites' own data is un-noised: refused under DP (evaluates_on_site_data)
+        if self.evaluates_on_site_data:
+            return
+        e, t = cfg.eval, cfg.task
+        _require(
+            e.clients == 0,
+            "eval.clients",
+            e.clients,
+            f"must be 0 under privacy.mode '{self.name}': federated evaluation sends each site's held-out loss "
+            "and accuracy means without noise, outside epsilon (the server evaluates on held-out tasks of its own: "
+            "eval.server)",
+        )
+        _require(
+            not (t.name == "folder" and e.server and t.data_dir and not e.data_dir),
+            "eval.data_dir",
+            e.data_dir,
+            f"must name held-out sites that no client reads for server-side evaluation over site folders under "
+            f"privacy.mode '{self.name}': task.data_dir's heldout/ tasks are the sites' own data, and metrics on "
+            "them are not covered by epsilon",
+        )
 
     def _check_adaptive_clipping(self, cfg: Config) -> None:
         # privacy.adaptive_clipping: only where the mode supports it, with enough clipped-count noise

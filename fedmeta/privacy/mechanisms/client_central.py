@@ -51,6 +51,14 @@ class ClientCentralPrivacy(PrivacyMechanism):
     aggregations_why = "the noise is calibrated to the clipped sum"
     needs_poisson_sampling = True
     supports_adaptive_clipping = True
+    public = (
+        "privacy.noise_multiplier",
+        "privacy.clip_norm",
+        "privacy.delta",
+        "privacy.accountant",
+        "federation.clients_per_round",
+        "federation.clients_total",
+    )
 
     def accounting_parameters(self, cfg: Config, *, pool_size: int | None = None) -> AccountingParameters:
         """``z`` (effective, with adaptive clipping) at ``q = clients_per_round / clients_total``, per client."""

@@ -66,6 +66,13 @@ class ClientLocalPrivacy(PrivacyMechanism):
     )
     supports_adaptive_clipping = True
     client_keeps_state = True
+    public = (
+        "privacy.noise_multiplier",
+        "privacy.clip_norm (and the server's current clip norm)",
+        "privacy.delta",
+        "privacy.accountant",
+        "which rounds a client took part in",
+    )
     budget_holder = "a client that takes part in every round"
     default_count_stddev_means = "noise_multiplier"
 

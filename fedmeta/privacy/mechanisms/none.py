@@ -36,6 +36,10 @@ class NoPrivacy(PrivacyMechanism):
         dropouts="lower the round's weight only",
         accountant="none",
     )
+    #: without DP there is no unit to protect: clients may share site folders (task.share_sites)
+    accepts_shared_sites = True
+    reports_task_count = True
+    evaluates_on_site_data = True
 
     def privatize_client_update(
         self, cfg: Config, client: ClientPrivacy, update: MetaUpdate, *, round_idx: int, clip_norm: float | None = None

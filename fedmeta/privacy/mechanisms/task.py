@@ -4,6 +4,13 @@ Abadi et al. (2016), "Deep Learning with Differential Privacy": each site Poisso
 of tasks, clips every task's meta-gradient, adds noise to their sum and divides by the expected
 batch size; it keeps its own accountant in its node state and reports its epsilon. The unit is one
 task of a site (e.g. one patient of a hospital).
+
+Add/remove-one-task adjacency protects the size of a site's pool too, so nothing a site sends
+depends on it: the sample rate ``q = meta.tasks_per_client / task.tasks_per_site`` and the divisor
+``q * task.tasks_per_site`` come from the public config (``task.tasks_per_site`` is the pool size
+the run is planned for, not a count of the site's tasks; a folder site Poisson-samples the tasks
+it actually stores at that rate), the start-up answer carries no task count, and the site's report
+is its epsilon, delta and steps, functions of public parameters only (:attr:`TaskPrivacy.public`).
 """
 
 from __future__ import annotations
@@ -27,7 +34,11 @@ if TYPE_CHECKING:
     from fedmeta.privacy.facade import ClientPrivacy, ServerPrivacy
     from fedmeta.tasks import TaskSource
 
-__all__ = ["TaskPrivacy", "private_task_update"]
+__all__ = ["TaskPrivacy", "private_task_update", "SITE_REPORT_KEYS"]
+
+#: What a site reports with its update: functions of the public parameters and of the rounds it
+#: took part in (the server could recompute them), never its task count or sample rate.
+SITE_REPORT_KEYS = ("privacy.epsilon", "privacy.delta", "privacy.steps")
 
 log = logging.getLogger(__name__)
 
@@ -37,21 +48,35 @@ class TaskPrivacy(PrivacyMechanism):
     """Task-level DP: each site clips every task's meta-gradient and noises their sum itself.
 
     What leaves a site: the sum of its privatized DP-SGD steps, a nominal task count, and its own
-    epsilon, delta and steps.
+    epsilon, delta and steps (functions of public parameters; never its task count or sample rate).
     """
 
     name = "task"
     unit = "task"
     noise_added_by = "site"
-    leaves_site = "the sum of its privatized DP-SGD steps, a nominal task count, and its own epsilon, delta and steps"
+    leaves_site = (
+        "the sum of its privatized DP-SGD steps, a nominal task count, and its own epsilon, delta and steps "
+        "(functions of public parameters; never its task count or sample rate)"
+    )
+    public = (
+        "privacy.noise_multiplier",
+        "privacy.clip_norm",
+        "privacy.delta",
+        "privacy.accountant",
+        "meta.tasks_per_client",
+        "meta.local_steps",
+        "task.tasks_per_site",
+        "which rounds a site took part in",
+    )
     description = ModeDescription(
         name="task",
         protects="one task of a site (e.g. one patient of a hospital) against everyone outside the site",
         noise_added_by="the site, with Opacus' DP optimizer: per-task clipping of meta-gradients "
         "and Gaussian noise on their sum",
         server_sees="each site's privatized mean meta-gradient and its epsilon",
-        sample_rate="tasks_per_client / tasks in the site's pool: each task joins the site's "
-        "meta-batch independently with this probability (Poisson sampling inside the site)",
+        sample_rate="tasks_per_client / task.tasks_per_site, from the public config (never from the "
+        "site's own task count): each task joins the site's meta-batch independently with this "
+        "probability (Poisson sampling inside the site)",
         dropouts="a site that is not sampled or drops out takes no step and spends nothing",
         accountant="one per site, persisted in the site's state across rounds; the site reports "
         "its own (epsilon, delta)",
@@ -64,7 +89,7 @@ class TaskPrivacy(PrivacyMechanism):
     budget_holder = "a site that takes part in every round"
 
     def check_config(self, cfg: Config) -> None:
-        """No adaptive clipping; a known pool size (``task.tasks_per_site``, or folder sites to count).
+        """No adaptive clipping; a public pool size ``task.tasks_per_site`` (folder sites too).
 
         Raises:
             ConfigError: naming ``privacy.adaptive_clipping`` or ``task.tasks_per_site``.
@@ -72,11 +97,12 @@ class TaskPrivacy(PrivacyMechanism):
         super().check_config(cfg)
         t = cfg.task
         _require(
-            t.tasks_per_site is not None or t.name == "folder",
+            t.tasks_per_site is not None,
             "task.tasks_per_site",
             t.tasks_per_site,
             "must be set for privacy.mode 'task' (the site's fixed pool of tasks is what task-level DP "
-            "protects; its sampling rate is meta.tasks_per_client / task.tasks_per_site)",
+            "protects; its sampling rate is meta.tasks_per_client / task.tasks_per_site, public, so that "
+            "nothing a site sends depends on how many tasks it holds; folder sites too)",
         )
 
     # -- budget planning -------------------------------------------------------------------------
@@ -102,10 +128,12 @@ class TaskPrivacy(PrivacyMechanism):
         )
 
     def site_pool_size(self, source: TaskSource, client_id: int) -> int | None:
-        """The number of tasks ``client_id``'s site holds."""
-        from fedmeta.privacy.task_level import site_pool_size
+        """The public pool size the site's privacy is set up for: ``task.tasks_per_site``.
 
-        return site_pool_size(source, client_id)
+        Not the number of tasks the site stores (that is private: add/remove-one-task adjacency
+        protects it); a folder site samples its stored tasks at the public rate.
+        """
+        return source.cfg.task.tasks_per_site
 
     # -- client side -----------------------------------------------------------------------------
 
@@ -144,17 +172,10 @@ class TaskPrivacy(PrivacyMechanism):
 
     # -- server side -----------------------------------------------------------------------------
 
-    def rounds_to_run(self, server: ServerPrivacy) -> int:
-        """Planned like the other modes when the pool size is known; else each site enforces its own budget."""
-        if server.pool_size is None and server.cfg.task.tasks_per_site is None:
-            log.info("task-level DP: each site enforces its own budget (its pool size is not known here)")
-            return server.cfg.federation.rounds
-        return super().rounds_to_run(server)
-
     def account(self, server: ServerPrivacy, release: RoundRelease) -> None:
-        """Record every reporting site's own ``privacy.*`` report (its epsilon)."""
+        """Record every reporting site's own report: its epsilon, delta and steps (nothing else is kept)."""
         for cid, rep in (release.reports or {}).items():
-            site = {k: float(v) for k, v in rep.items() if k.startswith("privacy.")}
+            site = {k: float(v) for k, v in rep.items() if k in SITE_REPORT_KEYS}
             if site:
                 server.site_reports[int(cid)] = site
 

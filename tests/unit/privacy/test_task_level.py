@@ -123,7 +123,9 @@ def test_site_epsilon_matches_opacus_for_its_rate_and_steps_across_restarts(
     assert dp.epsilon() == pytest.approx(expected, rel=1e-6)
     report = dp.report()
     assert report["privacy.epsilon"] == pytest.approx(expected, rel=1e-6)
-    assert (report["privacy.sample_rate"], report["privacy.steps"], report["privacy.delta"]) == (q, steps, 1e-5)
+    # the rate stays on the site (issue 15, finding 3: it used to be reported, and told the pool size)
+    assert dp.sample_rate == q and "privacy.sample_rate" not in report
+    assert (report["privacy.steps"], report["privacy.delta"]) == (steps, 1e-5)
 
 
 def test_site_refuses_a_step_beyond_its_budget(site: tuple[Experiment, Params, Params]) -> None:
@@ -192,9 +194,11 @@ def test_folder_sites_count_their_own_tasks(tmp_path: Path) -> None:
     make_sites(base, 2, tmp_path / "sites", tasks_per_site=8, heldout_per_site=2)
     cfg = config_from_dict(
         {
-            "task": {"name": "folder", "shots": 5, "query": 5, "data_dir": str(tmp_path / "sites")},
+            "task": {"name": "folder", "shots": 5, "query": 5, "data_dir": str(tmp_path / "sites"),
+                     "tasks_per_site": 8},
             "model": {"hidden": [16, 16]},
             "meta": {"tasks_per_client": 2},
+            "federation": {"clients_total": 2, "clients_per_round": 2},
             "privacy": {"mode": "task", "noise_seed": 0},
         }
     )
@@ -231,3 +235,58 @@ def test_two_steps_in_one_round_never_share_noise() -> None:
     assert plan.epsilon == pytest.approx(
         epsilon_for(noise_multiplier=1.0, sample_rate=0.2, steps=21, delta=1e-5), rel=1e-6
     )
+
+
+def _folder_task_cfg(root: Path, **task: object) -> Config:
+    return config_from_dict(
+        {
+            "task": {"name": "folder", "shots": 5, "query": 5, "data_dir": str(root), **task},
+            "model": {"hidden": [16, 16]},
+            "meta": {"tasks_per_client": 2},
+            "federation": {"clients_total": 2, "clients_per_round": 2, "rounds": 3},
+            "privacy": {"mode": "task", "noise_seed": 0, "noise_multiplier": 1.1},
+        }
+    )
+
+
+def test_nothing_a_site_sends_depends_on_its_task_count(tmp_path: Path) -> None:
+    # issue 15, finding 3: the start-up answer held the site's task count and every reply its
+    # sample rate tasks_per_client / count, although add/remove-one-task adjacency protects the count
+    from fedmeta.datagen import make_sites
+    from fedmeta.errors import ConfigError
+    from fedmeta.federation import describe_client
+    from fedmeta.privacy.budget import plan_privacy
+    from fedmeta.privacy.client_update import private_round
+
+    with pytest.raises(ConfigError, match=r"'task.tasks_per_site' must be set for privacy.mode 'task'.*folder sites"):
+        _folder_task_cfg(tmp_path)  # the rate would have to come from the site's own count
+    make_sites(_cfg(), 2, tmp_path / "small", tasks_per_site=6, heldout_per_site=1)
+    make_sites(_cfg(), 2, tmp_path / "large", tasks_per_site=12, heldout_per_site=1)
+    sent = []
+    for which in ("small", "large"):
+        cfg = _folder_task_cfg(tmp_path / which, tasks_per_site=4)
+        exp = Experiment(cfg)
+        assert describe_client(exp, 1, None).num_tasks == 0
+        client = ClientPrivacy.for_site(cfg, 1, exp.source)
+        assert client.site is not None and client.site.sample_rate == 2 / 4  # public: not 2/6 or 2/12
+        assert client.site.expected_tasks == 2.0
+        _, report, _ = private_round(exp, exp.initial_meta_params(), 1, 1, state=None)
+        sent.append(report)
+        plan = plan_privacy(replace_rounds(cfg, 1))
+        assert report["privacy.epsilon"] == pytest.approx(plan.epsilon, rel=1e-9)  # the server could compute it
+    assert sent[0] == sent[1] and set(sent[0]) == {"privacy.epsilon", "privacy.delta", "privacy.steps"}
+    # without DP the count is sent (it is only a description of the site)
+    plain = config_from_dict(
+        {
+            "task": {"name": "folder", "shots": 5, "query": 5, "data_dir": str(tmp_path / "large")},
+            "federation": {"clients_total": 2, "clients_per_round": 2},
+        }
+    )
+    assert describe_client(Experiment(plain), 1, None).num_tasks == 12
+
+
+def replace_rounds(cfg: Config, rounds: int) -> Config:
+    """``cfg`` with ``federation.rounds = rounds``."""
+    from dataclasses import replace
+
+    return replace(cfg, federation=replace(cfg.federation, rounds=rounds))

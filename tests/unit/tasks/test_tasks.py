@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fedmeta.config import config_from_dict
-from fedmeta.errors import DataFormatError
+from fedmeta.errors import ConfigError, DataFormatError
 from fedmeta.tasks import TaskSource
 from fedmeta.tasks.folder import FolderFamily, write_site
 from fedmeta.tasks.regression import HarmonicFamily, SinusoidFamily
@@ -149,7 +149,11 @@ def test_folder_of_sites_maps_clients_to_sites(tmp_path: Path) -> None:
         ]
         write_site(tmp_path / f"site-{s:04d}", tasks, kind="regression", heldout=tasks[:1])
     cfg = config_from_dict(
-        {"task": {"name": "folder", "data_dir": str(tmp_path), "shots": 3, "query": 3}, "eval": {"tasks": 6}}
+        {
+            "task": {"name": "folder", "data_dir": str(tmp_path), "shots": 3, "query": 3},
+            "federation": {"clients_total": 3, "clients_per_round": 3},
+            "eval": {"tasks": 6},
+        }
     )
     src = TaskSource(cfg)
     assert src.num_sites == 3
@@ -158,3 +162,58 @@ def test_folder_of_sites_maps_clients_to_sites(tmp_path: Path) -> None:
         assert torch.all(batch.support_y == client)
     held = src.eval_tasks()
     assert held.num_tasks == 6 and set(held.support_y.flatten().tolist()) == {0.0, 1.0, 2.0}
+
+
+def _write_regression_sites(root: Path, sites: int) -> None:
+    rng = np.random.default_rng(3)
+    for s in range(sites):
+        y = np.full(20, float(s), np.float32)
+        tasks = [(f"t{i}", rng.normal(size=(20, 1)).astype(np.float32), y) for i in range(2)]
+        write_site(root / f"site-{s:04d}", tasks, kind="regression", heldout=tasks[:1])
+
+
+def _folder_cfg(root: Path, *, clients: int, **extra: object):
+    task = {"name": "folder", "data_dir": str(root), "shots": 3, "query": 3, **extra.pop("task", {})}  # type: ignore[dict-item]
+    return config_from_dict(
+        {"task": task, "federation": {"clients_total": clients, "clients_per_round": 2}, "eval": {"tasks": 4}, **extra}
+    )
+
+
+def test_fewer_sites_than_clients_is_refused_naming_the_keys_and_the_folder(tmp_path: Path) -> None:
+    # issue 15, finding 1: client c silently read site c mod sites, so one site entered as several clients
+    _write_regression_sites(tmp_path, 2)
+    with pytest.raises(ConfigError, match=r"'.*' holds 2 sites but federation.clients_total is 5.*task.share_sites"):
+        TaskSource(_folder_cfg(tmp_path, clients=5))
+
+
+def test_one_site_folder_is_client_zeros_unless_shared(tmp_path: Path) -> None:
+    _write_regression_sites(tmp_path, 1)
+    site = tmp_path / "site-0000"
+    src = TaskSource(_folder_cfg(site, clients=3))
+    assert torch.all(src.client_tasks(1, 0).support_y == 0)
+    why = r"client 1 has no site of its own.*federation.clients_total=3.*task.share_sites"
+    with pytest.raises(ConfigError, match=why):
+        src.client_tasks(1, 1)
+    # a node given its own data folder (a SuperNode's data-dir) reads it as whichever client it is
+    own = TaskSource(_folder_cfg(site, clients=3), data_dir=str(site))
+    assert torch.all(own.client_tasks(1, 2).support_y == 0)
+
+
+def test_sharing_sites_is_an_explicit_opt_in(tmp_path: Path) -> None:
+    _write_regression_sites(tmp_path, 2)
+    src = TaskSource(_folder_cfg(tmp_path, clients=5, task={"share_sites": True}))
+    assert [int(src.client_tasks(1, c).support_y[0, 0, 0]) for c in range(5)] == [0, 1, 0, 1, 0]
+
+
+@pytest.mark.parametrize("mode", ["client-central", "client-local", "task"])
+def test_every_dp_mode_refuses_shared_sites(tmp_path: Path, mode: str) -> None:
+    privacy = {"mode": mode, "noise_multiplier": 1.0}
+    extra = {"federation": {"sampling": "poisson"}} if mode == "client-central" else {}
+    with pytest.raises(ConfigError, match=rf"'task.share_sites'.*privacy.mode '{mode}'"):
+        config_from_dict(
+            {
+                "task": {"name": "folder", "data_dir": str(tmp_path), "share_sites": True, "tasks_per_site": 4},
+                "privacy": privacy,
+                **extra,
+            }
+        )
