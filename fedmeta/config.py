@@ -130,6 +130,23 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class TRLearnerConfig:
+    """``meta.trlearner``: TRLearner's consistency (fedmeta/algorithms/trlearner.py; docs/trlearner.md)."""
+
+    # similarity heads K
+    heads: int = 4
+    # weight lambda of the consistency term (0: the base algorithm, bit for bit)
+    weight: float = 0.1
+    # agreement (related tasks' adapted models agree on task i's query inputs) | ensemble (the
+    # relation-weighted ensemble of the other tasks' adapted models fits task i's query set)
+    form: str = "agreement"
+    # the examples a task embedding averages: support | support_query
+    embedding: str = "support"
+    # temperature of the row softmax that turns similarities into relations
+    temperature: float = 0.1
+
+
+@dataclass(frozen=True)
 class MetaConfig:
     """Inner loop (adaptation) and outer loop (server optimizer) settings."""
 
@@ -156,6 +173,9 @@ class MetaConfig:
     # Step size of the local SGD steps on the meta-parameters when local_steps > 1 (FedMeta /
     # FedAvg-style local meta-updates); null: the same as outer_lr.
     local_lr: float | None = None
+    # An extra term of the outer objective: none | trlearner (options under meta.trlearner)
+    regularizer: str = "none"
+    trlearner: TRLearnerConfig = field(default_factory=TRLearnerConfig)
 
     @property
     def local_step_size(self) -> float:
@@ -349,6 +369,39 @@ def _build(cls: Any, data: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def _validate_regularizer(cfg: Config) -> None:
+    """``meta.regularizer``: a registered objective term, its own options, and the rules across sections."""
+    from fedmeta.algorithms import ALGORITHMS
+    from fedmeta.algorithms.engine import OBJECTIVE_TERMS
+    from fedmeta.privacy.mechanisms import MECHANISMS
+
+    me = cfg.meta
+    if me.regularizer == "none":
+        return
+    _require(
+        me.regularizer in OBJECTIVE_TERMS,
+        "meta.regularizer",
+        me.regularizer,
+        f"must be none or one of {', '.join(OBJECTIVE_TERMS)}",
+    )
+    term = OBJECTIVE_TERMS.get(me.regularizer)
+    term.check_config(cfg)
+    rule = ALGORITHMS.get(me.algorithm).update_rule
+    _require(
+        rule in ("exact", "first_order", "reptile"),
+        "meta.regularizer",
+        me.regularizer,
+        f"needs an algorithm that adapts to each task; meta.algorithm {me.algorithm!r} does not",
+    )
+    _require(
+        me.local_steps == 1,
+        "meta.regularizer",
+        me.regularizer,
+        "is not supported with several local meta-steps (meta.local_steps > 1) yet",
+    )
+    MECHANISMS.get(cfg.privacy.mode)().check_objective_terms([term])
+
+
 def _validate_outer_schedule(cfg: Config) -> None:
     """``meta.outer_schedule`` and its keys (fedmeta/federation/stages.py)."""
     from fedmeta.federation.stages import OUTER_SCHEDULES
@@ -442,6 +495,7 @@ def validate(cfg: Config) -> Config:
         me.local_lr,
         "must be null or a positive number",
     )
+    _validate_regularizer(cfg)
     if t.tasks_per_site is not None:
         why = f"must not exceed task.tasks_per_site ({t.tasks_per_site})"
         _require(me.tasks_per_client <= t.tasks_per_site, "meta.tasks_per_client", me.tasks_per_client, why)
