@@ -121,6 +121,8 @@ class ModelConfig:
 
     name: str = "mlp"
     hidden: tuple[int, ...] = (40, 40)
+    # mlp: relu | tanh | silu | softplus (derivative constraints need a smooth one: not relu)
+    activation: str = "relu"
     # conv4 (fedmeta/models/conv4.py): filters per block, normalization (batch | group | layer |
     # none; batch = per-task batch statistics, no running averages) and downsampling (stride:
     # stride-2 convolutions as MAML on Omniglot | max: 2x2 max-pooling as MAML on MiniImagenet).
@@ -255,6 +257,33 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class ConstraintConfig:
+    """One soft constraint (fedmeta/generators/constraints.py): a penalty on adapted models at collocation points."""
+
+    # bounded | lipschitz | periodic | symmetry | monotone | ode
+    kind: str = ""
+    weight: float = 1.0
+    # collocation points, evenly spaced over x_range (null: the task family's input range)
+    points: int = 64
+    x_range: tuple[float, float] | None = None
+    bound: float | None = None  # bounded: |y| <= bound
+    constant: float | None = None  # lipschitz: |y'| <= constant
+    period: float | None = None  # periodic: y(x + period) = y(x)
+    parity: str = "odd"  # symmetry: odd | even, about center
+    center: float = 0.0
+    direction: str = "increasing"  # monotone: increasing | decreasing
+
+
+@dataclass(frozen=True)
+class GeneratorsConfig:
+    """Higher-level constraint generators (SPEC §5). Built so far: soft constraints in the clients' objective."""
+
+    # soft constraints, e.g. [{kind: ode, weight: 1.0, points: 64}]; each enters every client's
+    # outer objective as a separable per-task penalty on its adapted models
+    constraints: tuple[ConstraintConfig, ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole run configuration (SPEC §10)."""
 
@@ -265,6 +294,7 @@ class Config:
     federation: FederationConfig = field(default_factory=FederationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    generators: GeneratorsConfig = field(default_factory=GeneratorsConfig)
 
     @property
     def min_replies(self) -> int:
@@ -496,6 +526,9 @@ def validate(cfg: Config) -> Config:
         "must be null or a positive number",
     )
     _validate_regularizer(cfg)
+    from fedmeta.generators.constraints import check_constraints
+
+    check_constraints(cfg, kind="regression" if t.name in REGRESSION_TASKS else None)
     if t.tasks_per_site is not None:
         why = f"must not exceed task.tasks_per_site ({t.tasks_per_site})"
         _require(me.tasks_per_client <= t.tasks_per_site, "meta.tasks_per_client", me.tasks_per_client, why)

@@ -85,6 +85,10 @@ class Experiment:
             term = OBJECTIVE_TERMS.get(cfg.meta.regularizer).from_config(cfg, model=self.model, kind=family.kind)
             if not term.vanishes:
                 self.algorithm.with_terms(term)
+        if cfg.generators.constraints:
+            from fedmeta.generators.constraints import ConstraintTerm
+
+            self.algorithm.with_terms(ConstraintTerm.from_config(cfg, model=self.model, kind=family.kind))
 
     def initial_meta_params(self) -> Params:
         """The round-0 meta-parameters, a function of the seed only.
