@@ -33,7 +33,12 @@ __all__ = [
     "FederationConfig",
     "PrivacyConfig",
     "EvalConfig",
+    "EvalTaskConfig",
+    "TRLearnerConfig",
+    "ConstraintConfig",
+    "GeneratorsConfig",
     "Config",
+    "evaluation_config",
     "load_config",
     "config_from_dict",
     "apply_overrides",
@@ -242,6 +247,25 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
+class EvalTaskConfig:
+    """``eval.task``: range keys of a generated family that override ``task.*`` for the held-out tasks only.
+
+    E.g. clients narrow (``task.amplitude: [0.1, 1.05]``) and evaluation over the full range
+    (``eval.task.amplitude: [0.1, 5.0]``). ``null`` keeps the training value.
+    """
+
+    amplitude: Range | None = None
+    phase: Range | None = None
+    x_range: Range | None = None
+    omega: Range | None = None
+    damping: Range | None = None
+
+    def overrides(self) -> dict[str, Range]:
+        """The keys that are set."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     """Evaluation on held-out tasks that never appear in training."""
 
@@ -254,6 +278,9 @@ class EvalConfig:
     # Federated evaluation: clients asked every `every` rounds to adapt on their own held-out
     # tasks and return aggregate metrics only (0: none).
     clients: int = 0
+    # task-family range keys that override task.* for the server's held-out tasks (generated
+    # families only), e.g. {amplitude: [0.1, 5.0]}: clients narrow, evaluation full range
+    task: EvalTaskConfig = field(default_factory=EvalTaskConfig)
 
 
 @dataclass(frozen=True)
@@ -399,6 +426,14 @@ def _build(cls: Any, data: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def evaluation_config(cfg: Config) -> Config:
+    """``cfg`` with ``eval.task``'s range keys in ``task``: the config the held-out tasks are drawn from."""
+    overrides = cfg.eval.task.overrides()
+    if not overrides:
+        return cfg
+    return dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, **overrides))
+
+
 def _validate_regularizer(cfg: Config) -> None:
     """``meta.regularizer``: a registered objective term, its own options, and the rules across sections."""
     from fedmeta.algorithms import ALGORITHMS
@@ -494,6 +529,19 @@ def validate(cfg: Config) -> Config:
     )
     for _, family in TASK_FAMILIES.items():
         family.check_config(cfg)
+    if cfg.eval.task.overrides():
+        _require(
+            t.name in REGRESSION_TASKS,
+            "eval.task",
+            cfg.eval.task.overrides(),
+            f"overrides the range keys of a generated family ({', '.join(REGRESSION_TASKS)}); task.name is {t.name!r}",
+        )
+        held_out = evaluation_config(cfg)
+        for _, family in TASK_FAMILIES.items():
+            try:
+                family.check_config(held_out)
+            except ConfigError as exc:
+                raise ConfigError(str(exc).replace("config key 'task.", "config key 'eval.task.", 1)) from exc
 
     _require(m.name in MODELS, "model.name", m.name, f"must be one of {', '.join(MODELS)}")
     for _, model in MODELS.items():

@@ -134,6 +134,10 @@ class TaskSource:
         """The held-out evaluation tasks (fixed for a seed; never used in training)."""
         n = self.cfg.eval.tasks if n is None else n
         gen = make_generator(self.cfg.seed, "eval")
+        if self.cfg.eval.task.overrides():  # held-out tasks from other ranges (eval.task)
+            from fedmeta.config import evaluation_config
+
+            return build_family(evaluation_config(self.cfg)).sample(gen, n, "eval")
         if self._sites is not None and len(self._sites) > 1:
             per_site = -(-n // len(self._sites))
             parts = [self.family(c).sample(gen, per_site, "eval") for c in range(len(self._sites))]

@@ -194,3 +194,19 @@ def test_every_kind_is_registered_and_the_mlp_activation_is_used() -> None:
     hidden = torch.nn.functional.softplus(x @ params["body.1.weight"].T + params["body.1.bias"])
     assert torch.allclose(model.forward(params, x), hidden @ params["head.weight"].T + params["head.bias"])
     assert model.smooth and not MLP((1,), (4,), 1).smooth
+
+
+def test_eval_task_draws_the_held_out_tasks_from_other_ranges_only() -> None:
+    """``eval.task`` (SPEC §10): clients train on a narrow amplitude band, the held-out tasks span the
+    full range; training tasks are untouched, and a bad range names ``eval.task``."""
+    narrow = {"task": {"name": "sinusoid", "amplitude": [0.1, 1.05]}}
+    plain = Experiment(config_from_dict(narrow))
+    wide = Experiment(config_from_dict({**narrow, "eval": {"tasks": 400, "task": {"amplitude": [0.1, 5.0]}}}))
+    train_a, train_b = plain.source.client_tasks(3, 1), wide.source.client_tasks(3, 1)
+    assert torch.equal(train_a.support_y, train_b.support_y)
+    assert float(plain.source.eval_tasks(400).query_y.abs().max()) <= 1.05
+    assert float(wide.source.eval_tasks().query_y.abs().max()) > 3.0
+    with pytest.raises(ConfigError, match="eval.task.amplitude"):
+        config_from_dict({"eval": {"task": {"amplitude": [3.0, 1.0]}}})
+    with pytest.raises(ConfigError, match="eval.task.*generated family"):
+        config_from_dict({"task": {"name": "glyphs"}, "model": {"name": "conv4"}, "eval": {"task": {"omega": [1, 2]}}})
