@@ -428,7 +428,7 @@ def _build(cls: Any, data: Any, prefix: str) -> Any:
 
 def evaluation_config(cfg: Config) -> Config:
     """``cfg`` with ``eval.task``'s range keys in ``task``: the config the held-out tasks are drawn from."""
-    overrides = cfg.eval.task.overrides()
+    overrides: dict[str, Any] = dict(cfg.eval.task.overrides())
     if not overrides:
         return cfg
     return dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, **overrides))
