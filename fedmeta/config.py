@@ -199,8 +199,13 @@ class FederationConfig:
     rounds: int = 1000
     min_replies: int | None = None
     round_timeout: float = 600.0
+    # one of fedmeta.aggregation.AGGREGATORS: mean | median | trimmed_mean | weighted_median |
+    # weighted_trimmed_mean | krum | multikrum | norm_bound; each rule owns and checks its options:
     aggregation: str = "mean"
-    trim_fraction: float = 0.1
+    trim_fraction: float = 0.1  # trimmed_mean, weighted_trimmed_mean: share trimmed at each end
+    krum_f: int = 1  # krum, multikrum: hostile clients tolerated (clients_per_round > 2 f + 2)
+    multikrum_m: int | None = None  # multikrum: updates averaged (null: clients_per_round - krum_f)
+    norm_bound: float | None = None  # norm_bound: L2 bound per update (null: the round's median norm)
     sampling: str = "uniform"
     # Seconds the server waits for clients to register and answer its start-up query.
     join_timeout: float = 600.0
@@ -226,9 +231,23 @@ class PrivacyConfig:
     target_quantile: float = 0.5
     clip_lr: float = 0.2
     clipped_count_stddev: float | None = None
+    # Bounds on the adaptive clip norm (post-processing; they stop one client's clip bits from
+    # driving it to 0 or infinity): floor and ceiling (null: clip_norm / 1000 and clip_norm x 1000)
+    # and the largest factor it moves by in one round.
+    clip_norm_min: float | None = None
+    clip_norm_max: float | None = None
+    clip_max_step: float = 2.0
     # Seed of the DP noise and of DP sampling. null (default): a secret seed from the OS, never
     # saved. An integer makes noise reproducible for tests; anyone who knows it can remove it.
     noise_seed: int | None = None
+
+    @property
+    def clip_norm_bounds(self) -> tuple[float, float]:
+        """The adaptive clip norm's ``(floor, ceiling)``: ``clip_norm_min`` / ``clip_norm_max``, or
+        ``clip_norm / 1000`` and ``clip_norm × 1000`` when null."""
+        low = self.clip_norm / 1000.0 if self.clip_norm_min is None else self.clip_norm_min
+        high = self.clip_norm * 1000.0 if self.clip_norm_max is None else self.clip_norm_max
+        return low, high
 
     def count_stddev(self, clients_per_round: int) -> float:
         """Std of the noise on the clipped-count of adaptive clipping (``clipped_count_stddev``).
@@ -632,6 +651,17 @@ def validate(cfg: Config) -> Config:
         0 < p.target_quantile < 1, "privacy.target_quantile", p.target_quantile, "must lie strictly between 0 and 1"
     )
     _require(p.clip_lr > 0 and math.isfinite(p.clip_lr), "privacy.clip_lr", p.clip_lr, "must be a positive number")
+    for key, bound in (("privacy.clip_norm_min", p.clip_norm_min), ("privacy.clip_norm_max", p.clip_norm_max)):
+        _require(bound is None or (bound > 0 and math.isfinite(bound)), key, bound, "must be null or a positive number")
+    low, high = p.clip_norm_bounds
+    _require(low <= p.clip_norm, "privacy.clip_norm_min", low, f"must not exceed privacy.clip_norm ({p.clip_norm})")
+    _require(high >= p.clip_norm, "privacy.clip_norm_max", high, f"must not be below privacy.clip_norm ({p.clip_norm})")
+    _require(
+        p.clip_max_step > 1 and math.isfinite(p.clip_max_step),
+        "privacy.clip_max_step",
+        p.clip_max_step,
+        "must be a number above 1 (the largest factor the adaptive clip norm moves by in a round)",
+    )
     _require(
         p.clipped_count_stddev is None or (p.clipped_count_stddev >= 0 and math.isfinite(p.clipped_count_stddev)),
         "privacy.clipped_count_stddev",

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from fedmeta.aggregation import aggregate
+from fedmeta.aggregation import build_aggregator
 from fedmeta.algorithms import MetaAlgorithm, MetaUpdate, build_algorithm
 from fedmeta.algorithms.engine import OBJECTIVE_TERMS
 from fedmeta.config import Config, to_dict
@@ -172,8 +172,7 @@ class Experiment:
 
     def aggregate(self, result: RoundResult) -> Params:
         """Combine a round's client updates with the configured aggregation rule."""
-        f = self.cfg.federation
-        return aggregate(result.updates, result.weights, method=f.aggregation, trim_fraction=f.trim_fraction)
+        return build_aggregator(self.cfg).aggregate(result.updates, result.weights)
 
     def evaluate(self, meta: Params, tasks: TaskBatch | None = None) -> EvalResult:
         """Adapt to held-out tasks (``eval.tasks`` of them unless given) and measure."""

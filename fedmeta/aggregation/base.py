@@ -13,7 +13,7 @@ plus its import in ``fedmeta/aggregation/__init__.py`` and its test.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -34,7 +34,7 @@ class Aggregator(ABC):
 
     @classmethod
     def from_config(cls, cfg: Config) -> Aggregator:
-        """Build the rule from its options (in the ``federation`` section; none by default).
+        """Build the rule from its options (``federation.<option>`` keys; none by default).
 
         Raises:
             ConfigError: if an option is out of range (naming its key).
@@ -60,7 +60,8 @@ class Aggregator(ABC):
 
         Args:
             updates: ``{key: [C, *shape]}``, one row per client.
-            weights: ``[C]`` non-negative weights (the number of tasks behind each update).
+            weights: ``[C]`` non-negative weights (the number of tasks behind each update, capped by
+                the round loop at ``meta.tasks_per_client × meta.local_steps``; ones under DP).
             reference: the current model ``{key: [*shape]}`` the updates were computed at, for rules
                 that compare updates with it; ``None`` when the caller has none to give (the rules
                 of today do not use it; a rule that needs it raises ``ValueError`` on ``None``).
@@ -87,29 +88,39 @@ def build_aggregator(cfg: Config) -> Aggregator:
     return AGGREGATORS.get(cfg.federation.aggregation).from_config(cfg)
 
 
-def aggregate(stacked: Params, weights: torch.Tensor, *, method: str = "mean", trim_fraction: float = 0.1) -> Params:
+def aggregate(
+    stacked: Params,
+    weights: torch.Tensor,
+    *,
+    method: str = "mean",
+    trim_fraction: float = 0.1,
+    **options: Any,
+) -> Params:
     """Combine ``C`` stacked client updates into one with the rule named ``method``.
 
     The functional form of :func:`build_aggregator` + :meth:`Aggregator.aggregate` (no reference model).
 
     Args:
         stacked: ``{key: [C, *shape]}``.
-        weights: ``[C]`` non-negative weights (number of tasks per client) for ``mean``.
+        weights: ``[C]`` non-negative weights (number of tasks per client) for the rules that use them.
         method: a registered rule: ``"mean"`` (weighted mean), ``"median"`` (coordinate-wise median;
-            bounds the influence of a minority of arbitrary updates) or ``"trimmed_mean"``
-            (coordinate-wise, dropping the ``trim_fraction`` largest and smallest values; Yin et al., 2018).
-        trim_fraction: share trimmed at each end for ``trimmed_mean``.
+            bounds the influence of a minority of arbitrary updates), ``"trimmed_mean"``
+            (coordinate-wise, dropping the ``trim_fraction`` largest and smallest values; Yin et al., 2018),
+            their weighted forms ``"weighted_median"`` / ``"weighted_trimmed_mean"``, ``"krum"`` /
+            ``"multikrum"`` (Blanchard et al., 2017) or ``"norm_bound"`` (Sun et al., 2019).
+        trim_fraction: share trimmed at each end for ``trimmed_mean`` / ``weighted_trimmed_mean``.
+        options: other ``federation`` options of the rule (``krum_f``, ``multikrum_m``, ``norm_bound``).
 
     Returns:
         ``{key: [*shape]}``.
 
     Raises:
-        ValueError: for an unknown ``method``, or weights summing to zero under ``mean``.
-        ConfigError: for a ``trim_fraction`` outside ``[0, 0.5)`` under ``trimmed_mean``.
+        ValueError: for an unknown ``method``, or weights summing to zero under a weighted rule.
+        ConfigError: for an option out of range (naming its key).
     """
     from fedmeta.config import Config, FederationConfig  # light (no torch); config imports this package lazily
 
     if method not in AGGREGATORS:
         raise ValueError(f"aggregation method must be one of {AGGREGATORS.names()}, got {method!r}")
-    cfg = Config(federation=FederationConfig(aggregation=method, trim_fraction=trim_fraction))
+    cfg = Config(federation=FederationConfig(aggregation=method, trim_fraction=trim_fraction, **options))
     return build_aggregator(cfg).aggregate(stacked, weights)

@@ -2,10 +2,11 @@
 
 Option: ``federation.trim_fraction`` (in ``[0, 0.5)``), the share of clients dropped at each end.
 
-Note on small cohorts: the number dropped at each end is ``floor(trim_fraction * C)`` for a cohort
-of ``C`` updates, so with the default 0.1 a cohort of fewer than 10 clients drops nothing and the
-rule is the plain (unweighted) mean — no robustness at all. This is today's behaviour, kept as it
-is; changing it moves numbers and belongs to its own change.
+How many values are dropped at each end of a cohort of ``C`` updates (:func:`trim_count`):
+``floor(trim_fraction * C)``, but at least one when ``trim_fraction > 0`` and the cohort keeps a
+value after dropping one at each end (``C >= 3``). Flooring alone dropped nothing for cohorts under
+``1 / trim_fraction`` clients (under 10 with the default 0.1), which made the rule the plain mean,
+with no robustness at all.
 """
 
 from __future__ import annotations
@@ -22,17 +23,36 @@ from fedmeta.types import Params
 if TYPE_CHECKING:
     from fedmeta.config import Config
 
-__all__ = ["TrimmedMean"]
+__all__ = ["TrimmedMean", "trim_count"]
 
 
 def _check_trim_fraction(trim_fraction: float) -> None:
     require(0 <= trim_fraction < 0.5, "federation.trim_fraction", trim_fraction, "must be in [0, 0.5)")
 
 
+def trim_count(trim_fraction: float, cohort: int) -> int:
+    """Values dropped at each end of each coordinate for a cohort of ``cohort`` updates.
+
+    ``floor(trim_fraction * cohort)``, raised to 1 when ``trim_fraction > 0`` (a positive fraction
+    always trims), and never so many that nothing is left (at most ``(cohort - 1) // 2``).
+
+    Args:
+        trim_fraction: share dropped at each end, in ``[0, 0.5)``.
+        cohort: the number of updates ``C``.
+
+    Returns:
+        The count dropped at each end (0 for ``trim_fraction == 0`` or ``cohort < 3``).
+    """
+    cut = int(math.floor(trim_fraction * cohort))
+    if trim_fraction > 0:
+        cut = max(cut, 1)
+    return max(0, min(cut, (cohort - 1) // 2))
+
+
 @AGGREGATORS.register("trimmed_mean")
 class TrimmedMean(Aggregator):
-    """Each coordinate's mean after dropping its ``floor(trim_fraction * C)`` largest and smallest
-    values over the ``C`` clients (Yin et al., 2018); the weights are not used.
+    """Each coordinate's mean after dropping its :func:`trim_count` largest and smallest values over
+    the ``C`` clients (Yin et al., 2018); the weights are not used (see ``weighted_trimmed_mean``).
 
     Args:
         trim_fraction: share dropped at each end, in ``[0, 0.5)``.
@@ -60,7 +80,7 @@ class TrimmedMean(Aggregator):
         out: Params = {}
         for k, v in updates.items():
             c = v.shape[0]
-            cut = int(math.floor(self.trim_fraction * c))
+            cut = trim_count(self.trim_fraction, c)
             srt = v.sort(dim=0).values
             out[k] = srt[cut : c - cut].mean(dim=0)
         return out

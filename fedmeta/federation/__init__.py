@@ -6,6 +6,8 @@
   transport of the centralized reference (the Flower transport is in :mod:`fedmeta.flower`).
 * :mod:`~fedmeta.federation.client`: what a client computes (identity, train reply, evaluation).
 * :mod:`~fedmeta.federation.directory`: which node hosts which client; the sites' data layout.
+* :mod:`~fedmeta.federation.faults`: hostile clients on any transport (fault injection for
+  robustness benchmarks and tests).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from fedmeta.federation.client import (
     train_on_client,
 )
 from fedmeta.federation.directory import ClientDirectory, SiteLayoutFamily, needs_site_layout, site_layout
+from fedmeta.federation.faults import FAULTS, HostileClients, make_fault
 from fedmeta.federation.loop import (
     AggregateTransform,
     ClientReply,
@@ -49,6 +52,9 @@ __all__ = [
     "SiteLayoutFamily",
     "needs_site_layout",
     "site_layout",
+    "FAULTS",
+    "HostileClients",
+    "make_fault",
     "AggregateTransform",
     "ClientReply",
     "PlainPolicy",

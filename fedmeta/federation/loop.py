@@ -25,7 +25,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -452,6 +452,7 @@ class RoundLoop:
             ]
             if bad:
                 raise UpdateRejected(f"update from client {cid}: metric '{bad[0]}' is not finite")
+            reply = self._bounded_task_count(book, reply)
         except UpdateRejected as exc:
             book.rejected[cid] = str(exc)
             book.failed.pop(cid, None)
@@ -460,6 +461,33 @@ class RoundLoop:
         book.replies[cid] = reply
         book.failed.pop(cid, None)
         return True
+
+    def _bounded_task_count(self, book: RoundLog, reply: ClientReply) -> ClientReply:
+        """``reply`` with its task count checked and capped at what a client computes in a round.
+
+        The count is the reply's weight in the aggregate and in the train metrics, and the client
+        claims it: one client claiming 10^9 tasks would set the weighted mean alone. A client
+        computes ``meta.tasks_per_client × meta.local_steps`` tasks per round
+        (:func:`~fedmeta.privacy.client_update.nominal_num_tasks`), so a larger claim is capped
+        there (logged); a count below 1 is refused.
+
+        Raises:
+            UpdateRejected: if the count is not an integer of at least 1.
+        """
+        from fedmeta.privacy.client_update import nominal_num_tasks
+
+        n = reply.num_tasks
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise UpdateRejected(f"update from client {reply.client_id}: task count {n!r} is not a positive integer")
+        bound = nominal_num_tasks(self.cfg)
+        if n <= bound:
+            return reply
+        log.warning(
+            "round %d: client %d claims %d tasks; its weight is capped at %d "
+            "(meta.tasks_per_client x meta.local_steps)",
+            book.round_idx, reply.client_id, n, bound,
+        )  # fmt: skip
+        return replace(reply, num_tasks=bound)
 
     def fail(self, book: RoundLog, client_id: int, reason: str) -> None:
         """Record a client that raised, timed out or could not be decoded."""

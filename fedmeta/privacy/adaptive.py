@@ -18,6 +18,16 @@ the effective ``z`` the two releases add up to.
 
 Under local DP each client noises its own centred bit with std ``sigma_b``; the server averages
 the bits it receives (post-processing).
+
+**Bounds against hostile clients.** Under local DP the bits are the clients' own claims: one client
+sending a huge value would move ``C`` by an arbitrary factor in one round (to 0 or to infinity,
+and every honest client's next round would fail on it). So the server's update is bounded, which
+is post-processing and costs no privacy: ``C`` moves by at most the factor ``max_step``
+(``privacy.clip_max_step``, default 2) per round, and stays within ``[min_clip_norm,
+max_clip_norm]`` (``privacy.clip_norm_min`` / ``clip_norm_max``, default ``privacy.clip_norm``
+/ 1000 and × 1000); a non-finite released fraction leaves ``C`` where it is. With the default
+``clip_lr`` of 0.2 an honest step exceeds the factor 2 only when the released fraction is more
+than 3.4 away from ``gamma``, i.e. never in practice.
 """
 
 from __future__ import annotations
@@ -132,20 +142,31 @@ class AdaptiveClipState:
         target_quantile: ``gamma``.
         lr: ``eta`` (``privacy.clip_lr``).
         count_stddev: ``sigma_b``.
+        min_clip_norm: the floor of ``C`` (``privacy.clip_norm_min``; 0: none).
+        max_clip_norm: the ceiling of ``C`` (``privacy.clip_norm_max``; ``inf``: none).
+        max_step: the largest factor ``C`` moves by in one round (``privacy.clip_max_step``; ``inf``: none).
     """
 
     clip_norm: float
     target_quantile: float
     lr: float
     count_stddev: float
+    min_clip_norm: float = 0.0
+    max_clip_norm: float = math.inf
+    max_step: float = math.inf
 
     def updated(self, unclipped_fraction: float | None) -> AdaptiveClipState:
-        """The state after a round whose released unclipped fraction is ``unclipped_fraction``."""
-        if unclipped_fraction is None:
+        """The state after a round whose released unclipped fraction is ``unclipped_fraction``.
+
+        The geometric step is limited to a factor ``max_step`` either way and the result kept in
+        ``[min_clip_norm, max_clip_norm]`` (see the module notes); ``None`` (nothing arrived) or a
+        non-finite fraction leaves ``C`` as it is.
+        """
+        if unclipped_fraction is None or not math.isfinite(unclipped_fraction):
             return self
-        return replace(
-            self,
-            clip_norm=next_clip_norm(
-                self.clip_norm, unclipped_fraction, target_quantile=self.target_quantile, lr=self.lr
-            ),
-        )
+        exponent = -self.lr * (unclipped_fraction - self.target_quantile)  # as in next_clip_norm
+        if math.isfinite(self.max_step):
+            limit = math.log(self.max_step)
+            exponent = min(limit, max(-limit, exponent))
+        moved = self.clip_norm * math.exp(exponent)
+        return replace(self, clip_norm=min(self.max_clip_norm, max(self.min_clip_norm, moved)))

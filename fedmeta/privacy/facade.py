@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -93,7 +94,11 @@ class ServerPrivacy:
                 cfg.eval.clients, p.mode,
             )  # fmt: skip
         self.update_noise_multiplier, self.count_stddev = update_noise(cfg) if self.enabled else (0.0, 0.0)
-        self.clip = AdaptiveClipState(p.clip_norm, p.target_quantile, p.clip_lr, self.count_stddev)
+        low, high = p.clip_norm_bounds
+        self.clip = AdaptiveClipState(
+            p.clip_norm, p.target_quantile, p.clip_lr, self.count_stddev,
+            min_clip_norm=low, max_clip_norm=high, max_step=p.clip_max_step,
+        )  # fmt: skip
         self.accountant = self.mechanism.server_accountant(cfg)
         self.client_accountants: dict[int, PrivacyAccountant] = {}
         self._rdp_cache: dict[tuple[float, float], Any] = {}  # shared by the mirrored client accountants
@@ -328,9 +333,7 @@ class ServerPrivacy:
             self.site_reports = {
                 int(s): {k: float(v) for k, v in r.items()} for s, r in zip(state["sites"], state["site_reports"])
             }
-            self.clip = AdaptiveClipState(
-                float(state["clip_norm"]), self.clip.target_quantile, self.clip.lr, self.clip.count_stddev
-            )
+            self.clip = replace(self.clip, clip_norm=float(state["clip_norm"]))
             self.rounds_completed = int(state["rounds_completed"])
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"the checkpoint's privacy state cannot be restored: {exc}") from exc

@@ -25,7 +25,9 @@ def _task(name: str) -> dict[str, object]:
 def test_names_in_the_order_messages_list_them() -> None:
     assert TASK_FAMILIES.names() == ("sinusoid", "harmonic", "glyphs", "folder")
     assert MODELS.names() == ("mlp", "conv4")
-    assert AGGREGATORS.names() == ("mean", "median", "trimmed_mean")
+    assert AGGREGATORS.names() == (
+        "mean", "median", "trimmed_mean", "weighted_median", "weighted_trimmed_mean", "krum", "multikrum", "norm_bound",
+    )
     assert TASK_FAMILIES.names() == config_module.TASK_NAMES
     assert MODELS.names() == config_module.MODEL_NAMES
     assert all(TASK_FAMILIES.get(n).name == n for n in TASK_FAMILIES) and all(MODELS.get(n).name == n for n in MODELS)
@@ -76,7 +78,10 @@ def test_builders_refuse_unknown_names_naming_the_key() -> None:
         build_family(replace(cfg, task=replace(cfg.task, name="nope")))
     with pytest.raises(ConfigError, match=r"config key 'model.name' has no model 'nope' \(known: mlp, conv4\)"):
         build_model(replace(cfg, model=replace(cfg.model, name="nope")), (1,), 1)
-    known = r"config key 'federation.aggregation' has no aggregator 'nope' \(known: mean, median, trimmed_mean\)"
+    known = (
+        r"config key 'federation.aggregation' has no aggregator 'nope' \(known: mean, median, trimmed_mean, "
+        r"weighted_median, weighted_trimmed_mean, krum, multikrum, norm_bound\)"
+    )
     with pytest.raises(ConfigError, match=known):
         build_aggregator(replace(cfg, federation=replace(cfg.federation, aggregation="nope")))
 

@@ -385,14 +385,13 @@ class PrivacyMechanism:
         Raises:
             ValueError: if there is nothing to aggregate.
         """
-        from fedmeta.aggregation import aggregate, stack
+        from fedmeta.aggregation import build_aggregator, stack
 
         updates = replies.updates
         if not updates:
             raise ValueError(f"round {replies.round_idx}: no updates to aggregate")
         weights = torch.ones(len(updates), dtype=torch.float64)
-        f = server.cfg.federation
-        return aggregate(stack(list(updates)), weights, method=f.aggregation, trim_fraction=f.trim_fraction)
+        return build_aggregator(server.cfg).aggregate(stack(list(updates)), weights, reference=replies.reference)
 
     @staticmethod
     def move_clip(server: ServerPrivacy, unclipped_fraction: float | None, info: dict[str, Any]) -> None:

@@ -67,3 +67,20 @@ def test_server_sgd_step_and_state_round_trip() -> None:
     torch.testing.assert_close(
         adam.step({"w": torch.tensor([0.3, -1.0])})["w"], again.step({"w": torch.tensor([0.3, -1.0])})["w"]
     )
+
+
+ROBUST = ("median", "trimmed_mean", "weighted_median", "weighted_trimmed_mean", "krum", "multikrum", "norm_bound")
+
+
+@pytest.mark.parametrize("rule", ROBUST)
+def test_client_central_dp_refuses_robust_rules_naming_both_keys(rule: str) -> None:
+    from fedmeta.config import config_from_dict
+    from fedmeta.errors import ConfigError
+
+    fed = {"aggregation": rule, "sampling": "poisson", "clients_per_round": 10}
+    with pytest.raises(ConfigError, match="'federation.aggregation' must be 'mean' for privacy.mode 'client-central'"):
+        config_from_dict({"federation": fed, "privacy": {"mode": "client-central"}})
+    # post-processing of already private updates: the local and task-level modes take any rule
+    for mode, task in (("client-local", {}), ("task", {"tasks_per_site": 40})):
+        cfg = config_from_dict({"task": task, "federation": fed, "privacy": {"mode": mode}})
+        assert cfg.federation.aggregation == rule

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fedmeta.aggregation import AGGREGATORS, TrimmedMean, aggregate, build_aggregator
+from fedmeta.aggregation.trimmed_mean import trim_count
 from fedmeta.config import config_from_dict
 from fedmeta.errors import ConfigError
 
@@ -25,11 +26,21 @@ def test_drops_floor_of_trim_fraction_times_cohort_at_each_end() -> None:
     torch.testing.assert_close(TrimmedMean(0.0).aggregate(updates, torch.ones(10))["w"], values.mean().view(1))
 
 
-def test_small_cohort_trims_nothing_under_the_default_fraction() -> None:
-    # floor(0.1 * 9) = 0: today's behaviour (documented in the module), the plain unweighted mean
+def test_small_cohort_still_trims_one_value_at_each_end() -> None:
+    # issue 15, finding 7: floor(0.1 * 9) = 0 made the rule the plain mean, so one client set it
     updates = {"w": torch.tensor([[1.0], [2.0], [3.0], [4.0], [5.0], [6.0], [7.0], [8.0], [1e6]])}
     out = TrimmedMean(0.1).aggregate(updates, torch.arange(1.0, 10.0))
-    torch.testing.assert_close(out["w"], updates["w"].mean(0))
+    torch.testing.assert_close(out["w"], torch.tensor([5.0]))  # mean of 2..8
+    three = {"w": torch.tensor([[1.0], [-1e6], [2.0]])}
+    torch.testing.assert_close(TrimmedMean(0.1).aggregate(three, torch.ones(3))["w"], torch.tensor([1.0]))
+
+
+@pytest.mark.parametrize(
+    ("fraction", "cohort", "cut"),
+    [(0.1, 9, 1), (0.1, 10, 1), (0.1, 25, 2), (0.25, 10, 2), (0.0, 9, 0), (0.1, 2, 0), (0.1, 3, 1), (0.49, 10, 4)],
+)
+def test_trim_count(fraction: float, cohort: int, cut: int) -> None:
+    assert trim_count(fraction, cohort) == cut
 
 
 def test_matches_the_functional_form() -> None:

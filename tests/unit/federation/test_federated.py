@@ -192,3 +192,24 @@ def test_a_site_folder_describes_itself(small_cfg: Config, tmp_path: Path) -> No
     assert (ident.client_id, ident.kind, ident.num_tasks, ident.site) == (-1, "regression", 6, "site-0001")
     metrics, n = evaluate_on_client(exp, exp.initial_meta_params(), 5, num_tasks=4)
     assert n == 4 and metrics["post_adapt_loss"] > 0  # from the site's heldout/ folder
+
+
+def test_a_claimed_task_count_is_capped_and_a_non_positive_one_refused(small_cfg: Config, tmp_path: Path) -> None:
+    # issue 15, finding 7: the weighted mean trusted the claimed count, so one client claiming 10^9
+    # tasks set the aggregate alone
+    server = RoundLoop(small_cfg, tmp_path)
+    book = server.begin_round()
+    replies = _replies(server, 1, book.sampled)
+    honest = replies[0].num_tasks
+    assert honest == small_cfg.meta.tasks_per_client
+    liar = replies[1]
+    huge = {k: v * 1e3 for k, v in liar.update.items()}
+    assert server.accept(book, ClientReply(liar.client_id, huge, 10**9, liar.metrics))
+    assert book.replies[liar.client_id].num_tasks == honest  # weight capped at meta.tasks_per_client
+    assert not server.accept(book, ClientReply(replies[2].client_id, replies[2].update, 0, {}))
+    assert "task count 0" in book.rejected[replies[2].client_id]
+    assert server.accept(book, replies[2])
+    for r in replies[3:] + replies[:1]:
+        assert server.accept(book, r)
+    row = server.complete_round(book)
+    assert row["tasks"] == honest * len(replies)

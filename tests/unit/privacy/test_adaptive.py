@@ -128,3 +128,42 @@ def test_adaptive_clipping_cost_is_accounted() -> None:
         noise_multiplier=server.update_noise_multiplier, sample_rate=0.2, steps=30, delta=1e-5
     )
     assert server.summary()["final_clip_norm"] != 1.0  # the clip norm moved
+
+
+def test_one_client_cannot_drive_the_clip_norm_to_zero_or_infinity() -> None:
+    # issue 15, finding 7: under client-local DP the clip bits are the clients' claims; one huge
+    # bit took C to 0 (or infinity) in a round, and every honest client's next round failed on it
+    from fedmeta.config import config_from_dict
+    from fedmeta.privacy.facade import CLIP_NORM_KEY, ServerPrivacy
+    from fedmeta.privacy.mechanisms.base import CLIP_BIT_KEY
+
+    cfg = config_from_dict(
+        {"federation": {"clients_total": 10, "clients_per_round": 5},
+         "privacy": {"mode": "client-local", "adaptive_clipping": True, "noise_seed": 1}}
+    )  # fmt: skip
+    server = ServerPrivacy(cfg)
+    update = {"w": torch.zeros(3)}
+    honest = [{CLIP_BIT_KEY: 0.5}] * 4
+    norms = []
+    for r, claim in enumerate([1e9] * 30 + [-1e300] * 40, start=1):
+        server.aggregate(r, [update] * 5, reference=update, reports=[*honest, {CLIP_BIT_KEY: claim}])
+        norms.append(server.client_config(r + 1)[CLIP_NORM_KEY])
+    ratios = [b / a for a, b in zip([1.0, *norms], norms)]
+    assert all(0.5 - 1e-12 <= x <= 2.0 + 1e-12 for x in ratios)  # privacy.clip_max_step: at most x2 a round
+    assert min(norms) == pytest.approx(1e-3) and max(norms) == pytest.approx(1e3)  # clip_norm / 1000, x 1000
+    assert all(math.isfinite(n) and n > 0 for n in norms)
+
+
+def test_clip_norm_bounds_are_validated_naming_the_key() -> None:
+    from fedmeta.config import config_from_dict
+    from fedmeta.errors import ConfigError
+
+    assert config_from_dict({"privacy": {"clip_norm": 2.0}}).privacy.clip_norm_bounds == (0.002, 2000.0)
+    for privacy, key in (
+        ({"clip_norm_min": 0.0}, "privacy.clip_norm_min"),
+        ({"clip_norm_min": 5.0}, "privacy.clip_norm_min"),
+        ({"clip_norm_max": 0.5}, "privacy.clip_norm_max"),
+        ({"clip_max_step": 1.0}, "privacy.clip_max_step"),
+    ):
+        with pytest.raises(ConfigError, match=f"config key '{key}'"):
+            config_from_dict({"privacy": privacy})
