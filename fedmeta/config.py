@@ -151,6 +151,11 @@ class TRLearnerConfig:
     embedding: str = "support"
     # temperature of the row softmax that turns similarities into relations
     temperature: float = 0.1
+    # the federated variant (fedmeta/aggregation/relations.py): off | weights (the server weights
+    # clients by their relations, derived from the updates it receives) | consistency (the plain
+    # mean pulled towards the relation-weighted one by `weight`); post-processing of privatized
+    # updates only, refused under client-central DP
+    federated: str = "off"
 
 
 @dataclass(frozen=True)
@@ -460,6 +465,10 @@ def _validate_regularizer(cfg: Config) -> None:
     from fedmeta.privacy.mechanisms import MECHANISMS
 
     me = cfg.meta
+    if me.trlearner.federated != "off":
+        from fedmeta.aggregation.relations import RelationWeighted
+
+        RelationWeighted.check_config(cfg)
     if me.regularizer == "none":
         return
     _require(
