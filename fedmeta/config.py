@@ -327,11 +327,36 @@ class ConstraintConfig:
 
 @dataclass(frozen=True)
 class GeneratorsConfig:
-    """Higher-level constraint generators (SPEC §5). Built so far: soft constraints in the clients' objective."""
+    """Higher-level constraint generators (SPEC §5; fedmeta/generators/, docs/generators.md)."""
 
+    # none | direct (virtual tasks sampled from `family`, mixed into the aggregate on the server);
+    # adversarial is not built yet
+    mode: str = "none"
+    # K: 1 = plain federated meta-learning (no virtual tasks), 2 = a generator on the level-1
+    # initialization
+    depth: int = 1
+    # lambda: the aggregate becomes (1 - lambda) * clients' + lambda * virtual-task meta-gradient
+    weight: float = 0.0
+    # lambda over the rounds: constant | linear | cosine (weight to weight_final) | step (x gamma
+    # after each round in milestones)
+    schedule: str = "constant"
+    weight_final: float = 0.0
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
+    # virtual tasks per round
+    tasks: int = 25
+    # range keys of the generated family the virtual tasks are drawn from (as eval.task; empty:
+    # the clients' task.* ranges)
+    family: EvalTaskConfig = field(default_factory=EvalTaskConfig)
     # soft constraints, e.g. [{kind: ode, weight: 1.0, points: 64}]; each enters every client's
-    # outer objective as a separable per-task penalty on its adapted models
+    # outer objective (and the virtual tasks') as a separable per-task penalty on adapted models
     constraints: tuple[ConstraintConfig, ...] = ()
+    # where the virtual-task meta-gradient runs: auto (cuda when there is one) | cpu | cuda
+    device: str = "auto"
+    # failure signatures (docs/generators.md): warn | damp (halve lambda from then on) | stop
+    on_failure: str = "warn"
+    # meta-gradient explosion: the virtual meta-gradient's norm above this many times the clients'
+    max_norm_ratio: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -605,6 +630,9 @@ def validate(cfg: Config) -> Config:
     from fedmeta.generators.constraints import check_constraints
 
     check_constraints(cfg, kind="regression" if t.name in REGRESSION_TASKS else None)
+    from fedmeta.generators.virtual import check_generators
+
+    check_generators(cfg)
     if t.tasks_per_site is not None:
         why = f"must not exceed task.tasks_per_site ({t.tasks_per_site})"
         _require(me.tasks_per_client <= t.tasks_per_site, "meta.tasks_per_client", me.tasks_per_client, why)

@@ -275,9 +275,13 @@ def build_stages(
     *,
     update_transforms: Sequence[UpdateTransform] = (),
     aggregate_transforms: Sequence[AggregateTransform] = (),
+    aggregate_stages: Sequence[Stage] = (),
     rounds: int | None = None,
 ) -> list[Stage]:
-    """The default chain: reply transforms, the aggregation, aggregate transforms, the optimizer.
+    """The default chain: reply transforms, the aggregation, aggregate transforms and stages, the optimizer.
+
+    ``aggregate_stages`` are full stages placed after the aggregate transforms (they see the whole
+    round, e.g. the constraint generators' virtual-task stage, which needs the reference model).
 
     Transforms are named ``replies-<i>`` / ``update-<i>`` after their position, or by their
     ``stage_name`` attribute when they have one; a transform with ``state_dict()`` /
@@ -291,6 +295,7 @@ def build_stages(
     stages: list[Stage] = [ReplyTransformStage(named(t, f"replies-{i}"), t) for i, t in enumerate(update_transforms)]
     stages.append(AggregationStage(policy))
     stages += [AggregateTransformStage(named(t, f"update-{i}"), t) for i, t in enumerate(aggregate_transforms)]
+    stages += list(aggregate_stages)
     stages.append(OptimizerStage(optimizer, OuterSchedule.from_config(cfg, rounds=rounds)))
     names = [s.name for s in stages]
     if len(set(names)) != len(names):

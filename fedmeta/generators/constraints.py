@@ -221,9 +221,11 @@ class HarmonicODE(Constraint):
         return residual.pow(2).flatten(1).mean(dim=1)
 
 
-def collocation_points(x_range: tuple[float, float], points: int, *, tasks: int, dtype: torch.dtype) -> Tensor:
+def collocation_points(
+    x_range: tuple[float, float], points: int, *, tasks: int, dtype: torch.dtype, device: torch.device | None = None
+) -> Tensor:
     """An evenly spaced grid over ``x_range``, one copy per task: ``[tasks, points, 1]``."""
-    grid = torch.linspace(x_range[0], x_range[1], points, dtype=dtype)
+    grid = torch.linspace(x_range[0], x_range[1], points, dtype=dtype, device=device)
     return grid.view(1, points, 1).expand(tasks, points, 1).clone()
 
 
@@ -271,7 +273,7 @@ class ConstraintTerm(ObjectiveTerm):
         dtype = batch.tasks.query_x.dtype
         out = []
         for constraint, x_range, points in zip(self.constraints, self.x_ranges, self.points):
-            x = collocation_points(x_range, points, tasks=tasks, dtype=dtype)
+            x = collocation_points(x_range, points, tasks=tasks, dtype=dtype, device=batch.tasks.query_x.device)
             out.append(constraint.penalty(lambda inputs: ops.forward(adapted, inputs), x))
         return out
 
