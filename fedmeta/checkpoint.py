@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from fedmeta.errors import CheckpointError
-from fedmeta.types import Params
+from fedmeta.types import Params, model_part
 
 __all__ = ["save_checkpoint", "load_checkpoint", "check_compatible", "file_sha256", "FORMAT", "VERSION"]
 
@@ -143,7 +143,7 @@ def check_compatible(
         raise CheckpointError(
             f"checkpoint '{path}' was trained on {state.get('task_kind')} tasks, but the data here is {task_kind}"
         )
-    params = {k: v for k, v in state["meta_params"].items() if not k.startswith("lr.")}
+    params = model_part(state["meta_params"])
     missing = sorted(set(expected_shapes) - set(params))
     extra = sorted(set(params) - set(expected_shapes))
     if missing or extra:

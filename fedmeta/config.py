@@ -33,7 +33,12 @@ __all__ = [
     "FederationConfig",
     "PrivacyConfig",
     "EvalConfig",
+    "EvalTaskConfig",
+    "TRLearnerConfig",
+    "ConstraintConfig",
+    "GeneratorsConfig",
     "Config",
+    "evaluation_config",
     "load_config",
     "config_from_dict",
     "apply_overrides",
@@ -125,12 +130,36 @@ class ModelConfig:
 
     name: str = "mlp"
     hidden: tuple[int, ...] = (40, 40)
+    # mlp: relu | tanh | silu | softplus (derivative constraints need a smooth one: not relu)
+    activation: str = "relu"
     # conv4 (fedmeta/models/conv4.py): filters per block, normalization (batch | group | layer |
     # none; batch = per-task batch statistics, no running averages) and downsampling (stride:
     # stride-2 convolutions as MAML on Omniglot | max: 2x2 max-pooling as MAML on MiniImagenet).
     channels: int = 64
     norm: str = "batch"
     pool: str = "stride"
+
+
+@dataclass(frozen=True)
+class TRLearnerConfig:
+    """``meta.trlearner``: TRLearner's consistency (fedmeta/algorithms/trlearner.py; docs/trlearner.md)."""
+
+    # similarity heads K
+    heads: int = 4
+    # weight lambda of the consistency term (0: the base algorithm, bit for bit)
+    weight: float = 0.1
+    # agreement (related tasks' adapted models agree on task i's query inputs) | ensemble (the
+    # relation-weighted ensemble of the other tasks' adapted models fits task i's query set)
+    form: str = "agreement"
+    # the examples a task embedding averages: support | support_query
+    embedding: str = "support"
+    # temperature of the row softmax that turns similarities into relations
+    temperature: float = 0.1
+    # the federated variant (fedmeta/aggregation/relations.py): off | weights (the server weights
+    # clients by their relations, derived from the updates it receives) | consistency (the plain
+    # mean pulled towards the relation-weighted one by `weight`); post-processing of privatized
+    # updates only, refused under client-central DP
+    federated: str = "off"
 
 
 @dataclass(frozen=True)
@@ -160,6 +189,9 @@ class MetaConfig:
     # Step size of the local SGD steps on the meta-parameters when local_steps > 1 (FedMeta /
     # FedAvg-style local meta-updates); null: the same as outer_lr.
     local_lr: float | None = None
+    # An extra term of the outer objective: none | trlearner (options under meta.trlearner)
+    regularizer: str = "none"
+    trlearner: TRLearnerConfig = field(default_factory=TRLearnerConfig)
 
     @property
     def local_step_size(self) -> float:
@@ -243,6 +275,25 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
+class EvalTaskConfig:
+    """``eval.task``: range keys of a generated family that override ``task.*`` for the held-out tasks only.
+
+    E.g. clients narrow (``task.amplitude: [0.1, 1.05]``) and evaluation over the full range
+    (``eval.task.amplitude: [0.1, 5.0]``). ``null`` keeps the training value.
+    """
+
+    amplitude: Range | None = None
+    phase: Range | None = None
+    x_range: Range | None = None
+    omega: Range | None = None
+    damping: Range | None = None
+
+    def overrides(self) -> dict[str, Range]:
+        """The keys that are set."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     """Evaluation on held-out tasks that never appear in training."""
 
@@ -259,6 +310,61 @@ class EvalConfig:
     # server evaluates on instead of task.data_dir's; required for server-side evaluation over
     # site folders under DP (the sites' own held-out tasks are their data).
     data_dir: str | None = None
+    # task-family range keys that override task.* for the server's held-out tasks (generated
+    # families only), e.g. {amplitude: [0.1, 5.0]}: clients narrow, evaluation full range
+    task: EvalTaskConfig = field(default_factory=EvalTaskConfig)
+
+
+@dataclass(frozen=True)
+class ConstraintConfig:
+    """One soft constraint (fedmeta/generators/constraints.py): a penalty on adapted models at collocation points."""
+
+    # bounded | lipschitz | periodic | symmetry | monotone | ode
+    kind: str = ""
+    weight: float = 1.0
+    # collocation points, evenly spaced over x_range (null: the task family's input range)
+    points: int = 64
+    x_range: tuple[float, float] | None = None
+    bound: float | None = None  # bounded: |y| <= bound
+    constant: float | None = None  # lipschitz: |y'| <= constant
+    period: float | None = None  # periodic: y(x + period) = y(x)
+    parity: str = "odd"  # symmetry: odd | even, about center
+    center: float = 0.0
+    direction: str = "increasing"  # monotone: increasing | decreasing
+
+
+@dataclass(frozen=True)
+class GeneratorsConfig:
+    """Higher-level constraint generators (SPEC §5; fedmeta/generators/, docs/generators.md)."""
+
+    # none | direct (virtual tasks sampled from `family`, mixed into the aggregate on the server);
+    # adversarial is not built yet
+    mode: str = "none"
+    # K: 1 = plain federated meta-learning (no virtual tasks), 2 = a generator on the level-1
+    # initialization
+    depth: int = 1
+    # lambda: the aggregate becomes (1 - lambda) * clients' + lambda * virtual-task meta-gradient
+    weight: float = 0.0
+    # lambda over the rounds: constant | linear | cosine (weight to weight_final) | step (x gamma
+    # after each round in milestones)
+    schedule: str = "constant"
+    weight_final: float = 0.0
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
+    # virtual tasks per round
+    tasks: int = 25
+    # range keys of the generated family the virtual tasks are drawn from (as eval.task; empty:
+    # the clients' task.* ranges)
+    family: EvalTaskConfig = field(default_factory=EvalTaskConfig)
+    # soft constraints, e.g. [{kind: ode, weight: 1.0, points: 64}]; each enters every client's
+    # outer objective (and the virtual tasks') as a separable per-task penalty on adapted models
+    constraints: tuple[ConstraintConfig, ...] = ()
+    # where the virtual-task meta-gradient runs: auto (cuda when there is one) | cpu | cuda
+    device: str = "auto"
+    # failure signatures (docs/generators.md): warn | damp (halve lambda from then on) | stop
+    on_failure: str = "warn"
+    # meta-gradient explosion: the virtual meta-gradient's norm above this many times the clients'
+    max_norm_ratio: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -272,6 +378,7 @@ class Config:
     federation: FederationConfig = field(default_factory=FederationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    generators: GeneratorsConfig = field(default_factory=GeneratorsConfig)
 
     @property
     def min_replies(self) -> int:
@@ -376,6 +483,51 @@ def _build(cls: Any, data: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def evaluation_config(cfg: Config) -> Config:
+    """``cfg`` with ``eval.task``'s range keys in ``task``: the config the held-out tasks are drawn from."""
+    overrides: dict[str, Any] = dict(cfg.eval.task.overrides())
+    if not overrides:
+        return cfg
+    return dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, **overrides))
+
+
+def _validate_regularizer(cfg: Config) -> None:
+    """``meta.regularizer``: a registered objective term, its own options, and the rules across sections."""
+    from fedmeta.algorithms import ALGORITHMS
+    from fedmeta.algorithms.engine import OBJECTIVE_TERMS
+    from fedmeta.privacy.mechanisms import MECHANISMS
+
+    me = cfg.meta
+    if me.trlearner.federated != "off":
+        from fedmeta.aggregation.relations import RelationWeighted
+
+        RelationWeighted.check_config(cfg)
+    if me.regularizer == "none":
+        return
+    _require(
+        me.regularizer in OBJECTIVE_TERMS,
+        "meta.regularizer",
+        me.regularizer,
+        f"must be none or one of {', '.join(OBJECTIVE_TERMS)}",
+    )
+    term = OBJECTIVE_TERMS.get(me.regularizer)
+    term.check_config(cfg)
+    rule = ALGORITHMS.get(me.algorithm).update_rule
+    _require(
+        rule in ("exact", "first_order", "reptile"),
+        "meta.regularizer",
+        me.regularizer,
+        f"needs an algorithm that adapts to each task; meta.algorithm {me.algorithm!r} does not",
+    )
+    _require(
+        me.local_steps == 1,
+        "meta.regularizer",
+        me.regularizer,
+        "is not supported with several local meta-steps (meta.local_steps > 1) yet",
+    )
+    MECHANISMS.get(cfg.privacy.mode)().check_objective_terms([term])
+
+
 def _validate_outer_schedule(cfg: Config) -> None:
     """``meta.outer_schedule`` and its keys (fedmeta/federation/stages.py)."""
     from fedmeta.federation.stages import OUTER_SCHEDULES
@@ -438,6 +590,19 @@ def validate(cfg: Config) -> Config:
     )
     for _, family in TASK_FAMILIES.items():
         family.check_config(cfg)
+    if cfg.eval.task.overrides():
+        _require(
+            t.name in REGRESSION_TASKS,
+            "eval.task",
+            cfg.eval.task.overrides(),
+            f"overrides the range keys of a generated family ({', '.join(REGRESSION_TASKS)}); task.name is {t.name!r}",
+        )
+        held_out = evaluation_config(cfg)
+        for _, family in TASK_FAMILIES.items():
+            try:
+                family.check_config(held_out)
+            except ConfigError as exc:
+                raise ConfigError(str(exc).replace("config key 'task.", "config key 'eval.task.", 1)) from exc
 
     _require(m.name in MODELS, "model.name", m.name, f"must be one of {', '.join(MODELS)}")
     for _, model in MODELS.items():
@@ -469,6 +634,13 @@ def validate(cfg: Config) -> Config:
         me.local_lr,
         "must be null or a positive number",
     )
+    _validate_regularizer(cfg)
+    from fedmeta.generators.constraints import check_constraints
+
+    check_constraints(cfg, kind="regression" if t.name in REGRESSION_TASKS else None)
+    from fedmeta.generators.virtual import check_generators
+
+    check_generators(cfg)
     if t.tasks_per_site is not None:
         why = f"must not exceed task.tasks_per_site ({t.tasks_per_site})"
         _require(me.tasks_per_client <= t.tasks_per_site, "meta.tasks_per_client", me.tasks_per_client, why)

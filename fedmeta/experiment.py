@@ -14,6 +14,7 @@ import torch
 
 from fedmeta.aggregation import build_aggregator
 from fedmeta.algorithms import MetaAlgorithm, MetaUpdate, build_algorithm
+from fedmeta.algorithms.engine import OBJECTIVE_TERMS
 from fedmeta.config import Config, to_dict
 from fedmeta.evaluation import EvalResult, evaluate
 from fedmeta.local_update import local_meta_update, local_meta_updates
@@ -80,10 +81,25 @@ class Experiment:
             inner_steps=cfg.meta.inner_steps,
             head_init=cfg.meta.head_init,
         )
+        if cfg.meta.regularizer != "none":
+            term = OBJECTIVE_TERMS.get(cfg.meta.regularizer).from_config(cfg, model=self.model, kind=family.kind)
+            if not term.vanishes:
+                self.algorithm.with_terms(term)
+        if cfg.generators.constraints:
+            from fedmeta.generators.constraints import ConstraintTerm
+
+            self.algorithm.with_terms(ConstraintTerm.from_config(cfg, model=self.model, kind=family.kind))
 
     def initial_meta_params(self) -> Params:
-        """The round-0 meta-parameters, a function of the seed only."""
-        return self.algorithm.init_meta_params(make_generator(self.cfg.seed, "init"))
+        """The round-0 meta-parameters, a function of the seed only.
+
+        An objective term's own parameters (TRLearner's relation heads) come from a generator of
+        their own, so the model's initialization is the same with and without the term.
+        """
+        meta = self.algorithm.init_meta_params(make_generator(self.cfg.seed, "init"))
+        for term in self.algorithm.terms:
+            meta.update(term.init_params(meta, make_generator(self.cfg.seed, "init", "term", term.name)))
+        return meta
 
     def server_optimizer(self, meta: Params) -> ServerOptimizer:
         """The outer optimizer configured by ``meta.outer_optimizer`` / ``meta.outer_lr``."""
@@ -131,7 +147,13 @@ class Experiment:
             return RoundResult(clients, stacked, weights, mean_metrics, [dict(u.metrics) for u in updates])
         batches = [self.source.client_tasks(round_idx, c) for c in clients]
         tasks = TaskBatch.concat(batches)
-        grads, metrics = self.algorithm.task_updates(meta, tasks)
+        if self.algorithm.terms:
+            # a term relates the tasks of one client's meta-batch only: one pass per client
+            parts = [self.algorithm.task_updates(meta, b) for b in batches]
+            grads = {k: torch.cat([g[k] for g, _ in parts]) for k in parts[0][0]}
+            metrics = {k: torch.cat([m[k] for _, m in parts]) for k in parts[0][1]}
+        else:
+            grads, metrics = self.algorithm.task_updates(meta, tasks)
         sizes = torch.tensor([b.num_tasks for b in batches])
         # each client's mean over its own tasks, as one scatter-add (no loop over clients)
         owner = torch.repeat_interleave(torch.arange(len(clients)), sizes)

@@ -1,8 +1,9 @@
 """Shared type aliases and small containers used across fedmeta.
 
 The meta-parameters of a run are one flat ``dict[str, Tensor]`` (``Params``): the model's
-parameters under their module names and, for Meta-SGD, the learned per-parameter inner learning
-rates under ``lr.<name>``. Everything that moves between client and server, gets clipped, noised,
+parameters under their module names, for Meta-SGD the learned per-parameter inner learning
+rates under ``lr.<name>``, and the meta-learned parameters of objective terms (TRLearner's relation
+heads) under ``term.<term>.<name>``. Everything that moves between client and server, gets clipped, noised,
 aggregated or checkpointed is such a dict, so the same code handles every algorithm.
 """
 
@@ -14,7 +15,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-__all__ = ["Params", "StepSizes", "LossFn", "TaskBatch", "LR_PREFIX", "model_part", "lr_part"]
+__all__ = [
+    "Params", "StepSizes", "LossFn", "TaskBatch", "LR_PREFIX", "TERM_PREFIX", "model_part", "lr_part", "term_part"
+]
 
 Params = dict[str, Tensor]
 #: Inner-loop step size per adapted parameter: a float, or a learned tensor (Meta-SGD).
@@ -24,11 +27,19 @@ LossFn = Callable[[Params], Tensor]
 
 #: Key prefix of Meta-SGD's learned inner learning rates inside a meta-parameter dict.
 LR_PREFIX = "lr."
+#: Key prefix of objective terms' meta-learned parameters (``term.<term name>.<parameter>``).
+TERM_PREFIX = "term."
 
 
 def model_part(meta: Params) -> Params:
-    """Return the model parameters of a meta-parameter dict (without learning rates)."""
-    return {k: v for k, v in meta.items() if not k.startswith(LR_PREFIX)}
+    """Return the model parameters of a meta-parameter dict (without learning rates or term parameters)."""
+    return {k: v for k, v in meta.items() if not k.startswith((LR_PREFIX, TERM_PREFIX))}
+
+
+def term_part(meta: Params, term: str) -> Params:
+    """Return objective term ``term``'s parameters of a meta-parameter dict, keyed without their prefix."""
+    prefix = f"{TERM_PREFIX}{term}."
+    return {k[len(prefix) :]: v for k, v in meta.items() if k.startswith(prefix)}
 
 
 def lr_part(meta: Params) -> Params:

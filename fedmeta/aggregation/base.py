@@ -85,6 +85,10 @@ def build_aggregator(cfg: Config) -> Aggregator:
         ConfigError: for an unknown name (naming ``federation.aggregation`` and the known names) or
             an invalid option of the rule.
     """
+    if cfg.meta.trlearner.federated != "off":  # TRLearner's federated variant replaces the mean
+        from fedmeta.aggregation.relations import RelationWeighted
+
+        return RelationWeighted.from_config(cfg)
     return AGGREGATORS.get(cfg.federation.aggregation).from_config(cfg)
 
 

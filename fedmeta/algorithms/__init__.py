@@ -20,6 +20,9 @@ from fedmeta.algorithms.anil import ANIL
 from fedmeta.algorithms.fedavg import FedAvg
 from fedmeta.algorithms.protonet import ProtoNet
 
+# objective terms register in fedmeta.algorithms.engine.OBJECTIVE_TERMS
+from fedmeta.algorithms.trlearner import TRLearner
+
 # isort: on
 from fedmeta.models.base import FunctionalModel
 
@@ -33,6 +36,7 @@ __all__ = [
     "ANIL",
     "FedAvg",
     "ProtoNet",
+    "TRLearner",
     "ALGORITHMS",
     "build_algorithm",
     "task_loss",

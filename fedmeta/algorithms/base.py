@@ -480,10 +480,10 @@ class MetaAlgorithm:
         """This algorithm with ``terms`` added to its outer objective (returns ``self``).
 
         Raises:
-            ValueError: if the algorithm's update rule is not ``exact``.
+            ValueError: if the algorithm does not adapt (its update rule is ``pooled``: FedAvg).
         """
-        if terms and self.update_rule != "exact":
-            raise ValueError(f"objective terms need the 'exact' update rule; {self.name!r} has {self.update_rule!r}")
+        if terms and self.update_rule not in ("exact", "first_order", "reptile"):
+            raise ValueError(f"objective terms need an algorithm that adapts; {self.name!r} has {self.update_rule!r}")
         self.terms = (*self.terms, *terms)
         return self
 

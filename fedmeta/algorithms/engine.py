@@ -29,8 +29,13 @@ adapted model (:class:`TermBatch`) and returns one scalar ``R``; a term declares
 ``separable_per_task`` (a sum of per-task parts, which task-level DP can clip task by task). With
 terms the meta-batch's objective is ``mean_t L_t + R`` and row ``t`` of the update is the
 gradient with respect to task ``t``'s copy of the meta-parameters of ``Σ_t L_t + T·R``, so the
-mean over rows (what a client sends) is the gradient of that objective. Terms need the
-``exact`` rule. Without terms the engine runs exactly the computation it always did.
+mean over rows (what a client sends) is the gradient of that objective. Under the ``first_order``
+and ``reptile`` rules, whose updates are not gradients, a term enters first-order: the gradient of
+``T·R`` with respect to the detached adapted models (the inner loop's Jacobian dropped, as for the
+query loss) plus its gradient with respect to the meta-parameters it reads directly (a term's own
+parameters, a feature extractor); for Reptile it is added to ``θ - φ``. A term may own
+meta-learned parameters (:meth:`ObjectiveTerm.init_params`, keys ``term.<name>.*``, which the
+model never sees). Without terms the engine runs exactly the computation it always did.
 """
 
 from __future__ import annotations
@@ -51,6 +56,8 @@ from fedmeta.types import LossFn, Params, StepSizes, TaskBatch, model_part
 
 if TYPE_CHECKING:
     from fedmeta.algorithms.base import MetaAlgorithm
+    from fedmeta.config import Config
+    from fedmeta.models.base import FunctionalModel
 
 __all__ = [
     "TaskOps",
@@ -171,11 +178,14 @@ class TermBatch:
             equal in value, and the gradient of the term with respect to row ``t`` is task ``t``'s share).
         adapted: every task's adapted model parameters, stacked ``[T, *shape]``.
         tasks: the meta-batch's tasks.
+        ops: the batched operations of the algorithm (forward passes, features, losses on stacked
+            parameters), for terms that evaluate models; ``None`` where a caller has none.
     """
 
     meta: Params
     adapted: Params
     tasks: TaskBatch
+    ops: TaskOps | None = None
 
 
 class ObjectiveTerm(ABC):
@@ -192,6 +202,36 @@ class ObjectiveTerm(ABC):
     @abstractmethod
     def loss(self, batch: TermBatch) -> Tensor:
         """The term's scalar loss on the meta-batch (differentiable in ``batch.meta`` and ``batch.adapted``)."""
+
+    @classmethod
+    def from_config(cls, cfg: Config, *, model: FunctionalModel, kind: str) -> ObjectiveTerm:
+        """The term a run's config asks for (``meta.regularizer``), for ``model`` and the task ``kind``."""
+        return cls()
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """Refuse options of this term (``meta.<name>``) or combinations it cannot serve (none by default).
+
+        Raises:
+            ConfigError: naming the key.
+        """
+
+    @property
+    def vanishes(self) -> bool:
+        """True when the term is identically zero as configured (e.g. weight 0): it is then not added at all."""
+        return False
+
+    def init_params(self, meta: Params, gen: torch.Generator) -> Params:
+        """The term's own meta-learned parameters for the initialization ``meta`` (none by default).
+
+        Args:
+            meta: the algorithm's initial meta-parameters (for shapes and dtype).
+            gen: the run's initialization generator.
+
+        Returns:
+            New entries for the meta-parameters, keyed ``term.<name>.<parameter>``.
+        """
+        return {}
 
 
 #: Objective terms by name (none is shipped; a term registers itself where it is defined).
@@ -278,15 +318,15 @@ def batched_task_updates(
     rule = algo.update_rule
     stacked = stack_for_tasks(meta, tasks.num_tasks)
     sx, sy, qx, qy = tasks.support_x, tasks.support_y, tasks.query_x, tasks.query_y
-    if terms and rule != "exact":
-        raise ValueError(f"objective terms need an algorithm with the 'exact' update rule; {algo.name!r} has {rule!r}")
+    if terms and rule not in ("exact", "first_order", "reptile"):
+        raise ValueError(f"objective terms need an update rule that adapts; {algo.name!r} has {rule!r}")
     if rule == "exact":
         with torch.enable_grad():
             losses, state = algo.objective(ops, stacked, sx, sy, qx, qy)
             total = losses.sum()
             if terms:
                 total = total + tasks.num_tasks * _terms_loss(
-                    terms, TermBatch(stacked, algo.adapted_model(state), tasks)
+                    terms, TermBatch(stacked, algo.adapted_model(state), tasks, ops)
                 )
             grads = grad_dict(total, stacked)
         with torch.no_grad():
@@ -301,6 +341,8 @@ def batched_task_updates(
             return g, algo.metrics(ops, stacked, state, sx, sy, qx, qy)
     state = algo.adaptation_state(ops, stacked, sx, sy)
     adapted = state["adapted"]
+    if terms:
+        return _first_order_with_terms(algo, ops, stacked, state, tasks, terms)
     if rule == "first_order":
         leaves = {k: v.detach().requires_grad_(True) for k, v in adapted.items()}
         with torch.enable_grad():
@@ -314,6 +356,45 @@ def batched_task_updates(
         raise ValueError(f"unknown update rule {rule!r} (one of {', '.join(UPDATE_RULES)})")
     with torch.no_grad():
         return update, algo.metrics(ops, stacked, state, sx, sy, qx, qy)
+
+
+def _first_order_with_terms(
+    algo: MetaAlgorithm,
+    ops: BatchedOps,
+    stacked: Params,
+    state: dict[str, Tensor | Params],
+    tasks: TaskBatch,
+    terms: Sequence[ObjectiveTerm],
+) -> tuple[Params, dict[str, Tensor]]:
+    """FOMAML's or Reptile's update with objective terms entering first-order (module docstring).
+
+    FOMAML: ``∇_φ [L_q(φ_t) + T·R]`` on the detached adapted models plus ``∇_θ T·R`` through what
+    the terms read of the meta-parameters directly. Reptile: ``θ - φ_t`` plus the same term gradients.
+    """
+    from fedmeta.algorithms.base import grad_dict
+
+    adapted = state["adapted"]
+    assert isinstance(adapted, dict)
+    leaves = {k: v.detach().requires_grad_(True) for k, v in adapted.items()}
+    qx, qy = tasks.query_x, tasks.query_y
+    with torch.enable_grad():
+        total = tasks.num_tasks * _terms_loss(terms, TermBatch(stacked, leaves, tasks, ops))
+        if algo.update_rule == "first_order":
+            pred = ops.forward(leaves, qx)
+            total = total + ops.loss(pred, qy).sum()
+            state = {**state, "query_pred_post": pred.detach()}
+        both = grad_dict(total, {**{f"adapted:{k}": v for k, v in leaves.items()}, **stacked})
+    g_adapted = {k: both[f"adapted:{k}"] for k in leaves}
+    g_meta = {k: both[k] for k in stacked}
+    update: Params = {}
+    for k, g in g_meta.items():
+        if k in leaves:
+            g = g + g_adapted[k]
+            if algo.update_rule == "reptile":
+                g = g + (stacked[k].detach() - adapted[k])
+        update[k] = g
+    with torch.no_grad():
+        return update, algo.metrics(ops, stacked, state, tasks.support_x, tasks.support_y, qx, qy)
 
 
 def task_updates(

@@ -293,12 +293,15 @@ class RoundLoop:
         if resume:
             self._load(self.out_dir / "checkpoint.pt")
         #: The server chain: reply transforms, aggregation, aggregate transforms, optimizer (+ schedule).
+        from fedmeta.generators.virtual import generator_stages
+
         self.stages: list[Stage] = build_stages(
             cfg,
             self.policy,
             self.optimizer,
             update_transforms=update_transforms,
             aggregate_transforms=aggregate_transforms,
+            aggregate_stages=generator_stages(cfg, self.exp, rounds=self.rounds_limit),
             rounds=self.rounds_limit,
         )
         load_stage_states(self.stages, self._stage_states, path=str(self.out_dir / "checkpoint.pt"))

@@ -295,9 +295,13 @@ def build_stages(
     *,
     update_transforms: Sequence[UpdateTransform] = (),
     aggregate_transforms: Sequence[AggregateTransform] = (),
+    aggregate_stages: Sequence[Stage] = (),
     rounds: int | None = None,
 ) -> list[Stage]:
     """The default chain: reply transforms, the policy's stages, aggregate transforms, the optimizer.
+
+    ``aggregate_stages`` are full stages placed after the aggregate transforms (they see the whole
+    round, e.g. the constraint generators' virtual-task stage, which needs the reference model).
 
     The policy's stages are what its ``server_stages()`` returns (a privacy mechanism's chain,
     e.g. client-central's ``clip``, ``sum``, ``noise``, ``mean``); a policy without that method
@@ -315,6 +319,7 @@ def build_stages(
     own = getattr(policy, "server_stages", None)
     stages += list(own()) if callable(own) else [AggregationStage(policy)]
     stages += [AggregateTransformStage(named(t, f"update-{i}"), t) for i, t in enumerate(aggregate_transforms)]
+    stages += list(aggregate_stages)
     stages.append(OptimizerStage(optimizer, OuterSchedule.from_config(cfg, rounds=rounds)))
     names = [s.name for s in stages]
     if len(set(names)) != len(names):

@@ -47,6 +47,12 @@ class FunctionalModel(ABC):
     #: True when :meth:`forward_tasks` and friends are native batched implementations (the
     #: algorithms' batched eager path is used); False: the algorithms ``vmap`` over tasks.
     batched_tasks: bool = False
+    #: True when the outputs are twice differentiable in the inputs with nonzero second derivatives
+    #: (a smooth activation): what input-derivative constraints need.
+    smooth: bool = False
+    #: True when each example's output depends on that example alone (no batch statistics): what
+    #: evaluating input derivatives of a whole batch at once needs.
+    pointwise: bool = True
 
     @classmethod
     def from_config(cls, cfg: Config, input_shape: tuple[int, ...], outputs: int) -> FunctionalModel:

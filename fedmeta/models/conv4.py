@@ -160,6 +160,8 @@ class Conv4(FunctionalModel):
         self.norm = norm
         self.pool = pool
         self.batched_tasks = batched_tasks
+        # batch normalization couples the examples of a batch
+        self.pointwise = norm != "batch"
         self._stride = 2 if pool == "stride" else 1
         super().__init__(_Conv4Module(self.input_shape[0], channels, outputs, norm=norm, pool=pool))
 
@@ -246,6 +248,9 @@ class Conv4(FunctionalModel):
     def check_config(cls, cfg: Config) -> None:
         """``model.channels`` / ``model.norm`` / ``model.pool`` in range; group norm's 8 groups divide the channels."""
         m = cfg.model
+        if m.name == cls.name:
+            why = "applies to model.name 'mlp' only (conv4's blocks use ReLU)"
+            require(m.activation == "relu", "model.activation", m.activation, why)
         require(m.channels >= 1, "model.channels", m.channels, "must be at least 1")
         require(m.norm in NORMS, "model.norm", m.norm, f"must be one of {', '.join(NORMS)}")
         require(m.pool in POOLS, "model.pool", m.pool, f"must be one of {', '.join(POOLS)}")

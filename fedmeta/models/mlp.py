@@ -1,8 +1,9 @@
-"""Fully connected ReLU network, MAML's regression model (two hidden layers of 40 by default)."""
+"""Fully connected network, MAML's regression model (two hidden layers of 40, ReLU, by default)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -16,7 +17,16 @@ from fedmeta.types import Params
 if TYPE_CHECKING:
     from fedmeta.config import Config
 
-__all__ = ["MLP"]
+__all__ = ["MLP", "ACTIVATIONS"]
+
+#: ``model.activation``: the hidden layers' nonlinearity, and whether it is smooth (has nonzero
+#: second derivatives almost everywhere, so input-derivative constraints can act on the model).
+ACTIVATIONS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], bool]] = {
+    "relu": (F.relu, False),
+    "tanh": (torch.tanh, True),
+    "silu": (F.silu, True),
+    "softplus": (F.softplus, True),
+}
 
 
 class _MLPModule(nn.Module):
@@ -35,17 +45,27 @@ class _MLPModule(nn.Module):
 
 
 class MLP(FunctionalModel):
-    """``input -> [Linear -> ReLU] * len(hidden) -> Linear`` with a separate head for ANIL.
+    """``input -> [Linear -> activation] * len(hidden) -> Linear`` with a separate head for ANIL.
 
     Args:
         input_shape: shape of one example (flattened before the first layer).
         hidden: widths of the hidden layers (MAML: ``(40, 40)``).
         out_features: number of outputs.
+        activation: a name in :data:`ACTIVATIONS` (MAML: ``relu``).
+
+    Raises:
+        ValueError: for an unknown activation.
     """
 
     name = "mlp"
 
-    def __init__(self, input_shape: tuple[int, ...], hidden: tuple[int, ...], out_features: int) -> None:
+    def __init__(
+        self, input_shape: tuple[int, ...], hidden: tuple[int, ...], out_features: int, *, activation: str = "relu"
+    ) -> None:
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+        self.activation = activation
+        self._act, self.smooth = ACTIVATIONS[activation]
         self.input_shape = tuple(input_shape)
         self.in_features = int(math.prod(input_shape))
         self.hidden = tuple(hidden)
@@ -56,15 +76,17 @@ class MLP(FunctionalModel):
 
     @classmethod
     def from_config(cls, cfg: Config, input_shape: tuple[int, ...], outputs: int) -> MLP:
-        """Build from ``model.hidden``."""
-        return cls(input_shape, cfg.model.hidden, outputs)
+        """Build from ``model.hidden`` and ``model.activation``."""
+        return cls(input_shape, cfg.model.hidden, outputs, activation=cfg.model.activation)
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
-        """``model.hidden`` must be a non-empty list of positive widths."""
+        """``model.hidden`` must be a non-empty list of positive widths; ``model.activation`` a known name."""
         hidden = cfg.model.hidden
         why = "must be a non-empty list of positive widths"
         require(all(h >= 1 for h in hidden) and len(hidden) >= 1, "model.hidden", list(hidden), why)
+        act = cfg.model.activation
+        require(act in ACTIVATIONS, "model.activation", act, f"must be one of {', '.join(ACTIVATIONS)}")
 
     # A hand-written forward pass: torch.func.functional_call swaps module parameters on every
     # call, which costs about a third of a small MLP's meta-gradient under vmap.
@@ -74,7 +96,7 @@ class MLP(FunctionalModel):
     def features(self, params: Params, x: torch.Tensor) -> torch.Tensor:
         h = x.flatten(start_dim=-len(self.input_shape)) if len(self.input_shape) > 1 else x
         for layer in self._hidden_layers:
-            h = F.relu(F.linear(h, params[f"{layer}.weight"], params[f"{layer}.bias"]))
+            h = self._act(F.linear(h, params[f"{layer}.weight"], params[f"{layer}.bias"]))
         return h
 
     def head(self, params: Params, h: torch.Tensor) -> torch.Tensor:

@@ -185,6 +185,10 @@ class TaskSource:
             per = -(-n // len(held))
             parts = [build_family(self.cfg, site=site).sample(gen, per, "eval") for site in held]
             return TaskBatch.concat(parts).slice(0, n)
+        if self.cfg.eval.task.overrides():  # held-out tasks from other ranges (eval.task)
+            from fedmeta.config import evaluation_config
+
+            return build_family(evaluation_config(self.cfg)).sample(gen, n, "eval")
         if self._sites is not None and len(self._sites) > 1:
             per_site = -(-n // len(self._sites))
             parts = [self.family(c).sample(gen, per_site, "eval") for c in range(len(self._sites))]

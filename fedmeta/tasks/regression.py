@@ -93,6 +93,8 @@ class SinusoidFamily(_GeneratedRegression):
     """
 
     name = "sinusoid"
+    #: the inputs' range unless ``task.x_range`` says otherwise
+    DEFAULT_X_RANGE: tuple[float, float] = (-5.0, 5.0)
 
     def __init__(
         self,
@@ -104,7 +106,7 @@ class SinusoidFamily(_GeneratedRegression):
         x_range: tuple[float, float] | None = None,
         noise_std: float = 0.0,
     ) -> None:
-        super().__init__(shots=shots, query=query, x_range=x_range or (-5.0, 5.0), noise_std=noise_std)
+        super().__init__(shots=shots, query=query, x_range=x_range or self.DEFAULT_X_RANGE, noise_std=noise_std)
         self.amplitude = amplitude or (0.1, 5.0)
         self.phase = phase or (0.0, math.pi)
 
@@ -141,6 +143,8 @@ class HarmonicFamily(_GeneratedRegression):
     """
 
     name = "harmonic"
+    #: the inputs' range unless ``task.x_range`` says otherwise
+    DEFAULT_X_RANGE: tuple[float, float] = (0.0, 5.0)
 
     def __init__(
         self,
@@ -154,7 +158,7 @@ class HarmonicFamily(_GeneratedRegression):
         x_range: tuple[float, float] | None = None,
         noise_std: float = 0.0,
     ) -> None:
-        super().__init__(shots=shots, query=query, x_range=x_range or (0.0, 5.0), noise_std=noise_std)
+        super().__init__(shots=shots, query=query, x_range=x_range or self.DEFAULT_X_RANGE, noise_std=noise_std)
         self.amplitude = amplitude or (0.1, 5.0)
         self.omega = omega or (0.5, 2.0)
         self.damping = damping or (0.0, 0.2)

@@ -137,6 +137,9 @@ class PrivacyMechanism:
         aggregations_why: why other rules are refused, in words (the config error says it).
         needs_poisson_sampling: whether the accountant assumes Poisson sampling of clients.
         accepts_non_separable_terms: whether an objective term that is not a sum over tasks may be used.
+        accepts_update_relations: whether the server may weight clients by relations it derives from
+            their updates (TRLearner's federated variant): only where each update reaching the server
+            is already privatized (or nothing is private), so the weights are post-processing.
         supports_adaptive_clipping: whether ``privacy.adaptive_clipping`` applies.
         counts_site_pools: whether the accountant needs the size of a site's task pool.
         client_keeps_state: whether a client keeps its own accountant (in its node state, across rounds).
@@ -164,6 +167,7 @@ class PrivacyMechanism:
     aggregations_why: ClassVar[str] = ""
     needs_poisson_sampling: ClassVar[bool] = False
     accepts_non_separable_terms: ClassVar[bool] = True
+    accepts_update_relations: ClassVar[bool] = True
     supports_adaptive_clipping: ClassVar[bool] = False
     counts_site_pools: ClassVar[bool] = False
     client_keeps_state: ClassVar[bool] = False
@@ -265,6 +269,14 @@ class PrivacyMechanism:
                 f"must be 'poisson' for privacy.mode '{self.name}' (the privacy accountant assumes Poisson "
                 "sampling of clients with rate clients_per_round / clients_total)",
             )
+        federated = cfg.meta.trlearner.federated
+        _require(
+            federated == "off" or self.accepts_update_relations,
+            "meta.trlearner.federated",
+            federated,
+            f"must be 'off' for privacy.mode '{self.name}': the server receives the clients' updates before "
+            "they are noised, and weights derived from them would change each client's sensitivity",
+        )
         if self.aggregations is not None:
             rules = " or ".join(f"'{rule}'" for rule in self.aggregations)
             _require(

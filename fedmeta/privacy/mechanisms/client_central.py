@@ -50,6 +50,8 @@ class ClientCentralPrivacy(PrivacyMechanism):
     aggregations = ("mean",)
     aggregations_why = "the noise is calibrated to the clipped sum"
     needs_poisson_sampling = True
+    #: relation weights from raw updates would change each client's sensitivity (issue 18)
+    accepts_update_relations = False
     supports_adaptive_clipping = True
     public = (
         "privacy.noise_multiplier",

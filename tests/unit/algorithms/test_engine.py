@@ -8,7 +8,7 @@ from typing import ClassVar
 import pytest
 import torch
 
-from fedmeta.algorithms import ANIL, FOMAML, MAML, ProtoNet
+from fedmeta.algorithms import ANIL, FOMAML, MAML, FedAvg, ProtoNet
 from fedmeta.algorithms.base import MetaAlgorithm
 from fedmeta.algorithms.engine import ObjectiveTerm, TermBatch, require_separable
 from fedmeta.errors import ConfigError
@@ -132,10 +132,12 @@ def test_a_term_changes_the_update_and_no_term_changes_nothing() -> None:
     assert all(torch.equal(metrics[k], penalized_metrics[k]) for k in metrics)
 
 
-def test_terms_need_the_exact_rule_and_coupled_terms_are_named() -> None:
-    algo, _, _ = _setup(FOMAML)
-    with pytest.raises(ValueError, match="'exact' update rule; 'fomaml' has 'first_order'"):
+def test_terms_need_an_algorithm_that_adapts_and_coupled_terms_are_named() -> None:
+    """FOMAML and Reptile take terms first-order (tests/unit/algorithms/test_trlearner.py); FedAvg does not adapt."""
+    algo, _, _ = _setup(FedAvg)
+    with pytest.raises(ValueError, match="objective terms need an algorithm that adapts; 'fedavg' has 'pooled'"):
         algo.with_terms(AdaptedDrift(1.0))
+    _setup(FOMAML)[0].with_terms(AdaptedDrift(1.0))
     require_separable((AdaptedDrift(1.0),), why="task-level DP clips each task's update")
     with pytest.raises(ConfigError, match="'adapted-spread' couples the tasks.*task-level DP"):
         require_separable((AdaptedDrift(1.0), AdaptedSpread()), why="task-level DP clips each task's update")
