@@ -21,6 +21,7 @@ transform lists.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -381,17 +382,6 @@ class RoundLoop:
                 book = self.begin_round()
                 transport.train(self, book)
                 row = self.complete_round(book)
-                if self.cfg.eval.clients > 0 and self.eval_due(book.round_idx):
-                    t = time.perf_counter()
-                    cohort = eval_cohort(self.cfg, book.round_idx)
-                    per_client = max(1, math.ceil(self.cfg.eval.tasks / max(1, len(cohort))))
-                    results, failed = transport.evaluate(self, book.round_idx, cohort, tasks_per_client=per_client)
-                    if results:
-                        row["client_eval"] = self.record_client_eval(book.round_idx, results, failed)
-                    else:
-                        log.warning("round %d: no client returned evaluation metrics", book.round_idx)
-                        row["client_eval"] = None
-                    row.setdefault("timing", {})["client_eval"] = time.perf_counter() - t
                 if progress is not None:
                     progress(book.round_idx, row)
         except BaseException:
@@ -471,8 +461,16 @@ class RoundLoop:
     def complete_round(self, book: RoundLog) -> dict[str, Any]:
         """Aggregate the round's valid replies, step the optimizer, evaluate, log and checkpoint.
 
+        The round is committed by its checkpoint, written last: its ``metrics.jsonl`` rows (and a
+        federated evaluation's) are written and ``fsync``-ed first, and a resumed run drops rows
+        after the checkpoint's round and reruns it. So a crash at any point loses no row and
+        duplicates none. If anything fails before the checkpoint is written, the loop's state
+        (meta-parameters, optimizer, policy, stages, counters, round) is restored to the last
+        checkpoint's and the round's rows are dropped: what ``summary.json`` then reports is
+        what the checkpoint holds.
+
         Returns:
-            The metrics row written to ``metrics.jsonl``.
+            The metrics row written to ``metrics.jsonl`` (with the federated evaluation, if one ran).
 
         Raises:
             InconsistentReplies: if fewer than the required valid replies arrived.
@@ -487,6 +485,43 @@ class RoundLoop:
                 f"rejected: {_brief(book.rejected)}; unavailable: {book.unavailable[:10]}. "
                 f"The checkpoint in {self.out_dir} holds round {self.round}; fix the clients and resume"
             )
+        saved = self._snapshot()
+        try:
+            return self._advance(book, replies)
+        except BaseException:
+            self._restore(saved)
+            raise
+
+    def _snapshot(self) -> dict[str, Any]:
+        """The in-memory state the last checkpoint holds (copies, so that a failed round cannot touch them)."""
+        return {
+            "round": self.round,
+            "meta": dict(self.meta),  # tensors are never changed in place: a new dict each round
+            "optimizer": self.optimizer.state_dict(),
+            "policy": copy.deepcopy(self.policy.state_dict()),
+            "stages": copy.deepcopy(stage_states(self.stages, skip=("optimizer",))),
+            "totals": dict(self.totals),
+            "final_eval": self.final_eval,
+            "last_client_eval": self.last_client_eval,
+        }
+
+    def _restore(self, saved: Mapping[str, Any]) -> None:
+        """Undo a round that failed before its checkpoint (see :meth:`complete_round`)."""
+        try:
+            self.round = int(saved["round"])
+            self.meta = dict(saved["meta"])
+            self.optimizer.reset(self.meta, saved["optimizer"])
+            if saved["policy"]:
+                self.policy.load_state_dict(saved["policy"])
+            load_stage_states(self.stages, saved["stages"], path=str(self.recorder.checkpoint_path))
+            self.totals = dict(saved["totals"])
+            self.final_eval, self.last_client_eval = saved["final_eval"], saved["last_client_eval"]
+            self.recorder.drop_rows_after(self.round)
+        except Exception as exc:  # noqa: BLE001 - never mask the error that stopped the round
+            log.warning("could not restore the state of round %d after its failure: %s", saved["round"], exc)
+
+    def _advance(self, book: RoundLog, replies: list[ClientReply]) -> dict[str, Any]:
+        r = book.round_idx
         t0 = time.perf_counter()
         state = RoundState(r, self.meta, replies)
         for stage in self.stages:
@@ -508,12 +543,22 @@ class RoundLoop:
             t0 = time.perf_counter()
             self.final_eval = row["eval"] = self.evaluate()
             book.add_time("server_eval", time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        self.checkpoint()
-        book.add_time("checkpoint", time.perf_counter() - t0)
         row["timing"] = {k: round(v, 6) for k, v in book.timings.items()}
         row["seconds"] = time.perf_counter() - book.started
+        # rows first, checkpoint last: the checkpoint commits the round (a resume drops later rows)
         self.recorder.log_round(row)
+        if self.transport is not None and self.cfg.eval.clients > 0 and self.eval_due(r):
+            t0 = time.perf_counter()
+            cohort = eval_cohort(self.cfg, r)
+            per_client = max(1, math.ceil(self.cfg.eval.tasks / max(1, len(cohort))))
+            results, failed = self.transport.evaluate(self, r, cohort, tasks_per_client=per_client)
+            if results:
+                row["client_eval"] = self.record_client_eval(r, results, failed)
+            else:
+                log.warning("round %d: no client returned evaluation metrics", r)
+                row["client_eval"] = None
+            row["timing"]["client_eval"] = time.perf_counter() - t0
+        self.checkpoint()
         return row
 
     def _row(self, book: RoundLog, replies: list[ClientReply], update_norm: float | None) -> dict[str, Any]:
