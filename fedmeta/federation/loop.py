@@ -35,7 +35,7 @@ import torch
 from fedmeta.aggregation import stack, validate_update
 from fedmeta.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from fedmeta.config import Config, to_dict
-from fedmeta.errors import CheckpointError, ConfigError, InconsistentReplies, UpdateRejected
+from fedmeta.errors import BudgetExhausted, CheckpointError, ConfigError, InconsistentReplies, UpdateRejected
 from fedmeta.evaluation import evaluate
 from fedmeta.experiment import Experiment, RoundResult, build_summary
 from fedmeta.federation.client import COMPUTE_SECONDS, combine_eval_metrics, eval_cohort
@@ -99,6 +99,14 @@ class RoundPolicy(Protocol):
         """
         ...
 
+    def check_round(self, round_idx: int) -> None:
+        """Refuse ``round_idx`` before anything of it is computed, if releasing it would exceed the budget.
+
+        Raises:
+            BudgetExhausted: if the round must not run.
+        """
+        ...
+
     def sample_clients(self, round_idx: int) -> list[int]:
         """Client ids of the round's cohort."""
         ...
@@ -142,6 +150,9 @@ class PlainPolicy:
 
     def rounds_to_run(self) -> int:
         return self.exp.cfg.federation.rounds
+
+    def check_round(self, round_idx: int) -> None:
+        return None
 
     def sample_clients(self, round_idx: int) -> list[int]:
         return self.exp.sample_round(round_idx)
@@ -256,8 +267,6 @@ class RoundLoop:
         self.mode = mode
         self.exp = experiment or Experiment(cfg)
         self.policy: RoundPolicy = policy or default_policy(self.exp)
-        # the privacy budget may refuse the run or cut it short (privacy.on_budget: stop)
-        self.rounds_limit = int(self.policy.rounds_to_run())
         self.out_dir = Path(out_dir)
         if cfg.meta.algorithm == "metasgd" and cfg.eval.steps > cfg.meta.inner_steps:
             log.warning(
@@ -274,6 +283,9 @@ class RoundLoop:
         self._stage_states: dict[str, Any] = {}
         if resume:
             self._load(self.out_dir / "checkpoint.pt")
+        # the privacy budget may refuse the run or cut it short (privacy.on_budget: stop); planned after the
+        # checkpoint's accountant is restored, so that a resumed run's plan composes on top of what it spent
+        self.rounds_limit = int(self.policy.rounds_to_run())
         #: The server chain: reply transforms, aggregation, aggregate transforms, optimizer (+ schedule).
         self.stages: list[Stage] = build_stages(
             cfg,
@@ -379,7 +391,14 @@ class RoundLoop:
             transport.start(self)
             self.start()
             while not self.finished:
-                book = self.begin_round()
+                try:
+                    book = self.begin_round()
+                except BudgetExhausted as exc:
+                    if self.cfg.privacy.on_budget != "stop":
+                        raise
+                    log.warning("%s", exc)  # privacy.on_budget: stop -- a clean end after the last round that fits
+                    self.rounds_limit = self.round
+                    break
                 transport.train(self, book)
                 row = self.complete_round(book)
                 if progress is not None:
@@ -400,8 +419,14 @@ class RoundLoop:
             self.recorder.log_round({"round": 0, "eval": self.evaluate()})
 
     def begin_round(self) -> RoundLog:
-        """Sample the next round's cohort."""
+        """Check that the next round fits the privacy budget, and sample its cohort.
+
+        Raises:
+            BudgetExhausted: if releasing the round would exceed ``privacy.target_epsilon`` (nothing
+                of it has been computed; the checkpoint holds the rounds before it).
+        """
         r = self.round + 1
+        self.policy.check_round(r)
         return RoundLog(r, [int(c) for c in self.policy.sample_clients(r)])
 
     def instructions(self, round_idx: int, client_id: int) -> dict[str, Any]:
