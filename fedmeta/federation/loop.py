@@ -312,7 +312,7 @@ class RoundLoop:
         self.meta = {k: v.to(self.meta[k].dtype) for k, v in state["meta_params"].items()}
         self.optimizer = self.exp.server_optimizer(self.meta)
         if state.get("optimizer"):
-            self.optimizer.load_state_dict(state["optimizer"])
+            self._load_optimizer(state, path)
         if state.get("accountant"):
             if not self.policy.state_dict():  # a DP run resumed without DP would drop its accountant
                 raise CheckpointError(
@@ -331,6 +331,23 @@ class RoundLoop:
         self._stage_states = dict(extra.pop("stages", None) or {})
         self._transport_state = extra  # what the transport saved (e.g. in-process clients' accountants)
         log.info("resuming from %s at round %d", path, self.round + 1)
+
+    def _load_optimizer(self, state: Mapping[str, Any], path: Path) -> None:
+        saved = ((state.get("config") or {}).get("meta") or {}).get("outer_optimizer")
+        name = self.cfg.meta.outer_optimizer
+        if saved is not None and saved != name:
+            raise CheckpointError(
+                f"checkpoint '{path}' was trained with meta.outer_optimizer '{saved}', this run has '{name}': its "
+                f"optimizer state cannot be continued by another optimizer; resume with meta.outer_optimizer "
+                f"'{saved}' (or start a new run from its meta-parameters)"
+            )
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, ValueError, TypeError, IndexError) as exc:
+            raise CheckpointError(
+                f"checkpoint '{path}': its optimizer state does not fit this run's meta.outer_optimizer '{name}' "
+                f"({type(exc).__name__}: {exc})"
+            ) from exc
 
     def checkpoint(self) -> Path:
         """Write ``checkpoint.pt`` atomically (meta-parameters, optimizer, policy and transport state, round)."""

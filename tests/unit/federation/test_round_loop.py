@@ -106,3 +106,14 @@ def test_a_dp_checkpoint_is_not_resumed_without_dp_and_flower_refuses_in_process
     extra = load_checkpoint(tmp_path / "checkpoint.pt")["extra"]
     with pytest.raises(CheckpointError, match="resume it with fedmeta centralized"):
         FlowerTransport(None).load_state_dict(extra)  # type: ignore[arg-type]
+
+
+def test_a_resume_with_another_outer_optimizer_is_refused_naming_the_key(cfg: Config, tmp_path: Path) -> None:
+    run_centralized(cfg, tmp_path)
+    assert cfg.meta.outer_optimizer == "adam"
+    from dataclasses import replace
+
+    sgd = replace(cfg, meta=replace(cfg.meta, outer_optimizer="sgd"), federation=replace(cfg.federation, rounds=3))
+    with pytest.raises(CheckpointError, match=r"meta.outer_optimizer 'adam', this run has 'sgd'"):
+        RoundLoop(sgd, tmp_path, resume=True)
+
