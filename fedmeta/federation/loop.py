@@ -281,6 +281,8 @@ class RoundLoop:
         self.transport: Transport | None = None
         self._transport_state: dict[str, Any] = {}
         self._stage_states: dict[str, Any] = {}
+        #: ``summary.json``'s mode of the run that wrote the resumed checkpoint (``None``: a fresh run)
+        self.resumed_from: str | None = None
         if resume:
             self._load(self.out_dir / "checkpoint.pt")
         # the privacy budget may refuse the run or cut it short (privacy.on_budget: stop); planned after the
@@ -327,7 +329,7 @@ class RoundLoop:
         self.round = int(state["round"])
         extra = dict(state.get("extra") or {})
         self.totals.update(extra.pop("totals", {}))
-        extra.pop("mode", None)
+        self.resumed_from = str(extra.pop("mode", None) or "unknown")
         self._stage_states = dict(extra.pop("stages", None) or {})
         self._transport_state = extra  # what the transport saved (e.g. in-process clients' accountants)
         log.info("resuming from %s at round %d", path, self.round + 1)

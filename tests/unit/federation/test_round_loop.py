@@ -117,3 +117,30 @@ def test_a_resume_with_another_outer_optimizer_is_refused_naming_the_key(cfg: Co
     with pytest.raises(CheckpointError, match=r"meta.outer_optimizer 'adam', this run has 'sgd'"):
         RoundLoop(sgd, tmp_path, resume=True)
 
+
+def test_centralized_refuses_a_flower_checkpoint_whose_clients_keep_their_own_accountants(
+    repo_root: Path, tmp_path: Path
+) -> None:
+    """A checkpoint written by ``fedmeta simulate`` or a deployment under client-local (or task) DP holds
+    no accountants of in-process clients: the Flower sites keep their own. Resuming it with
+    ``fedmeta centralized`` must not restart every client's accountant at zero."""
+    dp = load_config(
+        repo_root / "configs" / "sinusoid.yaml",
+        ["privacy.mode=client-local", "privacy.noise_seed=7", "federation.clients_total=6",
+         "federation.clients_per_round=3", "federation.rounds=2", "eval.tasks=10", "eval.every=2"],
+    )  # fmt: skip
+    run_centralized(dp, tmp_path)
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    state["extra"].pop("client_privacy")
+    state["extra"]["mode"] = "simulation"  # what the Flower server writes: its transport keeps no client state
+    save_checkpoint(
+        tmp_path / "checkpoint.pt", meta_params=state["meta_params"], round_idx=state["round"], config=state["config"],
+        model=state["model"], task_kind=state["task_kind"], optimizer=state["optimizer"],
+        accountant=state["accountant"], extra=state["extra"],
+    )  # fmt: skip
+    from dataclasses import replace
+
+    longer = replace(dp, federation=replace(dp.federation, rounds=3))
+    with pytest.raises(CheckpointError, match=r"mode 'simulation' whose clients keep their own privacy accountants"):
+        run_centralized(longer, tmp_path, resume=True)
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["round"] == 2
