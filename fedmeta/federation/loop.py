@@ -3,7 +3,8 @@
 :class:`RoundLoop` owns a run's server state (meta-parameters, server optimizer, round, privacy
 policy, counters) and one round's steps::
 
-    sample -> transport -> validate -> stages -> optimizer -> account -> evaluate -> checkpoint -> log
+    budget check -> sample -> transport -> validate -> stages -> optimizer -> account -> evaluate -> log
+    -> checkpoint (which commits the round)
 
 What differs between the paths is only *how the instructions reach the clients and the replies
 come back*: a :class:`~fedmeta.federation.transport.Transport`. The in-process transport
