@@ -402,13 +402,21 @@ def enforce_budget(
     raise BudgetExhausted(budget_message(plan, calibrated=calibrated))
 
 
-def epsilon_after_next_round(cfg: Config, history: History, *, pool_size: int | None = None) -> float | None:
+def epsilon_after_next_round(
+    cfg: Config,
+    history: History,
+    *,
+    pool_size: int | None = None,
+    rdp_cache: dict[tuple[float, float], Any] | None = None,
+) -> float | None:
     """Epsilon the budget holder would reach after one more round at ``cfg``'s settings.
 
     Args:
         cfg: the run configuration (its accounting parameters are the coming round's).
         history: what the budget holder has spent so far.
         pool_size: for ``task`` mode (see :func:`plan_privacy`).
+        rdp_cache: RDP curves kept by the caller across rounds (see :class:`PrivacyAccountant`);
+            a check before every round would otherwise recompute them every time.
 
     Returns:
         The epsilon, or ``None`` without DP.
@@ -417,6 +425,7 @@ def epsilon_after_next_round(cfg: Config, history: History, *, pool_size: int | 
     if params is None:
         return None
     return _epsilon_after(
-        PrivacyAccountant(cfg.privacy.accountant), params.steps_per_round, noise_multiplier=params.noise_multiplier,
+        PrivacyAccountant(cfg.privacy.accountant, rdp_cache=rdp_cache), params.steps_per_round,
+        noise_multiplier=params.noise_multiplier,
         sample_rate=params.sample_rate, delta=cfg.privacy.delta, history=history,
     )  # fmt: skip

@@ -173,7 +173,7 @@ class ServerPrivacy:
             return
         from fedmeta.privacy.budget import epsilon_after_next_round
 
-        after = epsilon_after_next_round(self.cfg, history, pool_size=self.pool_size)
+        after = epsilon_after_next_round(self.cfg, history, pool_size=self.pool_size, rdp_cache=self._rdp_cache)
         if after is not None and after > target:
             self.rounds_allowed = min(self.rounds_allowed or round_idx - 1, round_idx - 1)
             raise BudgetExhausted(
