@@ -417,7 +417,6 @@ class ServerPrivacy:
                     "would exceed the budget; raise the target (if that is what was meant) or start a new run"
                 )
 
-
     def _restored_budget_holder(self, saved: Mapping[str, Any] | None) -> PrivacyAccountant:
         if saved:
             return PrivacyAccountant.from_state_dict(dict(saved), rdp_cache=self._rdp_cache)
