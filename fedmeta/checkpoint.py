@@ -19,7 +19,16 @@ import torch
 from fedmeta.errors import CheckpointError
 from fedmeta.types import Params, model_part
 
-__all__ = ["save_checkpoint", "load_checkpoint", "check_compatible", "file_sha256", "FORMAT", "VERSION"]
+__all__ = [
+    "save_checkpoint",
+    "load_checkpoint",
+    "check_compatible",
+    "file_sha256",
+    "atomic_write_bytes",
+    "fsync_dir",
+    "FORMAT",
+    "VERSION",
+]
 
 FORMAT = "fedmeta-checkpoint"
 VERSION = 1
@@ -34,8 +43,37 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def fsync_dir(path: Path) -> None:
+    """``fsync`` a directory, so that a rename or a new file in it survives a power loss.
+
+    A no-op where directories cannot be opened for it (Windows).
+
+    Args:
+        path: the directory.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a directory; the rename is then as durable as they allow
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and ``os.replace`` (never half-written)."""
+    """Write ``data`` to ``path`` durably and atomically: never half-written, and kept after a crash.
+
+    The data goes to a temporary file in the same directory, which is flushed and ``fsync``-ed,
+    then renamed over ``path`` with ``os.replace``; the directory is ``fsync``-ed last, so the
+    rename itself is on disk when this returns.
+
+    Args:
+        path: destination file (its directory is created if needed).
+        data: the whole content.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -47,6 +85,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
 
 
 def save_checkpoint(

@@ -69,3 +69,20 @@ class ServerOptimizer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the state saved by :meth:`state_dict` (copied, never shared)."""
         self._opt.load_state_dict(copy.deepcopy(state))
+
+    def reset(self, params: Params, state: dict[str, Any]) -> None:
+        """Go back to ``params`` and the optimizer state ``state`` (a :meth:`state_dict`), e.g. to undo a step.
+
+        Args:
+            params: the meta-parameters to continue from (same keys and shapes).
+            state: the optimizer state to continue with.
+
+        Raises:
+            ValueError: if ``params`` has other keys than the optimizer's.
+        """
+        if set(params) != set(self.keys):
+            raise ValueError(f"parameter keys {sorted(params)} do not match the optimizer's {self.keys}")
+        with torch.no_grad():
+            for k, t in zip(self.keys, self._tensors):
+                t.copy_(params[k].to(t.dtype))
+        self.load_state_dict(state)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 from fedmeta.checkpoint import atomic_write_bytes
+from fedmeta.errors import CheckpointError
 
 __all__ = [
     "RunRecorder",
@@ -52,6 +54,28 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _read_rows_tolerating_a_torn_tail(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.split("\n")
+    rows: list[dict[str, Any]] = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:
+            if i == len(lines) - 1:  # no newline after it: a write cut short by a crash
+                log.warning("%s: dropping a last row cut short by a crash (%d characters)", path, len(line))
+                continue
+            raise CheckpointError(f"metrics file '{path}', line {i + 1}, is not a JSON row: {exc}") from exc
+        rows.append(row)
+    return rows
+
+
 class RunRecorder:
     """Writes a run's outputs into ``out_dir``.
 
@@ -68,16 +92,31 @@ class RunRecorder:
         self.checkpoint_path = self.out_dir / CHECKPOINT
         self.summary_path = self.out_dir / SUMMARY
         if resume_round is None:
-            self.metrics_path.write_text("", encoding="utf-8")
+            atomic_write_bytes(self.metrics_path, b"")
         else:
-            kept = [r for r in read_metrics(self.metrics_path) if int(r.get("round", 0)) <= resume_round]
-            text = "".join(json.dumps(_jsonable(r)) + "\n" for r in kept)
-            atomic_write_bytes(self.metrics_path, text.encode())
+            self.drop_rows_after(resume_round)
+
+    def drop_rows_after(self, round_idx: int) -> None:
+        """Keep only the rows of rounds up to ``round_idx`` (rewritten atomically).
+
+        A resumed run calls it with its checkpoint's round: rows written for a round whose
+        checkpoint was never written (a crash in between) go, and the rerun writes them once. A
+        last line cut short by a crash while it was written is dropped too.
+
+        Raises:
+            CheckpointError: if a line other than the last is not a JSON row (the file is not
+                one this recorder wrote).
+        """
+        kept = [r for r in _read_rows_tolerating_a_torn_tail(self.metrics_path) if int(r.get("round", 0)) <= round_idx]
+        text = "".join(json.dumps(_jsonable(r)) + "\n" for r in kept)
+        atomic_write_bytes(self.metrics_path, text.encode())
 
     def log_round(self, row: dict[str, Any]) -> None:
-        """Append one round's metrics (flushed at once, so a crash loses at most this round)."""
+        """Append one row and ``fsync`` it: on disk before the round's checkpoint is written."""
         with self.metrics_path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(_jsonable(row)) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
 
     def write_summary(self, summary: dict[str, Any]) -> Path:
         """Write ``summary.json`` atomically."""

@@ -3,7 +3,8 @@
 :class:`RoundLoop` owns a run's server state (meta-parameters, server optimizer, round, privacy
 policy, counters) and one round's steps::
 
-    sample -> transport -> validate -> stages -> optimizer -> account -> evaluate -> checkpoint -> log
+    budget check -> sample -> transport -> validate -> stages -> optimizer -> account -> evaluate -> log
+    -> checkpoint (which commits the round)
 
 What differs between the paths is only *how the instructions reach the clients and the replies
 come back*: a :class:`~fedmeta.federation.transport.Transport`. The in-process transport
@@ -21,6 +22,7 @@ has exactly this interface) and through the two transform lists.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -34,7 +36,7 @@ import torch
 from fedmeta.aggregation import stack, validate_update
 from fedmeta.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from fedmeta.config import Config, to_dict
-from fedmeta.errors import CheckpointError, ConfigError, InconsistentReplies, UpdateRejected
+from fedmeta.errors import BudgetExhausted, CheckpointError, ConfigError, InconsistentReplies, UpdateRejected
 from fedmeta.evaluation import evaluate
 from fedmeta.experiment import Experiment, RoundResult, build_summary
 from fedmeta.federation.client import COMPUTE_SECONDS, combine_eval_metrics, eval_cohort
@@ -106,6 +108,14 @@ class RoundPolicy(Protocol):
         """
         ...
 
+    def check_round(self, round_idx: int) -> None:
+        """Refuse ``round_idx`` before anything of it is computed, if releasing it would exceed the budget.
+
+        Raises:
+            BudgetExhausted: if the round must not run.
+        """
+        ...
+
     def sample_clients(self, round_idx: int) -> list[int]:
         """Client ids of the round's cohort."""
         ...
@@ -157,6 +167,9 @@ class PlainPolicy:
 
     def rounds_to_run(self) -> int:
         return self.exp.cfg.federation.rounds
+
+    def check_round(self, round_idx: int) -> None:
+        return None
 
     def sample_clients(self, round_idx: int) -> list[int]:
         return self.exp.sample_round(round_idx)
@@ -274,8 +287,6 @@ class RoundLoop:
         self.mode = mode
         self.exp = experiment or Experiment(cfg)
         self.policy: RoundPolicy = policy or default_policy(self.exp)
-        # the privacy budget may refuse the run or cut it short (privacy.on_budget: stop)
-        self.rounds_limit = int(self.policy.rounds_to_run())
         self.out_dir = Path(out_dir)
         if cfg.meta.algorithm == "metasgd" and cfg.eval.steps > cfg.meta.inner_steps:
             log.warning(
@@ -290,8 +301,13 @@ class RoundLoop:
         self.transport: Transport | None = None
         self._transport_state: dict[str, Any] = {}
         self._stage_states: dict[str, Any] = {}
+        #: ``summary.json``'s mode of the run that wrote the resumed checkpoint (``None``: a fresh run)
+        self.resumed_from: str | None = None
         if resume:
             self._load(self.out_dir / "checkpoint.pt")
+        # the privacy budget may refuse the run or cut it short (privacy.on_budget: stop); planned after the
+        # checkpoint's accountant is restored, so that a resumed run's plan composes on top of what it spent
+        self.rounds_limit = int(self.policy.rounds_to_run())
         #: The server chain: reply transforms, aggregation, aggregate transforms, optimizer (+ schedule).
         from fedmeta.generators.virtual import generator_stages
 
@@ -321,7 +337,7 @@ class RoundLoop:
         self.meta = {k: v.to(self.meta[k].dtype) for k, v in state["meta_params"].items()}
         self.optimizer = self.exp.server_optimizer(self.meta)
         if state.get("optimizer"):
-            self.optimizer.load_state_dict(state["optimizer"])
+            self._load_optimizer(state, path)
         if state.get("accountant"):
             if not self.policy.state_dict():  # a DP run resumed without DP would drop its accountant
                 raise CheckpointError(
@@ -336,10 +352,27 @@ class RoundLoop:
         self.round = int(state["round"])
         extra = dict(state.get("extra") or {})
         self.totals.update(extra.pop("totals", {}))
-        extra.pop("mode", None)
+        self.resumed_from = str(extra.pop("mode", None) or "unknown")
         self._stage_states = dict(extra.pop("stages", None) or {})
         self._transport_state = extra  # what the transport saved (e.g. in-process clients' accountants)
         log.info("resuming from %s at round %d", path, self.round + 1)
+
+    def _load_optimizer(self, state: Mapping[str, Any], path: Path) -> None:
+        saved = ((state.get("config") or {}).get("meta") or {}).get("outer_optimizer")
+        name = self.cfg.meta.outer_optimizer
+        if saved is not None and saved != name:
+            raise CheckpointError(
+                f"checkpoint '{path}' was trained with meta.outer_optimizer '{saved}', this run has '{name}': its "
+                f"optimizer state cannot be continued by another optimizer; resume with meta.outer_optimizer "
+                f"'{saved}' (or start a new run from its meta-parameters)"
+            )
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, ValueError, TypeError, IndexError) as exc:
+            raise CheckpointError(
+                f"checkpoint '{path}': its optimizer state does not fit this run's meta.outer_optimizer '{name}' "
+                f"({type(exc).__name__}: {exc})"
+            ) from exc
 
     def checkpoint(self) -> Path:
         """Write ``checkpoint.pt`` atomically (meta-parameters, optimizer, policy and transport state, round)."""
@@ -400,20 +433,16 @@ class RoundLoop:
             transport.start(self)
             self.start()
             while not self.finished:
-                book = self.begin_round()
+                try:
+                    book = self.begin_round()
+                except BudgetExhausted as exc:
+                    if self.cfg.privacy.on_budget != "stop":
+                        raise
+                    log.warning("%s", exc)  # privacy.on_budget: stop -- a clean end after the last round that fits
+                    self.rounds_limit = self.round
+                    break
                 transport.train(self, book)
                 row = self.complete_round(book)
-                if self.cfg.eval.clients > 0 and self.eval_due(book.round_idx):
-                    t = time.perf_counter()
-                    cohort = eval_cohort(self.cfg, book.round_idx)
-                    per_client = max(1, math.ceil(self.cfg.eval.tasks / max(1, len(cohort))))
-                    results, failed = transport.evaluate(self, book.round_idx, cohort, tasks_per_client=per_client)
-                    if results:
-                        row["client_eval"] = self.record_client_eval(book.round_idx, results, failed)
-                    else:
-                        log.warning("round %d: no client returned evaluation metrics", book.round_idx)
-                        row["client_eval"] = None
-                    row.setdefault("timing", {})["client_eval"] = time.perf_counter() - t
                 if progress is not None:
                     progress(book.round_idx, row)
         except BaseException:
@@ -432,8 +461,14 @@ class RoundLoop:
             self.recorder.log_round({"round": 0, "eval": self.evaluate()})
 
     def begin_round(self) -> RoundLog:
-        """Sample the next round's cohort."""
+        """Check that the next round fits the privacy budget, and sample its cohort.
+
+        Raises:
+            BudgetExhausted: if releasing the round would exceed ``privacy.target_epsilon`` (nothing
+                of it has been computed; the checkpoint holds the rounds before it).
+        """
         r = self.round + 1
+        self.policy.check_round(r)
         return RoundLog(r, [int(c) for c in self.policy.sample_clients(r)])
 
     def instructions(self, round_idx: int, client_id: int) -> dict[str, Any]:
@@ -521,8 +556,16 @@ class RoundLoop:
     def complete_round(self, book: RoundLog) -> dict[str, Any]:
         """Aggregate the round's valid replies, step the optimizer, evaluate, log and checkpoint.
 
+        The round is committed by its checkpoint, written last: its ``metrics.jsonl`` rows (and a
+        federated evaluation's) are written and ``fsync``-ed first, and a resumed run drops rows
+        after the checkpoint's round and reruns it. So a crash at any point loses no row and
+        duplicates none. If anything fails before the checkpoint is written, the loop's state
+        (meta-parameters, optimizer, policy, stages, counters, round) is restored to the last
+        checkpoint's and the round's rows are dropped: what ``summary.json`` then reports is
+        what the checkpoint holds.
+
         Returns:
-            The metrics row written to ``metrics.jsonl``.
+            The metrics row written to ``metrics.jsonl`` (with the federated evaluation, if one ran).
 
         Raises:
             InconsistentReplies: if fewer than the required valid replies arrived.
@@ -537,6 +580,43 @@ class RoundLoop:
                 f"rejected: {_brief(book.rejected)}; unavailable: {book.unavailable[:10]}. "
                 f"The checkpoint in {self.out_dir} holds round {self.round}; fix the clients and resume"
             )
+        saved = self._snapshot()
+        try:
+            return self._advance(book, replies)
+        except BaseException:
+            self._restore(saved)
+            raise
+
+    def _snapshot(self) -> dict[str, Any]:
+        """The in-memory state the last checkpoint holds (copies, so that a failed round cannot touch them)."""
+        return {
+            "round": self.round,
+            "meta": dict(self.meta),  # tensors are never changed in place: a new dict each round
+            "optimizer": self.optimizer.state_dict(),
+            "policy": copy.deepcopy(self.policy.state_dict()),
+            "stages": copy.deepcopy(stage_states(self.stages, skip=("optimizer",))),
+            "totals": dict(self.totals),
+            "final_eval": self.final_eval,
+            "last_client_eval": self.last_client_eval,
+        }
+
+    def _restore(self, saved: Mapping[str, Any]) -> None:
+        """Undo a round that failed before its checkpoint (see :meth:`complete_round`)."""
+        try:
+            self.round = int(saved["round"])
+            self.meta = dict(saved["meta"])
+            self.optimizer.reset(self.meta, saved["optimizer"])
+            if saved["policy"]:
+                self.policy.load_state_dict(saved["policy"])
+            load_stage_states(self.stages, saved["stages"], path=str(self.recorder.checkpoint_path))
+            self.totals = dict(saved["totals"])
+            self.final_eval, self.last_client_eval = saved["final_eval"], saved["last_client_eval"]
+            self.recorder.drop_rows_after(self.round)
+        except Exception as exc:  # noqa: BLE001 - never mask the error that stopped the round
+            log.warning("could not restore the state of round %d after its failure: %s", saved["round"], exc)
+
+    def _advance(self, book: RoundLog, replies: list[ClientReply]) -> dict[str, Any]:
+        r = book.round_idx
         t0 = time.perf_counter()
         state = RoundState(r, self.meta, replies)
         for stage in self.stages:
@@ -558,12 +638,22 @@ class RoundLoop:
             t0 = time.perf_counter()
             self.final_eval = row["eval"] = self.evaluate()
             book.add_time("server_eval", time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        self.checkpoint()
-        book.add_time("checkpoint", time.perf_counter() - t0)
         row["timing"] = {k: round(v, 6) for k, v in book.timings.items()}
         row["seconds"] = time.perf_counter() - book.started
+        # rows first, checkpoint last: the checkpoint commits the round (a resume drops later rows)
         self.recorder.log_round(row)
+        if self.transport is not None and self.cfg.eval.clients > 0 and self.eval_due(r):
+            t0 = time.perf_counter()
+            cohort = eval_cohort(self.cfg, r)
+            per_client = max(1, math.ceil(self.cfg.eval.tasks / max(1, len(cohort))))
+            results, failed = self.transport.evaluate(self, r, cohort, tasks_per_client=per_client)
+            if results:
+                row["client_eval"] = self.record_client_eval(r, results, failed)
+            else:
+                log.warning("round %d: no client returned evaluation metrics", r)
+                row["client_eval"] = None
+            row["timing"]["client_eval"] = time.perf_counter() - t0
+        self.checkpoint()
         return row
 
     def _row(self, book: RoundLog, replies: list[ClientReply], update_norm: float | None) -> dict[str, Any]:

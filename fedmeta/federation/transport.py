@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from fedmeta.algorithms import MetaUpdate
-from fedmeta.errors import BudgetExhausted
+from fedmeta.errors import BudgetExhausted, CheckpointError
 from fedmeta.federation.client import evaluate_on_client
 
 if TYPE_CHECKING:
@@ -100,7 +100,25 @@ class InProcessTransport:
         self.rdp_cache: dict[tuple[float, float], Any] = {}  # the clients' accountants share Opacus' RDP curves
 
     def start(self, loop: RoundLoop) -> None:
-        """Nothing to discover: every client id is here."""
+        """Nothing to discover: every client id is here; refuse to restart clients' accountants on resume.
+
+        Raises:
+            CheckpointError: if the run resumes a checkpoint whose clients kept their own privacy
+                accountants elsewhere (one written by ``fedmeta simulate`` or a deployment, whose
+                sites keep them in their node state): the in-process clients would start theirs at
+                zero and spend the budget again.
+        """
+        from fedmeta.privacy.mechanisms import mechanism_for
+
+        mechanism = mechanism_for(loop.cfg)
+        if loop.round > 0 and mechanism.client_keeps_state and not self.client_states:
+            raise CheckpointError(
+                f"the checkpoint at round {loop.round} was written by a run in mode "
+                f"'{loop.resumed_from or 'unknown'}' whose clients keep their own privacy accountants "
+                f"(privacy.mode '{mechanism.name}'); it holds none for in-process clients, so resuming it here "
+                f"would restart every client's accountant at zero: resume it the way it was run "
+                f"(fedmeta simulate --resume, or the deployment)"
+            )
 
     def train(self, loop: RoundLoop, book: RoundLog) -> None:
         """Compute the cohort's replies and file them."""

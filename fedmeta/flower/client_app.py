@@ -15,9 +15,11 @@ Under differential privacy (the mechanism of ``privacy.mode`` is enabled) the tr
 clips and noises its own update, under ``task`` the site runs Opacus' DP-SGD over its task pool;
 the reply then carries only the privatized update, a nominal task count and ``privacy.*``
 scalars (:func:`fedmeta.privacy.releasable_metrics`). The client's accountant lives in the
-node's ``context.state`` for the run and, when the node has a ``privacy-state-dir`` (node config)
-or the app was built with one, in a file there across runs. A client whose own budget is spent
-answers with an error and sends nothing.
+node's ``context.state`` for the run and, written atomically after every round, in a file in the
+node's ``privacy-state-dir`` (node config), else the folder the app was built with, else
+:func:`fedmeta.flower.env.default_privacy_state_dir` (``$FLWR_HOME/fedmeta/privacy``): a
+SuperNode restart or a new run continues it. A client whose own budget is spent answers with an
+error and sends nothing.
 
 A site pins its own privacy floor in its node config (``privacy-mode``,
 ``privacy-min-noise-multiplier``, ``privacy-max-epsilon``, ``privacy-max-delta``,
@@ -61,6 +63,7 @@ from fedmeta.federation import (
     train_on_client,
 )
 from fedmeta.flower import records as fl
+from fedmeta.flower.env import default_privacy_state_dir
 from fedmeta.flower.run_config import run_settings
 from fedmeta.privacy.mechanisms import CLIP_NORM_KEY, mechanism_for
 from fedmeta.privacy.site_floor import SiteFloor
@@ -124,8 +127,9 @@ def build_client_app(
         mods: Flower mods around every handler.
         train_mods: Flower mods around the train handler only (e.g. client-side DP).
         evaluate_mods: Flower mods around the evaluate handler only.
-        privacy_state_dir: where clients keep their privacy accountants across runs (a node's
-            ``privacy-state-dir`` node config takes precedence).
+        privacy_state_dir: where clients keep their privacy accountants across runs and restarts (a
+            node's ``privacy-state-dir`` node config takes precedence; default
+            :func:`~fedmeta.flower.env.default_privacy_state_dir`).
         app_dir: the app directory (repository root or unpacked app bundle) where a relative
             ``config-file`` of the run_config is looked up first (``cfg=None`` only).
 
@@ -162,7 +166,9 @@ def build_client_app(
 
         check_received_meta(exp, meta)
         node_dir = context.node_config.get("privacy-state-dir")
+        # persisted by default: a site's budget must survive a SuperNode restart (context.state does not)
         state_dir = str(node_dir) if node_dir not in (None, "") else privacy_state_dir
+        state_dir = state_dir or default_privacy_state_dir()
         try:
             update, releasable, state = private_round(
                 exp, meta, round_idx, client_id, state=fl.load_node_state(context, fl.PRIVACY_STATE),

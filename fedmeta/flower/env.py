@@ -10,11 +10,39 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["environment_defaults", "configure_environment", "write_superlink_connection"]
+__all__ = [
+    "environment_defaults",
+    "configure_environment",
+    "write_superlink_connection",
+    "default_privacy_state_dir",
+    "PRIVACY_STATE_SUBDIR",
+]
+
+#: Where, under the node's Flower home, a site keeps its privacy accountants by default.
+PRIVACY_STATE_SUBDIR = Path("fedmeta") / "privacy"
+
+
+def default_privacy_state_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """The folder a site keeps its privacy accountants in when its node config names none.
+
+    ``$FLWR_HOME/fedmeta/privacy``, or ``~/.flwr/fedmeta/privacy`` when ``FLWR_HOME`` is not set
+    (Flower's own default home): the node's own state folder, which outlives a SuperNode restart
+    (Flower's ``context.state`` does not), and which ``fedmeta deploy-local`` already gives each
+    site separately. One file per client id and privacy mode.
+
+    Args:
+        environ: the environment to read (default ``os.environ``).
+
+    Returns:
+        The folder (not created here).
+    """
+    env = os.environ if environ is None else environ
+    home = env.get("FLWR_HOME") or str(Path.home() / ".flwr")
+    return Path(home).expanduser() / PRIVACY_STATE_SUBDIR
 
 
 def environment_defaults(cwd: str | Path | None = None) -> dict[str, str]:

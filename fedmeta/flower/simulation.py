@@ -80,8 +80,10 @@ def simulate(
     if mechanism.enabled:
         from fedmeta.privacy.budget import enforce_budget
 
-        if not mechanism.counts_site_pools or cfg.task.tasks_per_site is not None:
-            enforce_budget(cfg)  # the server checks again; this fails before Ray's start-up
+        # the server checks again (a resumed run on top of its checkpoint's history, which only it reads);
+        # this refuses a fresh run before Ray's start-up
+        if not resume and (not mechanism.counts_site_pools or cfg.task.tasks_per_site is not None):
+            enforce_budget(cfg)
         state_dir = out / CLIENT_PRIVACY_DIR
         if not resume and state_dir.is_dir():
             # a fresh simulation has fresh simulated sites: their old accountants do not apply

@@ -41,7 +41,7 @@ from fedmeta.privacy.mechanisms import (
     RoundRelease,
     mechanism_for,
 )
-from fedmeta.privacy.modes import LOCAL_SENSITIVITY_FACTOR, update_noise
+from fedmeta.privacy.modes import LOCAL_SENSITIVITY_FACTOR, AccountingParameters, accounting_parameters, update_noise
 from fedmeta.privacy.randomness import privacy_generator, secret_seed
 from fedmeta.privacy.stages import ClipNormStage
 from fedmeta.privacy.task_level import TaskLevelPrivacy, sample_site_tasks
@@ -105,6 +105,14 @@ class ServerPrivacy:
         self.site_reports: dict[int, dict[str, float]] = {}
         self.rounds_completed = 0
         self.rounds_allowed: int | None = None
+        #: the coming rounds' accounting parameters for the budget holder (``None``: not known here,
+        #: e.g. task-level DP over folder sites whose pools only the sites count; they enforce their own)
+        self._budget_params = self._planned_parameters() if self.enabled else None
+        #: the budget holder's history when this mode has no run accountant: a client or site that takes
+        #: part in every round, as the plan assumes (client-central: the run's accountant is the holder)
+        self.budget_holder: PrivacyAccountant | None = None
+        if self._budget_params is not None and self.accountant is None:
+            self.budget_holder = PrivacyAccountant(p.accountant, rdp_cache=self._rdp_cache)
 
     @property
     def secret_seed(self) -> int:
@@ -118,15 +126,65 @@ class ServerPrivacy:
 
     # -- before the run ------------------------------------------------------------------------
 
+    def _planned_parameters(self) -> AccountingParameters | None:
+        if self.mechanism.counts_site_pools and self.pool_size is None and self.cfg.task.tasks_per_site is None:
+            return None
+        return accounting_parameters(self.cfg, pool_size=self.pool_size)
+
+    def spent_history(self) -> list[tuple[float, float, int]] | None:
+        """The budget holder's accountant history so far (``None`` when the budget is not planned here).
+
+        The budget holder is whom :func:`~fedmeta.privacy.budget.plan_privacy` plans for: the run
+        (client-central), or a client or site that takes part in every round. A resumed run plans
+        its remaining rounds on top of this history and checks it before every round.
+        """
+        if self.accountant is not None:
+            return self.accountant.history
+        if self.budget_holder is not None:
+            return self.budget_holder.history
+        return None
+
     def rounds_to_run(self) -> int:
         """Rounds this run may take under ``privacy.target_epsilon`` (see :func:`enforce_budget`).
 
+        Call it after :meth:`load_state_dict` on resume: the plan is made on top of what the
+        checkpoint has spent (its budget holder's history), whatever settings those rounds used.
+
+        Returns:
+            The total number of rounds (those already run included).
+
         Raises:
             BudgetExhausted: if the schedule exceeds the target and ``on_budget`` is ``refuse``
-                (or not even one round fits); the message says how many rounds fit.
+                (or not even one more round fits); the message says how many rounds fit.
         """
         self.rounds_allowed = self.mechanism.rounds_to_run(self)
         return self.rounds_allowed
+
+    def check_round(self, round_idx: int) -> None:
+        """Refuse ``round_idx`` before it starts if its release would take the budget holder past the target.
+
+        The plan already stops a run at the last round that fits; this check runs before every round
+        anyway, so that no round is ever released beyond ``privacy.target_epsilon`` (whatever the plan
+        assumed, e.g. settings changed on resume).
+
+        Raises:
+            BudgetExhausted: naming the epsilon the round would reach; nothing of the round has been
+                computed or released, and the last checkpoint holds the rounds before it.
+        """
+        target = self.cfg.privacy.target_epsilon
+        history = self.spent_history()
+        if not self.enabled or target is None or history is None:
+            return
+        from fedmeta.privacy.budget import epsilon_after_next_round
+
+        after = epsilon_after_next_round(self.cfg, history, pool_size=self.pool_size, rdp_cache=self._rdp_cache)
+        if after is not None and after > target:
+            self.rounds_allowed = min(self.rounds_allowed or round_idx - 1, round_idx - 1)
+            raise BudgetExhausted(
+                f"round {round_idx} would take {self.mechanism.budget_holder} to epsilon={after:.4g} "
+                f"(delta={self.cfg.privacy.delta:g}), more than privacy.target_epsilon={target:g}: the run stops "
+                f"before it, after round {round_idx - 1}; nothing of round {round_idx} was released"
+            )
 
     # -- each round ----------------------------------------------------------------------------
 
@@ -236,6 +294,11 @@ class ServerPrivacy:
             return {}
         p = self.cfg.privacy
         self.mechanism.account(self, RoundRelease(round_idx, sampled, reports))
+        if self.budget_holder is not None and self._budget_params is not None:
+            b = self._budget_params
+            self.budget_holder.step(
+                noise_multiplier=b.noise_multiplier, sample_rate=b.sample_rate, steps=b.steps_per_round
+            )
         self.rounds_completed = max(self.rounds_completed, round_idx)
         if compute_epsilon is None:
             compute_epsilon = (
@@ -325,6 +388,7 @@ class ServerPrivacy:
             "client_accountants": [self.client_accountants[c].state_dict() for c in ids],
             "sites": sites,
             "site_reports": [self.site_reports[s] for s in sites],
+            "budget_holder": None if self.budget_holder is None else self.budget_holder.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -338,7 +402,14 @@ class ServerPrivacy:
         if state.get("mode") != self.mode:
             raise CheckpointError(
                 f"the checkpoint's privacy state was written with privacy.mode '{state.get('mode')}', "
-                f"this run has '{self.mode}'"
+                f"this run has '{self.mode}': resume with privacy.mode '{state.get('mode')}' or start a new run"
+            )
+        written_by = _accountant_mechanism(state)
+        if written_by is not None and written_by != self.cfg.privacy.accountant:
+            raise CheckpointError(
+                f"the checkpoint's privacy state was accounted with privacy.accountant '{written_by}', this run "
+                f"has '{self.cfg.privacy.accountant}': one history cannot be continued with another accountant; "
+                f"resume with privacy.accountant '{written_by}'"
             )
         try:
             if self.accountant is not None:
@@ -359,6 +430,8 @@ class ServerPrivacy:
                 # written before the clip norm moved to its stage (saved under the stage's name since)
                 self._clip_stage.load_state_dict({"clip_norm": state["clip_norm"]})
             self.rounds_completed = int(state["rounds_completed"])
+            if self.budget_holder is not None:
+                self.budget_holder = self._restored_budget_holder(state.get("budget_holder"))
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"the checkpoint's privacy state cannot be restored: {exc}") from exc
         target = self.cfg.privacy.target_epsilon
@@ -370,6 +443,35 @@ class ServerPrivacy:
                     f"{self.rounds_completed} rounds, more than privacy.target_epsilon={target:g}: training on from it "
                     "would exceed the budget; raise the target (if that is what was meant) or start a new run"
                 )
+
+    def _restored_budget_holder(self, saved: Mapping[str, Any] | None) -> PrivacyAccountant:
+        if saved:
+            return PrivacyAccountant.from_state_dict(dict(saved), rdp_cache=self._rdp_cache)
+        # a checkpoint from before the budget holder was saved: the longest mirrored client history,
+        # else this run's parameters for the rounds completed (a site's history stays with the site)
+        holder = PrivacyAccountant(self.cfg.privacy.accountant, rdp_cache=self._rdp_cache)
+        if self.client_accountants:
+            longest = max(self.client_accountants.values(), key=lambda a: a.steps)
+            holder.load_state_dict(longest.state_dict())
+        elif self.rounds_completed and self._budget_params is not None:
+            b = self._budget_params
+            log.warning(
+                "the checkpoint holds no budget history: planning as if its %d rounds ran at this run's settings",
+                self.rounds_completed,
+            )
+            holder.step(
+                noise_multiplier=b.noise_multiplier, sample_rate=b.sample_rate,
+                steps=b.steps_per_round * self.rounds_completed,
+            )  # fmt: skip
+        return holder
+
+
+def _accountant_mechanism(state: Mapping[str, Any]) -> str | None:
+    """The accountant mechanism a server privacy state was written with (``None``: it holds none)."""
+    for entry in [state.get("accountant"), state.get("budget_holder"), *(state.get("client_accountants") or [])]:
+        if isinstance(entry, Mapping) and "mechanism" in entry:
+            return str(entry["mechanism"])
+    return None
 
 
 class ClientPrivacy:

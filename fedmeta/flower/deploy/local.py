@@ -1118,8 +1118,11 @@ def run_local(
     if mechanism.enabled:
         from fedmeta.privacy.budget import enforce_budget
 
-        if not mechanism.counts_site_pools or dcfg.task.tasks_per_site is not None:
-            enforce_budget(dcfg)  # the ServerApp checks again; this refuses before any process starts
+        # the ServerApp checks again (a resumed run on top of its checkpoint's history, which only it
+        # reads: a fresh plan at new settings would refuse or allow the wrong resumes); this refuses a
+        # fresh run before any process starts
+        if not resume and (not mechanism.counts_site_pools or dcfg.task.tasks_per_site is not None):
+            enforce_budget(dcfg)
         if mechanism.client_keeps_state:
             privacy_dir = out_dir / "site_privacy"  # the sites' own accountants, kept for --resume
             if not resume:

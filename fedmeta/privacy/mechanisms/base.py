@@ -423,12 +423,16 @@ class PrivacyMechanism:
     def rounds_to_run(self, server: ServerPrivacy) -> int:
         """Rounds the run may take under ``privacy.target_epsilon`` (see :func:`enforce_budget`).
 
+        Planned on top of what the server's state has already spent (a resumed run's checkpoint).
+
         Raises:
             BudgetExhausted: if the schedule exceeds the target and the run must not start.
         """
         from fedmeta.privacy.budget import enforce_budget
 
-        return enforce_budget(server.cfg, pool_size=server.pool_size)
+        return enforce_budget(
+            server.cfg, pool_size=server.pool_size, history=server.spent_history(), rounds_done=server.rounds_completed
+        )
 
     def sample_clients(self, server: ServerPrivacy, round_idx: int) -> list[int]:
         """The cohort of ``round_idx``: as ``federation.sampling`` says, from the run seed."""

@@ -106,3 +106,41 @@ def test_a_dp_checkpoint_is_not_resumed_without_dp_and_flower_refuses_in_process
     extra = load_checkpoint(tmp_path / "checkpoint.pt")["extra"]
     with pytest.raises(CheckpointError, match="resume it with fedmeta centralized"):
         FlowerTransport(None).load_state_dict(extra)  # type: ignore[arg-type]
+
+
+def test_a_resume_with_another_outer_optimizer_is_refused_naming_the_key(cfg: Config, tmp_path: Path) -> None:
+    run_centralized(cfg, tmp_path)
+    assert cfg.meta.outer_optimizer == "adam"
+    from dataclasses import replace
+
+    sgd = replace(cfg, meta=replace(cfg.meta, outer_optimizer="sgd"), federation=replace(cfg.federation, rounds=3))
+    with pytest.raises(CheckpointError, match=r"meta.outer_optimizer 'adam', this run has 'sgd'"):
+        RoundLoop(sgd, tmp_path, resume=True)
+
+
+def test_centralized_refuses_a_flower_checkpoint_whose_clients_keep_their_own_accountants(
+    repo_root: Path, tmp_path: Path
+) -> None:
+    """A checkpoint written by ``fedmeta simulate`` or a deployment under client-local (or task) DP holds
+    no accountants of in-process clients: the Flower sites keep their own. Resuming it with
+    ``fedmeta centralized`` must not restart every client's accountant at zero."""
+    dp = load_config(
+        repo_root / "configs" / "sinusoid.yaml",
+        ["privacy.mode=client-local", "privacy.noise_seed=7", "federation.clients_total=6",
+         "federation.clients_per_round=3", "federation.rounds=2", "eval.tasks=10", "eval.every=2"],
+    )  # fmt: skip
+    run_centralized(dp, tmp_path)
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    state["extra"].pop("client_privacy")
+    state["extra"]["mode"] = "simulation"  # what the Flower server writes: its transport keeps no client state
+    save_checkpoint(
+        tmp_path / "checkpoint.pt", meta_params=state["meta_params"], round_idx=state["round"], config=state["config"],
+        model=state["model"], task_kind=state["task_kind"], optimizer=state["optimizer"],
+        accountant=state["accountant"], extra=state["extra"],
+    )  # fmt: skip
+    from dataclasses import replace
+
+    longer = replace(dp, federation=replace(dp.federation, rounds=3))
+    with pytest.raises(CheckpointError, match=r"mode 'simulation' whose clients keep their own privacy accountants"):
+        run_centralized(longer, tmp_path, resume=True)
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["round"] == 2
