@@ -44,8 +44,9 @@ __all__ = ["VirtualTaskStage", "GeneratorFailure", "check_generators", "generato
 
 log = logging.getLogger(__name__)
 
-#: ``generators.mode`` values that are built.
-MODES = ("none", "direct")
+#: ``generators.mode`` values that name a generator, and every value that is built.
+GENERATORS = ("direct",)
+MODES = ("none", *GENERATORS)
 ON_FAILURE = ("warn", "damp", "stop")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -92,9 +93,10 @@ def check_generators(cfg: Config) -> None:
 
     need(g.mode in MODES, "mode", f"must be one of {', '.join(MODES)} (adversarial is not built yet)")
     need(g.depth in (1, 2), "depth", "must be 1 (no generator) or 2 (a generator on the initialization; 3: not built)")
-    if g.mode != "none" or g.depth != 1:
+    generating = g.mode in GENERATORS
+    if generating or g.depth != 1:
         need(g.depth == 2, "depth", f"must be 2 for generators.mode {g.mode!r}")
-        need(g.mode != "none", "mode", "must name a generator (direct) when generators.depth is 2")
+        need(generating, "mode", "must name a generator (direct) when generators.depth is 2")
     need(0 <= g.weight <= 1 and math.isfinite(g.weight), "weight", "must be in [0, 1] (a mixing weight)")
     need(0 <= g.weight_final <= 1, "weight_final", "must be in [0, 1]")
     need(g.schedule in OUTER_SCHEDULES, "schedule", f"must be one of {', '.join(OUTER_SCHEDULES)}")
@@ -210,6 +212,6 @@ class VirtualTaskStage:
 
 def generator_stages(cfg: Config, experiment: Experiment, *, rounds: int) -> list[VirtualTaskStage]:
     """The server stages ``generators.*`` asks for: none at depth 1 (the plain run, bit for bit)."""
-    if cfg.generators.depth == 1 or cfg.generators.mode == "none":
+    if cfg.generators.depth == 1 or cfg.generators.mode not in GENERATORS:
         return []
     return [VirtualTaskStage(cfg, experiment, rounds=rounds)]
