@@ -1,8 +1,9 @@
 """One privacy object per side: :class:`ServerPrivacy` for the server, :class:`ClientPrivacy` for a client.
 
 The Flower apps (and any other loop) call these and nothing below them. They hold the state that
-lives as long as what it protects (accountants, the adaptive clip norm, the sites' reports) and
-delegate everything that depends on the mode to the run's mechanism
+lives as long as what it protects (accountants, the sites' reports, and through
+:class:`ServerPrivacy`'s server stages the clip norm, which its ``clip`` stage owns) and delegate
+everything that depends on the mode to the run's mechanism
 (:class:`~fedmeta.privacy.mechanisms.PrivacyMechanism`, one class per mode):
 
 * ``client-central``: the server samples clients by Poisson sampling from a secret seed, clips
