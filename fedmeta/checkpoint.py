@@ -151,19 +151,52 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         # IndexError on some random byte strings: none of them may escape as a traceback.
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"checkpoint '{p}' is corrupt or not a safe tensor-only file: {first}") from exc
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+    # compared only once known to be plain values: a tensor here would make `!=` ambiguous
+    if not isinstance(state, dict) or not isinstance(state.get("format"), str) or state["format"] != FORMAT:
         raise CheckpointError(f"checkpoint '{p}' is not a fedmeta checkpoint")
-    if state.get("version") != VERSION:
-        raise CheckpointError(
-            f"checkpoint '{p}' has format version {state.get('version')!r}; this fedmeta reads version {VERSION}"
-        )
+    version = state.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version != VERSION:
+        shown = version if isinstance(version, (int, str, type(None))) else type(version).__name__
+        raise CheckpointError(f"checkpoint '{p}' has format version {shown!r}; this fedmeta reads version {VERSION}")
     params = state.get("meta_params")
-    if not isinstance(params, dict) or not params or not all(isinstance(v, torch.Tensor) for v in params.values()):
+    if (
+        not isinstance(params, dict)
+        or not params
+        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in params.items())
+    ):
         raise CheckpointError(f"checkpoint '{p}' has no meta-parameters")
     for k, v in params.items():
+        if not v.is_floating_point():
+            raise CheckpointError(f"checkpoint '{p}': meta-parameter '{k}' has dtype {v.dtype}, not floating point")
         if not bool(torch.isfinite(v).all()):
             raise CheckpointError(f"checkpoint '{p}': meta-parameter '{k}' contains NaN or Inf")
+    _check_entries(state, p)
     return state
+
+
+#: what each entry of a checkpoint must be (beyond format, version and meta_params)
+_ENTRY_TYPES: dict[str, tuple[type, ...]] = {
+    "optimizer": (dict, type(None)),
+    "accountant": (dict, type(None)),
+    "config": (dict,),
+    "model": (dict, type(None)),
+    "task_kind": (str, type(None)),
+    "extra": (dict, type(None)),
+}
+
+
+def _check_entries(state: dict[str, Any], path: Path) -> None:
+    """Refuse a checkpoint whose round or entries have the wrong type (a damaged or foreign file)."""
+    rnd = state.get("round")
+    if not isinstance(rnd, int) or isinstance(rnd, bool) or rnd < 0:
+        shown = rnd if isinstance(rnd, (int, float, str, type(None))) else type(rnd).__name__
+        raise CheckpointError(f"checkpoint '{path}': its round must be a non-negative integer, got {shown!r}")
+    for key, allowed in _ENTRY_TYPES.items():
+        if not isinstance(state.get(key), allowed):
+            want = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+            raise CheckpointError(
+                f"checkpoint '{path}': entry '{key}' must be {want}, got {type(state.get(key)).__name__}"
+            )
 
 
 def check_compatible(

@@ -39,7 +39,7 @@ from fedmeta.flower.deploy.local import deployment_config, prepare_sites, run_lo
 from fedmeta.flower.env import configure_environment
 from fedmeta.flower.simulation import quiet_flower_logs, simulate
 from fedmeta.outputs import read_metrics
-from simulations.report import machine_line, update_section
+from simulations.report import machine_line, save_record, update_section
 
 REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench_deployment")
@@ -200,6 +200,7 @@ def main() -> None:
         + (f" --sites {args.sites}" if args.sites != 3 else "")
         + (f" --rounds {args.rounds}" if args.rounds != 5 else "")
     )
+    save_record("deployment", "deployment", res)  # the raw record the section is rendered from (committed)
     path = update_section("deployment", render(res, command))
     log.info("wrote the deployment section of %s", path)
     print(json.dumps(res, indent=2))

@@ -45,7 +45,7 @@ from fedmeta.experiment import Experiment
 from fedmeta.flower.env import configure_environment
 from fedmeta.flower.simulation import simulate
 from fedmeta.outputs import read_metrics
-from simulations.report import machine_line, update_section
+from simulations.report import machine_line, save_record, update_section
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_MSE = 0.13
@@ -494,6 +494,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.no_write:
         print(text)
     else:
+        for name, part in parts.items():  # the raw records the section is rendered from (committed)
+            save_record("federation", name, part)
         update_section("federation", text)
         print(f"updated the 'federation' section of docs/benchmarks.md from {sorted(p for p in parts if p != 'meta')}")
 

@@ -29,7 +29,7 @@ from fedmeta.config import config_from_dict, to_dict
 from fedmeta.experiment import Experiment
 from fedmeta.outputs import read_metrics
 from fedmeta.rng import make_generator
-from simulations.report import machine_line, update_section
+from simulations.report import machine_line, save_record, update_section
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
@@ -222,6 +222,7 @@ def main() -> None:
             "",
         ]
         rows = accuracy(args.iterations, out, reuse=args.reuse)
+        save_record("foundation-accuracy", "rows", rows)  # the raw record the table is rendered from
         figure = DOCS / "figures" / "foundation_sinusoid.png"
         plot_accuracy(out, figure)
         lines += [
@@ -260,6 +261,7 @@ def main() -> None:
     if args.skip_speed:
         return
     med = speed(args.speed_iterations)
+    save_record("foundation-speed", "speed", med)
     lines = [
         "## Foundation: speed of the centralized loop",
         "",

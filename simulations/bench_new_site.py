@@ -29,7 +29,7 @@ from fedmeta.adaptation import adapt_site
 from fedmeta.centralized import run_centralized
 from fedmeta.config import Config, load_config
 from fedmeta.datagen import make_sites
-from simulations.report import machine_line, update_section
+from simulations.report import machine_line, save_record, update_section
 
 log = logging.getLogger("bench_new_site")
 
@@ -235,6 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_write:
         print(body)
     else:
+        # the raw measurements each family's table is rendered from (committed next to the section)
+        for family in ("sinusoid", "glyphs"):
+            if (out / family / "bench.json").exists():
+                save_record(SECTION, family, json.loads((out / family / "bench.json").read_text()))
         update_section(SECTION, body)
         print(f"wrote section '{SECTION}' of docs/benchmarks.md")
     return 0

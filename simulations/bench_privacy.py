@@ -50,7 +50,7 @@ from fedmeta.centralized import run_centralized
 from fedmeta.config import Config, config_from_dict
 from fedmeta.outputs import read_metrics
 from fedmeta.privacy import calibrate_config_noise_multiplier
-from simulations.report import machine_line, update_section
+from simulations.report import machine_line, record_dir, update_section
 
 log = logging.getLogger("bench_privacy")
 
@@ -63,6 +63,7 @@ SERVER_LRS = (0.1,)  # server SGD (momentum 0.9) rates on the clipped, noised me
 DIVERGED = 1e3  # a held-out task whose MSE after adaptation exceeds this (or is not finite) diverged
 DELTA = 1e-5
 NOISE_SEED = 1
+ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("utility", "confirm", "overhead")
 
 
@@ -280,12 +281,31 @@ def _fmt_loss(row: dict[str, Any]) -> str:
     return f"{loss:.3f} ± {ci:.3f}" if ci is not None else f"{loss:.3f}"
 
 
-def section(out: Path) -> str:
-    parts = {name: json.loads((out / f"{name}.json").read_text()) for name in PARTS if (out / f"{name}.json").exists()}
+def section(record: Path) -> str:
+    """The ``privacy`` section, rendered from the part records in ``record`` (``docs/results/privacy/``).
+
+    A part without a raw record (``<part>.json``) is shown as transcribed (``<part>.transcribed.md``,
+    marked as such) when that file exists.
+    """
+    parts = {
+        name: json.loads((record / f"{name}.json").read_text()) for name in PARTS if (record / f"{name}.json").exists()
+    }
+    rel = record.relative_to(ROOT) if record.is_relative_to(ROOT) else record
     lines = [
         "## Privacy: utility against epsilon, and the cost of each DP mode (`simulations/bench_privacy.py`)",
         "",
+        f"Rendered from the records in `{rel}/` ("
+        + ", ".join(
+            f"`{n}.json`" if n in parts else f"`{n}.transcribed.md`"
+            for n in PARTS
+            if n in parts or (record / f"{n}.transcribed.md").exists()
+        )
+        + "); `python -m simulations.bench_privacy --section-only` re-renders it, `--only PART` reruns a part and "
+        "writes its record.",
+        "",
     ]
+    if "utility" not in parts and (text := _transcribed(record, "utility")):
+        lines += [text, ""]
     if "utility" in parts:
         u = parts["utility"]
         lines += [
@@ -349,6 +369,8 @@ def section(out: Path) -> str:
             "diverges.",
             "",
         ]
+    if "confirm" not in parts and (text := _transcribed(record, "confirm")):
+        lines += [text, ""]
     if "confirm" in parts:
         c = parts["confirm"]
         lines += [
@@ -362,6 +384,8 @@ def section(out: Path) -> str:
             f"{c['max_abs_param_diff']:.2g}. Machine: {c['machine']}. Command: `... --only confirm`.",
             "",
         ]
+    if "overhead" not in parts and (text := _transcribed(record, "overhead")):
+        lines += [text, ""]
     if "overhead" in parts:
         o = parts["overhead"]
         base = {r["mode"]: r for r in o["rows"]}["none"]
@@ -395,9 +419,20 @@ def section(out: Path) -> str:
     return "\n".join(lines)
 
 
+def _transcribed(record: Path, name: str) -> str | None:
+    path = record / f"{name}.transcribed.md"
+    return path.read_text(encoding="utf-8").strip() if path.exists() else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="runs/bench_privacy", help="where runs and measurements are kept")
+    parser.add_argument("--out", default="runs/bench_privacy", help="where the runs are kept (not committed)")
+    parser.add_argument(
+        "--record",
+        type=Path,
+        default=record_dir("privacy"),
+        help="where each part's measurements are recorded and the section is rendered from (committed)",
+    )
     parser.add_argument("--only", choices=PARTS, action="append", help="run only these parts (repeatable)")
     parser.add_argument("--section-only", action="store_true", help="rebuild the section from stored measurements")
     args = parser.parse_args()
@@ -405,11 +440,12 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    args.record.mkdir(parents=True, exist_ok=True)
     if not args.section_only:
         for name in args.only or PARTS:
             result = {"utility": utility, "confirm": confirm, "overhead": overhead}[name](out)
-            (out / f"{name}.json").write_text(json.dumps(result, indent=2))
-    update_section("privacy", section(out))
+            (args.record / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    update_section("privacy", section(args.record))
 
 
 if __name__ == "__main__":

@@ -344,21 +344,36 @@ class RoundLoop:
                     f"checkpoint '{path}' holds privacy state (an accountant); this run has privacy.mode "
                     f"'{self.cfg.privacy.mode}', which would drop it: resume with the checkpoint's privacy settings"
                 )
-            self.policy.load_state_dict(state["accountant"])
+            try:
+                self.policy.load_state_dict(state["accountant"])
+            except CheckpointError:
+                raise
+            except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+                raise CheckpointError(f"checkpoint '{path}': its privacy state cannot be restored: {exc!r}") from exc
         elif self.policy.state_dict():
             raise CheckpointError(
                 f"checkpoint '{path}' holds no privacy state; this run has privacy.mode '{self.cfg.privacy.mode}'"
             )
-        self.round = int(state["round"])
+        self.round = int(state["round"])  # load_checkpoint checked it is a non-negative integer
         extra = dict(state.get("extra") or {})
-        self.totals.update(extra.pop("totals", {}))
+        totals = extra.pop("totals", {})
+        if not isinstance(totals, dict) or not all(
+            k in self.totals and isinstance(v, int) and not isinstance(v, bool) for k, v in totals.items()
+        ):
+            raise CheckpointError(f"checkpoint '{path}': its 'totals' must map {sorted(self.totals)} to integers")
+        self.totals.update(totals)
         self.resumed_from = str(extra.pop("mode", None) or "unknown")
-        self._stage_states = dict(extra.pop("stages", None) or {})
+        stages = extra.pop("stages", None) or {}
+        if not isinstance(stages, dict) or not all(isinstance(v, dict) for v in stages.values()):
+            raise CheckpointError(f"checkpoint '{path}': its server-stage states must be a mapping of mappings")
+        self._stage_states = dict(stages)
         self._transport_state = extra  # what the transport saved (e.g. in-process clients' accountants)
         log.info("resuming from %s at round %d", path, self.round + 1)
 
     def _load_optimizer(self, state: Mapping[str, Any], path: Path) -> None:
-        saved = ((state.get("config") or {}).get("meta") or {}).get("outer_optimizer")
+        config = state.get("config")
+        meta = config.get("meta") if isinstance(config, Mapping) else None
+        saved = meta.get("outer_optimizer") if isinstance(meta, Mapping) else None
         name = self.cfg.meta.outer_optimizer
         if saved is not None and saved != name:
             raise CheckpointError(

@@ -95,35 +95,55 @@ class SiteTask:
         return tuple(arr.shape[1:])
 
 
+def _real(arr: np.ndarray) -> bool:
+    """Whether ``arr`` holds real numbers (integers or floats; not bool, complex, text or objects)."""
+    return bool(np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating))
+
+
 def _check_xy(
     path: Path, x: np.ndarray, y: np.ndarray, xname: str, yname: str, kind: str
 ) -> tuple[np.ndarray, np.ndarray]:
     if x.ndim < 1 or x.shape[0] == 0:
         raise DataFormatError(f"task file '{path}': array '{xname}' is empty ({_HINT})")
+    if y.ndim < 1:
+        raise DataFormatError(
+            f"task file '{path}': '{yname}' must be an array with one entry per example, got a scalar ({_HINT})"
+        )
     if x.ndim == 1:
         x = x[:, None]
     if y.shape[0] != x.shape[0]:
         raise DataFormatError(
             f"task file '{path}': '{xname}' has {x.shape[0]} examples but '{yname}' has {y.shape[0]} ({_HINT})"
         )
-    if not np.issubdtype(x.dtype, np.number):
-        raise DataFormatError(f"task file '{path}': '{xname}' must be numeric, got dtype {x.dtype}")
+    if not _real(x):
+        raise DataFormatError(f"task file '{path}': '{xname}' must hold real numbers, got dtype {x.dtype}")
+    if 0 in x.shape:
+        raise DataFormatError(f"task file '{path}': '{xname}' has shape {x.shape}, an example with no values")
+    # checked after the cast: a float64 beyond float32's range becomes Inf
+    with np.errstate(over="ignore"):
+        x = x.astype(np.float32)
     if not np.all(np.isfinite(x)):
-        raise DataFormatError(f"task file '{path}': '{xname}' contains NaN or Inf")
+        raise DataFormatError(f"task file '{path}': '{xname}' contains NaN or Inf (or values beyond float32)")
     if kind == "classification":
         if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
             raise DataFormatError(
                 f"task file '{path}': classification labels '{yname}' must be a 1-D integer array, "
                 f"got shape {y.shape} dtype {y.dtype} ({_HINT})"
             )
-        return x.astype(np.float32), y.astype(np.int64)
-    if not np.issubdtype(y.dtype, np.number):
-        raise DataFormatError(f"task file '{path}': '{yname}' must be numeric, got dtype {y.dtype}")
+        return x, y.astype(np.int64)
+    if not _real(y):
+        raise DataFormatError(f"task file '{path}': '{yname}' must hold real numbers, got dtype {y.dtype}")
     if y.ndim == 1:
         y = y[:, None]
+    if y.ndim != 2 or y.shape[1] == 0:
+        raise DataFormatError(
+            f"task file '{path}': regression targets '{yname}' must be [N] or [N, outputs], got shape {y.shape}"
+        )
+    with np.errstate(over="ignore"):
+        y = y.astype(np.float32)
     if not np.all(np.isfinite(y)):
-        raise DataFormatError(f"task file '{path}': '{yname}' contains NaN or Inf")
-    return x.astype(np.float32), y.astype(np.float32)
+        raise DataFormatError(f"task file '{path}': '{yname}' contains NaN or Inf (or values beyond float32)")
+    return x, y
 
 
 def _read_task(path: Path, kind: str) -> SiteTask:
@@ -229,6 +249,27 @@ def _read_image_task(path: Path, kind: str) -> SiteTask:
     return SiteTask(path.name, path, x=x, y=y, classes=classes)
 
 
+def _eligible_classes(
+    labels_s: np.ndarray, labels_q: np.ndarray, shots: int, query: int, *, shared: bool
+) -> np.ndarray:
+    """The labels (sorted) with enough examples for an episode's ``shots`` support and ``query`` queries.
+
+    Args:
+        labels_s, labels_q: the labels of the support and query sides (the same array when ``shared``).
+        shots, query: examples an episode takes per class from each side.
+        shared: whether both sides draw from one pool (an ``x``/``y`` task), which then needs
+            ``shots + query`` examples of a class.
+
+    Counted by value (not ``np.bincount``), so any integer labels work, negative or huge ones too.
+    """
+    values_s, counts_s = np.unique(labels_s, return_counts=True)
+    if shared:
+        return values_s[counts_s >= shots + query]
+    values_q, counts_q = np.unique(labels_q, return_counts=True)
+    ok_s = values_s[counts_s >= shots]
+    return np.intersect1d(ok_s, values_q[counts_q >= query])
+
+
 def _split_by_fraction(task: SiteTask, fraction: float, kind: str) -> SiteTask:
     """Turn an ``x``/``y`` task into a declared split with ``fraction`` of its examples as query.
 
@@ -268,7 +309,7 @@ def _site_meta(site: Path) -> dict[str, object]:
         return {}
     try:
         data = yaml.safe_load(meta.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise DataFormatError(f"site file '{meta}' is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise DataFormatError(f"site file '{meta}' must hold a mapping")
@@ -328,7 +369,18 @@ def load_site_tasks(site: str | Path, subdir: str = "tasks", *, kind: str | None
     shapes = {t.input_shape for t in tasks}
     if len(shapes) != 1:
         raise DataFormatError(f"tasks in '{folder}' have different input shapes {sorted(shapes)}; they must agree")
+    if kind == "regression":
+        outputs = {_targets(t).shape[1:] for t in tasks}
+        if len(outputs) != 1:
+            raise DataFormatError(
+                f"tasks in '{folder}' have targets of different shapes {sorted(outputs)}; they must agree"
+            )
     return tasks
+
+
+def _targets(task: SiteTask) -> np.ndarray:
+    """A task's targets (``y``, or its support side's)."""
+    return task.y if task.y is not None else task.support[1]  # type: ignore[index]
 
 
 def list_sites(root: str | Path) -> list[Path]:
@@ -432,8 +484,15 @@ class FolderFamily(TaskFamily):
         if self.kind == "classification":
             self.output_dim = ways
         else:
-            y = first.y if first.y is not None else first.support[1]  # type: ignore[index]
-            self.output_dim = int(y.shape[1])
+            self.output_dim = int(_targets(first).shape[1])
+        for held in self._tasks.get("eval", [])[:1]:
+            if held.input_shape != first.input_shape or (
+                self.kind == "regression" and _targets(held).shape[1:] != _targets(first).shape[1:]
+            ):
+                raise DataFormatError(
+                    f"site folder '{self.site}': its heldout/ tasks have another input or target shape than its "
+                    f"tasks/ ({_HINT})"
+                )
         for t in self._tasks["train"]:
             self._check_size(t)
         for t in self._tasks.get("eval", []):
@@ -452,13 +511,7 @@ class FolderFamily(TaskFamily):
         if self.kind == "classification":
             labels_s = task.y if task.y is not None else task.support[1]  # type: ignore[index]
             labels_q = task.y if task.y is not None else task.query[1]  # type: ignore[index]
-            per_s = np.bincount(labels_s)
-            per_q = np.bincount(labels_q)
-            if task.y is not None:
-                usable = int(np.sum(per_s >= need_s + need_q))
-            else:
-                n = min(len(per_s), len(per_q))
-                usable = int(np.sum((per_s[:n] >= need_s) & (per_q[:n] >= need_q)))
+            usable = len(_eligible_classes(labels_s, labels_q, need_s, need_q, shared=task.y is not None))
             if usable < self.ways:
                 raise TooFewClassesError(
                     f"task file '{task.path}' has only {usable} classes with enough examples for "
@@ -523,13 +576,7 @@ class FolderFamily(TaskFamily):
             labels_s = labels_q = task.y
         else:
             (pools_s, labels_s), (pools_q, labels_q) = task.support, task.query  # type: ignore[misc]
-        if task.x is not None:
-            counts = np.bincount(labels_s)
-            eligible = np.flatnonzero(counts >= s + q)
-        else:
-            cs, cq = np.bincount(labels_s), np.bincount(labels_q)
-            n = min(len(cs), len(cq))
-            eligible = np.flatnonzero((cs[:n] >= s) & (cq[:n] >= q))
+        eligible = _eligible_classes(labels_s, labels_q, s, q, shared=task.x is not None)
         chosen = eligible[torch.randperm(len(eligible), generator=gen)[: self.ways].numpy()]
         xs, ys, xq, yq = [], [], [], []
         for new_label, cls in enumerate(chosen):
