@@ -22,6 +22,7 @@ from fedmeta.rng import make_generator
 from fedmeta.tasks.base import SPLITS, TaskFamily
 from fedmeta.tasks.folder import FolderFamily, list_sites
 from fedmeta.tasks.glyphs.family import GlyphFamily
+from fedmeta.tasks.omniglot import OmniglotFamily
 from fedmeta.tasks.regression import HarmonicFamily, SinusoidFamily
 from fedmeta.types import TaskBatch
 
@@ -33,6 +34,7 @@ TASK_FAMILIES.add(SinusoidFamily.name, SinusoidFamily)
 TASK_FAMILIES.add(HarmonicFamily.name, HarmonicFamily)
 TASK_FAMILIES.add(GlyphFamily.name, GlyphFamily)
 TASK_FAMILIES.add(FolderFamily.name, FolderFamily)
+TASK_FAMILIES.add(OmniglotFamily.name, OmniglotFamily)
 
 
 def build_family(cfg: Config, *, site: str | Path | None = None) -> TaskFamily:
@@ -58,7 +60,8 @@ class TaskSource:
       support/query examples; with ``null`` it draws new tasks every round (MAML's setting).
     * ``folder``: ``task.data_dir`` is one site (all clients share it) or a folder of sites
       (client ``c`` is the ``c``-th site).
-    * ``glyphs``: client ``c`` sees only its own partition of the background scripts.
+    * ``glyphs``, ``omniglot``: client ``c`` sees only its own partition of the background
+      alphabets (the families whose ``per_client`` is set build each client's share).
 
     Randomness comes from ``(seed, purpose, round, client)`` only, never from global state.
     """
@@ -83,10 +86,8 @@ class TaskSource:
         if self._sites is not None:
             site = self._sites[0] if client_id is None else self._sites[client_id % len(self._sites)]
             return build_family(self.cfg, site=site)
-        if self.cfg.task.name == "glyphs" and client_id is not None:
-            from fedmeta.tasks.glyphs import build_glyph_family
-
-            return build_glyph_family(self.cfg, client_id=client_id)
+        if client_id is not None and TASK_FAMILIES.get(self.cfg.task.name).per_client:
+            return TASK_FAMILIES.get(self.cfg.task.name).for_client(self.cfg, client_id)
         return build_family(self.cfg)
 
     @property
@@ -96,7 +97,8 @@ class TaskSource:
 
     def family(self, client_id: int | None = None) -> TaskFamily:
         """The task family client ``client_id`` draws from (``None``: the whole family)."""
-        if self._shared is not None and not (self.cfg.task.name == "glyphs" and client_id is not None):
+        own_share = client_id is not None and TASK_FAMILIES.get(self.cfg.task.name).per_client
+        if self._shared is not None and not own_share:
             return self._shared
         key = -1 if client_id is None else client_id
         if key not in self._families:
