@@ -20,6 +20,7 @@ from fedmeta.errors import ConfigError
 from fedmeta.registry import Registry
 from fedmeta.rng import make_generator
 from fedmeta.tasks.base import SPLITS, TaskFamily
+from fedmeta.tasks.femnist import FemnistFamily
 from fedmeta.tasks.folder import FolderFamily, list_sites
 from fedmeta.tasks.glyphs.family import GlyphFamily
 from fedmeta.tasks.omniglot import OmniglotFamily
@@ -35,6 +36,7 @@ TASK_FAMILIES.add(HarmonicFamily.name, HarmonicFamily)
 TASK_FAMILIES.add(GlyphFamily.name, GlyphFamily)
 TASK_FAMILIES.add(FolderFamily.name, FolderFamily)
 TASK_FAMILIES.add(OmniglotFamily.name, OmniglotFamily)
+TASK_FAMILIES.add(FemnistFamily.name, FemnistFamily)
 
 
 def build_family(cfg: Config, *, site: str | Path | None = None) -> TaskFamily:
@@ -62,6 +64,7 @@ class TaskSource:
       (client ``c`` is the ``c``-th site).
     * ``glyphs``, ``omniglot``: client ``c`` sees only its own partition of the background
       alphabets (the families whose ``per_client`` is set build each client's share).
+    * ``femnist``: client ``c`` is writer ``c``; evaluation tasks come from held-out writers.
 
     Randomness comes from ``(seed, purpose, round, client)`` only, never from global state.
     """
