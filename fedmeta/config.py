@@ -122,6 +122,9 @@ class TaskConfig:
     dirichlet_alpha: float = 0.5
     render_seed: int = 0
     cache_dir: str | None = None
+    # femnist (docs/data-format.md): writers held out for evaluation, the last ones by id (null: a
+    # tenth of them, at least one)
+    heldout_writers: int | None = None
 
 
 @dataclass(frozen=True)

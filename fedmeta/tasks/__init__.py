@@ -20,8 +20,10 @@ from fedmeta.errors import ConfigError
 from fedmeta.registry import Registry
 from fedmeta.rng import make_generator
 from fedmeta.tasks.base import SPLITS, TaskFamily
+from fedmeta.tasks.femnist import FemnistFamily
 from fedmeta.tasks.folder import FolderFamily, list_sites
 from fedmeta.tasks.glyphs.family import GlyphFamily
+from fedmeta.tasks.omniglot import OmniglotFamily
 from fedmeta.tasks.regression import HarmonicFamily, SinusoidFamily
 from fedmeta.types import TaskBatch
 
@@ -33,6 +35,8 @@ TASK_FAMILIES.add(SinusoidFamily.name, SinusoidFamily)
 TASK_FAMILIES.add(HarmonicFamily.name, HarmonicFamily)
 TASK_FAMILIES.add(GlyphFamily.name, GlyphFamily)
 TASK_FAMILIES.add(FolderFamily.name, FolderFamily)
+TASK_FAMILIES.add(OmniglotFamily.name, OmniglotFamily)
+TASK_FAMILIES.add(FemnistFamily.name, FemnistFamily)
 
 
 def build_family(cfg: Config, *, site: str | Path | None = None) -> TaskFamily:
@@ -63,7 +67,9 @@ class TaskSource:
       site (client ``c`` reads site ``c mod sites``) only with ``task.share_sites: true``, which
       every DP mode refuses: one site's data entering as several clients voids a per-client or
       per-task guarantee.
-    * ``glyphs``: client ``c`` sees only its own partition of the background scripts.
+    * ``glyphs``, ``omniglot``: client ``c`` sees only its own partition of the background
+      alphabets (the families whose ``per_client`` is set build each client's share).
+    * ``femnist``: client ``c`` is writer ``c``; evaluation tasks come from held-out writers.
 
     Randomness comes from ``(seed, purpose, round, client)`` only, never from global state.
     """
@@ -122,10 +128,8 @@ class TaskSource:
         if self._sites is not None:
             site = self._sites[0] if client_id is None else self.site_of(client_id)
             return build_family(self.cfg, site=site)
-        if self.cfg.task.name == "glyphs" and client_id is not None:
-            from fedmeta.tasks.glyphs import build_glyph_family
-
-            return build_glyph_family(self.cfg, client_id=client_id)
+        if client_id is not None and TASK_FAMILIES.get(self.cfg.task.name).per_client:
+            return TASK_FAMILIES.get(self.cfg.task.name).for_client(self.cfg, client_id)
         return build_family(self.cfg)
 
     @property
@@ -135,7 +139,8 @@ class TaskSource:
 
     def family(self, client_id: int | None = None) -> TaskFamily:
         """The task family client ``client_id`` draws from (``None``: the whole family)."""
-        if self._shared is not None and not (self.cfg.task.name == "glyphs" and client_id is not None):
+        own_share = client_id is not None and TASK_FAMILIES.get(self.cfg.task.name).per_client
+        if self._shared is not None and not own_share:
             if self._sites is not None and client_id is not None:
                 self.site_of(client_id)  # one site read by several clients only with task.share_sites
             return self._shared

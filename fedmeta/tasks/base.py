@@ -39,6 +39,8 @@ class TaskFamily(ABC):
     input_shape: tuple[int, ...] = (1,)
     #: number of outputs of the model (regression targets or classes per episode).
     output_dim: int = 1
+    #: whether a federated client draws from its own share (:meth:`for_client`) rather than the whole family.
+    per_client: ClassVar[bool] = False
 
     @classmethod
     def from_config(cls, cfg: Config, *, site: str | Path | None = None) -> TaskFamily:
@@ -53,6 +55,16 @@ class TaskFamily(ABC):
             DataFormatError: if data on disk does not match the documented format.
         """
         raise NotImplementedError(f"{cls.__name__} cannot be built from a config")
+
+    @classmethod
+    def for_client(cls, cfg: Config, client_id: int) -> TaskFamily:
+        """The share of the family that federated client ``client_id`` trains on (``per_client`` families).
+
+        Raises:
+            ConfigError: if the client's share is too small for the config's episodes.
+            DataFormatError: if data on disk does not match the documented format.
+        """
+        raise NotImplementedError(f"{cls.__name__} has no per-client shares")
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:

@@ -23,7 +23,7 @@ def _task(name: str) -> dict[str, object]:
 
 
 def test_names_in_the_order_messages_list_them() -> None:
-    assert TASK_FAMILIES.names() == ("sinusoid", "harmonic", "glyphs", "folder")
+    assert TASK_FAMILIES.names() == ("sinusoid", "harmonic", "glyphs", "folder", "omniglot", "femnist")
     assert MODELS.names() == ("mlp", "conv4")
     assert AGGREGATORS.names() == (
         "mean", "median", "trimmed_mean", "weighted_median", "weighted_trimmed_mean", "krum", "multikrum", "norm_bound",
@@ -73,7 +73,10 @@ def test_unknown_names_in_config_name_the_key_and_known_names(section: str, key:
 
 def test_builders_refuse_unknown_names_naming_the_key() -> None:
     cfg = Config()
-    known = r"config key 'task.name' has no task family 'nope' \(known: sinusoid, harmonic, glyphs, folder\)"
+    known = (
+        r"config key 'task.name' has no task family 'nope' "
+        r"\(known: sinusoid, harmonic, glyphs, folder, omniglot, femnist\)"
+    )
     with pytest.raises(ConfigError, match=known):
         build_family(replace(cfg, task=replace(cfg.task, name="nope")))
     with pytest.raises(ConfigError, match=r"config key 'model.name' has no model 'nope' \(known: mlp, conv4\)"):

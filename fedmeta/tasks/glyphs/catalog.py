@@ -14,16 +14,68 @@ import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
 from fedmeta.errors import DataFormatError
 from fedmeta.tasks.glyphs.render import STYLES
 
-__all__ = ["GlyphCatalog", "load_catalog", "CATALOG_SPLITS"]
+__all__ = ["ClassCatalog", "GlyphCatalog", "load_catalog", "CATALOG_SPLITS"]
 
 #: The two halves of the alphabet split, and the task-family split each one serves.
 CATALOG_SPLITS = {"train": "background", "eval": "evaluation"}
+
+
+class ClassCatalog(Protocol):
+    """What episodes and client partitions need of a character table (glyphs, Omniglot).
+
+    Row ``i`` is class ``i``; :attr:`alphabet` indexes :attr:`alphabet_names`; the masks are as in
+    :class:`GlyphCatalog`.
+    """
+
+    @property
+    def alphabet(self) -> np.ndarray:
+        """``[C]`` alphabet index of each class."""
+        ...
+
+    @property
+    def alphabet_names(self) -> tuple[str, ...]:
+        """Names of the alphabets."""
+        ...
+
+    @property
+    def evaluation_alphabets(self) -> np.ndarray:
+        """Boolean ``[A]``, True for held-out alphabets."""
+        ...
+
+    @property
+    def style_mask(self) -> np.ndarray:
+        """``[C]`` bit ``s`` set if face ``s`` has the class."""
+        ...
+
+    @property
+    def rotation_mask(self) -> np.ndarray:
+        """``[C]`` bit ``k`` set if the turn by ``k * 90`` degrees is a distinct class."""
+        ...
+
+    def __len__(self) -> int: ...
+
+    def split_classes(self, split: str) -> np.ndarray:
+        """Class indices of ``"train"`` (background alphabets) or ``"eval"`` (evaluation alphabets)."""
+        ...
+
+    def rotations_of(self, cls: int) -> list[int]:
+        """Quarter turns (0-3) that are distinct classes for ``cls`` (always includes 0)."""
+        ...
+
+    def alphabets(self, split: str) -> list[int]:
+        """Alphabet indices of a split."""
+        ...
+
+    def class_name(self, cls: int) -> str:
+        """A short name of class ``cls`` as episodes describe it."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -77,6 +129,10 @@ class GlyphCatalog:
         """Alphabet indices of a split, sorted by name."""
         want = split == "eval"
         return [a for a in range(len(self.alphabet_names)) if bool(self.evaluation_alphabets[a]) == want]
+
+    def class_name(self, cls: int) -> str:
+        """``'U+0531'``: the code point of class ``cls``."""
+        return f"U+{int(self.codepoints[cls]):04X}"
 
     def label(self, cls: int) -> str:
         """A short human-readable name of a class, e.g. ``'Ա U+0531 Armenian'``."""

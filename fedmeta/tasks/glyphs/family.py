@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -27,16 +29,20 @@ from fedmeta.rng import make_generator
 from fedmeta.tasks.base import SPLITS, TaskFamily
 from fedmeta.tasks.folder import write_site
 from fedmeta.tasks.glyphs.cache import cache_dir, load_bank
-from fedmeta.tasks.glyphs.catalog import GlyphCatalog, load_catalog
+from fedmeta.tasks.glyphs.catalog import ClassCatalog, GlyphCatalog, load_catalog
 from fedmeta.tasks.glyphs.partition import PARTITIONS, client_partition
 from fedmeta.types import TaskBatch
 
-__all__ = ["GlyphFamily", "build_glyph_family", "make_glyph_sites", "ROTATIONS"]
+__all__ = ["GlyphFamily", "BankLoader", "build_glyph_family", "make_glyph_sites", "ROTATIONS"]
 
 log = logging.getLogger(__name__)
 
 #: Class id = ``ROTATIONS * character + quarter_turns``.
 ROTATIONS = 4
+
+#: ``bank(characters, style)``: ``uint8 [len(characters), drawings, H, W]`` images (ink 255) of
+#: catalog rows ``characters``, in one face (``style``) or mixed (``None``).
+BankLoader = Callable[[np.ndarray, "int | None"], np.ndarray]
 
 
 @dataclass
@@ -56,28 +62,40 @@ class _Pool:
 class GlyphFamily(TaskFamily):
     """Few-shot classification episodes over glyph drawings.
 
+    The episode code serves any character table with a fixed number of images per character:
+    the rendered glyph list (the default bank renders and caches drawings, :mod:`.cache`), or a
+    catalog read from disk with its own ``bank`` (:mod:`fedmeta.tasks.omniglot`).
+
     Args:
-        catalog: the glyph list.
+        catalog: the character table (:class:`GlyphCatalog` unless ``bank`` is given).
         train_characters: background characters this family trains on (all of them, or one
             client's partition).
         ways, shots, query: episode shape (``shots`` / ``query`` drawings per class).
         image_size: image side in pixels.
         drawings: drawings per character in the bank.
         rotations: add rotated background characters as classes.
-        render_seed: seed of the drawings.
-        folder: cache folder of drawing banks.
+        render_seed: seed of the drawings (rendered bank only).
+        folder: cache folder of drawing banks (rendered bank only).
         style: draw training images from this face's bank only (``style`` partition).
         eager_eval: load the evaluation drawings now rather than on first use.
+        bank: where the images come from (default: the rendered, cached glyph drawings).
     """
 
     name = "glyphs"
     models = ("conv4",)
     kind = "classification"
+    #: a client's family differs from the whole family's (:meth:`for_client`)
+    per_client: ClassVar[bool] = True
 
     @classmethod
     def from_config(cls, cfg: Config, *, site: str | Path | None = None) -> TaskFamily:
         """The whole benchmark (:func:`build_glyph_family` without a client; ``site`` is not used)."""
         return build_glyph_family(cfg)
+
+    @classmethod
+    def for_client(cls, cfg: Config, client_id: int) -> TaskFamily:
+        """Client ``client_id``'s share of the benchmark (:func:`build_glyph_family`)."""
+        return build_glyph_family(cfg, client_id=client_id)
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
@@ -109,7 +127,7 @@ class GlyphFamily(TaskFamily):
 
     def __init__(
         self,
-        catalog: GlyphCatalog,
+        catalog: ClassCatalog,
         train_characters: np.ndarray,
         *,
         ways: int,
@@ -118,10 +136,11 @@ class GlyphFamily(TaskFamily):
         image_size: int,
         drawings: int,
         rotations: bool,
-        render_seed: int,
-        folder: Path,
+        render_seed: int = 0,
+        folder: Path | None = None,
         style: int | None = None,
         eager_eval: bool = True,
+        bank: BankLoader | None = None,
     ) -> None:
         if shots + query > drawings:
             raise ConfigError(f"task.shots + task.query ({shots} + {query}) exceed task.drawings ({drawings})")
@@ -129,6 +148,7 @@ class GlyphFamily(TaskFamily):
         self.ways, self.shots, self.query = ways, shots, query
         self.image_size, self.drawings = image_size, drawings
         self.rotations, self.render_seed, self.folder, self.style = rotations, render_seed, folder, style
+        self._loader = bank
         self.input_shape = (1, image_size, image_size)
         self.output_dim = ways
         self.train_characters = np.sort(np.asarray(train_characters, dtype=np.int64))
@@ -153,6 +173,10 @@ class GlyphFamily(TaskFamily):
     # -- drawings ----------------------------------------------------------------------------
 
     def _bank(self, characters: np.ndarray, style: int | None) -> np.ndarray:
+        if self._loader is not None:
+            return self._loader(characters, style)
+        if not isinstance(self.catalog, GlyphCatalog) or self.folder is None:
+            raise ValueError("a catalog other than the glyph list needs its own image bank")
         return load_bank(
             self.catalog,
             characters,
@@ -255,9 +279,8 @@ class GlyphFamily(TaskFamily):
         """``'U+0531 U+10D0@90 ...'``: the characters of an episode, with their rotation."""
         parts = []
         for cid in ids:
-            cp = int(self.catalog.codepoints[cid // ROTATIONS])
             turn = cid % ROTATIONS
-            parts.append(f"U+{cp:04X}" + (f"@{90 * turn}" if turn else ""))
+            parts.append(self.catalog.class_name(cid // ROTATIONS) + (f"@{90 * turn}" if turn else ""))
         return " ".join(parts)
 
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from fedmeta.errors import ConfigError
 from fedmeta.rng import derive_seed
-from fedmeta.tasks.glyphs.catalog import GlyphCatalog
+from fedmeta.tasks.glyphs.catalog import ClassCatalog
 from fedmeta.tasks.glyphs.render import STYLES
 
 __all__ = ["PARTITIONS", "client_partition"]
@@ -35,7 +35,7 @@ PARTITIONS = ("iid", "style", "script", "dirichlet")
 
 
 def client_partition(
-    catalog: GlyphCatalog,
+    catalog: ClassCatalog,
     scheme: str,
     *,
     client_id: int,
@@ -47,7 +47,7 @@ def client_partition(
     """The background classes of one client, and its font face (``style`` scheme) or ``None``.
 
     Args:
-        catalog: the glyph list.
+        catalog: the character table (the glyph list, or Omniglot's alphabets).
         scheme: one of :data:`PARTITIONS`.
         client_id: the client, ``0 <= client_id < clients_total``.
         clients_total: number of registered clients.
@@ -93,7 +93,7 @@ def client_partition(
 
 
 def _dirichlet_slice(
-    catalog: GlyphCatalog,
+    catalog: ClassCatalog,
     background: np.ndarray,
     *,
     client_id: int,
