@@ -39,6 +39,7 @@ __all__ = [
     "GeneratorsConfig",
     "Config",
     "evaluation_config",
+    "with_task_ranges",
     "load_config",
     "config_from_dict",
     "apply_overrides",
@@ -486,12 +487,33 @@ def _build(cls: Any, data: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def evaluation_config(cfg: Config) -> Config:
-    """``cfg`` with ``eval.task``'s range keys in ``task``: the config the held-out tasks are drawn from."""
-    overrides: dict[str, Any] = dict(cfg.eval.task.overrides())
+def with_task_ranges(cfg: Config, ranges: EvalTaskConfig) -> Config:
+    """``cfg`` with the range keys set in ``ranges`` (``eval.task``, ``generators.family``) put in ``task``."""
+    overrides: dict[str, Any] = dict(ranges.overrides())
     if not overrides:
         return cfg
     return dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, **overrides))
+
+
+def check_task_ranges(cfg: Config, ranges: EvalTaskConfig, key: str) -> None:
+    """Validate range overrides as the task families validate ``task.*``, errors naming ``key`` instead.
+
+    Raises:
+        ConfigError: e.g. naming ``eval.task.amplitude``.
+    """
+    from fedmeta.tasks import TASK_FAMILIES
+
+    changed = with_task_ranges(cfg, ranges)
+    for _, family in TASK_FAMILIES.items():
+        try:
+            family.check_config(changed)
+        except ConfigError as exc:
+            raise ConfigError(str(exc).replace("config key 'task.", f"config key '{key}.", 1)) from exc
+
+
+def evaluation_config(cfg: Config) -> Config:
+    """``cfg`` with ``eval.task``'s range keys in ``task``: the config the held-out tasks are drawn from."""
+    return with_task_ranges(cfg, cfg.eval.task)
 
 
 def _validate_regularizer(cfg: Config) -> None:
@@ -600,12 +622,7 @@ def validate(cfg: Config) -> Config:
             cfg.eval.task.overrides(),
             f"overrides the range keys of a generated family ({', '.join(REGRESSION_TASKS)}); task.name is {t.name!r}",
         )
-        held_out = evaluation_config(cfg)
-        for _, family in TASK_FAMILIES.items():
-            try:
-                family.check_config(held_out)
-            except ConfigError as exc:
-                raise ConfigError(str(exc).replace("config key 'task.", "config key 'eval.task.", 1)) from exc
+        check_task_ranges(cfg, cfg.eval.task, "eval.task")
 
     _require(m.name in MODELS, "model.name", m.name, f"must be one of {', '.join(MODELS)}")
     for _, model in MODELS.items():

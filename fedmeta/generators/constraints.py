@@ -77,6 +77,17 @@ def _derivative(y: Tensor, x: Tensor) -> Tensor:
     return dy
 
 
+def _slope(fn: Functions, x: Tensor) -> Tensor:
+    """``y'`` of every function at the points ``x`` (differentiable in the functions' parameters)."""
+    x = x.detach().requires_grad_(True)
+    return _derivative(fn(x), x)
+
+
+def _mean_square(values: Tensor) -> Tensor:
+    """Per-task mean of squares, ``[T]``."""
+    return values.pow(2).flatten(1).mean(dim=1)
+
+
 class Constraint(ABC):
     """One soft constraint: a penalty per task on a batch of functions at collocation points.
 
@@ -141,9 +152,7 @@ class Lipschitz(Constraint):
             raise ConfigError(f"config key '{where}.constant' must be >= 0, got {spec.constant}")
 
     def penalty(self, fn: Functions, x: Tensor) -> Tensor:
-        x = x.detach().requires_grad_(True)
-        dy = _derivative(fn(x), x)
-        return torch.relu(dy.abs() - float(self.spec.constant)).pow(2).flatten(1).mean(dim=1)  # type: ignore[arg-type]
+        return _mean_square(torch.relu(_slope(fn, x).abs() - float(self.spec.constant)))  # type: ignore[arg-type]
 
 
 @CONSTRAINTS.register("periodic")
@@ -194,10 +203,8 @@ class Monotone(Constraint):
             )
 
     def penalty(self, fn: Functions, x: Tensor) -> Tensor:
-        x = x.detach().requires_grad_(True)
-        dy = _derivative(fn(x), x)
         sign = -1.0 if self.spec.direction == "increasing" else 1.0
-        return torch.relu(sign * dy).pow(2).flatten(1).mean(dim=1)
+        return _mean_square(torch.relu(sign * _slope(fn, x)))
 
 
 @CONSTRAINTS.register("ode")

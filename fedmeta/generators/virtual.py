@@ -22,7 +22,6 @@ in the checkpoint), ``stop`` ends the run with :class:`GeneratorFailure` before 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from collections.abc import Mapping
@@ -57,10 +56,9 @@ class GeneratorFailure(FedMetaError):
 
 def virtual_config(cfg: Config) -> Config:
     """``cfg`` with ``generators.family``'s range keys in ``task``: what virtual tasks are drawn from."""
-    overrides: dict[str, Any] = dict(cfg.generators.family.overrides())
-    if not overrides:
-        return cfg
-    return dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, **overrides))
+    from fedmeta.config import with_task_ranges
+
+    return with_task_ranges(cfg, cfg.generators.family)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -114,14 +112,9 @@ def check_generators(cfg: Config) -> None:
                 f"config key 'generators.mode' 'direct' samples virtual tasks from a generated family "
                 f"({', '.join(REGRESSION_TASKS)}); task.name is {cfg.task.name!r}"
             )
-        from fedmeta.tasks import TASK_FAMILIES
+        from fedmeta.config import check_task_ranges
 
-        held = virtual_config(cfg)
-        for _, family in TASK_FAMILIES.items():
-            try:
-                family.check_config(held)
-            except ConfigError as exc:
-                raise ConfigError(str(exc).replace("config key 'task.", "config key 'generators.family.", 1)) from exc
+        check_task_ranges(cfg, g.family, "generators.family")
 
 
 class VirtualTaskStage:

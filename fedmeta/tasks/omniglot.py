@@ -41,7 +41,7 @@ from fedmeta.tasks.base import TaskFamily
 from fedmeta.tasks.glyphs.cache import cache_dir
 from fedmeta.tasks.glyphs.catalog import CATALOG_SPLITS
 from fedmeta.tasks.glyphs.family import GlyphFamily
-from fedmeta.tasks.glyphs.partition import client_partition
+from fedmeta.tasks.glyphs.partition import client_classes
 
 __all__ = [
     "OMNIGLOT_FOLDERS",
@@ -349,18 +349,7 @@ def build_omniglot_family(cfg: Config, client_id: int | None = None) -> Omniglot
         )
     catalog = scan_omniglot(t.data_dir, min_drawings=t.shots + t.query)
     bank = load_omniglot_bank(catalog, image_size=t.image_size, folder=cache_dir(t.cache_dir).parent / "omniglot")
-    if client_id is None:
-        characters = catalog.split_classes("train")
-    else:
-        characters, _ = client_partition(
-            catalog,
-            t.partition,
-            client_id=client_id,
-            clients_total=cfg.federation.clients_total,
-            ways=t.ways,
-            alpha=t.dirichlet_alpha,
-            seed=cfg.seed,
-        )
+    characters, _ = client_classes(cfg, catalog, client_id)
     return OmniglotFamily(
         catalog,
         characters,

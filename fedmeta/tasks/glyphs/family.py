@@ -30,7 +30,7 @@ from fedmeta.tasks.base import SPLITS, TaskFamily
 from fedmeta.tasks.folder import write_site
 from fedmeta.tasks.glyphs.cache import cache_dir, load_bank
 from fedmeta.tasks.glyphs.catalog import ClassCatalog, GlyphCatalog, load_catalog
-from fedmeta.tasks.glyphs.partition import PARTITIONS, client_partition
+from fedmeta.tasks.glyphs.partition import PARTITIONS, client_classes
 from fedmeta.types import TaskBatch
 
 __all__ = ["GlyphFamily", "BankLoader", "build_glyph_family", "make_glyph_sites", "ROTATIONS"]
@@ -298,19 +298,7 @@ def build_glyph_family(cfg: Config, client_id: int | None = None) -> TaskFamily:
     """
     t = cfg.task
     catalog = load_catalog()
-    style: int | None = None
-    if client_id is None:
-        characters = catalog.split_classes("train")
-    else:
-        characters, style = client_partition(
-            catalog,
-            t.partition,
-            client_id=client_id,
-            clients_total=cfg.federation.clients_total,
-            ways=t.ways,
-            alpha=t.dirichlet_alpha,
-            seed=cfg.seed,
-        )
+    characters, style = client_classes(cfg, catalog, client_id)
     return GlyphFamily(
         catalog,
         characters,

@@ -21,6 +21,7 @@ client a class of an evaluation alphabet.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -29,7 +30,11 @@ from fedmeta.rng import derive_seed
 from fedmeta.tasks.glyphs.catalog import ClassCatalog
 from fedmeta.tasks.glyphs.render import STYLES
 
-__all__ = ["PARTITIONS", "client_partition"]
+if TYPE_CHECKING:
+    from fedmeta.config import Config
+
+__all__ = [
+    "client_classes","PARTITIONS", "client_partition"]
 
 PARTITIONS = ("iid", "style", "script", "dirichlet")
 
@@ -115,3 +120,23 @@ def _dirichlet_slice(
     size = min(background.shape[0], max(2 * ways, math.ceil(background.shape[0] / clients_total)))
     picked = rng.choice(background.shape[0], size=size, replace=False, p=weights / weights.sum())
     return background[picked]
+
+
+def client_classes(cfg: Config, catalog: ClassCatalog, client_id: int | None) -> tuple[np.ndarray, int | None]:
+    """The background classes a family for ``client_id`` trains on (all of them for ``None``), and its face.
+
+    :func:`client_partition` with the config's ``task.partition``, ``task.ways``,
+    ``task.dirichlet_alpha``, ``federation.clients_total`` and ``seed``.
+    """
+    if client_id is None:
+        return catalog.split_classes("train"), None
+    t = cfg.task
+    return client_partition(
+        catalog,
+        t.partition,
+        client_id=client_id,
+        clients_total=cfg.federation.clients_total,
+        ways=t.ways,
+        alpha=t.dirichlet_alpha,
+        seed=cfg.seed,
+    )
