@@ -232,8 +232,8 @@ def render(record: Path) -> str:
             lines.append(f"| {r['task']} | {r['shots']} | {r['algorithm']} | {r['iterations']} | {r['weight']:g} | "
                          f"{r['val_mse']:.3f} ± {r['val_ci95']:.3f} |")
     if not finals:
-        lines += ["", "*No final runs in the record yet: the λ selection above is all that has run (the results table is "
-                  "empty). Nothing here shows whether TRLearner helps.*"]
+        lines += ["", "*No final runs in the record yet: the λ selection above is all that has run (the results "
+                  "table is empty). Nothing here shows whether TRLearner helps.*"]
     lines += ["", f"Machine of the latest render: {machine_line()}.", ""]
     return "\n".join(lines)
 
