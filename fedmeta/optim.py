@@ -110,6 +110,8 @@ class ServerOptimizer:
         """Every restored per-parameter state has its entries: finite tensors of its parameter's shape."""
         for tensor in self._tensors:
             entry = self._opt.state.get(tensor, {})
+            if not isinstance(entry, dict):
+                raise ValueError(f"a parameter's state is a {type(entry).__name__}, not a mapping")
             if not entry:
                 continue
             if set(entry) != self._ENTRIES[self.name]:

@@ -385,7 +385,8 @@ class RoundLoop:
             self.optimizer.load_state_dict(state["optimizer"])
         except (KeyError, ValueError, TypeError, IndexError) as exc:
             raise CheckpointError(
-                f"checkpoint '{path}': its optimizer state does not fit this run's meta.outer_optimizer '{name}' "
+                f"checkpoint '{path}': its optimizer state cannot be restored for this run's "
+                f"meta.outer_optimizer '{name}' "
                 f"({type(exc).__name__}: {exc})"
             ) from exc
 

@@ -200,6 +200,8 @@ def test_folder_sites_count_their_own_tasks(tmp_path: Path) -> None:
             "meta": {"tasks_per_client": 2},
             "federation": {"clients_total": 2, "clients_per_round": 2},
             "privacy": {"mode": "task", "noise_seed": 0},
+            # under DP the server evaluates on held-out sites of its own, never the clients' (finding 4)
+            "eval": {"data_dir": str(tmp_path / "server-heldout")},
         }
     )
     exp = Experiment(cfg)
@@ -245,6 +247,8 @@ def _folder_task_cfg(root: Path, **task: object) -> Config:
             "meta": {"tasks_per_client": 2},
             "federation": {"clients_total": 2, "clients_per_round": 2, "rounds": 3},
             "privacy": {"mode": "task", "noise_seed": 0, "noise_multiplier": 1.1},
+            # under DP the server evaluates on held-out sites of its own, never the clients' (finding 4)
+            "eval": {"data_dir": str(root.parent / "server-heldout")},
         }
     )
 
