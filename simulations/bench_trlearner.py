@@ -202,6 +202,7 @@ def render(record: Path) -> str:
         "held-out MSE TRLearner | OOD MSE base | OOD MSE TRLearner | s/iter base | s/iter TRLearner |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    diverged: set[str] = set()
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for r in finals:
         groups.setdefault((r["task"], r["shots"], r["algorithm"], r["iterations"]), []).append(r)
@@ -215,7 +216,13 @@ def render(record: Path) -> str:
         trl = [r for r in trl if r["seed"] in seeds]
 
         def cell(rows: list[dict[str, Any]], key: str) -> str:
-            mean, ci, _ = _pooled(rows, key)
+            finite = [r for r in rows if math.isfinite(r[key])]
+            if not finite:
+                return "diverged"
+            mean, ci, _ = _pooled(finite, key)
+            if len(finite) < len(rows):
+                diverged.add(key)
+                return f"{mean:.3f} ± {ci:.3f} ({len(finite)} of {len(rows)} seeds†)"
             return f"{mean:.3f} ± {ci:.3f}"
 
         sec = {name: sum(r["sec_per_iter"] for r in group) / len(group) for name, group in (("b", base), ("t", trl))}
@@ -224,6 +231,9 @@ def render(record: Path) -> str:
             f"({trl[0]['heads']}, {trl[0]['form']}) | {cell(base, 'heldout_mse')} | {cell(trl, 'heldout_mse')} | "
             f"{cell(base, 'ood_mse')} | {cell(trl, 'ood_mse')} | {sec['b']:.4f} | {sec['t']:.4f} |"
         )
+    if diverged:
+        lines += ["", "† a seed's adaptation diverged (a NaN loss after the test-time steps on some tasks); "
+                  "the cell averages the seeds that stayed finite. The raw record keeps the NaN."]
     selects = [r for r in rows if r["kind"] == "select"]
     if selects:
         lines += ["", "Validation MSE of the λ grid (selection seed):", ""]
