@@ -13,7 +13,7 @@ plus its import in ``fedmeta/aggregation/__init__.py`` and its test.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import torch
 
@@ -23,7 +23,16 @@ from fedmeta.types import Params
 if TYPE_CHECKING:
     from fedmeta.config import Config
 
-__all__ = ["Aggregator", "AGGREGATORS", "build_aggregator", "aggregate"]
+__all__ = [
+    "Aggregator",
+    "OptionRule",
+    "AGGREGATORS",
+    "build_aggregator",
+    "aggregate",
+    "normalized_weights",
+    "weighted_sum",
+    "flat_updates",
+]
 
 
 class Aggregator(ABC):
@@ -72,6 +81,75 @@ class Aggregator(ABC):
         Raises:
             ValueError: if the weights or the updates do not allow the rule (e.g. weights summing to zero).
         """
+
+
+class OptionRule(Aggregator):
+    """A rule with one option, ``federation.<option>``: built from it and validated by :meth:`check_option`.
+
+    A subclass names the option (:attr:`option`), says what a valid value is (:meth:`check_option`,
+    which the constructor, :meth:`from_config` and :meth:`check_config` all use), and keeps the value
+    under its own name.
+
+    Args:
+        value: the option's value.
+
+    Raises:
+        ConfigError: naming ``federation.<option>`` if the value is not valid.
+    """
+
+    #: the ``federation`` key of the rule's option
+    option: ClassVar[str]
+
+    def __init__(self, value: Any, /) -> None:
+        self.check_option(value)
+
+    @classmethod
+    @abstractmethod
+    def check_option(cls, value: Any) -> None:
+        """Refuse an invalid value of the option.
+
+        Raises:
+            ConfigError: naming ``federation.<option>`` and the value.
+        """
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Self:
+        """From ``federation.<option>``."""
+        return cls(getattr(cfg.federation, cls.option))
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """``federation.<option>`` valid (checked whichever rule is selected)."""
+        cls.check_option(getattr(cfg.federation, cls.option))
+
+
+def normalized_weights(weights: torch.Tensor, *, whose: str = "") -> torch.Tensor:
+    """The weights divided by their sum, in float64.
+
+    Args:
+        weights: ``[C]`` non-negative weights.
+        whose: words after "aggregation weights" in the error (which weights they are).
+
+    Returns:
+        ``[C]`` float64 weights summing to one.
+
+    Raises:
+        ValueError: if the weights sum to zero.
+    """
+    w = weights.to(torch.float64)
+    if float(w.sum()) <= 0:
+        raise ValueError(f"aggregation weights{whose} sum to zero")
+    return w / w.sum()
+
+
+def weighted_sum(updates: Params, coef: torch.Tensor) -> Params:
+    """``sum_c coef_c u_c`` of stacked updates ``{key: [C, *shape]}`` (``coef`` cast to each key's dtype)."""
+    return {k: torch.tensordot(coef.to(v.dtype), v, dims=1) for k, v in updates.items()}
+
+
+def flat_updates(updates: Params) -> torch.Tensor:
+    """``[C, D]`` float64: each client's update, all keys concatenated in order."""
+    return torch.cat([v.reshape(v.shape[0], -1).to(torch.float64) for v in updates.values()], dim=1)
 
 
 #: The aggregation rules, by their ``federation.aggregation`` name (filled by the rule modules).

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fedmeta.aggregation.base import AGGREGATORS, Aggregator
+from fedmeta.aggregation.base import AGGREGATORS, Aggregator, flat_updates, normalized_weights, weighted_sum
 from fedmeta.registry import require
 from fedmeta.types import Params
 
@@ -45,7 +45,7 @@ def krum_scores(updates: Params, f: int) -> torch.Tensor:
         ``[n]`` float64 scores (lower: more central). With ``n - f - 2 < 1`` one neighbour is used;
         a single update scores 0.
     """
-    flat = torch.cat([v.reshape(v.shape[0], -1).to(torch.float64) for v in updates.values()], dim=1)
+    flat = flat_updates(updates)
     n = flat.shape[0]
     if n == 1:
         return torch.zeros(1, dtype=torch.float64)
@@ -147,8 +147,5 @@ class MultiKrum(Aggregator):
         n = scores.shape[0]
         m = max(1, min(n, self.m if self.m is not None else n - self.f))
         keep = torch.argsort(scores, stable=True)[:m]
-        w = weights.to(torch.float64)[keep]
-        if float(w.sum()) <= 0:
-            raise ValueError("aggregation weights of the updates multi-Krum keeps sum to zero")
-        w = w / w.sum()
-        return {k: torch.tensordot(w.to(v.dtype), v[keep], dims=1) for k, v in updates.items()}
+        w = normalized_weights(weights[keep], whose=" of the updates multi-Krum keeps")
+        return weighted_sum({k: v[keep] for k, v in updates.items()}, w)

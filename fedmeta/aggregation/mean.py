@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fedmeta.aggregation.base import AGGREGATORS, Aggregator
+from fedmeta.aggregation.base import AGGREGATORS, Aggregator, normalized_weights, weighted_sum
 from fedmeta.types import Params
 
 __all__ = ["WeightedMean"]
@@ -24,8 +24,4 @@ class WeightedMean(Aggregator):
         Raises:
             ValueError: if the weights sum to zero.
         """
-        w = weights.to(torch.float64)
-        if float(w.sum()) <= 0:
-            raise ValueError("aggregation weights sum to zero")
-        w = w / w.sum()
-        return {k: torch.tensordot(w.to(v.dtype), v, dims=1) for k, v in updates.items()}
+        return weighted_sum(updates, normalized_weights(weights))

@@ -13,37 +13,23 @@ accepts only ``mean`` (``docs/privacy.md``).
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 
-from fedmeta.aggregation.base import AGGREGATORS, Aggregator
+from fedmeta.aggregation.base import AGGREGATORS, OptionRule, flat_updates, normalized_weights, weighted_sum
 from fedmeta.registry import require
 from fedmeta.types import Params
-
-if TYPE_CHECKING:
-    from fedmeta.config import Config
 
 __all__ = ["NormBoundedMean", "update_norms"]
 
 
 def update_norms(updates: Params) -> torch.Tensor:
     """``[C]`` float64 L2 norms of the stacked updates ``{key: [C, *shape]}`` (all keys together)."""
-    flat = torch.cat([v.reshape(v.shape[0], -1).to(torch.float64) for v in updates.values()], dim=1)
-    return flat.pow(2).sum(dim=1).sqrt()
-
-
-def _check_bound(bound: float | None) -> None:
-    require(
-        bound is None or (bound > 0 and math.isfinite(bound)),
-        "federation.norm_bound",
-        bound,
-        "must be null (the median update norm) or a positive number",
-    )
+    return flat_updates(updates).pow(2).sum(dim=1).sqrt()
 
 
 @AGGREGATORS.register("norm_bound")
-class NormBoundedMean(Aggregator):
+class NormBoundedMean(OptionRule):
     """``sum_c w_c clip(u_c, B) / sum_c w_c`` with ``clip(u, B) = u min(1, B / ||u||)``.
 
     Args:
@@ -54,19 +40,21 @@ class NormBoundedMean(Aggregator):
         ConfigError: naming ``federation.norm_bound`` if it is not null or a positive number.
     """
 
+    option = "norm_bound"
+
     def __init__(self, bound: float | None = None) -> None:
-        _check_bound(bound)
+        super().__init__(bound)
         self.bound = bound
 
     @classmethod
-    def from_config(cls, cfg: Config) -> NormBoundedMean:
-        """From ``federation.norm_bound``."""
-        return cls(cfg.federation.norm_bound)
-
-    @classmethod
-    def check_config(cls, cfg: Config) -> None:
-        """``federation.norm_bound`` null or a positive number (checked whichever rule is selected)."""
-        _check_bound(cfg.federation.norm_bound)
+    def check_option(cls, value: float | None) -> None:
+        """``federation.norm_bound`` null or a positive number."""
+        require(
+            value is None or (value > 0 and math.isfinite(value)),
+            "federation.norm_bound",
+            value,
+            "must be null (the median update norm) or a positive number",
+        )
 
     def aggregate(self, updates: Params, weights: torch.Tensor, *, reference: Params | None = None) -> Params:
         """The weighted mean of the norm-bounded ``updates``.
@@ -74,11 +62,8 @@ class NormBoundedMean(Aggregator):
         Raises:
             ValueError: if the weights sum to zero.
         """
-        w = weights.to(torch.float64)
-        if float(w.sum()) <= 0:
-            raise ValueError("aggregation weights sum to zero")
+        w = normalized_weights(weights)
         norms = update_norms(updates)
         bound = float(norms.median()) if self.bound is None else float(self.bound)
         scale = torch.where(norms > bound, bound / norms.clamp_min(1e-300), torch.ones_like(norms))
-        coef = w / w.sum() * scale
-        return {k: torch.tensordot(coef.to(v.dtype), v, dims=1) for k, v in updates.items()}
+        return weighted_sum(updates, w * scale)

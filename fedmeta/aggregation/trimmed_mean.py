@@ -12,22 +12,14 @@ with no robustness at all.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 
-from fedmeta.aggregation.base import AGGREGATORS, Aggregator
+from fedmeta.aggregation.base import AGGREGATORS, OptionRule
 from fedmeta.registry import require
 from fedmeta.types import Params
 
-if TYPE_CHECKING:
-    from fedmeta.config import Config
-
 __all__ = ["TrimmedMean", "trim_count"]
-
-
-def _check_trim_fraction(trim_fraction: float) -> None:
-    require(0 <= trim_fraction < 0.5, "federation.trim_fraction", trim_fraction, "must be in [0, 0.5)")
 
 
 def trim_count(trim_fraction: float, cohort: int) -> int:
@@ -50,7 +42,7 @@ def trim_count(trim_fraction: float, cohort: int) -> int:
 
 
 @AGGREGATORS.register("trimmed_mean")
-class TrimmedMean(Aggregator):
+class TrimmedMean(OptionRule):
     """Each coordinate's mean after dropping its :func:`trim_count` largest and smallest values over
     the ``C`` clients (Yin et al., 2018); the weights are not used (see ``weighted_trimmed_mean``).
 
@@ -61,19 +53,16 @@ class TrimmedMean(Aggregator):
         ConfigError: naming ``federation.trim_fraction`` if it is out of range.
     """
 
+    option = "trim_fraction"
+
     def __init__(self, trim_fraction: float = 0.1) -> None:
-        _check_trim_fraction(trim_fraction)
+        super().__init__(trim_fraction)
         self.trim_fraction = trim_fraction
 
     @classmethod
-    def from_config(cls, cfg: Config) -> TrimmedMean:
-        """From ``federation.trim_fraction``."""
-        return cls(cfg.federation.trim_fraction)
-
-    @classmethod
-    def check_config(cls, cfg: Config) -> None:
-        """``federation.trim_fraction`` must be in ``[0, 0.5)`` (checked whichever rule is selected)."""
-        _check_trim_fraction(cfg.federation.trim_fraction)
+    def check_option(cls, value: float) -> None:
+        """``federation.trim_fraction`` must be in ``[0, 0.5)``."""
+        require(0 <= value < 0.5, "federation.trim_fraction", value, "must be in [0, 0.5)")
 
     def aggregate(self, updates: Params, weights: torch.Tensor, *, reference: Params | None = None) -> Params:
         """The coordinate-wise trimmed mean of ``updates`` (``{key: [C, *shape]}``)."""

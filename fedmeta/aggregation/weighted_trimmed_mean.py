@@ -12,24 +12,21 @@ Option: ``federation.trim_fraction`` (in ``[0, 0.5)``), shared with ``trimmed_me
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-from fedmeta.aggregation.base import AGGREGATORS, Aggregator
+from fedmeta.aggregation.base import AGGREGATORS
 from fedmeta.aggregation.trimmed_mean import TrimmedMean
 from fedmeta.aggregation.weighted_median import _check_weights, sort_with_weights
 from fedmeta.types import Params
-
-if TYPE_CHECKING:
-    from fedmeta.config import Config
 
 __all__ = ["WeightedTrimmedMean"]
 
 
 @AGGREGATORS.register("weighted_trimmed_mean")
-class WeightedTrimmedMean(Aggregator):
+class WeightedTrimmedMean(TrimmedMean):
     """Each coordinate's weighted mean after removing ``trim_fraction`` of the weight at each end.
+
+    The option and its check are ``trimmed_mean``'s; only the rule differs.
 
     Args:
         trim_fraction: share of the total weight removed at each end, in ``[0, 0.5)``.
@@ -37,15 +34,6 @@ class WeightedTrimmedMean(Aggregator):
     Raises:
         ConfigError: naming ``federation.trim_fraction`` if it is out of range.
     """
-
-    def __init__(self, trim_fraction: float = 0.1) -> None:
-        TrimmedMean(trim_fraction)  # the same option, checked the same way
-        self.trim_fraction = trim_fraction
-
-    @classmethod
-    def from_config(cls, cfg: Config) -> WeightedTrimmedMean:
-        """From ``federation.trim_fraction`` (validated by ``trimmed_mean``'s check)."""
-        return cls(cfg.federation.trim_fraction)
 
     def aggregate(self, updates: Params, weights: torch.Tensor, *, reference: Params | None = None) -> Params:
         """The weighted trimmed mean of ``updates`` (``{key: [C, *shape]}``) per coordinate.
