@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from abc import abstractmethod
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar, Self
 
 import torch
 from torch import Tensor
@@ -56,11 +56,55 @@ class _GeneratedRegression(TaskFamily):
             require(t.damping[1] < 1.0, "task.damping", list(t.damping), "must stay below 1 (underdamped)")
         require(t.noise_std >= 0, "task.noise_std", t.noise_std, "must be >= 0")
 
-    def __init__(self, *, shots: int, query: int, x_range: tuple[float, float], noise_std: float) -> None:
+    #: The task parameters in order, each ``(name, default range)``: ``task.<name>`` is its range
+    #: (``None`` keeps the default) and ``params[:, i]`` is drawn uniformly from it.
+    RANGES: ClassVar[tuple[tuple[str, Range], ...]]
+    #: the inputs' range unless ``task.x_range`` says otherwise
+    DEFAULT_X_RANGE: ClassVar[Range]
+
+    def __init__(
+        self,
+        *,
+        shots: int,
+        query: int,
+        x_range: Range | None = None,
+        noise_std: float = 0.0,
+        **ranges: Range | None,
+    ) -> None:
+        """A family of ``shots + query`` points per task.
+
+        Args:
+            shots: support points per task.
+            query: query points per task.
+            x_range: the inputs' range (``None``: :attr:`DEFAULT_X_RANGE`).
+            noise_std: standard deviation of the Gaussian noise added to ``y``.
+            ranges: a range per name in :attr:`RANGES` (``None`` or absent: its default).
+
+        Raises:
+            TypeError: for a range the family does not have.
+        """
+        unknown = sorted(set(ranges) - {name for name, _ in self.RANGES})
+        if unknown:
+            raise TypeError(f"{type(self).__name__} has no range {', '.join(unknown)}")
         self.shots = shots
         self.query = query
-        self.x_range = x_range
+        self.x_range = x_range or self.DEFAULT_X_RANGE
         self.noise_std = noise_std
+        for name, default in self.RANGES:
+            setattr(self, name, ranges.get(name) or default)
+
+    @classmethod
+    def from_config(cls, cfg: Config, *, site: str | Path | None = None) -> Self:
+        """From ``task.shots``/``query``, ``x_range``, ``noise_std`` and the range keys (``None``: the defaults)."""
+        t = cfg.task
+        ranges = {name: getattr(t, name) for name, _ in cls.RANGES}
+        return cls(shots=t.shots, query=t.query, x_range=t.x_range, noise_std=t.noise_std, **ranges)
+
+    def sample_params(self, gen: torch.Generator, n: int, split: str) -> Tensor:
+        """``[n, len(RANGES)]``: each parameter uniform in its range, drawn in the order of :attr:`RANGES`."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        return torch.stack([uniform(gen, n, *getattr(self, name)) for name, _ in self.RANGES], dim=1)
 
     @abstractmethod
     def function(self, params: Tensor, x: Tensor) -> Tensor:
@@ -93,37 +137,10 @@ class SinusoidFamily(_GeneratedRegression):
     """
 
     name = "sinusoid"
-    #: the inputs' range unless ``task.x_range`` says otherwise
-    DEFAULT_X_RANGE: tuple[float, float] = (-5.0, 5.0)
-
-    def __init__(
-        self,
-        *,
-        shots: int,
-        query: int,
-        amplitude: tuple[float, float] | None = None,
-        phase: tuple[float, float] | None = None,
-        x_range: tuple[float, float] | None = None,
-        noise_std: float = 0.0,
-    ) -> None:
-        super().__init__(shots=shots, query=query, x_range=x_range or self.DEFAULT_X_RANGE, noise_std=noise_std)
-        self.amplitude = amplitude or (0.1, 5.0)
-        self.phase = phase or (0.0, math.pi)
-
-    @classmethod
-    def from_config(cls, cfg: Config, *, site: str | Path | None = None) -> SinusoidFamily:
-        """From ``task.shots``/``query`` and the range keys (``None`` keeps MAML's defaults)."""
-        t = cfg.task
-        return cls(
-            shots=t.shots, query=t.query, amplitude=t.amplitude, phase=t.phase, x_range=t.x_range, noise_std=t.noise_std
-        )
-
-    def sample_params(self, gen: torch.Generator, n: int, split: str) -> Tensor:
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        amp = uniform(gen, n, *self.amplitude)
-        phase = uniform(gen, n, *self.phase)
-        return torch.stack([amp, phase], dim=1)
+    RANGES = (("amplitude", (0.1, 5.0)), ("phase", (0.0, math.pi)))
+    DEFAULT_X_RANGE = (-5.0, 5.0)
+    amplitude: Range
+    phase: Range
 
     def function(self, params: Tensor, x: Tensor) -> Tensor:
         amp = params[:, 0].view(-1, 1, 1)
@@ -143,48 +160,12 @@ class HarmonicFamily(_GeneratedRegression):
     """
 
     name = "harmonic"
-    #: the inputs' range unless ``task.x_range`` says otherwise
-    DEFAULT_X_RANGE: tuple[float, float] = (0.0, 5.0)
-
-    def __init__(
-        self,
-        *,
-        shots: int,
-        query: int,
-        amplitude: tuple[float, float] | None = None,
-        omega: tuple[float, float] | None = None,
-        damping: tuple[float, float] | None = None,
-        phase: tuple[float, float] | None = None,
-        x_range: tuple[float, float] | None = None,
-        noise_std: float = 0.0,
-    ) -> None:
-        super().__init__(shots=shots, query=query, x_range=x_range or self.DEFAULT_X_RANGE, noise_std=noise_std)
-        self.amplitude = amplitude or (0.1, 5.0)
-        self.omega = omega or (0.5, 2.0)
-        self.damping = damping or (0.0, 0.2)
-        self.phase = phase or (0.0, math.pi)
-
-    @classmethod
-    def from_config(cls, cfg: Config, *, site: str | Path | None = None) -> HarmonicFamily:
-        """From ``task.shots``/``query`` and the range keys (``None`` keeps the defaults above)."""
-        t = cfg.task
-        return cls(
-            shots=t.shots, query=t.query, amplitude=t.amplitude, omega=t.omega, damping=t.damping, phase=t.phase,
-            x_range=t.x_range, noise_std=t.noise_std,
-        )  # fmt: skip
-
-    def sample_params(self, gen: torch.Generator, n: int, split: str) -> Tensor:
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        return torch.stack(
-            [
-                uniform(gen, n, *self.amplitude),
-                uniform(gen, n, *self.omega),
-                uniform(gen, n, *self.damping),
-                uniform(gen, n, *self.phase),
-            ],
-            dim=1,
-        )
+    RANGES = (("amplitude", (0.1, 5.0)), ("omega", (0.5, 2.0)), ("damping", (0.0, 0.2)), ("phase", (0.0, math.pi)))
+    DEFAULT_X_RANGE = (0.0, 5.0)
+    amplitude: Range
+    omega: Range
+    damping: Range
+    phase: Range
 
     def function(self, params: Tensor, x: Tensor) -> Tensor:
         amp, omega, zeta, phase = (params[:, i].view(-1, 1, 1) for i in range(4))
