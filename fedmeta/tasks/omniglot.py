@@ -26,8 +26,6 @@ import hashlib
 import io
 import json
 import logging
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,10 +36,9 @@ from fedmeta.config import Config
 from fedmeta.errors import ConfigError, DataFormatError
 from fedmeta.registry import require
 from fedmeta.tasks.base import TaskFamily
-from fedmeta.tasks.glyphs.cache import cache_dir
-from fedmeta.tasks.glyphs.catalog import CATALOG_SPLITS
+from fedmeta.tasks.glyphs.cache import cache_dir, cached_bank, write_atomic
+from fedmeta.tasks.glyphs.catalog import AlphabetSplits
 from fedmeta.tasks.glyphs.family import GlyphFamily
-from fedmeta.tasks.glyphs.partition import client_classes
 
 __all__ = [
     "OMNIGLOT_FOLDERS",
@@ -69,15 +66,15 @@ def _entries(folder: Path) -> list[Path]:
 
 
 @dataclass(frozen=True)
-class OmniglotCatalog:
-    """The characters of an Omniglot tree (row ``i`` is class ``i``), in the shape of a glyph catalog.
+class OmniglotCatalog(AlphabetSplits):
+    """The characters of an Omniglot tree (row ``i`` is class ``i``), in the shape of a glyph catalog
+    (the shared arrays as in :class:`~fedmeta.tasks.glyphs.catalog.AlphabetSplits`).
 
     Attributes:
         root: the tree (``task.data_dir``).
         characters: ``'<alphabet>/<character>'`` of each class.
         files: the drawings of each class used by the bank (``drawings`` files, by name).
         drawings: drawings per class in the bank.
-        alphabet: ``[C]`` index into :attr:`alphabet_names`.
         alphabet_names: alphabet folder names, background ones first, each half sorted.
         evaluation_alphabets: boolean ``[A]``, True for the alphabets of ``images_evaluation``.
         style_mask: ``[C]`` all ones (one "face").
@@ -89,32 +86,9 @@ class OmniglotCatalog:
     characters: tuple[str, ...]
     files: tuple[tuple[Path, ...], ...]
     drawings: int
-    alphabet: np.ndarray
-    alphabet_names: tuple[str, ...]
-    evaluation_alphabets: np.ndarray
-    style_mask: np.ndarray
-    rotation_mask: np.ndarray
-    digest: str
 
     def __len__(self) -> int:
         return len(self.characters)
-
-    def split_classes(self, split: str) -> np.ndarray:
-        """Class indices of ``"train"`` (``images_background``) or ``"eval"`` (``images_evaluation``)."""
-        if split not in CATALOG_SPLITS:
-            raise ValueError(f"split must be one of {tuple(CATALOG_SPLITS)}, got {split!r}")
-        evaluation = self.evaluation_alphabets[self.alphabet]
-        return np.flatnonzero(evaluation if split == "eval" else ~evaluation)
-
-    def rotations_of(self, cls: int) -> list[int]:
-        """Quarter turns that are distinct classes: all four, for every character."""
-        mask = int(self.rotation_mask[cls])
-        return [k for k in range(4) if mask >> k & 1]
-
-    def alphabets(self, split: str) -> list[int]:
-        """Alphabet indices of a split, sorted by name."""
-        want = split == "eval"
-        return [a for a in range(len(self.alphabet_names)) if bool(self.evaluation_alphabets[a]) == want]
 
     def class_name(self, cls: int) -> str:
         """``'<alphabet>/<character>'``."""
@@ -242,20 +216,9 @@ def _read_cached(path: Path, key: str, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _write_cached(path: Path, key: str, images: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     np.savez(buffer, key=np.array(key), images=images)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(buffer.getvalue())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, buffer.getvalue())
 
 
 def load_omniglot_bank(catalog: OmniglotCatalog, *, image_size: int, folder: Path) -> np.ndarray:
@@ -269,32 +232,31 @@ def load_omniglot_bank(catalog: OmniglotCatalog, *, image_size: int, folder: Pat
     """
     key = _bank_key(catalog, image_size)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    path = folder / f"omniglot-{image_size}px-{catalog.drawings}x-{digest}.npz"
     shape = (len(catalog), catalog.drawings, image_size, image_size)
-    if path.exists():
-        try:
-            images = _read_cached(path, key, shape)
-            log.debug("Omniglot bank loaded from %s", path)
-            return images
-        except ValueError as exc:
-            log.warning("Omniglot cache file %s cannot be trusted (%s); reading the tree again", path, exc)
-    started = time.perf_counter()
-    images = np.empty(shape, dtype=np.uint8)
-    for c, drawings in enumerate(catalog.files):
-        for d, png in enumerate(drawings):
-            images[c, d] = read_omniglot_image(png, image_size)
-    log.info(
-        "read %d Omniglot drawings from %s in %.1f s",
-        images.shape[0] * images.shape[1],
-        catalog.root,
-        time.perf_counter() - started,
+
+    def decode() -> np.ndarray:
+        started = time.perf_counter()
+        images = np.empty(shape, dtype=np.uint8)
+        for c, drawings in enumerate(catalog.files):
+            for d, png in enumerate(drawings):
+                images[c, d] = read_omniglot_image(png, image_size)
+        log.info(
+            "read %d Omniglot drawings from %s in %.1f s",
+            images.shape[0] * images.shape[1],
+            catalog.root,
+            time.perf_counter() - started,
+        )
+        return images
+
+    return cached_bank(
+        folder / f"omniglot-{image_size}px-{catalog.drawings}x-{digest}.npz",
+        read=lambda path: _read_cached(path, key, shape),
+        make=decode,
+        write=lambda path, images: _write_cached(path, key, images),
+        what="Omniglot",
+        remake="reading the tree again",
+        logger=log,
     )
-    try:
-        _write_cached(path, key, images)
-        log.info("Omniglot bank cached at %s", path)
-    except OSError as exc:
-        log.warning("cannot write the Omniglot cache %s (%s); continuing without caching", path, exc)
-    return images
 
 
 class OmniglotFamily(GlyphFamily):
@@ -305,14 +267,10 @@ class OmniglotFamily(GlyphFamily):
     kind = "classification"
 
     @classmethod
-    def from_config(cls, cfg: Config, *, site: str | Path | None = None) -> TaskFamily:
-        """The whole tree (:func:`build_omniglot_family` without a client; ``site`` is not used)."""
-        return build_omniglot_family(cfg)
-
-    @classmethod
-    def for_client(cls, cfg: Config, client_id: int) -> TaskFamily:
-        """Client ``client_id``'s partition of the background alphabets."""
-        return build_omniglot_family(cfg, client_id=client_id)
+    def build(cls, cfg: Config, client_id: int | None = None) -> TaskFamily:
+        """The whole tree, or client ``client_id``'s partition of the background alphabets
+        (:func:`build_omniglot_family`)."""
+        return build_omniglot_family(cfg, client_id)
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
@@ -349,17 +307,7 @@ def build_omniglot_family(cfg: Config, client_id: int | None = None) -> Omniglot
         )
     catalog = scan_omniglot(t.data_dir, min_drawings=t.shots + t.query)
     bank = load_omniglot_bank(catalog, image_size=t.image_size, folder=cache_dir(t.cache_dir).parent / "omniglot")
-    characters, _ = client_classes(cfg, catalog, client_id)
-    return OmniglotFamily(
-        catalog,
-        characters,
-        ways=t.ways,
-        shots=t.shots,
-        query=t.query,
-        image_size=t.image_size,
-        drawings=catalog.drawings,
-        rotations=t.rotations,
-        style=None,
-        eager_eval=client_id is None,
-        bank=lambda rows, style: bank[rows],
+    # Omniglot has one face: check_config refuses the style partition, so client_classes gives no face
+    return OmniglotFamily.from_catalog(
+        cfg, catalog, client_id, drawings=catalog.drawings, bank=lambda rows, _: bank[rows]
     )

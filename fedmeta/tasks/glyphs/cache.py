@@ -25,6 +25,7 @@ import os
 import tempfile
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,17 @@ from fedmeta.rng import make_generator
 from fedmeta.tasks.glyphs.catalog import GlyphCatalog
 from fedmeta.tasks.glyphs.render import STYLES, distort, freetype_version, render_masters, sample_distortions
 
-__all__ = ["cache_dir", "bank_key", "bank_path", "render_bank", "load_bank", "CACHE_ENV", "BANK_FORMAT"]
+__all__ = [
+    "cache_dir",
+    "bank_key",
+    "bank_path",
+    "render_bank",
+    "load_bank",
+    "cached_bank",
+    "write_atomic",
+    "CACHE_ENV",
+    "BANK_FORMAT",
+]
 
 log = logging.getLogger(__name__)
 
@@ -174,24 +185,76 @@ def _read(path: Path, key: dict[str, object]) -> np.ndarray:
     return images
 
 
-def _write(path: Path, key: dict[str, object], images: np.ndarray) -> None:
-    data = np.ascontiguousarray(images, dtype=np.uint8)
-    header = json.dumps({"key": key, "shape": list(data.shape), "crc32": zlib.crc32(data.data)}).encode("utf-8")
+def write_atomic(path: Path, *chunks: bytes) -> None:
+    """Write ``chunks`` to ``path`` atomically: a temporary file beside it, flushed to disk, then renamed.
+
+    The file is made readable by all (``mkstemp`` makes it private; a cache may be shared by a team).
+
+    Raises:
+        OSError: if the folder cannot be created or written (no temporary file is left behind).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(_MAGIC)
-            fh.write(len(header).to_bytes(8, "little"))
-            fh.write(header)
-            fh.write(data.tobytes())
+            for chunk in chunks:
+                fh.write(chunk)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache may be shared by a team
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _write(path: Path, key: dict[str, object], images: np.ndarray) -> None:
+    data = np.ascontiguousarray(images, dtype=np.uint8)
+    header = json.dumps({"key": key, "shape": list(data.shape), "crc32": zlib.crc32(data.data)}).encode("utf-8")
+    write_atomic(path, _MAGIC, len(header).to_bytes(8, "little"), header, data.tobytes())
+
+
+def cached_bank(
+    path: Path,
+    *,
+    read: Callable[[Path], np.ndarray],
+    make: Callable[[], np.ndarray],
+    write: Callable[[Path, np.ndarray], None],
+    what: str,
+    remake: str,
+    logger: logging.Logger,
+) -> np.ndarray:
+    """A drawing bank from its cache file if that verifies, else made and cached there.
+
+    A file that cannot be trusted is reported in the log and replaced; a cache that cannot be
+    written only costs the caching (the bank is still returned).
+
+    Args:
+        path: the cache file.
+        read: reads and verifies the file; raises ``ValueError`` (with the reason) if it cannot be trusted.
+        make: builds the bank (renders or decodes it).
+        write: writes the bank to the file; may raise ``OSError``.
+        what: the bank's name in the log (``"glyph"``, ``"Omniglot"``).
+        remake: what happens instead of an untrusted file, in the log (``"rendering it again"``).
+        logger: the log of the module the bank belongs to.
+
+    Returns:
+        The bank ``read`` or ``make`` returned.
+    """
+    if path.exists():
+        try:
+            images = read(path)
+            logger.debug("%s bank loaded from %s", what, path)
+            return images
+        except ValueError as exc:
+            logger.warning("%s cache file %s cannot be trusted (%s); %s", what, path, exc, remake)
+    images = make()
+    try:
+        write(path, images)
+        logger.info("%s bank cached at %s", what, path)
+    except OSError as exc:
+        logger.warning("cannot write the %s cache %s (%s); continuing without caching", what, path, exc)
+    return images
 
 
 def load_bank(
@@ -214,30 +277,29 @@ def load_bank(
         comes from the cache).
     """
     key = bank_key(catalog, classes, style=style, image_size=image_size, drawings=drawings, render_seed=render_seed)
-    path = bank_path(folder, key)
-    if path.exists():
-        try:
-            images = _read(path, key)
-            log.debug("glyph bank loaded from %s", path)
-            return images
-        except ValueError as exc:
-            log.warning("glyph cache file %s cannot be trusted (%s); rendering it again", path, exc)
-    started = time.perf_counter()
-    images = render_bank(
-        catalog, classes, style=style, image_size=image_size, drawings=drawings, render_seed=render_seed
+
+    def render() -> np.ndarray:
+        started = time.perf_counter()
+        images = render_bank(
+            catalog, classes, style=style, image_size=image_size, drawings=drawings, render_seed=render_seed
+        )
+        seconds = time.perf_counter() - started
+        log.info(
+            "rendered %d glyph drawings (%s faces, %dpx) in %.1f s (%.0f images/s)",
+            images.shape[0] * images.shape[1],
+            key["variant"],
+            image_size,
+            seconds,
+            images.shape[0] * images.shape[1] / max(seconds, 1e-9),
+        )
+        return images
+
+    return cached_bank(
+        bank_path(folder, key),
+        read=lambda path: _read(path, key),
+        make=render,
+        write=lambda path, images: _write(path, key, images),
+        what="glyph",
+        remake="rendering it again",
+        logger=log,
     )
-    seconds = time.perf_counter() - started
-    log.info(
-        "rendered %d glyph drawings (%s faces, %dpx) in %.1f s (%.0f images/s)",
-        images.shape[0] * images.shape[1],
-        key["variant"],
-        image_size,
-        seconds,
-        images.shape[0] * images.shape[1] / max(seconds, 1e-9),
-    )
-    try:
-        _write(path, key, images)
-        log.info("glyph bank cached at %s", path)
-    except OSError as exc:
-        log.warning("cannot write the glyph cache %s (%s); continuing without caching", path, exc)
-    return images

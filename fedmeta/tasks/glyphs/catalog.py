@@ -21,7 +21,7 @@ import numpy as np
 from fedmeta.errors import DataFormatError
 from fedmeta.tasks.glyphs.render import STYLES
 
-__all__ = ["ClassCatalog", "GlyphCatalog", "load_catalog", "CATALOG_SPLITS"]
+__all__ = ["ClassCatalog", "AlphabetSplits", "GlyphCatalog", "load_catalog", "CATALOG_SPLITS"]
 
 #: The two halves of the alphabet split, and the task-family split each one serves.
 CATALOG_SPLITS = {"train": "background", "eval": "evaluation"}
@@ -79,20 +79,21 @@ class ClassCatalog(Protocol):
 
 
 @dataclass(frozen=True)
-class GlyphCatalog:
-    """The character table as arrays (row ``i`` is class ``i``).
+class AlphabetSplits:
+    """The arrays every :class:`ClassCatalog` has, and the split, rotation and alphabet queries on them.
+
+    Shared by every catalog (the glyph list, an Omniglot tree): they differ in where their
+    classes come from, not in how alphabets split them. Row ``i`` is class ``i``.
 
     Attributes:
-        codepoints: ``[C]`` Unicode code points.
         alphabet: ``[C]`` index into :attr:`alphabet_names`.
         alphabet_names: names of the alphabets.
         evaluation_alphabets: boolean ``[A]``, True for held-out alphabets.
-        style_mask: ``[C]`` bit ``s`` set if style ``s`` (:data:`render.STYLES`) renders the class.
-        rotation_mask: ``[C]`` bit ``k`` set if the rotation by ``k * 90`` degrees is a distinct class.
-        digest: SHA-256 of the stored table (part of every cache key).
+        style_mask: ``[C]`` bit ``s`` set if face ``s`` has the class.
+        rotation_mask: ``[C]`` bit ``k`` set if the turn by ``k * 90`` degrees is a distinct class.
+        digest: SHA-256 of what the catalog was read from (part of every cache key).
     """
 
-    codepoints: np.ndarray
     alphabet: np.ndarray
     alphabet_names: tuple[str, ...]
     evaluation_alphabets: np.ndarray
@@ -100,25 +101,21 @@ class GlyphCatalog:
     rotation_mask: np.ndarray
     digest: str
 
-    def __len__(self) -> int:
-        return int(self.codepoints.shape[0])
-
     @property
     def is_evaluation(self) -> np.ndarray:
         """Boolean ``[C]``: the class belongs to an evaluation alphabet."""
         return self.evaluation_alphabets[self.alphabet]
 
     def split_classes(self, split: str) -> np.ndarray:
-        """Class indices of ``"train"`` (background alphabets) or ``"eval"`` (evaluation alphabets)."""
+        """Class indices of ``"train"`` (background alphabets) or ``"eval"`` (evaluation alphabets).
+
+        Raises:
+            ValueError: for another split name.
+        """
         if split not in CATALOG_SPLITS:
             raise ValueError(f"split must be one of {tuple(CATALOG_SPLITS)}, got {split!r}")
         mask = self.is_evaluation if split == "eval" else ~self.is_evaluation
         return np.flatnonzero(mask)
-
-    def styles_of(self, cls: int) -> list[int]:
-        """Style indices a class is rendered in."""
-        mask = int(self.style_mask[cls])
-        return [s for s in range(len(STYLES)) if mask >> s & 1]
 
     def rotations_of(self, cls: int) -> list[int]:
         """Quarter turns (0-3) that are distinct classes for ``cls`` (always includes 0)."""
@@ -129,6 +126,27 @@ class GlyphCatalog:
         """Alphabet indices of a split, sorted by name."""
         want = split == "eval"
         return [a for a in range(len(self.alphabet_names)) if bool(self.evaluation_alphabets[a]) == want]
+
+
+@dataclass(frozen=True)
+class GlyphCatalog(AlphabetSplits):
+    """The character table as arrays (row ``i`` is class ``i``); the shared arrays as in :class:`AlphabetSplits`.
+
+    Attributes:
+        codepoints: ``[C]`` Unicode code points.
+        style_mask: ``[C]`` bit ``s`` set if style ``s`` (:data:`render.STYLES`) renders the class.
+        digest: SHA-256 of the stored table.
+    """
+
+    codepoints: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.codepoints.shape[0])
+
+    def styles_of(self, cls: int) -> list[int]:
+        """Style indices a class is rendered in."""
+        mask = int(self.style_mask[cls])
+        return [s for s in range(len(STYLES)) if mask >> s & 1]
 
     def class_name(self, cls: int) -> str:
         """``'U+0531'``: the code point of class ``cls``."""

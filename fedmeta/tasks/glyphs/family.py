@@ -16,7 +16,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Self
 
 import numpy as np
 import torch
@@ -89,13 +89,67 @@ class GlyphFamily(TaskFamily):
 
     @classmethod
     def from_config(cls, cfg: Config, *, site: str | Path | None = None) -> TaskFamily:
-        """The whole benchmark (:func:`build_glyph_family` without a client; ``site`` is not used)."""
-        return build_glyph_family(cfg)
+        """The whole benchmark (:meth:`build` without a client; ``site`` is not used)."""
+        return cls.build(cfg)
 
     @classmethod
     def for_client(cls, cfg: Config, client_id: int) -> TaskFamily:
-        """Client ``client_id``'s share of the benchmark (:func:`build_glyph_family`)."""
-        return build_glyph_family(cfg, client_id=client_id)
+        """Client ``client_id``'s share of the benchmark (:meth:`build`)."""
+        return cls.build(cfg, client_id)
+
+    @classmethod
+    def build(cls, cfg: Config, client_id: int | None = None) -> TaskFamily:
+        """The family of a config, whole or one client's share (here :func:`build_glyph_family`).
+
+        A family over another catalog (Omniglot) overrides this one method.
+        """
+        return build_glyph_family(cfg, client_id)
+
+    @classmethod
+    def from_catalog(
+        cls,
+        cfg: Config,
+        catalog: ClassCatalog,
+        client_id: int | None,
+        *,
+        drawings: int,
+        bank: BankLoader | None = None,
+    ) -> Self:
+        """The family of ``cfg`` over ``catalog``: whole (``client_id=None``) or one client's share.
+
+        The episode shape is ``cfg.task``'s (ways, shots, query, image size, rotations), and so are
+        the rendered bank's seed and cache folder (used when no ``bank`` is given); the characters
+        (and the face, for the ``style`` partition) are the client's
+        :func:`~fedmeta.tasks.glyphs.partition.client_classes`. A whole family loads its evaluation
+        drawings now, a client's on first use.
+
+        Args:
+            cfg: the run configuration.
+            catalog: the character table.
+            client_id: the federated client, or ``None`` for every background character.
+            drawings: drawings per character in the bank.
+            bank: where the images come from (default: the rendered, cached glyph drawings).
+
+        Raises:
+            ConfigError: if the partition or a split is too small for ``task.ways``.
+        """
+        t = cfg.task
+        characters, style = client_classes(cfg, catalog, client_id)
+        return cls(
+            catalog,
+            characters,
+            ways=t.ways,
+            shots=t.shots,
+            query=t.query,
+            image_size=t.image_size,
+            drawings=drawings,
+            rotations=t.rotations,
+            render_seed=t.render_seed,
+            folder=cache_dir(t.cache_dir),
+            style=style,
+            eager_eval=client_id is None,
+            bank=bank,
+        )
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
@@ -296,23 +350,7 @@ def build_glyph_family(cfg: Config, client_id: int | None = None) -> TaskFamily:
         ConfigError: if the partition or the splits are too small for ``task.ways``.
         DataFormatError: if the stored glyph list is unreadable.
     """
-    t = cfg.task
-    catalog = load_catalog()
-    characters, style = client_classes(cfg, catalog, client_id)
-    return GlyphFamily(
-        catalog,
-        characters,
-        ways=t.ways,
-        shots=t.shots,
-        query=t.query,
-        image_size=t.image_size,
-        drawings=t.drawings,
-        rotations=t.rotations,
-        render_seed=t.render_seed,
-        folder=cache_dir(t.cache_dir),
-        style=style,
-        eager_eval=client_id is None,
-    )
+    return GlyphFamily.from_catalog(cfg, load_catalog(), client_id, drawings=cfg.task.drawings)
 
 
 def make_glyph_sites(
