@@ -67,6 +67,7 @@ from fedmeta.flower.env import default_privacy_state_dir
 from fedmeta.flower.run_config import run_settings
 from fedmeta.privacy.mechanisms import CLIP_NORM_KEY, mechanism_for
 from fedmeta.privacy.site_floor import SiteFloor
+from fedmeta.types import Params
 
 __all__ = ["build_client_app"]
 
@@ -144,6 +145,16 @@ def build_client_app(
         own_id, data_dir = fl.node_settings(context)
         return _experiment(config, data_dir), own_id, data_dir
 
+    def instructed(message: Message, context: Context) -> tuple[Experiment, Params, dict[str, Any], int] | Message:
+        """The experiment, the meta-parameters and config of train/evaluate instructions, and the
+        client they address; or the error reply when the run asks less privacy than the site's floor."""
+        exp, own_id, _ = setup(context)
+        refusal = _floor_refusal(exp.cfg, context, message)
+        if refusal is not None:
+            return refusal
+        meta, config = fl.unpack_instructions(message)
+        return exp, meta, config, resolve_client_id(own_id, _int_or_none(config.get("client-id")))
+
     @app.query()
     def query(message: Message, context: Context) -> Message:
         exp, own_id, data_dir = setup(context)
@@ -152,12 +163,10 @@ def build_client_app(
     @app.train(mods=list(train_mods))
     def train(message: Message, context: Context) -> Message:
         started = time.perf_counter()
-        exp, own_id, _ = setup(context)
-        refusal = _floor_refusal(exp.cfg, context, message)
-        if refusal is not None:
-            return refusal
-        meta, config = fl.unpack_instructions(message)
-        client_id = resolve_client_id(own_id, _int_or_none(config.get("client-id")))
+        opened = instructed(message, context)
+        if isinstance(opened, Message):
+            return opened
+        exp, meta, config, client_id = opened
         round_idx = int(config["round"])
         if not mechanism_for(exp.cfg).enabled:
             update = train_on_client(exp, meta, round_idx, client_id)
@@ -183,12 +192,10 @@ def build_client_app(
 
     @app.evaluate(mods=list(evaluate_mods))
     def evaluate(message: Message, context: Context) -> Message:
-        exp, own_id, _ = setup(context)
-        refusal = _floor_refusal(exp.cfg, context, message)
-        if refusal is not None:
-            return refusal
-        meta, config = fl.unpack_instructions(message)
-        client_id = resolve_client_id(own_id, _int_or_none(config.get("client-id")))
+        opened = instructed(message, context)
+        if isinstance(opened, Message):
+            return opened
+        exp, meta, config, client_id = opened
         metrics, num_tasks = evaluate_on_client(exp, meta, client_id, num_tasks=int(config["eval-tasks"]))
         return Message(fl.pack_eval_metrics(metrics, num_tasks), reply_to=message)
 
