@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -88,6 +89,45 @@ def _mean_square(values: Tensor) -> Tensor:
     return values.pow(2).flatten(1).mean(dim=1)
 
 
+def _need(spec: ConstraintConfig, key: str, where: str) -> float:
+    value = getattr(spec, key)
+    if value is None or not math.isfinite(value):
+        raise ConfigError(f"config key '{where}.{key}' is required for kind {spec.kind!r} (a number), got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class _AtLeast:
+    """A kind's required number option: ``>= low``, or ``> low`` when ``strict``."""
+
+    key: str
+    low: float = 0.0
+    strict: bool = False
+
+    def check(self, spec: ConstraintConfig, where: str) -> None:
+        """Raises ConfigError naming ``<where>.<key>`` if the number is missing or out of range."""
+        value = _need(spec, self.key, where)
+        if value <= self.low if self.strict else value < self.low:
+            raise ConfigError(
+                f"config key '{where}.{self.key}' must be {'>' if self.strict else '>='} {self.low:g}, "
+                f"got {getattr(spec, self.key)}"
+            )
+
+
+@dataclass(frozen=True)
+class _OneOf:
+    """A kind's choice option: one of ``choices``."""
+
+    key: str
+    choices: tuple[str, ...]
+
+    def check(self, spec: ConstraintConfig, where: str) -> None:
+        """Raises ConfigError naming ``<where>.<key>`` if the value is not one of the choices."""
+        value = getattr(spec, self.key)
+        if value not in self.choices:
+            raise ConfigError(f"config key '{where}.{self.key}' must be {' or '.join(self.choices)}, got {value!r}")
+
+
 class Constraint(ABC):
     """One soft constraint: a penalty per task on a batch of functions at collocation points.
 
@@ -98,6 +138,8 @@ class Constraint(ABC):
     kind: ClassVar[str] = ""
     #: the order of input derivatives the penalty needs (0, 1 or 2)
     derivatives: ClassVar[int] = 0
+    #: the option this kind needs beyond the common ones (checked by :meth:`check`), if any
+    option: ClassVar[_AtLeast | _OneOf | None] = None
 
     def __init__(self, spec: ConstraintConfig) -> None:
         self.spec = spec
@@ -105,22 +147,17 @@ class Constraint(ABC):
 
     @classmethod
     def check(cls, spec: ConstraintConfig, where: str) -> None:
-        """Refuse missing or bad options of this kind (none beyond the common ones by default).
+        """Refuse a missing or bad :attr:`option` of this kind (none beyond the common ones by default).
 
         Raises:
             ConfigError: naming ``where`` (e.g. ``generators.constraints[0]``) and the key.
         """
+        if cls.option is not None:
+            cls.option.check(spec, where)
 
     @abstractmethod
     def penalty(self, fn: Functions, x: Tensor) -> Tensor:
         """The penalty of every function, ``[T]``, at the points ``x`` ``[T, P, 1]``."""
-
-
-def _need(spec: ConstraintConfig, key: str, where: str) -> float:
-    value = getattr(spec, key)
-    if value is None or not math.isfinite(value):
-        raise ConfigError(f"config key '{where}.{key}' is required for kind {spec.kind!r} (a number), got {value!r}")
-    return float(value)
 
 
 @CONSTRAINTS.register("bounded")
@@ -129,10 +166,7 @@ class Bounded(Constraint):
 
     kind = "bounded"
 
-    @classmethod
-    def check(cls, spec: ConstraintConfig, where: str) -> None:
-        if _need(spec, "bound", where) < 0:
-            raise ConfigError(f"config key '{where}.bound' must be >= 0, got {spec.bound}")
+    option = _AtLeast("bound")
 
     def penalty(self, fn: Functions, x: Tensor) -> Tensor:
         bound = float(self.spec.bound)  # type: ignore[arg-type]
@@ -146,10 +180,7 @@ class Lipschitz(Constraint):
     kind = "lipschitz"
     derivatives = 1
 
-    @classmethod
-    def check(cls, spec: ConstraintConfig, where: str) -> None:
-        if _need(spec, "constant", where) < 0:
-            raise ConfigError(f"config key '{where}.constant' must be >= 0, got {spec.constant}")
+    option = _AtLeast("constant")
 
     def penalty(self, fn: Functions, x: Tensor) -> Tensor:
         return _mean_square(torch.relu(_slope(fn, x).abs() - float(self.spec.constant)))  # type: ignore[arg-type]
@@ -161,10 +192,7 @@ class Periodic(Constraint):
 
     kind = "periodic"
 
-    @classmethod
-    def check(cls, spec: ConstraintConfig, where: str) -> None:
-        if not _need(spec, "period", where) > 0:
-            raise ConfigError(f"config key '{where}.period' must be > 0, got {spec.period}")
+    option = _AtLeast("period", strict=True)
 
     def penalty(self, fn: Functions, x: Tensor) -> Tensor:
         period = float(self.spec.period)  # type: ignore[arg-type]
@@ -177,10 +205,7 @@ class Symmetry(Constraint):
 
     kind = "symmetry"
 
-    @classmethod
-    def check(cls, spec: ConstraintConfig, where: str) -> None:
-        if spec.parity not in ("odd", "even"):
-            raise ConfigError(f"config key '{where}.parity' must be odd or even, got {spec.parity!r}")
+    option = _OneOf("parity", ("odd", "even"))
 
     def penalty(self, fn: Functions, x: Tensor) -> Tensor:
         mirrored = 2.0 * self.spec.center - x
@@ -195,12 +220,7 @@ class Monotone(Constraint):
     kind = "monotone"
     derivatives = 1
 
-    @classmethod
-    def check(cls, spec: ConstraintConfig, where: str) -> None:
-        if spec.direction not in ("increasing", "decreasing"):
-            raise ConfigError(
-                f"config key '{where}.direction' must be increasing or decreasing, got {spec.direction!r}"
-            )
+    option = _OneOf("direction", ("increasing", "decreasing"))
 
     def penalty(self, fn: Functions, x: Tensor) -> Tensor:
         sign = -1.0 if self.spec.direction == "increasing" else 1.0
