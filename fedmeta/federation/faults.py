@@ -146,6 +146,7 @@ class _Intercepting:
         return self._loop.accept(book, self._filter(book, reply))
 
 
+@dataclass(eq=False)
 class HostileClients:
     """A transport whose replies from ``count`` clients per round pass through ``fault``.
 
@@ -155,34 +156,32 @@ class HostileClients:
         count: hostile clients per round (at most the cohort).
         seed: seeds which clients are hostile in each round and the faults' random streams.
         hostile: instead of a seeded draw, the hostile clients of a round: ``(round, cohort) -> ids``.
+
+    Raises:
+        ValueError: if ``count`` is negative.
     """
 
-    def __init__(
-        self,
-        inner: Transport,
-        fault: ReplyFault,
-        *,
-        count: int,
-        seed: int = 0,
-        hostile: Callable[[int, Sequence[int]], Sequence[int]] | None = None,
-    ) -> None:
-        if count < 0:
-            raise ValueError(f"count of hostile clients must be non-negative, got {count}")
-        self.inner = inner
-        self.fault = fault
-        self.count = count
-        self.seed = seed
-        self._choose = hostile
-        self.lag = int(getattr(fault, "lag", 0))
-        #: honest updates of the last ``lag`` rounds, for a stale fault
-        self.past: dict[int, dict[int, Params]] = {}
-        #: ``{round: hostile client ids}`` of the rounds run so far (what a benchmark reports)
-        self.chosen: dict[int, list[int]] = {}
+    inner: Transport
+    fault: ReplyFault
+    count: int = field(kw_only=True)
+    seed: int = field(default=0, kw_only=True)
+    hostile: Callable[[int, Sequence[int]], Sequence[int]] | None = field(default=None, kw_only=True)
+    #: rounds a stale fault looks back (the fault's ``lag``, 0 for the others)
+    lag: int = field(init=False)
+    #: honest updates of the last ``lag`` rounds, for a stale fault
+    past: dict[int, dict[int, Params]] = field(init=False, default_factory=dict)
+    #: ``{round: hostile client ids}`` of the rounds run so far (what a benchmark reports)
+    chosen: dict[int, list[int]] = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.count < 0:
+            raise ValueError(f"count of hostile clients must be non-negative, got {self.count}")
+        self.lag = int(getattr(self.fault, "lag", 0))
 
     def hostile_clients(self, round_idx: int, cohort: Sequence[int]) -> list[int]:
         """The hostile clients of ``round_idx`` among ``cohort`` (seeded; the same on every rerun)."""
-        if self._choose is not None:
-            return sorted(int(c) for c in self._choose(round_idx, cohort))
+        if self.hostile is not None:
+            return sorted(int(c) for c in self.hostile(round_idx, cohort))
         order = torch.randperm(len(cohort), generator=make_generator(self.seed, "hostile", round_idx))
         return sorted(int(cohort[int(i)]) for i in order[: min(self.count, len(cohort))])
 
