@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -87,10 +88,13 @@ def default_out(command: str, config: str) -> Path:
 
 
 class Progress:
-    """A tqdm bar over rounds showing the latest training and evaluation losses."""
+    """A tqdm bar over rounds (with tqdm's rate and ETA) showing client updates per second and the latest losses."""
 
     def __init__(self, total: int, *, enabled: bool, start: int = 0) -> None:
         from tqdm import tqdm
+
+        self.updates = 0
+        self.started = time.monotonic()
 
         # tqdm disables itself when stderr is not a terminal (disable=None); then eval rows are logged
         self.bar = tqdm(
@@ -104,7 +108,29 @@ class Progress:
         self.log_evals = enabled and bool(self.bar.disable)
 
     def __call__(self, round_idx: int, row: dict[str, Any]) -> None:
+        post = self.postfix(row)
+        if post:
+            self.bar.set_postfix(post, refresh=False)
+        self.bar.update(1)
+        if self.log_evals and row.get("eval"):
+            log.info("round %d: %s", round_idx, ", ".join(f"{k}={v}" for k, v in post.items()))
+
+    def postfix(self, row: dict[str, Any]) -> dict[str, str]:
+        """Count the round's client updates and return what the bar shows after it (name -> text).
+
+        Args:
+            row: the round's metrics row.
+
+        Returns:
+            Client updates per second since the bar started, the latest training and held-out losses,
+            the held-out accuracy and epsilon, each when the row has it.
+        """
         post: dict[str, str] = {}
+        # replies accepted this round (a row without them, e.g. a round's eval-only row, adds none)
+        self.updates += int(row.get("replies") or 0)
+        elapsed = time.monotonic() - self.started
+        if self.updates and elapsed > 0:
+            post["upd/s"] = f"{self.updates / elapsed:.0f}"
         train = row.get("train") or {}
         if "query_loss_post" in train:
             post["train"] = f"{train['query_loss_post']:.3f}"
@@ -115,11 +141,7 @@ class Progress:
             post["acc"] = f"{ev['post_adapt_accuracy']:.3f}"
         if row.get("privacy", {}).get("epsilon") is not None:
             post["eps"] = f"{row['privacy']['epsilon']:.2f}"
-        if post:
-            self.bar.set_postfix(post, refresh=False)
-        self.bar.update(1)
-        if self.log_evals and ev:
-            log.info("round %d: %s", round_idx, ", ".join(f"{k}={v}" for k, v in post.items()))
+        return post
 
     def close(self) -> None:
         self.bar.close()
