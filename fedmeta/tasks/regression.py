@@ -17,7 +17,7 @@ from fedmeta.types import TaskBatch
 if TYPE_CHECKING:
     from fedmeta.config import Config
 
-__all__ = ["SinusoidFamily", "HarmonicFamily"]
+__all__ = ["GeneratedRegression", "SinusoidFamily", "HarmonicFamily"]
 
 
 Range = tuple[float, float]
@@ -62,9 +62,22 @@ class _GeneratedRegression(TaskFamily):
         self.x_range = x_range
         self.noise_std = noise_std
 
+    #: the task parameters' names, in the order of a ``params`` row
+    param_names: tuple[str, ...] = ()
+
     @abstractmethod
     def function(self, params: Tensor, x: Tensor) -> Tensor:
         """Evaluate the noiseless target ``f(x; params)``; ``params`` is ``[T, P]``, x ``[T, N, 1]``."""
+
+    def param_ranges(self) -> list[Range]:
+        """The ``[low, high]`` range of every task parameter, in :attr:`param_names` order."""
+        return [getattr(self, name) for name in self.param_names]
+
+    def sample_params(self, gen: torch.Generator, n: int, split: str) -> Tensor:
+        """``n`` parameter rows, each parameter uniform over its range (drawn in :attr:`param_names` order)."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        return torch.stack([uniform(gen, n, lo, hi) for lo, hi in self.param_ranges()], dim=1)
 
     def make_tasks(self, params: Tensor, gen: torch.Generator) -> TaskBatch:
         t = params.shape[0]
@@ -84,6 +97,10 @@ class _GeneratedRegression(TaskFamily):
         )
 
 
+#: the public name of the generated families' base (what constraint generators propose tasks of)
+GeneratedRegression = _GeneratedRegression
+
+
 class SinusoidFamily(_GeneratedRegression):
     """MAML's sinusoid regression (Finn et al., 2017, §5.1): ``y = A sin(x - phi)``.
 
@@ -93,6 +110,7 @@ class SinusoidFamily(_GeneratedRegression):
     """
 
     name = "sinusoid"
+    param_names = ("amplitude", "phase")
     #: the inputs' range unless ``task.x_range`` says otherwise
     DEFAULT_X_RANGE: tuple[float, float] = (-5.0, 5.0)
 
@@ -118,13 +136,6 @@ class SinusoidFamily(_GeneratedRegression):
             shots=t.shots, query=t.query, amplitude=t.amplitude, phase=t.phase, x_range=t.x_range, noise_std=t.noise_std
         )
 
-    def sample_params(self, gen: torch.Generator, n: int, split: str) -> Tensor:
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        amp = uniform(gen, n, *self.amplitude)
-        phase = uniform(gen, n, *self.phase)
-        return torch.stack([amp, phase], dim=1)
-
     def function(self, params: Tensor, x: Tensor) -> Tensor:
         amp = params[:, 0].view(-1, 1, 1)
         phase = params[:, 1].view(-1, 1, 1)
@@ -143,6 +154,7 @@ class HarmonicFamily(_GeneratedRegression):
     """
 
     name = "harmonic"
+    param_names = ("amplitude", "omega", "damping", "phase")
     #: the inputs' range unless ``task.x_range`` says otherwise
     DEFAULT_X_RANGE: tuple[float, float] = (0.0, 5.0)
 
@@ -172,19 +184,6 @@ class HarmonicFamily(_GeneratedRegression):
             shots=t.shots, query=t.query, amplitude=t.amplitude, omega=t.omega, damping=t.damping, phase=t.phase,
             x_range=t.x_range, noise_std=t.noise_std,
         )  # fmt: skip
-
-    def sample_params(self, gen: torch.Generator, n: int, split: str) -> Tensor:
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        return torch.stack(
-            [
-                uniform(gen, n, *self.amplitude),
-                uniform(gen, n, *self.omega),
-                uniform(gen, n, *self.damping),
-                uniform(gen, n, *self.phase),
-            ],
-            dim=1,
-        )
 
     def function(self, params: Tensor, x: Tensor) -> Tensor:
         amp, omega, zeta, phase = (params[:, i].view(-1, 1, 1) for i in range(4))
