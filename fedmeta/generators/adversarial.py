@@ -54,6 +54,7 @@ from torch import Tensor, nn
 from fedmeta.algorithms.base import stack_for_tasks
 from fedmeta.errors import ConfigError
 from fedmeta.generators.constraints import collocation_points
+from fedmeta.generators.pictures import task_map
 from fedmeta.rng import make_generator
 from fedmeta.tasks.regression import GeneratedRegression
 from fedmeta.types import Params, TaskBatch
@@ -327,6 +328,8 @@ class AdversarialTaskStage:
         if self.discriminator is not None:
             with torch.no_grad():
                 info["realism"] = float(self.realism(params).exp().mean())
+        if self.mixer.map_due(round_idx):
+            info["map"] = task_map(params, difficulty, admitted)
         if not admitted:
             return None, info
         chosen = torch.tensor(admitted[: self.cfg.generators.tasks])

@@ -145,6 +145,7 @@ class VirtualTaskStage:
             g.schedule, g.weight, rounds, final_lr=g.weight_final, milestones=tuple(g.milestones), gamma=g.gamma
         )
         self.damping = 1.0
+        self.rounds = rounds
 
     def virtual_tasks(self, round_idx: int) -> TaskBatch:
         """The round's virtual tasks: a function of the seed and the round only."""
@@ -168,7 +169,20 @@ class VirtualTaskStage:
             return
         tasks = self.virtual_tasks(state.round_idx)
         spread = float(tasks.params.double().std(dim=0).mean()) if tasks.params is not None else float("nan")
-        self.mix(state, tasks, {"task_spread": spread}, ["collapse"] if spread == 0.0 else [])
+        info: dict[str, Any] = {"task_spread": spread}
+        if self.map_due(state.round_idx) and tasks.params is not None:
+            from fedmeta.generators.adversarial import post_adaptation_losses
+            from fedmeta.generators.pictures import task_map
+
+            with torch.no_grad():
+                meta = {k: v.detach() for k, v in state.reference.items()}
+            difficulty = post_adaptation_losses(self.algorithm, meta, tasks).detach()
+            info["map"] = task_map(tasks.params, difficulty, range(tasks.num_tasks))
+        self.mix(state, tasks, info, ["collapse"] if spread == 0.0 else [])
+
+    def map_due(self, round_idx: int) -> bool:
+        """Whether the round's virtual tasks go in the row for the task-space map: on evaluation rounds."""
+        return round_idx % self.cfg.eval.every == 0 or round_idx == self.rounds
 
     def mix(self, state: RoundState, tasks: TaskBatch | None, info: dict[str, Any], failures: list[str]) -> None:
         """Mix the meta-gradient of ``tasks`` into ``state.aggregate``, acting on the failure signatures.

@@ -190,3 +190,12 @@ def test_a_resumed_adversarial_run_equals_an_uninterrupted_one(tmp_path: Path) -
     w = [r["generators"] for r in _rows(tmp_path / "whole") if "generators" in r]
     p = [r["generators"] for r in _rows(tmp_path / "parts") if "generators" in r]
     assert w == p and len(w) == 4 and all("realism" in r for r in w)
+    # the pictures' records: the proposals on evaluation rounds (eval.every 2), the error by amplitude in evaluations
+    rows = _rows(tmp_path / "whole")
+    maps = {r["round"]: r["generators"]["map"] for r in rows if "map" in r.get("generators", {})}
+    assert sorted(maps) == [2, 4] and all(len(m["params"]) == len(m["difficulty"]) == 8 for m in maps.values())
+    assert all(sum(m["admitted"]) == r["generators"]["admitted"] for r in rows for m in [maps.get(r["round"])] if m)
+    curves = [r["eval"]["by_param"] for r in rows if "eval" in r]
+    assert len(curves) == 3 and all(c["name"] == "amplitude" and sum(c["tasks"]) == 10 for c in curves)
+    assert (tmp_path / "whole" / "task_space.png").stat().st_size > 0
+    assert (tmp_path / "whole" / "error_by_param.png").stat().st_size > 0
