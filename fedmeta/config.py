@@ -34,6 +34,7 @@ __all__ = [
     "PrivacyConfig",
     "EvalConfig",
     "EvalTaskConfig",
+    "AdversarialConfig",
     "TRLearnerConfig",
     "ConstraintConfig",
     "GeneratorsConfig",
@@ -338,11 +339,40 @@ class ConstraintConfig:
 
 
 @dataclass(frozen=True)
+class AdversarialConfig:
+    """``generators.adversarial``: the task generator, its discriminator and the admission filter
+    (fedmeta/generators/adversarial.py, docs/generators.md)."""
+
+    # proposals per round (the filter admits up to generators.tasks of them) and per ascent step
+    candidates: int = 64
+    # the generator's Adam ascent steps per round, and their step size
+    steps: int = 1
+    lr: float = 0.01
+    # the generator's (and discriminator's) hidden width, and the generator's noise dimension
+    hidden: int = 32
+    noise_dim: int = 4
+    # weight of the proposals' nearest-neighbour spread (against collapse onto one hardest task)
+    diversity: float = 0.1
+    # weight of generators.constraints' penalties on the proposed tasks' own functions
+    penalty: float = 1.0
+    # weight of the discriminator's realism score (0: no discriminator), and its Adam step size
+    discriminator: float = 0.0
+    discriminator_lr: float = 0.01
+    # filter: admit a proposal whose post-adaptation loss is >= min_gap x the clients' declared
+    # family's mean, at normalized task-space distance >= min_distance from the filter's memory
+    min_gap: float = 1.0
+    min_distance: float = 0.02
+    memory: int = 256
+    # manifold drift: the proposals' mean constraint violation above this
+    max_drift: float = 0.1
+
+
+@dataclass(frozen=True)
 class GeneratorsConfig:
     """Higher-level constraint generators (SPEC §5; fedmeta/generators/, docs/generators.md)."""
 
-    # none | direct (virtual tasks sampled from `family`, mixed into the aggregate on the server);
-    # adversarial is not built yet
+    # none | direct (virtual tasks sampled from `family`, mixed into the aggregate on the server) |
+    # adversarial (a generator proposes the hardest tasks in `family`'s box; a filter admits them)
     mode: str = "none"
     # K: 1 = plain federated meta-learning (no virtual tasks), 2 = a generator on the level-1
     # initialization
@@ -369,6 +399,7 @@ class GeneratorsConfig:
     on_failure: str = "warn"
     # meta-gradient explosion: the virtual meta-gradient's norm above this many times the clients'
     max_norm_ratio: float = 10.0
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from fedmeta.errors import CheckpointError
 
 __all__ = [
     "RunRecorder",
+    "pyplot",
     "read_metrics",
     "plot_learning_curves",
     "plot_adaptation_curve",
@@ -131,7 +132,8 @@ class RunRecorder:
         return written
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend (no screen needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -142,7 +144,7 @@ def _pyplot() -> Any:
 
 def plot_learning_curves(rows: list[dict[str, Any]], path: Path) -> Path:
     """Training query loss (before/after adaptation) per round and held-out evaluation curves."""
-    plt = _pyplot()
+    plt = pyplot()
     train = [r for r in rows if r.get("train")]
     evals = [r for r in rows if r.get("eval")]
     has_acc = any("post_adapt_accuracy" in r["eval"] for r in evals)
@@ -193,7 +195,7 @@ def plot_learning_curves(rows: list[dict[str, Any]], path: Path) -> Path:
 
 def plot_adaptation_curve(curves: dict[str, list[float]], path: Path) -> Path:
     """Held-out query metric against the number of inner steps at test time."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.6), squeeze=False)
     for ax, (name, values) in zip(axes[0], curves.items()):
         ax.plot(range(len(values)), [_num(v) for v in values], marker="o")
@@ -277,7 +279,7 @@ def plot_episode_montage(
     """
     if not (_is_image_batch(support_x) and _is_image_batch(query_x)):
         return None
-    plt = _pyplot()
+    plt = pyplot()
     ways = int(max(int(support_y.max()), int(query_y.max()))) + 1
     shots = max(int((support_y == c).sum()) for c in range(ways))
     shown = min(max_query, max(int((query_y == c).sum()) for c in range(ways)))

@@ -88,6 +88,19 @@ class TaskBatch:
             None if self.ids is None else self.ids[start:stop],
         )
 
+    def select(self, index: Tensor) -> TaskBatch:
+        """Return the tasks at ``index`` (a 1-D integer tensor), in that order, as a new batch."""
+        picks = index.tolist()
+        return TaskBatch(
+            self.support_x[index],
+            self.support_y[index],
+            self.query_x[index],
+            self.query_y[index],
+            self.kind,
+            None if self.params is None else self.params[index],
+            None if self.ids is None else tuple(self.ids[i] for i in picks),
+        )
+
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> TaskBatch:
         """Move the batch to ``device`` (and floating inputs/targets to ``dtype`` if given)."""
 

@@ -49,7 +49,7 @@ from fedmeta.federation.stages import (
     load_stage_states,
     stage_states,
 )
-from fedmeta.outputs import EPISODE_PNG, RunRecorder, write_episode_montage
+from fedmeta.outputs import EPISODE_PNG, RunRecorder, read_metrics, write_episode_montage
 from fedmeta.types import Params
 
 if TYPE_CHECKING:
@@ -723,9 +723,16 @@ class RoundLoop:
         """Server-side evaluation on the held-out tasks (``eval.tasks``), like the reference."""
         if self._eval_tasks is None:
             raise ConfigError("eval.server is false: this server has no held-out tasks to evaluate on")
-        return evaluate(
+        result = evaluate(
             self.exp.algorithm, self.meta, self._eval_tasks, steps=self.cfg.eval.steps, batch=self.cfg.eval.batch
-        ).summary()
+        )
+        summary: dict[str, Any] = dict(result.summary())
+        if self.cfg.generators.depth > 1 and self._eval_tasks.params is not None:
+            from fedmeta.generators.pictures import error_by_param
+
+            names = getattr(self.exp.source.family(None), "param_names", ("parameter",))
+            summary["by_param"] = error_by_param(result.loss[:, -1], self._eval_tasks.params, names[0])
+        return summary
 
     def record_client_eval(
         self, round_idx: int, results: Sequence[tuple[Mapping[str, float], int]], failed: int
@@ -751,6 +758,10 @@ class RoundLoop:
         curves = {k: v for k, v in final.items() if k.endswith("_curve")}
         try:
             self.recorder.plot(curves)
+            if self.cfg.generators.depth > 1:
+                from fedmeta.generators.pictures import write_generator_pictures
+
+                write_generator_pictures(read_metrics(self.recorder.metrics_path), self.out_dir, self.cfg)
             if self.exp.kind == "classification" and self._eval_tasks is not None:
                 # a held-out episode with the adapted model's predictions, as the reference writes
                 write_episode_montage(

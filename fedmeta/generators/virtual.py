@@ -44,7 +44,7 @@ __all__ = ["VirtualTaskStage", "GeneratorFailure", "check_generators", "generato
 log = logging.getLogger(__name__)
 
 #: ``generators.mode`` values that name a generator, and every value that is built.
-GENERATORS = ("direct",)
+GENERATORS = ("direct", "adversarial")
 MODES = ("none", *GENERATORS)
 ON_FAILURE = ("warn", "damp", "stop")
 DEVICES = ("auto", "cpu", "cuda")
@@ -89,12 +89,12 @@ def check_generators(cfg: Config) -> None:
         if not ok:
             raise ConfigError(f"config key 'generators.{key}' {why}, got {getattr(g, key)!r}")
 
-    need(g.mode in MODES, "mode", f"must be one of {', '.join(MODES)} (adversarial is not built yet)")
+    need(g.mode in MODES, "mode", f"must be one of {', '.join(MODES)}")
     need(g.depth in (1, 2), "depth", "must be 1 (no generator) or 2 (a generator on the initialization; 3: not built)")
     generating = g.mode in GENERATORS
     if generating or g.depth != 1:
         need(g.depth == 2, "depth", f"must be 2 for generators.mode {g.mode!r}")
-        need(generating, "mode", "must name a generator (direct) when generators.depth is 2")
+        need(generating, "mode", f"must name a generator ({', '.join(GENERATORS)}) when generators.depth is 2")
     need(0 <= g.weight <= 1 and math.isfinite(g.weight), "weight", "must be in [0, 1] (a mixing weight)")
     need(0 <= g.weight_final <= 1, "weight_final", "must be in [0, 1]")
     need(g.schedule in OUTER_SCHEDULES, "schedule", f"must be one of {', '.join(OUTER_SCHEDULES)}")
@@ -106,15 +106,19 @@ def check_generators(cfg: Config) -> None:
     need(g.max_norm_ratio > 0, "max_norm_ratio", "must be positive")
     if g.family.overrides():
         need(cfg.task.name in REGRESSION_TASKS, "family", "overrides the range keys of a generated family")
-    if g.mode == "direct":
+    if generating:
         if cfg.task.name not in REGRESSION_TASKS:
             raise ConfigError(
-                f"config key 'generators.mode' 'direct' samples virtual tasks from a generated family "
+                f"config key 'generators.mode' {g.mode!r} samples virtual tasks from a generated family "
                 f"({', '.join(REGRESSION_TASKS)}); task.name is {cfg.task.name!r}"
             )
         from fedmeta.config import check_task_ranges
 
         check_task_ranges(cfg, g.family, "generators.family")
+    if g.mode == "adversarial":
+        from fedmeta.generators.adversarial import check_adversarial
+
+        check_adversarial(cfg)
 
 
 class VirtualTaskStage:
@@ -141,6 +145,7 @@ class VirtualTaskStage:
             g.schedule, g.weight, rounds, final_lr=g.weight_final, milestones=tuple(g.milestones), gamma=g.gamma
         )
         self.damping = 1.0
+        self.rounds = rounds
 
     def virtual_tasks(self, round_idx: int) -> TaskBatch:
         """The round's virtual tasks: a function of the seed and the round only."""
@@ -163,22 +168,46 @@ class VirtualTaskStage:
         if state.aggregate is None:
             return
         tasks = self.virtual_tasks(state.round_idx)
-        virtual = self.virtual_gradient(state.reference, tasks)
-        clients_norm, virtual_norm = global_norm(state.aggregate), global_norm(virtual)
-        ratio = virtual_norm / clients_norm if clients_norm > 0 else math.inf
         spread = float(tasks.params.double().std(dim=0).mean()) if tasks.params is not None else float("nan")
-        failures = []
-        if ratio > self.cfg.generators.max_norm_ratio:
-            failures.append("explosion")
-        if spread == 0.0:
-            failures.append("collapse")
-        info: dict[str, Any] = {
-            "norm_ratio": ratio,
-            "task_spread": spread,
-            "failures": failures,
-        }
+        info: dict[str, Any] = {"task_spread": spread}
+        if self.map_due(state.round_idx) and tasks.params is not None:
+            from fedmeta.generators.adversarial import post_adaptation_losses
+            from fedmeta.generators.pictures import task_map
+
+            with torch.no_grad():
+                meta = {k: v.detach() for k, v in state.reference.items()}
+            difficulty = post_adaptation_losses(self.algorithm, meta, tasks).detach()
+            info["map"] = task_map(tasks.params, difficulty, range(tasks.num_tasks))
+        self.mix(state, tasks, info, ["collapse"] if spread == 0.0 else [])
+
+    def map_due(self, round_idx: int) -> bool:
+        """Whether the round's virtual tasks go in the row for the task-space map: on evaluation rounds."""
+        return round_idx % self.cfg.eval.every == 0 or round_idx == self.rounds
+
+    def mix(self, state: RoundState, tasks: TaskBatch | None, info: dict[str, Any], failures: list[str]) -> None:
+        """Mix the meta-gradient of ``tasks`` into ``state.aggregate``, acting on the failure signatures.
+
+        Args:
+            state: the round's state (its aggregate is replaced).
+            tasks: the round's virtual tasks; ``None`` mixes nothing in (the weight is logged as 0).
+            info: the generator's own signatures for the metrics row (``generators``).
+            failures: the signatures that fired so far; meta-gradient explosion is checked here.
+
+        Raises:
+            GeneratorFailure: when a signature fired under ``generators.on_failure: stop``.
+        """
+        assert state.aggregate is not None
+        virtual = None if tasks is None else self.virtual_gradient(state.reference, tasks)
+        ratio = 0.0
+        if virtual is not None:
+            clients_norm, virtual_norm = global_norm(state.aggregate), global_norm(virtual)
+            ratio = virtual_norm / clients_norm if clients_norm > 0 else math.inf
+            if ratio > self.cfg.generators.max_norm_ratio:
+                failures = ["explosion", *failures]
+        info = {"norm_ratio": ratio, **info, "failures": failures}
         if failures:
             action = self.cfg.generators.on_failure
+            spread = info.get("task_spread", 0.0)
             message = (
                 f"round {state.round_idx}: generator failure signature {', '.join(failures)} "
                 f"(virtual/clients meta-gradient norm ratio {ratio:.3g}, task spread {spread:.3g})"
@@ -189,9 +218,10 @@ class VirtualTaskStage:
                 self.damping *= 0.5
                 message += f"; lambda damped to x{self.damping:g}"
             log.warning(message)
-        lam = self.weight_at(state.round_idx)
+        lam = self.weight_at(state.round_idx) if virtual is not None else 0.0
         info["weight"] = lam
-        state.aggregate = {k: (1.0 - lam) * v + lam * virtual[k].to(v.dtype) for k, v in state.aggregate.items()}
+        if virtual is not None:
+            state.aggregate = {k: (1.0 - lam) * v + lam * virtual[k].to(v.dtype) for k, v in state.aggregate.items()}
         state.info["generators"] = info
 
     def state_dict(self) -> dict[str, Any]:
@@ -203,8 +233,12 @@ class VirtualTaskStage:
         self.damping = float(state["damping"])
 
 
-def generator_stages(cfg: Config, experiment: Experiment, *, rounds: int) -> list[VirtualTaskStage]:
+def generator_stages(cfg: Config, experiment: Experiment, *, rounds: int) -> list[Any]:
     """The server stages ``generators.*`` asks for: none at depth 1 (the plain run, bit for bit)."""
     if cfg.generators.depth == 1 or cfg.generators.mode not in GENERATORS:
         return []
+    if cfg.generators.mode == "adversarial":
+        from fedmeta.generators.adversarial import AdversarialTaskStage
+
+        return [AdversarialTaskStage(cfg, experiment, rounds=rounds)]
     return [VirtualTaskStage(cfg, experiment, rounds=rounds)]

@@ -17,7 +17,7 @@ from fedmeta.types import TaskBatch
 if TYPE_CHECKING:
     from fedmeta.config import Config
 
-__all__ = ["SinusoidFamily", "HarmonicFamily"]
+__all__ = ["GeneratedRegression", "SinusoidFamily", "HarmonicFamily"]
 
 
 Range = tuple[float, float]
@@ -100,11 +100,20 @@ class _GeneratedRegression(TaskFamily):
         ranges = {name: getattr(t, name) for name, _ in cls.RANGES}
         return cls(shots=t.shots, query=t.query, x_range=t.x_range, noise_std=t.noise_std, **ranges)
 
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        """The task parameters' names, in the order of a ``params`` row."""
+        return tuple(name for name, _ in self.RANGES)
+
+    def param_ranges(self) -> list[Range]:
+        """The ``[low, high]`` range of every task parameter, in :attr:`param_names` order."""
+        return [getattr(self, name) for name in self.param_names]
+
     def sample_params(self, gen: torch.Generator, n: int, split: str) -> Tensor:
         """``[n, len(RANGES)]``: each parameter uniform in its range, drawn in the order of :attr:`RANGES`."""
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        return torch.stack([uniform(gen, n, *getattr(self, name)) for name, _ in self.RANGES], dim=1)
+        return torch.stack([uniform(gen, n, lo, hi) for lo, hi in self.param_ranges()], dim=1)
 
     @abstractmethod
     def function(self, params: Tensor, x: Tensor) -> Tensor:
@@ -126,6 +135,10 @@ class _GeneratedRegression(TaskFamily):
             kind=self.kind,
             params=params,
         )
+
+
+#: the public name of the generated families' base (what constraint generators propose tasks of)
+GeneratedRegression = _GeneratedRegression
 
 
 class SinusoidFamily(_GeneratedRegression):

@@ -137,7 +137,12 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path: Path) -> None:
     [
         ({"mode": "direct"}, NARROW, "generators.depth' must be 2"),
         ({"depth": 2}, NARROW, "generators.mode' must name a generator"),
-        ({"mode": "adversarial", "depth": 2}, NARROW, "adversarial is not built yet"),
+        ({**DIRECT, "mode": "adversarial", "adversarial": {"candidates": 1}}, NARROW,
+         "generators.adversarial.candidates' must be at least 2"),
+        ({**DIRECT, "mode": "adversarial", "adversarial": {"noise_dim": 1}}, NARROW,
+         "generators.adversarial.noise_dim' must be at least the number of task parameters"),
+        ({**DIRECT, "mode": "adversarial", "adversarial": {"min_distance": 2.0}}, NARROW,
+         "generators.adversarial.min_distance' must be in"),
         ({**DIRECT, "weight": 1.5}, NARROW, "generators.weight' must be in"),
         ({**DIRECT, "family": {"amplitude": [5.0, 1.0]}}, NARROW, "generators.family.amplitude"),
         ({**DIRECT, "on_failure": "ignore"}, NARROW, "generators.on_failure"),
