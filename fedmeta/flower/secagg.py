@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, cast
 
@@ -174,7 +175,9 @@ def secure_train(transport: FlowerTransport, loop: RoundLoop, book: RoundLog) ->
     )  # fmt: skip
     grid = _ExchangeGrid(transport, r)
     book.bytes_down = fl.record_nbytes(compat.fitins_to_recorddict(fit_ins[0][1], True))
+    started = time.perf_counter()
     workflow(cast(Any, grid), legacy)
+    book.add_time("secure_aggregation", time.perf_counter() - started)
     results = strategy.results
     if results is None:
         for cid in located:

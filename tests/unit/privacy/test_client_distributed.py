@@ -193,3 +193,27 @@ def test_a_round_below_the_threshold_releases_nothing_and_stops(tmp_path: Path) 
     from fedmeta.checkpoint import load_checkpoint
 
     assert load_checkpoint(tmp_path / "checkpoint.pt")["round"] == 1
+
+
+def test_constraint_generators_mix_into_the_noisy_sum_and_epsilon_does_not_move(tmp_path: Path) -> None:
+    """The generators' stage sees only the aggregate (the noisy mean of the secure sum), as under any mode."""
+    from fedmeta.centralized import run_centralized
+
+    def cfg(generators: dict[str, object] | None) -> object:
+        data: dict[str, object] = {
+            "task": {"name": "sinusoid", "amplitude": [0.1, 1.05]},
+            "meta": {"tasks_per_client": 2},
+            "federation": {"clients_total": 3, "clients_per_round": 3, "rounds": 2},
+            "privacy": {"mode": "client-distributed", "noise_seed": 5, "min_survivors": 2},
+            "eval": {"tasks": 10, "every": 2, "steps": 2},
+        }
+        if generators:
+            data["generators"] = generators
+        return config_from_dict(data)
+
+    direct = {"mode": "direct", "depth": 2, "weight": 0.4, "tasks": 6, "family": {"amplitude": [0.1, 5.0]}}
+    plain = run_centralized(cfg(None), tmp_path / "plain")  # type: ignore[arg-type]
+    mixed = run_centralized(cfg(direct), tmp_path / "mixed")  # type: ignore[arg-type]
+    assert plain["privacy"] == mixed["privacy"] and mixed["rounds_completed"] == 2
+    rows = [r for r in read_metrics(tmp_path / "mixed" / "metrics.jsonl") if "generators" in r]
+    assert [r["round"] for r in rows] == [1, 2]
