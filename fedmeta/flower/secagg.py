@@ -52,7 +52,14 @@ if TYPE_CHECKING:
     from fedmeta.federation.loop import RoundLog, RoundLoop
     from fedmeta.flower.transport import FlowerTransport
 
-__all__ = ["KEYS_KEY", "CohortStrategy", "secure_train", "secure_sum_mod", "secure_train_reply"]
+__all__ = [
+    "KEYS_KEY",
+    "CohortStrategy",
+    "DropoutTolerantSecAggPlus",
+    "secure_train",
+    "secure_sum_mod",
+    "secure_train_reply",
+]
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +125,35 @@ class CohortStrategy(Strategy):
         return None
 
 
+class DropoutTolerantSecAggPlus(SecAggPlusWorkflow):
+    """Flower's SecAgg+ workflow, forgetting nodes that left before they distributed their secret shares.
+
+    In Flower 1.42 a node that does not answer the set-up or the key-sharing stage stays among the
+    workflow's sampled nodes: the unmask stage then asks the others for shares of it that none
+    holds (the clients' ``secaggplus_mod`` raises on the request, or the server finds too few
+    shares) and the protocol halts, so a single early dropout spoils the round. Such a node never
+    took part: no other node masks its update with it (a client masks only with the nodes whose
+    encrypted shares it received), so after each of those two stages the sampled nodes become the
+    nodes still active and every neighbourhood forgets the others. Dropouts after the key sharing
+    are Flower's own case (their masks are removed with the shares the others hold).
+    """
+
+    def setup_stage(self, grid: Any, context: LegacyContext, state: Any) -> bool:
+        """Flower's set-up stage, then forget the nodes that did not answer it."""
+        return super().setup_stage(grid, context, state) and self._forget_absent(state)
+
+    def share_keys_stage(self, grid: Any, context: LegacyContext, state: Any) -> bool:
+        """Flower's key-sharing stage, then forget the nodes that did not answer it."""
+        return super().share_keys_stage(grid, context, state) and self._forget_absent(state)
+
+    def _forget_absent(self, state: Any) -> bool:
+        active = set(state.active_node_ids)
+        state.sampled_node_ids = set(active)
+        state.nid_to_neighbours = {nid: set(nbrs) & active for nid, nbrs in state.nid_to_neighbours.items()
+                                   if nid in active}  # fmt: skip
+        return bool(self._check_threshold(state))
+
+
 class _ExchangeGrid:
     """The grid as the workflow sees it: fedmeta's short-poll ``send_and_receive``, counting received bytes."""
 
@@ -168,7 +204,7 @@ def secure_train(transport: FlowerTransport, loop: RoundLoop, book: RoundLog) ->
     context.state.config_records["config"] = ConfigRecord({"current_round": r})
     context.state.array_records["parameters"] = compat.parameters_to_arrayrecord(params, True)
     legacy = LegacyContext(context, config=ServerConfig(num_rounds=cfg.federation.rounds), strategy=strategy)
-    workflow = SecAggPlusWorkflow(
+    workflow = DropoutTolerantSecAggPlus(
         num_shares=1.0, reconstruction_threshold=threshold, max_weight=1.0,
         clipping_range=fixed_point.clipping_range, quantization_range=fixed_point.quantization_range,
         modulus_range=fixed_point.modulus, timeout=cfg.federation.round_timeout,
