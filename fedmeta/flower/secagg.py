@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, cast
 
 import flwr.compat.common.recorddict_compat as compat
+import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.common import Code, FitIns, FitRes, Parameters, Status, ndarrays_to_parameters, parameters_to_ndarrays
@@ -288,8 +289,6 @@ def secure_train_reply(exp: Experiment, message: Message, client_id: int | None)
     arrays = parameters_to_ndarrays(fitins.parameters)
     reference = exp.initial_meta_params()
     meta: Params = {}
-    import torch
-
     for key, arr in zip(keys, arrays, strict=True):
         meta[key] = torch.from_numpy(arr.copy()).to(reference[key].dtype if key in reference else torch.float32)
     check_received_meta(exp, meta)

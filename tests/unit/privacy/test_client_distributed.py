@@ -217,3 +217,38 @@ def test_constraint_generators_mix_into_the_noisy_sum_and_epsilon_does_not_move(
     assert plain["privacy"] == mixed["privacy"] and mixed["rounds_completed"] == 2
     rows = [r for r in read_metrics(tmp_path / "mixed" / "metrics.jsonl") if "generators" in r]
     assert [r["round"] for r in rows] == [1, 2]
+
+
+class _GarbageInRound:
+    """The in-process transport, with one client's contribution replaced by garbage in one round."""
+
+    def __init__(self, round_idx: int) -> None:
+        self.inner = InProcessTransport()
+        self.round_idx = round_idx
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    def train(self, loop: RoundLoop, book: object) -> None:
+        import dataclasses
+
+        self.inner.train(loop, book)  # type: ignore[arg-type]
+        total = book.secure_sum  # type: ignore[attr-defined]
+        if book.round_idx == self.round_idx and total is not None:  # type: ignore[attr-defined]
+            # an arbitrary integer vector modulo M instead of a quantized update: after unmasking
+            # the sum's coordinates are far outside what n clipped noisy updates can add up to
+            arrays = [a + 1e3 * total.fixed_point.clipping_range for a in total.arrays[:-1]]
+            book.secure_sum = dataclasses.replace(total, arrays=(*arrays, total.arrays[-1]))  # type: ignore[attr-defined]
+
+
+def test_a_garbage_sum_spoils_its_round_not_the_run(tmp_path: Path) -> None:
+    cfg = dp_config("client-distributed", rounds=3, total=4, per_round=4, min_survivors=3)
+    loop = RoundLoop(cfg, tmp_path, mode="centralized")
+    summary = loop.run(_GarbageInRound(2))  # type: ignore[arg-type]
+    assert summary["rounds_completed"] == 3
+    rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "privacy" in r]
+    assert "sum_check" not in rows[0]["privacy"] and "sum_check" not in rows[2]["privacy"]
+    assert "exceeds" in rows[1]["privacy"]["sum_check"] and rows[1]["update_norm"] is None
+    assert rows[0]["update_norm"] is not None and rows[2]["update_norm"] is not None
+    # the server saw the garbage round's sum: it is accounted like the others
+    assert [r["privacy"]["steps"] for r in rows] == [1, 2, 3]
