@@ -74,6 +74,11 @@ def test_secagg_simulation_hides_updates_and_matches_the_reference(
         for name, record in msg.content.config_records.items():
             for key, value in record.items():
                 assert not isinstance(value, float), (name, key)
+    from flwr.common.secure_aggregation.secaggplus_constants import Key
+
+    masked = [m for m in received if not m.has_error() and any(Key.MASKED_PARAMETERS in rec for rec in
+                                                               m.content.config_records.values())]  # fmt: skip
+    assert len(masked) == 4 + 3  # the masked vectors did arrive: as integers modulo M, in bytes
     rows = [r for r in read_metrics(tmp_path / "sim" / "metrics.jsonl") if "privacy" in r]
     assert [row["privacy"]["survivors"] for row in rows] == [4, 3] and rows[1]["failed"] == 1
     from opacus.accountants import RDPAccountant
