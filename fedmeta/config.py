@@ -254,6 +254,10 @@ class PrivacyConfig:
     # Seed of the DP noise and of DP sampling. null (default): a secret seed from the OS, never
     # saved. An integer makes noise reproducible for tests; anyone who knows it can remove it.
     noise_seed: int | None = None
+    # client-distributed only: t, the fewest clients whose masked updates must survive for a round's
+    # secure sum to be unmasked (each client adds noise N(0, (noise_multiplier x clip_norm)^2 / t));
+    # null: max(2, ceil(2/3 x federation.clients_per_round)). See docs/privacy.md.
+    min_survivors: int | None = None
 
     @property
     def clip_norm_bounds(self) -> tuple[float, float]:

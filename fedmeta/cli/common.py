@@ -147,20 +147,25 @@ class Progress:
         self.bar.close()
 
 
+def _num(value: Any, spec: str) -> str:
+    """``value`` formatted with ``spec``; a metric written as null (not finite: a diverged run) says so."""
+    return "not finite" if value is None else format(value, spec)
+
+
 def report(summary: dict[str, Any], out: Path) -> None:
     """Print a run's outcome in one line: rounds, held-out loss and accuracy, privacy spent, outputs."""
     final = summary.get("final") or {}
     parts = [f"{summary.get('algorithm')} on {summary.get('task')}: {summary.get('rounds_completed')} rounds"]
     if "pre_adapt_loss" in final:
         parts.append(
-            f"held-out loss {final['pre_adapt_loss']:.4f} before adaptation, "
-            f"{final['post_adapt_loss']:.4f} ± {final.get('post_adapt_loss_ci95', 0):.4f} after {final.get('steps')} "
-            "steps"
+            f"held-out loss {_num(final['pre_adapt_loss'], '.4f')} before adaptation, "
+            f"{_num(final['post_adapt_loss'], '.4f')} ± {_num(final.get('post_adapt_loss_ci95', 0), '.4f')} after "
+            f"{final.get('steps')} steps"
         )
     if "post_adapt_accuracy" in final:
         parts.append(
-            f"accuracy {final['pre_adapt_accuracy']:.3f} -> {final['post_adapt_accuracy']:.3f} ± "
-            f"{final.get('post_adapt_accuracy_ci95', 0):.3f}"
+            f"accuracy {_num(final['pre_adapt_accuracy'], '.3f')} -> {_num(final['post_adapt_accuracy'], '.3f')} ± "
+            f"{_num(final.get('post_adapt_accuracy_ci95', 0), '.3f')}"
         )
     eps = (summary.get("privacy") or {}).get("epsilon")
     parts.append(

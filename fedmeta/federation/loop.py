@@ -54,6 +54,7 @@ from fedmeta.types import Params
 
 if TYPE_CHECKING:
     from fedmeta.federation.transport import Transport
+    from fedmeta.privacy.secure_sum import SecureSum
 
 __all__ = [
     "ClientReply",
@@ -234,6 +235,8 @@ class RoundLog:
     unavailable: list[int] = field(default_factory=list)
     retries: int = 0
     bytes_down: int = 0
+    #: under secure aggregation: the unmasked sum of the survivors' updates (no per-client replies)
+    secure_sum: SecureSum | None = None
     timings: dict[str, float] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
 
@@ -297,6 +300,16 @@ class RoundLoop:
         self.meta = self.exp.initial_meta_params()
         self.optimizer = self.exp.server_optimizer(self.meta)
         self.round = 0
+        from fedmeta.privacy.mechanisms import mechanism_for
+
+        mechanism = mechanism_for(cfg)
+        #: ``t`` when the server receives only secure sums (``None``: per-client replies)
+        self.min_survivors: int | None = mechanism.min_survivors(cfg) if mechanism.secure_sum else None
+        if self.min_survivors is not None and update_transforms:
+            raise ConfigError(
+                f"privacy.mode '{mechanism.name}' hands the server only the sum of the updates: reply transforms "
+                "(per-update validation or clipping on the server) cannot apply; bound updates on the clients"
+            )
         self.totals = {"failed": 0, "rejected": 0, "unavailable": 0, "bytes_down": 0, "bytes_up": 0, "retries": 0}
         self.transport: Transport | None = None
         self._transport_state: dict[str, Any] = {}
@@ -562,6 +575,24 @@ class RoundLoop:
         )  # fmt: skip
         return replace(reply, num_tasks=bound)
 
+    def accept_sum(self, book: RoundLog, total: SecureSum) -> None:
+        """File a secure aggregation's unmasked sum (the round then has no per-client replies).
+
+        Raises:
+            InconsistentReplies: if this run does not aggregate secure sums, or the sum claims
+                survivors that were not sampled this round.
+        """
+        if self.min_survivors is None:
+            raise InconsistentReplies(f"round {book.round_idx}: a secure sum arrived, but privacy.mode "
+                                      f"'{self.cfg.privacy.mode}' aggregates per-client replies")
+        strangers = sorted(set(total.survivors) - set(book.sampled))
+        if strangers or len(set(total.survivors)) != len(total.survivors):
+            raise InconsistentReplies(
+                f"round {book.round_idx}: the secure sum's survivors {strangers[:10] or list(total.survivors)[:10]} "
+                "are not distinct clients of this round's cohort"
+            )
+        book.secure_sum = total
+
     def fail(self, book: RoundLog, client_id: int, reason: str) -> None:
         """Record a client that raised, timed out or could not be decoded."""
         if client_id in book.replies or client_id in book.rejected:
@@ -589,7 +620,10 @@ class RoundLoop:
         r = book.round_idx
         need = self.required_replies(book)
         replies = [book.replies[c] for c in sorted(book.replies)]
-        if len(replies) < need:
+        if self.min_survivors is not None:
+            self._require_secure_sum(book)
+            replies = []
+        elif len(replies) < need:
             raise InconsistentReplies(
                 f"round {r}: only {len(replies)} valid replies from {len(book.sampled)} sampled clients "
                 f"(needed {need}, federation.min_replies={self.cfg.min_replies}); failed: {_brief(book.failed)}; "
@@ -602,6 +636,27 @@ class RoundLoop:
         except BaseException:
             self._restore(saved)
             raise
+
+    def _require_secure_sum(self, book: RoundLog) -> None:
+        """Refuse a round without a releasable secure sum: nothing of it was released, nothing moves.
+
+        Raises:
+            InconsistentReplies: if the protocol halted (no sum) or fewer than ``t`` updates survived.
+        """
+        assert self.min_survivors is not None
+        total, r = book.secure_sum, book.round_idx
+        why = None
+        if total is None:
+            why = "the secure aggregation halted and unmasked nothing"
+        elif len(total.survivors) < self.min_survivors:
+            why = f"only {len(total.survivors)} masked updates survived"
+        if why is None:
+            return
+        raise InconsistentReplies(
+            f"round {r}: {why} (privacy.min_survivors={self.min_survivors}, {len(book.sampled)} sampled; failed: "
+            f"{_brief(book.failed)}; unavailable: {book.unavailable[:10]}). Nothing of round {r} was released or "
+            f"accounted; the checkpoint in {self.out_dir} holds round {self.round}: resume to run round {r} again"
+        )
 
     def _snapshot(self) -> dict[str, Any]:
         """The in-memory state the last checkpoint holds (copies, so that a failed round cannot touch them)."""
@@ -634,7 +689,7 @@ class RoundLoop:
     def _advance(self, book: RoundLog, replies: list[ClientReply]) -> dict[str, Any]:
         r = book.round_idx
         t0 = time.perf_counter()
-        state = RoundState(r, self.meta, replies)
+        state = RoundState(r, self.meta, replies, secure_sum=book.secure_sum)
         for stage in self.stages:
             stage(state)
         replies = state.replies
@@ -686,6 +741,9 @@ class RoundLoop:
                     continue
                 train[key] = sum(rep.metrics[key] * rep.num_tasks for rep in replies) / tasks
         up = [rep.nbytes for rep in replies]
+        if book.secure_sum is not None:  # one sum, no replies: the protocol's bytes shared by the survivors
+            n = max(1, len(book.secure_sum.survivors))
+            up = [int(book.secure_sum.nbytes / n)] * n
         compute = [rep.metrics.get(COMPUTE_SECONDS) for rep in replies]
         if any(c is not None for c in compute):
             book.timings["client_compute_sum"] = float(sum(c or 0.0 for c in compute))
@@ -698,7 +756,7 @@ class RoundLoop:
         return {
             "round": book.round_idx,
             "clients": len(book.sampled),
-            "replies": len(replies),
+            "replies": len(book.secure_sum.survivors) if book.secure_sum is not None else len(replies),
             "failed": len(book.failed),
             "rejected": len(book.rejected),
             "unavailable": len(book.unavailable),

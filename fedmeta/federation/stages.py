@@ -34,6 +34,7 @@ from fedmeta.types import Params
 
 if TYPE_CHECKING:
     from fedmeta.federation.loop import AggregateTransform, ClientReply, RoundPolicy, UpdateTransform
+    from fedmeta.privacy.secure_sum import SecureSum
 
 __all__ = [
     "RoundState",
@@ -69,6 +70,8 @@ class RoundState:
             ``replies``), set by a clipping stage and applied by the sum after it.
         denominator: set by a fixed-denominator sum: ``aggregate`` is then a sum still to be divided
             by it (noise calibrated to the sum goes in first); its mean stage divides and clears it.
+        secure_sum: under secure aggregation, the unmasked sum the transport delivered (``replies``
+            is then empty: the server never holds an individual update).
     """
 
     round_idx: int
@@ -80,6 +83,7 @@ class RoundState:
     clip_norm: float | None = None
     clip_factors: torch.Tensor | None = None
     denominator: float | None = None
+    secure_sum: SecureSum | None = None
 
 
 def _require_divided(state: RoundState, stage: str) -> None:

@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
 
 from fedmeta.algorithms import MetaUpdate
 from fedmeta.errors import BudgetExhausted, CheckpointError
 from fedmeta.federation.client import evaluate_on_client
+from fedmeta.rng import derive_seed
 
 if TYPE_CHECKING:
     from fedmeta.federation.loop import RoundLog, RoundLoop
@@ -95,9 +98,12 @@ class InProcessTransport:
     a client whose own budget is spent sends nothing, as a Flower client answers with an error.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, drop_out: Callable[[int, int], bool] | None = None) -> None:
         self.client_states: dict[int, dict[str, Any]] = {}
         self.rdp_cache: dict[tuple[float, float], Any] = {}  # the clients' accountants share Opacus' RDP curves
+        #: ``(round, client) -> True`` for a client that drops out after computing (secure sums only:
+        #: its masked update never reaches the sum, as a SecAgg+ client that stops answering)
+        self.drop_out = drop_out
 
     def start(self, loop: RoundLoop) -> None:
         """Nothing to discover: every client id is here; refuse to restart clients' accountants on resume.
@@ -141,6 +147,9 @@ class InProcessTransport:
                     continue
                 self.client_states[cid] = state
                 loop.accept(book, ClientReply(cid, update.gradient, update.num_tasks, {**update.metrics, **extra}))
+        elif mechanism.secure_sum:
+            if clients:
+                self._train_secure(loop, book)
         elif clients:
             raw = loop.exp.round_updates(loop.meta, r, clients)
             for i, cid in enumerate(clients):
@@ -157,6 +166,43 @@ class InProcessTransport:
                     extra = {}
                 loop.accept(book, ClientReply(cid, update.gradient, update.num_tasks, {**update.metrics, **extra}))
         book.add_time("clients", time.perf_counter() - t0)
+
+    def _train_secure(self, loop: RoundLoop, book: RoundLog) -> None:
+        """The cohort's noisy updates summed in SecAgg+'s fixed point; the loop receives only the sum.
+
+        Each client privatizes its own slice (clip, noise share), encodes and quantizes it as a Flower
+        client's ``secaggplus_mod`` would (its stochastic rounding from the client's own stream); the
+        integers are summed modulo ``M`` and decoded, so this reference and a Flower run agree within
+        the quantization error. Clients that :attr:`drop_out` are left out; with fewer than ``t`` left
+        the protocol would halt, so no sum is filed.
+        """
+        from fedmeta.privacy.mechanisms import mechanism_for
+        from fedmeta.privacy.randomness import secret_seed
+        from fedmeta.privacy.secure_sum import SecureSum, encode_update, quantize, sum_quantized
+
+        cfg, r = loop.cfg, book.round_idx
+        mechanism = mechanism_for(cfg)
+        fixed_point = mechanism.fixed_point(cfg, loop.meta)
+        assert fixed_point is not None
+        raw = loop.exp.round_updates(loop.meta, r, book.sampled)
+        survivors, quantized = [], []
+        for i, cid in enumerate(book.sampled):
+            update = MetaUpdate({k: v[i] for k, v in raw.updates.items()}, 1, {})
+            sent, _ = self._privatize(loop, cid, update, r)
+            arrays, _ = encode_update(sent.gradient, fixed_point)
+            if self.drop_out is not None and self.drop_out(r, cid):
+                loop.fail(book, cid, "dropped out before its masked update was collected")
+                continue
+            seed = derive_seed(secret_seed(cfg.privacy.noise_seed), "quantize", r, cid)
+            quantized.append(quantize(arrays, fixed_point, np.random.default_rng(seed)))
+            survivors.append(cid)
+        threshold = mechanism.min_survivors(cfg)
+        assert threshold is not None
+        if len(survivors) < threshold:
+            log.warning("round %d: %d of %d clients survived, fewer than t=%d: the sum stays masked",
+                        r, len(survivors), len(book.sampled), threshold)  # fmt: skip
+            return
+        loop.accept_sum(book, SecureSum(sum_quantized(quantized, fixed_point), tuple(survivors), fixed_point))
 
     def _privatize(
         self, loop: RoundLoop, cid: int, update: MetaUpdate, round_idx: int

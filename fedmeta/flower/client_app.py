@@ -160,9 +160,26 @@ def build_client_app(
         exp, own_id, data_dir = setup(context)
         return Message(fl.pack_identity(describe_client(exp, own_id, data_dir)), reply_to=message)
 
-    @app.train(mods=list(train_mods))
+    def secure_sum(message: Message, context: Context, call_next: Any) -> Message:
+        """Under a secure-sum mode (client-distributed) the train handler runs inside SecAgg+."""
+        exp, _, _ = setup(context)
+        if not mechanism_for(exp.cfg).secure_sum:
+            return call_next(message, context)
+        from fedmeta.flower.secagg import secure_sum_mod
+
+        return secure_sum_mod(exp, message, context, call_next)
+
+    @app.train(mods=[*train_mods, secure_sum])
     def train(message: Message, context: Context) -> Message:
         started = time.perf_counter()
+        exp, own_id, _ = setup(context)
+        if mechanism_for(exp.cfg).secure_sum:  # SecAgg+'s masked-vector stage: a legacy FitRes, no metrics
+            refusal = _floor_refusal(exp.cfg, context, message)
+            if refusal is not None:
+                return refusal
+            from fedmeta.flower.secagg import secure_train_reply
+
+            return secure_train_reply(exp, message, own_id)
         opened = instructed(message, context)
         if isinstance(opened, Message):
             return opened

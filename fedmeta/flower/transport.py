@@ -172,6 +172,11 @@ class FlowerTransport:
         r, f = book.round_idx, loop.cfg.federation
         if r > 1:
             self.refresh(loop)
+        if loop.min_survivors is not None:  # secure aggregation: the loop receives only the unmasked sum
+            from fedmeta.flower.secagg import secure_train
+
+            secure_train(self, loop, book)
+            return
         directory = self._require_directory()
         t = time.perf_counter()
         arrays = fl.params_to_record(loop.meta)

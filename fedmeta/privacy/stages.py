@@ -7,6 +7,7 @@ aggregation goes (after the reply transforms, before the aggregate transforms)::
 
     client-central:  clip (reply stage) -> sum (fixed denominator) -> noise -> mean
     client-local:    aggregate (the rule) -> clip (the clip norm, moved by the clients' noisy bits)
+    client-distributed: sum (checks on the unmasked secure sum) -> mean (fixed denominator)
     none, task:      aggregate (the rule, over already private updates)
 
 Client-central is DP-FedAvg (McMahan et al., 2018) cut into its parts: each reply is clipped to
@@ -50,6 +51,8 @@ __all__ = [
     "FixedDenominatorStage",
     "RuleAggregationStage",
     "LocalClipBitsStage",
+    "SecureSumStage",
+    "SecureMeanStage",
 ]
 
 log = logging.getLogger(__name__)
@@ -268,3 +271,56 @@ class LocalClipBitsStage(ClipNormStage):
             return
         bits = [float(rep.metrics[CLIP_BIT_KEY]) for rep in state.replies if CLIP_BIT_KEY in rep.metrics]
         self.move(fraction_from_local_indicators(bits))
+
+
+class SecureSumStage(_PrivacyStage):
+    """Client-distributed: the unmasked secure sum, checked, over the fixed denominator ``clients_per_round``.
+
+    The round carries no per-client replies, only ``state.secure_sum``
+    (:class:`~fedmeta.privacy.secure_sum.SecureSum`). The stage records the survivors, the clipped
+    coordinates and the quantization error bounds in the round's ``privacy`` entry, then runs
+    :func:`~fedmeta.privacy.secure_sum.check_sum`: a sum that passes becomes ``state.aggregate``
+    (a sum: ``state.denominator`` is set for the mean stage); one that fails leaves no aggregate
+    (the round moves nothing; it was unmasked, so it is still accounted) and says why in
+    ``sum_check``.
+
+    Raises:
+        ValueError: if the round carries no secure sum (a transport that filed per-client replies).
+    """
+
+    name = "sum"
+
+    def apply(self, state: RoundState) -> None:
+        """Check the sum and set the aggregate (or none, when a check fails)."""
+        from fedmeta.privacy.secure_sum import check_sum
+
+        total = state.secure_sum
+        if total is None:
+            raise ValueError(
+                f"round {state.round_idx}: privacy.mode '{self.server.mode}' aggregates a secure sum, and the "
+                "transport delivered none"
+            )
+        server = self.server
+        server.open_round(len(total.survivors))
+        threshold = server.mechanism.min_survivors(server.cfg)
+        assert threshold is not None
+        summed, info = check_sum(total, state.reference, min_survivors=threshold)
+        server.round_info.update(info)
+        if summed is None:
+            log.warning("round %d: the secure sum fails the server's checks (%s); no update", state.round_idx,
+                        info.get("sum_check"))
+            state.aggregate = None
+            return
+        state.aggregate, state.denominator = summed, server.expected_clients
+
+
+class SecureMeanStage(_PrivacyStage):
+    """Client-distributed: divide a checked secure sum by ``clients_per_round`` (nothing when it failed)."""
+
+    name = "mean"
+
+    def apply(self, state: RoundState) -> None:
+        """Divide, unless the sum stage left no aggregate."""
+        if state.aggregate is None:
+            return
+        FixedDenominatorStage(self.server).apply(state)

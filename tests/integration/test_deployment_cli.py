@@ -124,3 +124,34 @@ def test_deploy_local_interrupted_leaves_nothing_running_and_resumes(repo_root: 
     assert (out / "learning_curves.png").is_file()
     assert not (out / "deploy").exists()  # removed after success (no --keep-logs)
     assert _wait_gone(homes) == []
+
+
+def test_deploy_local_client_distributed_two_rounds_over_tls(repo_root: Path, tmp_path: Path) -> None:
+    """``client-distributed`` in a real deployment (TLS + node authentication): SecAgg+'s four
+    exchanges per round over three SuperNodes, every update in the sum, epsilon Opacus' at
+    sigma sqrt(n / t) with q = 1."""
+    out = tmp_path / "ddp"
+    sigma, t = 0.5, 2
+    args = [
+        "deploy-local", str(repo_root / "configs" / "sinusoid-ddp.yaml"), "--sites", "3", "--out", str(out),
+        "--set", "federation.rounds=2", "eval.tasks=20", "federation.round_timeout=90", "meta.outer_lr=0.01",
+        f"privacy.noise_multiplier={sigma}", f"privacy.min_survivors={t}", "privacy.noise_seed=7", "--quiet",
+    ]  # fmt: skip
+    done = subprocess.run([*FEDMETA, *args], cwd=repo_root, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "TLS + node authentication" in done.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds_completed"] == 2 and summary["privacy"]["mode"] == "client-distributed"
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if "replies" in r]
+    assert [r["round"] for r in rows] == [1, 2]
+    from opacus.accountants import RDPAccountant
+
+    z = sigma * (3 / t) ** 0.5
+    for r, row in enumerate(rows, start=1):
+        p = row["privacy"]
+        assert p["survivors"] == 3 and p["clipped_coordinates"] == 0 and "sum_check" not in p
+        assert row["tasks"] == 0 and row["train"] == {}  # nothing per client reached the server
+        acc = RDPAccountant()
+        acc.history = [(z, 1.0, r)]
+        assert p["epsilon"] == pytest.approx(float(acc.get_epsilon(DELTA)), rel=1e-9)
+    assert _wait_gone(out / "deploy" / "homes") == []

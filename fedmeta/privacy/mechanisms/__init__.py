@@ -7,6 +7,7 @@ mode                      unit      noise added by  module
 ``client-central``        client    server          :mod:`~fedmeta.privacy.mechanisms.client_central`
 ``client-local``          client    client          :mod:`~fedmeta.privacy.mechanisms.client_local`
 ``task``                  task      site            :mod:`~fedmeta.privacy.mechanisms.task`
+``client-distributed``    client    clients         :mod:`~fedmeta.privacy.mechanisms.client_distributed`
 ========================  ========  ==============  =============================================
 
 The interface is :class:`~fedmeta.privacy.mechanisms.base.PrivacyMechanism`; :func:`mechanism_for`
@@ -35,6 +36,7 @@ from fedmeta.privacy.mechanisms.none import NoPrivacy  # isort: skip
 from fedmeta.privacy.mechanisms.client_central import ClientCentralPrivacy  # isort: skip
 from fedmeta.privacy.mechanisms.client_local import ClientLocalPrivacy  # isort: skip
 from fedmeta.privacy.mechanisms.task import TaskPrivacy  # isort: skip
+from fedmeta.privacy.mechanisms.client_distributed import ClientDistributedPrivacy  # isort: skip
 
 __all__ = [
     "CLIP_BIT_KEY",
@@ -46,6 +48,7 @@ __all__ = [
     "TrainInstruction",
     "RoundRelease",
     "ClientCentralPrivacy",
+    "ClientDistributedPrivacy",
     "ClientLocalPrivacy",
     "NoPrivacy",
     "PrivacyMechanism",

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from fedmeta.federation.stages import Stage
     from fedmeta.privacy.accountant import PrivacyAccountant
     from fedmeta.privacy.facade import ClientPrivacy, ServerPrivacy
+    from fedmeta.privacy.secure_sum import FixedPoint
     from fedmeta.tasks import TaskSource
 
 __all__ = [
@@ -73,7 +74,7 @@ CLIP_NORM_KEY = "privacy.clip_norm"
 #: What one mechanism's guarantee is about.
 UNITS = ("none", "client", "task")
 #: Who adds the noise.
-NOISE_ADDERS = ("nobody", "server", "client", "site")
+NOISE_ADDERS = ("nobody", "server", "client", "clients", "site")
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,9 @@ class PrivacyMechanism:
             allows it: those metrics would not be covered by epsilon.
         accepts_shared_sites: whether ``task.share_sites`` (several clients reading one site folder)
             may be used; no DP mode accepts it (one site entering as several clients is not the unit).
+        secure_sum: whether the server receives only the sum of the cohort's updates (secure
+            aggregation): the transports deliver one :class:`~fedmeta.privacy.secure_sum.SecureSum`
+            per round instead of per-client replies, and nothing may need an individual update.
     """
 
     name: ClassVar[str] = ""
@@ -177,6 +181,7 @@ class PrivacyMechanism:
     evaluates_on_site_data: ClassVar[bool] = False
     public: ClassVar[tuple[str, ...]] = ()
     reports_task_count: ClassVar[bool] = False
+    secure_sum: ClassVar[bool] = False
 
     # -- declarations ----------------------------------------------------------------------------
 
@@ -354,6 +359,14 @@ class PrivacyMechanism:
 
     def site_pool_size(self, source: TaskSource, client_id: int) -> int | None:
         """The size of ``client_id``'s task pool if this mode accounts per task (else ``None``)."""
+        return None
+
+    def min_survivors(self, cfg: Config) -> int | None:
+        """``t``: the fewest updates a secure sum may hold (``None``: this mode has no secure sum)."""
+        return None
+
+    def fixed_point(self, cfg: Config, reference: Params) -> FixedPoint | None:
+        """The fixed-point encoding of this mode's secure sums for updates like ``reference`` (``None``: none)."""
         return None
 
     # -- client side -----------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from fedmeta.privacy.mechanisms import (
     NOISE_ADDERS,
     UNITS,
     ClientCentralPrivacy,
+    ClientDistributedPrivacy,
     ClientLocalPrivacy,
     NoPrivacy,
     PrivacyMechanism,
@@ -47,9 +48,11 @@ def _cfg(mode: str, **privacy: object) -> Config:
 
 
 def test_one_registered_class_per_mode_in_message_order() -> None:
-    assert MECHANISMS.names() == ("none", "client-central", "client-local", "task")
+    assert MECHANISMS.names() == ("none", "client-central", "client-local", "task", "client-distributed")
     assert MECHANISMS.names() == PRIVACY_MODES
-    assert [MECHANISMS.get(n) for n in MECHANISMS] == [NoPrivacy, ClientCentralPrivacy, ClientLocalPrivacy, TaskPrivacy]
+    assert [MECHANISMS.get(n) for n in MECHANISMS] == [
+        NoPrivacy, ClientCentralPrivacy, ClientLocalPrivacy, TaskPrivacy, ClientDistributedPrivacy
+    ]
     for name, mech in MECHANISMS.items():
         assert issubclass(mech, PrivacyMechanism) and mech.name == name
         assert inspect.getmodule(mech).__name__.startswith("fedmeta.privacy.mechanisms.")
@@ -62,6 +65,7 @@ def test_one_registered_class_per_mode_in_message_order() -> None:
         ("client-central", "client", "server", True),
         ("client-local", "client", "client", True),
         ("task", "task", "site", True),
+        ("client-distributed", "client", "clients", True),
     ],
 )
 def test_each_mode_declares_its_unit_and_who_adds_the_noise(mode: str, unit: str, noise_by: str, enabled: bool) -> None:
