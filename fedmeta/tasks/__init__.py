@@ -23,6 +23,7 @@ from fedmeta.tasks.base import SPLITS, TaskFamily
 from fedmeta.tasks.femnist import FemnistFamily
 from fedmeta.tasks.folder import FolderFamily, list_sites
 from fedmeta.tasks.glyphs.family import GlyphFamily
+from fedmeta.tasks.hf import HFFamily
 from fedmeta.tasks.omniglot import OmniglotFamily
 from fedmeta.tasks.regression import HarmonicFamily, SinusoidFamily
 from fedmeta.types import TaskBatch
@@ -37,6 +38,7 @@ TASK_FAMILIES.add(GlyphFamily.name, GlyphFamily)
 TASK_FAMILIES.add(FolderFamily.name, FolderFamily)
 TASK_FAMILIES.add(OmniglotFamily.name, OmniglotFamily)
 TASK_FAMILIES.add(FemnistFamily.name, FemnistFamily)
+TASK_FAMILIES.add(HFFamily.name, HFFamily)
 
 
 def build_family(cfg: Config, *, site: str | Path | None = None) -> TaskFamily:
@@ -70,6 +72,8 @@ class TaskSource:
     * ``glyphs``, ``omniglot``: client ``c`` sees only its own partition of the background
       alphabets (the families whose ``per_client`` is set build each client's share).
     * ``femnist``: client ``c`` is writer ``c``; evaluation tasks come from held-out writers.
+    * ``hf``: client ``c`` holds partition ``c`` of the background classes' rows (Flower Datasets'
+      partitioner, ``task.hf.partitioner``); evaluation tasks come from the held-out classes.
 
     Randomness comes from ``(seed, purpose, round, client)`` only, never from global state.
     """
