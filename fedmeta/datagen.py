@@ -103,8 +103,9 @@ def make_dataset_sites(
     """Write ``sites`` site folders from a dataset on disk (omniglot, femnist, hf, a class-folder tree).
 
     Site ``c`` is federated client ``c`` of the config (``federation.clients_total`` at least
-    ``first + sites``): each of its ``tasks_per_site`` training tasks (default ``task.tasks_per_site``
-    or 20) is one ``ways``-way episode drawn from that client's own share (its partition, writer or
+    ``sites`` when ``first`` is 0; a site past the clients, such as a deployment server's held-out
+    site, draws its training tasks from the whole training split): each of its ``tasks_per_site``
+    training tasks (default ``task.tasks_per_site`` or 20) is one ``ways``-way episode drawn from that client's own share (its partition, writer or
     classes), stored as ``x [ways * (shots + query), C, H, W]`` and ``y`` labels ``0..ways-1``, so
     that every round draws a fresh support/query split of those images; its held-out tasks are
     episodes of the source's held-out classes (or writers). Tasks of site ``c`` are a function of
@@ -115,10 +116,10 @@ def make_dataset_sites(
         DataFormatError: if the source does not match its documented layout.
     """
     total = cfg.federation.clients_total
-    if first + sites > total:
+    if first == 0 and sites > total:
         raise ConfigError(
-            f"--sites {sites} (from site {first}) exceeds federation.clients_total ({total}); each site is one "
-            "federated client's share of the dataset"
+            f"--sites {sites} exceeds federation.clients_total ({total}); each site is one federated client's share "
+            "of the dataset"
         )
     n_tasks = tasks_per_site or cfg.task.tasks_per_site or 20
     source = TaskSource(cfg)
@@ -127,7 +128,8 @@ def make_dataset_sites(
 
     def draw(c: int, split: str, count: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
         gen = make_generator(cfg.seed, "make-data", split, c)
-        family = source.family(c if split == "train" else None)
+        # a site past the clients (a deployment server's held-out site) draws from the whole training split
+        family = source.family(c if split == "train" and c < total else None)
         batch = family.sample(gen, count, split)
         x = np.concatenate([batch.support_x.numpy(), batch.query_x.numpy()], axis=1)
         y = np.concatenate([batch.support_y.numpy(), batch.query_y.numpy()], axis=1)

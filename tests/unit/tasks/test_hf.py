@@ -231,28 +231,30 @@ def test_malformed_inputs_name_the_key_or_file(disk: Path, imagefolder: Path, ca
 
 
 def test_missing_extra_names_the_pip_command(disk: Path, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import builtins
+    import importlib
 
-    real = builtins.__import__
+    real = importlib.import_module
 
-    def refuse(name: str, *args: Any, **kwargs: Any) -> Any:
+    def without_flower_datasets(name: str, package: str | None = None) -> Any:
         if name.startswith("flwr_datasets"):
             raise ImportError(f"No module named '{name}'", name=name)
-        return real(name, *args, **kwargs)
+        return real(name, package)
 
-    monkeypatch.delitem(__import__("sys").modules, "flwr_datasets.partitioner", raising=False)
-    monkeypatch.setattr("importlib.import_module", lambda n: refuse(n) if n.startswith("flwr_datasets") else real(n))
-    with pytest.raises(ConfigError, match=r"task.name.*'hf'.*pip install -e \"\.\[datasets\]\""):
+    monkeypatch.setattr(importlib, "import_module", without_flower_datasets)
+    with pytest.raises(ConfigError, match=r"task.name' is 'hf'.*flwr_datasets.*pip install -e \"\.\[datasets\]\""):
         build_hf_family(_cfg(disk, cache))
 
 
 def test_offline_switches_only_inside_the_loader(monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+    import sys
+
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    import importlib
-
-    importlib.reload(importlib.import_module("fedmeta.tasks.hf"))  # importing sets nothing
-    assert "HF_DATASETS_OFFLINE" not in os.environ and os.environ["HF_HUB_OFFLINE"] == "0"
+    # importing the family (and the registry) in a fresh interpreter changes no environment variable
+    probe = "import os; before = dict(os.environ); import fedmeta.tasks; print(dict(os.environ) == before)"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "True"
     with hf_offline():
         assert os.environ["HF_DATASETS_OFFLINE"] == "1" and os.environ["HF_HUB_OFFLINE"] == "1"
         assert datasets.config.HF_DATASETS_OFFLINE is True

@@ -126,8 +126,16 @@ def test_make_data_command_writes_a_class_tree_as_sites(glyphs: list[np.ndarray]
     config.write_text(yaml.safe_dump(_cfg(task, tmp_path / "cache", clients=3)))
     rc = main(["make-data", str(config), "--sites", "3", "--out", str(tmp_path / "sites"), "--quiet"])
     assert rc == 0 and len(list_sites(tmp_path / "sites")) == 3
-    with pytest.raises(ConfigError, match=r"--sites 4 \(from site 0\) exceeds federation.clients_total \(3\)"):
+    with pytest.raises(ConfigError, match=r"--sites 4 exceeds federation.clients_total \(3\)"):
         make_sites(config_from_dict(_cfg(task, tmp_path / "cache", clients=3)), 4, tmp_path / "more")
+    # a local deployment writes its sites from the tree, and a server's held-out site after them
+    from fedmeta.flower.deploy.local import prepare_sites
+
+    cfg = config_from_dict(_cfg(task, tmp_path / "cache", clients=2))
+    deployed = prepare_sites(cfg, 2, tmp_path / "deploy")
+    assert [p.name for p in deployed] == ["site-0000", "site-0001"]
+    held = make_sites(cfg, 1, tmp_path / "held", first=2)[0]
+    assert held.name == "site-0002" and len(FolderFamily(held, shots=SHOTS, query=QUERY, ways=WAYS).tasks("eval")) == 5
     plain = _cfg({"name": "folder", "data_dir": str(tmp_path / "sites")}, tmp_path / "cache")
     with pytest.raises(ConfigError, match=r"task.data_dir is not a class-folder tree"):
         make_sites(config_from_dict(plain), 1, tmp_path / "again")
