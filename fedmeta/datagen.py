@@ -103,13 +103,13 @@ def make_dataset_sites(
     """Write ``sites`` site folders from a dataset on disk (omniglot, femnist, hf, a class-folder tree).
 
     Site ``c`` is federated client ``c`` of the config (``federation.clients_total`` at least
-    ``sites`` when ``first`` is 0; a site past the clients, such as a deployment server's held-out
-    site, draws its training tasks from the whole training split): each of its ``tasks_per_site``
-    training tasks (default ``task.tasks_per_site`` or 20) is one ``ways``-way episode drawn from that client's own share (its partition, writer or
-    classes), stored as ``x [ways * (shots + query), C, H, W]`` and ``y`` labels ``0..ways-1``, so
-    that every round draws a fresh support/query split of those images; its held-out tasks are
-    episodes of the source's held-out classes (or writers). Tasks of site ``c`` are a function of
-    ``(seed, c)``.
+    ``sites`` when ``first`` is 0): each of its ``tasks_per_site`` training tasks (default
+    ``task.tasks_per_site`` or 20) is one ``ways``-way episode drawn from that client's own share
+    (its partition, writer or classes), stored as ``x [ways * (shots + query), C, H, W]`` and
+    ``y`` labels ``0..ways-1``, so that every round draws a fresh support/query split of those
+    images; its held-out tasks are episodes of the source's held-out classes (or writers). A site
+    past the clients (a deployment server's held-out site) draws its training tasks from the
+    whole training split. Tasks of site ``c`` are a function of ``(seed, c)``.
 
     Raises:
         ConfigError: if a site would be a client beyond ``federation.clients_total``.
