@@ -11,6 +11,7 @@ both call it, so the same seed gives the same tasks on both paths.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -101,6 +102,8 @@ class TaskSource:
             self._root = Path(root)
         if cfg.task.name == "folder" and is_class_tree(self._root):
             self._per_client = True
+            if data_dir is not None:  # a node's own tree: its families read it, not the config's
+                self.cfg = replace(cfg, task=replace(cfg.task, data_dir=str(self._root)))
         elif cfg.task.name == "folder":
             self._sites = list_sites(self._root)
             total = cfg.federation.clients_total

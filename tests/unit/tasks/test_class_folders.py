@@ -109,6 +109,18 @@ def test_clients_hold_shares_of_the_train_classes(tree: Path, cache: Path) -> No
     iid = TaskSource(_cfg(tree, cache, clients=2))
     assert iid.family(1).classes("train").tolist() == list(range(TRAIN))  # type: ignore[attr-defined]
     assert all(n.startswith("test/") for ids in iid.eval_tasks(5).ids for n in ids.split())
+    # a node given its own tree (a SuperNode's data-dir) reads it, whatever the config's task.data_dir
+    bare = config_from_dict(
+        {
+            "task": {"name": "folder", "ways": 5, "shots": 1, "query": 2, "image_size": SIZE, "cache_dir": str(cache)},
+            "model": {"name": "conv4"},
+            "federation": {"clients_total": 2, "clients_per_round": 2},
+            "eval": {"server": False, "clients": 1},
+        }
+    )
+    nodes = TaskSource(bare, data_dir=tree)
+    held = set(nodes.family(0).classes("train").tolist())  # type: ignore[attr-defined]
+    assert len(held) >= 5 and held <= set(range(TRAIN))
     with pytest.raises(ConfigError, match=r"task.partition' must be one of iid, dirichlet for a class-folder"):
         TaskSource(_cfg(tree, cache, partition="script")).family(0)
 
