@@ -28,6 +28,7 @@ from fedmeta.registry import require as _require
 
 __all__ = [
     "TaskConfig",
+    "HFConfig",
     "ModelConfig",
     "MetaConfig",
     "FederationConfig",
@@ -89,6 +90,39 @@ def __getattr__(name: str) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
+class HFConfig:
+    """``task.hf``: a dataset read from a local path with Hugging Face ``datasets`` (docs/data-format.md).
+
+    Used by ``task.name: hf`` (fedmeta/tasks/hf.py; the ``datasets`` extra). Nothing downloads:
+    the path must hold the data.
+    """
+
+    # the local dataset: a `Dataset.save_to_disk` folder (disk), an image folder (imagefolder: CLASS/*.png,
+    # or split/CLASS/*.png), or a parquet file or folder of *.parquet files (parquet)
+    path: str | None = None
+    format: str = "disk"
+    # which split of a DatasetDict (ignored for a plain Dataset)
+    split: str = "train"
+    image_column: str = "image"
+    label_column: str = "label"
+    # Flower Datasets partitioner of the background classes' examples among clients:
+    # iid | dirichlet | natural-id | pathological
+    partitioner: str = "iid"
+    # the column dirichlet / pathological partition by (null: label_column); natural-id needs it
+    partition_by: str | None = None
+    # dirichlet: concentration and the smallest partition it accepts
+    alpha: float = 0.5
+    min_partition_size: int = 0
+    # pathological: classes per partition
+    classes_per_partition: int = 2
+    # classes held out for evaluation, the last ones by label (null: a fifth, at least task.ways)
+    heldout_classes: int | None = None
+    # 1: grayscale, 3: RGB; invert: 255 - pixel (dark strokes on white paper -> the glyphs' bright ink on black)
+    channels: int = 1
+    invert: bool = False
+
+
+@dataclass(frozen=True)
 class TaskConfig:
     """Which task family and how each task is split.
 
@@ -127,6 +161,8 @@ class TaskConfig:
     # femnist (docs/data-format.md): writers held out for evaluation, the last ones by id (null: a
     # tenth of them, at least one)
     heldout_writers: int | None = None
+    # hf (docs/data-format.md): the local dataset and its Flower Datasets partitioner
+    hf: HFConfig = field(default_factory=HFConfig)
 
 
 @dataclass(frozen=True)

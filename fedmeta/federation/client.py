@@ -79,7 +79,7 @@ def describe_client(exp: Experiment, client_id: int | None, data_dir: str | None
     family = exp.source.family(client_id if client_id is not None else None)
     if not mechanism_for(exp.cfg).reports_task_count:
         num_tasks = 0
-    elif exp.cfg.task.name == "folder":
+    elif exp.source.num_sites is not None:  # site folders (not a class-folder tree)
         num_tasks = len(family.tasks("train"))  # type: ignore[attr-defined]
     else:
         num_tasks = exp.cfg.task.tasks_per_site or 0

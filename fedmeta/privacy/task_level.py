@@ -51,7 +51,7 @@ def site_pool_size(source: TaskSource, client_id: int) -> int:
         ValueError: when the site has no fixed pool (tasks drawn fresh every round).
     """
     cfg = source.cfg
-    if cfg.task.name == "folder":
+    if source.num_sites is not None:  # site folders (a class-folder tree has a task.tasks_per_site pool)
         family = source.family(client_id)
         return len(family.tasks("train"))  # type: ignore[attr-defined]
     if cfg.task.tasks_per_site is None:
@@ -68,13 +68,12 @@ def sample_site_tasks(
     (see :mod:`fedmeta.privacy.randomness`): a selection the server could recompute would void
     the amplification by subsampling.
     """
-    cfg = source.cfg
     pool = site_pool_size(source, client_id)
     chosen = poisson_indices(pool, sample_rate, generator)
     if chosen.numel() == 0:
         return None
     family = source.family(client_id)
-    if cfg.task.name == "folder":
+    if source.num_sites is not None:  # site folders (a class-folder tree has a task.tasks_per_site pool)
         # FolderFamily describes a task by (index, split); split 0 is "train"
         params = torch.stack([chosen.float(), torch.zeros(chosen.numel())], dim=1)
     else:

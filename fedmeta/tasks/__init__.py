@@ -11,6 +11,7 @@ both call it, so the same seed gives the same tasks on both paths.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -20,9 +21,11 @@ from fedmeta.errors import ConfigError
 from fedmeta.registry import Registry
 from fedmeta.rng import make_generator
 from fedmeta.tasks.base import SPLITS, TaskFamily
+from fedmeta.tasks.class_folders import is_class_tree
 from fedmeta.tasks.femnist import FemnistFamily
 from fedmeta.tasks.folder import FolderFamily, list_sites
 from fedmeta.tasks.glyphs.family import GlyphFamily
+from fedmeta.tasks.hf import HFFamily
 from fedmeta.tasks.omniglot import OmniglotFamily
 from fedmeta.tasks.regression import HarmonicFamily, SinusoidFamily
 from fedmeta.types import TaskBatch
@@ -37,6 +40,7 @@ TASK_FAMILIES.add(GlyphFamily.name, GlyphFamily)
 TASK_FAMILIES.add(FolderFamily.name, FolderFamily)
 TASK_FAMILIES.add(OmniglotFamily.name, OmniglotFamily)
 TASK_FAMILIES.add(FemnistFamily.name, FemnistFamily)
+TASK_FAMILIES.add(HFFamily.name, HFFamily)
 
 
 def build_family(cfg: Config, *, site: str | Path | None = None) -> TaskFamily:
@@ -66,10 +70,14 @@ class TaskSource:
       (a SuperNode's ``data-dir``) reads it whatever its client id. Several clients reading one
       site (client ``c`` reads site ``c mod sites``) only with ``task.share_sites: true``, which
       every DP mode refuses: one site's data entering as several clients voids a per-client or
-      per-task guarantee.
+      per-task guarantee. A ``task.data_dir`` in the class-folder split layout (``train/``,
+      ``test/``: :mod:`fedmeta.tasks.class_folders`) is read as a whole instead: client ``c``
+      holds its ``task.partition`` share of the ``train`` classes, evaluation uses ``test``.
     * ``glyphs``, ``omniglot``: client ``c`` sees only its own partition of the background
       alphabets (the families whose ``per_client`` is set build each client's share).
     * ``femnist``: client ``c`` is writer ``c``; evaluation tasks come from held-out writers.
+    * ``hf``: client ``c`` holds partition ``c`` of the background classes' rows (Flower Datasets'
+      partitioner, ``task.hf.partitioner``); evaluation tasks come from the held-out classes.
 
     Randomness comes from ``(seed, purpose, round, client)`` only, never from global state.
     """
@@ -78,6 +86,8 @@ class TaskSource:
         self.cfg = cfg
         self._families: dict[int, TaskFamily] = {}
         self._sites: list[Path] | None = None
+        # a class-folder tree (train/, test/) is read as a whole, each client holding a share of its classes
+        self._per_client = TASK_FAMILIES.get(cfg.task.name).per_client
         if family is not None:
             # every client draws from `family` (a deployment server that holds no site data
             # passes one that only describes the sites' shapes, from their start-up answers)
@@ -90,7 +100,12 @@ class TaskSource:
             if root is None:
                 raise ConfigError("config key 'task.data_dir' must name a site folder for task.name 'folder'")
             self._root = Path(root)
-            self._sites = list_sites(root)
+        if cfg.task.name == "folder" and is_class_tree(self._root):
+            self._per_client = True
+            if data_dir is not None:  # a node's own tree: its families read it, not the config's
+                self.cfg = replace(cfg, task=replace(cfg.task, data_dir=str(self._root)))
+        elif cfg.task.name == "folder":
+            self._sites = list_sites(self._root)
             total = cfg.federation.clients_total
             if len(self._sites) > 1 and len(self._sites) < total and not cfg.task.share_sites:
                 raise ConfigError(
@@ -128,7 +143,7 @@ class TaskSource:
         if self._sites is not None:
             site = self._sites[0] if client_id is None else self.site_of(client_id)
             return build_family(self.cfg, site=site)
-        if client_id is not None and TASK_FAMILIES.get(self.cfg.task.name).per_client:
+        if client_id is not None and self._per_client:
             return TASK_FAMILIES.get(self.cfg.task.name).for_client(self.cfg, client_id)
         return build_family(self.cfg)
 
@@ -139,7 +154,7 @@ class TaskSource:
 
     def family(self, client_id: int | None = None) -> TaskFamily:
         """The task family client ``client_id`` draws from (``None``: the whole family)."""
-        own_share = client_id is not None and TASK_FAMILIES.get(self.cfg.task.name).per_client
+        own_share = client_id is not None and self._per_client
         if self._shared is not None and not own_share:
             if self._sites is not None and client_id is not None:
                 self.site_of(client_id)  # one site read by several clients only with task.share_sites
@@ -161,7 +176,7 @@ class TaskSource:
         extra = (step,) if step else ()
         gen = make_generator(cfg.seed, "train", round_idx, client_id, *extra)
         pool = cfg.task.tasks_per_site
-        if pool is None or cfg.task.name == "folder":
+        if pool is None or self._sites is not None:
             return fam.sample(gen, n, "train")
         site_params = fam.sample_params(make_generator(cfg.seed, "site", client_id), pool, "train")
         chosen = torch.randperm(pool, generator=make_generator(cfg.seed, "pick", round_idx, client_id, *extra))[:n]
@@ -169,7 +184,7 @@ class TaskSource:
 
     def site_pool(self, client_id: int) -> torch.Tensor | None:
         """Parameters of the fixed task pool of a client (``None`` when tasks are drawn fresh)."""
-        if self.cfg.task.tasks_per_site is None or self.cfg.task.name == "folder":
+        if self.cfg.task.tasks_per_site is None or self._sites is not None:
             return None
         fam = self.family(client_id)
         return fam.sample_params(

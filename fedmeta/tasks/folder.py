@@ -19,6 +19,9 @@ and ``[N]`` integer class labels for classification. A folder of sites (as ``fed
 writes) is ``ROOT/site-0000, ROOT/site-0001, ...``; client ``c`` of a simulation is the ``c``-th
 site in sorted order.
 
+``task.data_dir`` may instead be a class-folder tree in the mini-ImageNet split layout
+(``ROOT/train/CLASS/*.jpg``, ``ROOT/test/CLASS/*.jpg``): :mod:`fedmeta.tasks.class_folders`.
+
 A classification task may instead be a folder of images, ``tasks/NAME/CLASS/*.png`` (one folder
 per class; labels are the class folders in sorted order), or ``tasks/NAME/support/CLASS/*.png``
 plus ``tasks/NAME/query/CLASS/*.png`` for a declared split. Pixels are scaled to [0, 1];
@@ -431,8 +434,11 @@ class FolderFamily(TaskFamily):
     name = "folder"
 
     @classmethod
-    def from_config(cls, cfg: Config, *, site: str | Path | None = None) -> FolderFamily:
+    def from_config(cls, cfg: Config, *, site: str | Path | None = None) -> TaskFamily:
         """The site folder ``site`` (default: ``task.data_dir``) with ``task.shots``/``query``/``ways``.
+
+        A ``task.data_dir`` in the class-folder split layout (``train/``, ``test/``: see
+        :mod:`fedmeta.tasks.class_folders`) gives its whole ``train`` split instead.
 
         Raises:
             ConfigError: if neither ``site`` nor ``task.data_dir`` names a folder.
@@ -442,7 +448,22 @@ class FolderFamily(TaskFamily):
         where = site if site is not None else t.data_dir
         if where is None:
             raise ConfigError("config key 'task.data_dir' must name a site folder for task.name 'folder'")
+        if site is None:
+            from fedmeta.tasks.class_folders import build_class_tree_family, is_class_tree
+
+            if is_class_tree(where):
+                return build_class_tree_family(cfg)
         return cls(where, shots=t.shots, query=t.query, ways=t.ways)
+
+    @classmethod
+    def for_client(cls, cfg: Config, client_id: int) -> TaskFamily:
+        """Client ``client_id``'s share of a class-folder tree's ``train`` classes (``task.partition``).
+
+        Site folders have no shares (each client reads its own site); only a class-folder tree does.
+        """
+        from fedmeta.tasks.class_folders import build_class_tree_family
+
+        return build_class_tree_family(cfg, client_id=client_id)
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:

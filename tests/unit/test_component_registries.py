@@ -19,11 +19,13 @@ from fedmeta.tasks.regression import HarmonicFamily
 
 
 def _task(name: str) -> dict[str, object]:
+    if name == "hf":
+        return {"name": name, "hf": {"path": "/nonexistent/dataset"}}
     return {"name": name, "data_dir": "/nonexistent/site"} if name == "folder" else {"name": name}
 
 
 def test_names_in_the_order_messages_list_them() -> None:
-    assert TASK_FAMILIES.names() == ("sinusoid", "harmonic", "glyphs", "folder", "omniglot", "femnist")
+    assert TASK_FAMILIES.names() == ("sinusoid", "harmonic", "glyphs", "folder", "omniglot", "femnist", "hf")
     assert MODELS.names() == ("mlp", "conv4")
     assert AGGREGATORS.names() == (
         "mean", "median", "trimmed_mean", "weighted_median", "weighted_trimmed_mean", "krum", "multikrum", "norm_bound",
@@ -75,7 +77,7 @@ def test_builders_refuse_unknown_names_naming_the_key() -> None:
     cfg = Config()
     known = (
         r"config key 'task.name' has no task family 'nope' "
-        r"\(known: sinusoid, harmonic, glyphs, folder, omniglot, femnist\)"
+        r"\(known: sinusoid, harmonic, glyphs, folder, omniglot, femnist, hf\)"
     )
     with pytest.raises(ConfigError, match=known):
         build_family(replace(cfg, task=replace(cfg.task, name="nope")))

@@ -947,9 +947,11 @@ def prepare_sites(cfg: Config, num_sites: int | None, out: Path, *, data: str | 
         ConfigError: if neither data nor a generated family is available or counts disagree.
         DataFormatError: if ``data`` is not in the documented format.
     """
+    from fedmeta.tasks.class_folders import is_class_tree
     from fedmeta.tasks.folder import list_sites
 
-    if data is None and cfg.task.name == "folder":
+    # a class-folder tree is a dataset make-data writes sites from, not a folder of sites
+    if data is None and cfg.task.name == "folder" and not (cfg.task.data_dir and is_class_tree(cfg.task.data_dir)):
         if not cfg.task.data_dir:
             raise ConfigError("config key 'task.name' is 'folder': give the sites with --data DIR (or task.data_dir)")
         data = cfg.task.data_dir
