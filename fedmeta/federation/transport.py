@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from fedmeta.algorithms import MetaUpdate
 from fedmeta.errors import BudgetExhausted, CheckpointError
-from fedmeta.federation.client import evaluate_on_client
+from fedmeta.federation.client import evaluate_on_client, train_cohort
 
 if TYPE_CHECKING:
     from fedmeta.federation.loop import RoundLog, RoundLoop
@@ -141,12 +141,8 @@ class InProcessTransport:
                     continue
                 self.client_states[cid] = state
                 loop.accept(book, ClientReply(cid, update.gradient, update.num_tasks, {**update.metrics, **extra}))
-        elif clients:
-            raw = loop.exp.round_updates(loop.meta, r, clients)
-            for i, cid in enumerate(clients):
-                update = MetaUpdate(
-                    {k: v[i] for k, v in raw.updates.items()}, int(raw.weights[i]), raw.client_metrics[i]
-                )
+        else:
+            for cid, update in zip(clients, train_cohort(loop.exp, loop.meta, r, clients), strict=True):
                 if mechanism.enabled:
                     try:
                         update, extra = self._privatize(loop, cid, update, r)

@@ -156,6 +156,9 @@ class PrivacyMechanism:
             allows it: those metrics would not be covered by epsilon.
         accepts_shared_sites: whether ``task.share_sites`` (several clients reading one site folder)
             may be used; no DP mode accepts it (one site entering as several clients is not the unit).
+        pools_clients: whether a simulation node may play several logical clients
+            (``simulation.pool``); a protocol that treats each node as one party (secure
+            aggregation) sets ``False``, and ``fedmeta simulate`` then refuses the pool.
     """
 
     name: ClassVar[str] = ""
@@ -177,6 +180,7 @@ class PrivacyMechanism:
     evaluates_on_site_data: ClassVar[bool] = False
     public: ClassVar[tuple[str, ...]] = ()
     reports_task_count: ClassVar[bool] = False
+    pools_clients: ClassVar[bool] = True
 
     # -- declarations ----------------------------------------------------------------------------
 
