@@ -379,7 +379,8 @@ class SimulationConfig:
     # true: a fixed pool of simulation nodes plays the logical clients (each round every node gets
     # the ids of the clients it plays and computes them in one batched pass); registered clients
     # cost nothing until sampled. false: one simulation node per registered client
-    # (federation.clients_total nodes), e.g. for Flower mods that act per client
+    # (federation.clients_total nodes), e.g. for Flower mods that act per client. Site folders
+    # (task.name folder) always get one node per site: a node never plays two sites' data
     pool: bool = True
     # nodes in the pool (null: one per Ray actor, i.e. CPUs / CPUs per client)
     nodes: int | None = None

@@ -18,10 +18,11 @@ own privacy state (:func:`fedmeta.privacy.client_update.private_round`), the sta
 simulation's client-privacy folder by client id (a client may be played by another node next
 time), exactly what a node of its own would compute.
 
-What cannot be pooled is refused (:func:`check_pooling`): a privacy mode whose protocol treats a
-node as one party (``PrivacyMechanism.pools_clients``, e.g. secure aggregation) and sites with
-their own data on disk (``TaskFamily.site_data``: a node never plays two sites' data); those run
-with ``simulation.pool: false``, one node per client. Deployments always have one node per site.
+What cannot be pooled is decided by declarations (:func:`check_pooling`): a privacy mode whose
+protocol treats a node as one party (``PrivacyMechanism.pools_clients``, e.g. secure aggregation)
+refuses ``simulation.pool: true`` (set it false: one node per client); sites with their own data
+on disk (``TaskFamily.site_data``) always get one node per site, since a node never plays two
+sites' data. Deployments always have one node per site.
 
 Message protocol (``RecordDict`` keys), next to :mod:`fedmeta.flower.records`':
 
@@ -85,17 +86,25 @@ _COHORT = "cohort"
 _IDS, _FAILED, _REASONS = "client-ids", "failed-ids", "failed-reasons"
 
 
-def check_pooling(cfg: Config) -> None:
-    """Refuse ``simulation.pool`` where a node must not play several logical clients.
+def check_pooling(cfg: Config) -> bool:
+    """Whether ``fedmeta simulate`` runs ``cfg`` on a node pool; refuse ``simulation.pool`` where it must not.
+
+    Site folders (a task family whose clients are sites with their own data on disk,
+    ``TaskFamily.site_data``) get one node per site whatever ``simulation.pool`` says: a node
+    never plays two sites' data, so pooling plays generated clients only.
+
+    Returns:
+        ``True`` for a pool, ``False`` for one node per client.
 
     Raises:
-        ConfigError: naming ``simulation.pool`` when the privacy mode treats each node as one party
-            (``PrivacyMechanism.pools_clients`` is false) or the task family's clients are sites
-            with their own data on disk (``TaskFamily.site_data``).
+        ConfigError: naming ``simulation.pool`` when it is true and the privacy mode treats each
+            node as one party (``PrivacyMechanism.pools_clients`` is false, e.g. secure aggregation).
     """
     from fedmeta.privacy.mechanisms import mechanism_for
     from fedmeta.tasks import TASK_FAMILIES
 
+    if not cfg.simulation.pool:
+        return False
     mechanism = mechanism_for(cfg)
     if not mechanism.pools_clients:
         raise ConfigError(
@@ -103,11 +112,9 @@ def check_pooling(cfg: Config) -> None:
             "each node as one party, so every client keeps a node of its own"
         )
     if TASK_FAMILIES.get(cfg.task.name).site_data:
-        raise ConfigError(
-            f"config key 'simulation.pool' must be false for task.name '{cfg.task.name}': each client is a site "
-            "with its own data, and a node never plays two sites' data (pooling plays generated clients); "
-            "with simulation.pool false every site gets a node of its own"
-        )
+        log.info("task.name '%s': one simulation node per site (a node never plays two sites' data)", cfg.task.name)
+        return False
+    return True
 
 
 def pool_size(cfg: Config, *, num_cpus: int | None = None, cpus_per_client: float = 1.0) -> int:

@@ -5,8 +5,8 @@ The same ``ClientApp`` (:mod:`fedmeta.flower.client_app`) and ``ServerApp``
 ``run_simulation`` with one Ray actor per CPU core and, by default (``simulation.pool``), a small
 pool of virtual SuperNodes (``simulation.nodes``, default one per actor) that play the logical
 clients each round (:mod:`fedmeta.flower.pool`): registered clients cost no node until sampled.
-With ``simulation.pool: false`` there is one virtual SuperNode per registered client
-(``federation.clients_total``), e.g. for Flower mods that act per client.
+With ``simulation.pool: false``, and always for site folders (a node never plays two sites'
+data), there is one virtual SuperNode per registered client (``federation.clients_total``).
 
 Differential privacy (``privacy.mode``) runs inside those apps: the server's
 :class:`~fedmeta.privacy.facade.ServerPrivacy` (the default policy of
@@ -95,14 +95,10 @@ def simulate(
             # a fresh simulation has fresh simulated sites: their old accountants do not apply
             shutil.rmtree(state_dir)
     from fedmeta.flower.client_app import build_client_app
+    from fedmeta.flower.pool import check_pooling, pool_size
     from fedmeta.flower.server_app import build_server_app
 
-    pool_nodes: int | None = None
-    if cfg.simulation.pool:
-        from fedmeta.flower.pool import check_pooling, pool_size
-
-        check_pooling(cfg)
-        pool_nodes = pool_size(cfg, num_cpus=num_cpus, cpus_per_client=cpus_per_client)
+    pool_nodes = pool_size(cfg, num_cpus=num_cpus, cpus_per_client=cpus_per_client) if check_pooling(cfg) else None
     started = time.perf_counter()
     server_app = build_server_app(
         cfg, out, resume=resume, mode="simulation", progress=progress, pool_nodes=pool_nodes, **server_kwargs

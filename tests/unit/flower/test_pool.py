@@ -154,14 +154,15 @@ def test_pooling_is_refused_where_a_node_must_stay_one_party(monkeypatch: pytest
     from fedmeta.privacy.mechanisms import mechanism_for
 
     cfg = _cfg()
-    check_pooling(cfg)  # generated clients, no DP: allowed
+    assert check_pooling(cfg)  # generated clients, no DP: a pool
+    assert not check_pooling(_cfg("simulation.pool=false"))
     folder = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, name="folder"))
-    with pytest.raises(ConfigError, match=r"simulation\.pool.*task\.name 'folder'"):
-        check_pooling(folder)
-    # a mode whose protocol treats a node as one party (secure aggregation) declares it
+    assert not check_pooling(folder)  # site folders: one node per site, never two sites' data on one node
+    # a mode whose protocol treats a node as one party (secure aggregation) declares it and refuses the pool
     monkeypatch.setattr(type(mechanism_for(cfg)), "pools_clients", False)
     with pytest.raises(ConfigError, match=r"simulation\.pool.*privacy\.mode 'none'"):
         check_pooling(cfg)
+    assert not check_pooling(_cfg("simulation.pool=false"))  # what such a mode runs with
 
 
 def test_a_pooled_reply_carries_one_update_per_client_and_its_failures() -> None:
