@@ -107,20 +107,29 @@ def _median(rows: list[dict[str, Any]], key: str, rounds: int) -> float:
     return statistics.median(vals) if vals else float("nan")
 
 
-def _measure(path: str, cfg: Config, out: Path) -> dict[str, Any]:
-    """Run ``cfg`` by ``path`` (``simulate`` or ``centralized``) and what the record keeps of it."""
+def _measure(path: str, cfg: Config, out: Path, *, threads: int | None = None) -> dict[str, Any]:
+    """Run ``cfg`` by ``path`` (``simulate`` or ``centralized``) and what the record keeps of it.
+
+    ``threads`` sets torch's threads in this process for the run (centralized; ``None``: as it is).
+    """
     from simulations.bench_federation import TreeMemory
 
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
     started = time.perf_counter()
-    with TreeMemory() as mem:
-        if path == "simulate":
-            from fedmeta.flower.simulation import simulate
+    try:
+        with TreeMemory() as mem:
+            if path == "simulate":
+                from fedmeta.flower.simulation import simulate
 
-            summary = simulate(cfg, out)
-        else:
-            from fedmeta.centralized import run_centralized
+                summary = simulate(cfg, out)
+            else:
+                from fedmeta.centralized import run_centralized
 
-            summary = run_centralized(cfg, out)
+                summary = run_centralized(cfg, out)
+    finally:
+        torch.set_num_threads(before)
     wall = time.perf_counter() - started
     rows = _rows(out)
     rounds = cfg.federation.rounds
@@ -135,6 +144,7 @@ def _measure(path: str, cfg: Config, out: Path) -> dict[str, Any]:
         "peak_rss_mb": mem.peak / 2**20,
         "peak_driver_rss_mb": mem.peak_self / 2**20,
         "final_post_adapt_loss": summary["final"].get("post_adapt_loss"),
+        "torch_threads": threads if threads is not None else before,
     }
     if path == "simulate":
         fed = summary.get("federation", {})
@@ -151,8 +161,13 @@ def _measure(path: str, cfg: Config, out: Path) -> dict[str, Any]:
     return entry
 
 
-def run(cases: list[str], *, rounds: int, out: Path, redo: bool, partial: bool) -> None:
-    """Measure ``cases`` (simulate, then centralized, each) and append them to the record."""
+def run(cases: list[str], *, rounds: int, out: Path, redo: bool, partial: bool, paths: list[str]) -> None:
+    """Measure ``cases`` (``paths`` of each: simulate, then centralized) and append them to the record.
+
+    The centralized reference runs twice, with 1 torch thread and with torch's default, and keeps
+    the faster (on a loaded 2-core machine two threads can be slower than one); the simulation's
+    Ray actors run one thread each.
+    """
     from fedmeta.flower.env import configure_environment
 
     configure_environment()
@@ -160,12 +175,17 @@ def run(cases: list[str], *, rounds: int, out: Path, redo: bool, partial: bool) 
     for case in cases:
         total, per_round = CASES[case]
         cfg = case_config(total, per_round, rounds)
-        for path in ("simulate", "centralized"):
+        for path in paths:
             if (case, path) in done and not redo:
                 log.info("%s %s: in the record, skipped", case, path)
                 continue
             log.info("%s: %s, %d registered, %d per round, %d rounds", case, path, total, per_round, rounds)
-            entry = _measure(path, cfg, out / case / path)
+            if path == "simulate":
+                entry = _measure(path, cfg, out / case / path)
+            else:
+                runs = [_measure(path, cfg, out / case / f"{path}-{n}", threads=n) for n in (1, None)]
+                entry = min(runs, key=lambda e: e["round_s"])
+                entry["round_s_by_threads"] = {str(e["torch_threads"]): e["round_s"] for e in runs}
             entry.update(case=case, rounds_asked=rounds, partial_run=partial, machine=machine_line())
             _append(entry)
             log.info("%s %s: %.4f s per round, start-up %.1f s", case, path, entry["round_s"], entry["startup_s"])
@@ -193,8 +213,8 @@ def section(record: list[dict[str, Any]]) -> str:
         "round's cohort split over the nodes and computed there in one batched pass per node. Per round: the "
         "median of `metrics.jsonl`'s round times after the first round, the evaluation round left out "
         "(start-up apart); Flower's latency: a round's `send_receive` minus the nodes' compute time "
-        f"(its simulation engine sweeps the nodes every {FLOWER_SWEEP_S:g} s); peak RSS: this process and every "
-        "descendant (Ray included).",
+        f"(its simulation engine sweeps the nodes every {FLOWER_SWEEP_S:g} s); centralized: the faster of 1 torch "
+        "thread and torch's default; peak RSS: this process and every descendant (Ray included).",
         "",
     ]
     if any(e.get("partial_run") for e in record) or missing:
@@ -243,11 +263,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redo", action="store_true", help="measure cases the record already holds again")
     parser.add_argument("--partial", action="store_true", help="mark these runs as a partial run in the record")
     parser.add_argument("--render", action="store_true", help="only re-render the section from the record")
+    parser.add_argument(
+        "--paths", nargs="+", choices=["simulate", "centralized"], default=["simulate", "centralized"],
+        help="which paths to measure (default both)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if not args.render:
         torch.manual_seed(0)
-        run(args.only or list(CASES), rounds=args.rounds, out=args.out, redo=args.redo, partial=args.partial)
+        cases = args.only or list(CASES)
+        run(cases, rounds=args.rounds, out=args.out, redo=args.redo, partial=args.partial, paths=args.paths)
     update_section(SECTION, section(read_record()))
     return 0
 

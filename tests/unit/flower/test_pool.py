@@ -221,3 +221,18 @@ def test_a_node_that_fails_fails_its_clients_and_they_are_retried(tmp_path: Path
     retried = grid.shares[3:5]
     assert [share for _, share in retried] == [[grid.shares[1][1][0]], [grid.shares[1][1][1]]]
     assert math.isfinite(first["update_norm"])
+
+
+def test_federated_evaluation_on_the_pool_is_each_clients_own(tmp_path: Path) -> None:
+    """``eval.clients``: each node evaluates the clients of its share on their own held-out tasks; the task-weighted
+    aggregate equals the reference's, where every client evaluates in process."""
+    cfg = _cfg("eval.clients=5", "federation.rounds=1", "eval.every=1")
+    _run_pool(cfg, tmp_path / "pool", LocalGrid(build_client_app(cfg), nodes=2))
+    run_centralized(cfg, tmp_path / "cen")
+    pool = [r["client_eval"] for r in read_metrics(tmp_path / "pool" / "metrics.jsonl") if "client_eval" in r]
+    cen = [r["client_eval"] for r in read_metrics(tmp_path / "cen" / "metrics.jsonl") if "client_eval" in r]
+    assert len(pool) == len(cen) >= 1
+    for a, b in zip(pool, cen, strict=True):
+        assert (a["clients"], a["tasks"]) == (b["clients"], b["tasks"]) == (5, 20)
+        for key in ("pre_adapt_loss", "post_adapt_loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6), key
