@@ -247,10 +247,15 @@ def section(record: list[dict[str, Any]]) -> str:
             if case.startswith("registered-")
         ]
         if beyond:
-            lines += ["", "Start-up of `simulate` beyond that of overhead-10 in the same record: " + "; ".join(beyond)]
-    machines = sorted({e["machine"] for e in record if e.get("machine")})
+            lines += [
+                "",
+                "Start-up of `simulate` beyond that of overhead-10 in the same record: " + "; ".join(beyond) + ". "
+                "The first simulation of a benchmark process also pays the first import of Ray and Flower and a "
+                "cold start of Ray, so a later, larger run can start faster than overhead-10.",
+            ]
+    machines = [e["machine"] for e in record if e.get("machine")]
     if machines:
-        lines += ["", "Machine: " + machines[-1] + "."]
+        lines += ["", "Machine of the latest run: " + machines[-1] + "."]
     return "\n".join(lines) + "\n"
 
 
