@@ -39,6 +39,7 @@ __all__ = [
     "TRLearnerConfig",
     "ConstraintConfig",
     "GeneratorsConfig",
+    "SimulationConfig",
     "Config",
     "evaluation_config",
     "with_task_ranges",
@@ -443,6 +444,20 @@ class GeneratorsConfig:
 
 
 @dataclass(frozen=True)
+class SimulationConfig:
+    """How ``fedmeta simulate`` maps clients onto Flower simulation nodes (docs/architecture.md, "Node pool")."""
+
+    # true: a fixed pool of simulation nodes plays the logical clients (each round every node gets
+    # the ids of the clients it plays and computes them in one batched pass); registered clients
+    # cost nothing until sampled. false: one simulation node per registered client
+    # (federation.clients_total nodes), e.g. for Flower mods that act per client. Site folders
+    # (task.name folder) always get one node per site: a node never plays two sites' data
+    pool: bool = True
+    # nodes in the pool (null: one per Ray actor, i.e. CPUs / CPUs per client)
+    nodes: int | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole run configuration (SPEC §10)."""
 
@@ -454,6 +469,7 @@ class Config:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     generators: GeneratorsConfig = field(default_factory=GeneratorsConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
     @property
     def min_replies(self) -> int:
@@ -759,6 +775,8 @@ def validate(cfg: Config) -> Config:
     _require(f.sampling in SAMPLINGS, "federation.sampling", f.sampling, f"must be one of {', '.join(SAMPLINGS)}")
     _require(f.join_timeout > 0, "federation.join_timeout", f.join_timeout, "must be positive (seconds)")
     _require(f.max_retries >= 0, "federation.max_retries", f.max_retries, "must be a non-negative integer")
+    nodes = cfg.simulation.nodes
+    _require(nodes is None or nodes >= 1, "simulation.nodes", nodes, "must be null (one per Ray actor) or at least 1")
 
     _require(p.mode in MECHANISMS, "privacy.mode", p.mode, f"must be one of {', '.join(MECHANISMS)}")
     _require(

@@ -21,6 +21,7 @@ from fedmeta.federation.client import (
     eval_cohort,
     evaluate_on_client,
     resolve_client_id,
+    train_cohort,
     train_on_client,
 )
 from fedmeta.federation.directory import ClientDirectory, SiteLayoutFamily, needs_site_layout, site_layout
@@ -47,6 +48,7 @@ __all__ = [
     "eval_cohort",
     "evaluate_on_client",
     "resolve_client_id",
+    "train_cohort",
     "train_on_client",
     "ClientDirectory",
     "SiteLayoutFamily",

@@ -29,6 +29,7 @@ __all__ = [
     "describe_client",
     "resolve_client_id",
     "train_on_client",
+    "train_cohort",
     "check_received_meta",
     "evaluate_on_client",
     "eval_cohort",
@@ -122,6 +123,30 @@ def train_on_client(exp: Experiment, meta: Params, round_idx: int, client_id: in
     """
     check_received_meta(exp, meta)
     return exp.client_update(meta, round_idx, client_id)
+
+
+def train_cohort(exp: Experiment, meta: Params, round_idx: int, clients: Sequence[int]) -> list[MetaUpdate]:
+    """What each client of ``clients`` computes in ``round_idx``, from one vectorized pass.
+
+    :meth:`Experiment.round_updates` sliced per client: each client's update, task count and
+    metrics are its own (its tasks drawn from ``(seed, round, client)``), as
+    :func:`train_on_client` computes them one at a time. The in-process transport and a pooled
+    simulation node (:mod:`fedmeta.flower.pool`) both call it.
+
+    Returns:
+        One update per client, in the order of ``clients`` (empty for no clients).
+
+    Raises:
+        UpdateRejected: if the received meta-parameters do not fit the model.
+    """
+    if not clients:
+        return []
+    check_received_meta(exp, meta)
+    raw = exp.round_updates(meta, round_idx, list(clients))
+    return [
+        MetaUpdate({k: v[i] for k, v in raw.updates.items()}, int(raw.weights[i]), raw.client_metrics[i])
+        for i in range(len(clients))
+    ]
 
 
 def check_received_meta(exp: Experiment, meta: Params) -> None:

@@ -98,6 +98,14 @@ class ClientDirectory:
         self._bind(identity.client_id, node_id)
         return None
 
+    def check(self, identity: ClientIdentity) -> str | None:
+        """Why a node answering ``identity`` would be refused (data kind, shapes, id range), or ``None``.
+
+        A pooled simulation node (:mod:`fedmeta.flower.pool`) is checked this way without being
+        registered as a client.
+        """
+        return self._check(identity)
+
     def _check(self, identity: ClientIdentity) -> str | None:
         if identity.kind != self.kind:
             return f"its tasks are {identity.kind}, the model is for {self.kind} tasks"

@@ -27,7 +27,7 @@ import numpy as np
 
 from fedmeta.algorithms import MetaUpdate
 from fedmeta.errors import BudgetExhausted, CheckpointError
-from fedmeta.federation.client import evaluate_on_client
+from fedmeta.federation.client import evaluate_on_client, train_cohort
 from fedmeta.rng import derive_seed
 
 if TYPE_CHECKING:
@@ -150,12 +150,8 @@ class InProcessTransport:
         elif mechanism.secure_sum:
             if clients:
                 self._train_secure(loop, book)
-        elif clients:
-            raw = loop.exp.round_updates(loop.meta, r, clients)
-            for i, cid in enumerate(clients):
-                update = MetaUpdate(
-                    {k: v[i] for k, v in raw.updates.items()}, int(raw.weights[i]), raw.client_metrics[i]
-                )
+        else:
+            for cid, update in zip(clients, train_cohort(loop.exp, loop.meta, r, clients), strict=True):
                 if mechanism.enabled:
                     try:
                         update, extra = self._privatize(loop, cid, update, r)

@@ -9,6 +9,9 @@
   ``data-dir``), run the configured algorithm, reply with the mean meta-update, the number of
   tasks and mean metrics only.
 * ``evaluate``: adapt on this client's held-out tasks and reply with aggregate metrics only.
+* ``train.cohort`` / ``evaluate.cohort``: a pooled simulation node (``simulation.pool``,
+  :mod:`fedmeta.flower.pool`) plays the logical clients whose ids the message lists, in one
+  batched pass, and replies with one update (or metrics) per client.
 
 Under differential privacy (the mechanism of ``privacy.mode`` is enabled) the train handler runs
 :func:`fedmeta.privacy.client_update.private_round` instead: under ``client-local`` the client
@@ -206,6 +209,36 @@ def build_client_app(
             fl.store_node_state(context, fl.PRIVACY_STATE, state)
         # only the privatized update, a nominal task count and privacy.* scalars leave the client
         return Message(fl.pack_update(update, releasable), reply_to=message)
+
+    @app.train("cohort", mods=list(train_mods))
+    def train_cohort(message: Message, context: Context) -> Message:
+        """A pooled simulation node (``simulation.pool``): one reply for all the logical clients it plays."""
+        from fedmeta.flower.pool import play_train_cohort, unpack_cohort_instructions
+
+        started = time.perf_counter()
+        exp, _, _ = setup(context)
+        refusal = _floor_refusal(exp.cfg, context, message)
+        if refusal is not None:
+            return refusal
+        meta, config, client_ids = unpack_cohort_instructions(message)
+        node_dir = context.node_config.get("privacy-state-dir")
+        state_dir = str(node_dir) if node_dir not in (None, "") else privacy_state_dir
+        state_dir = (state_dir or default_privacy_state_dir()) if mechanism_for(exp.cfg).enabled else None
+        content = play_train_cohort(exp, meta, config, client_ids, state_dir=state_dir, rdp_cache=_rdp_curves())
+        log.debug("pooled node: %d clients in %.3fs", len(client_ids), time.perf_counter() - started)
+        return Message(content, reply_to=message)
+
+    @app.evaluate("cohort", mods=list(evaluate_mods))
+    def evaluate_cohort(message: Message, context: Context) -> Message:
+        """A pooled simulation node's federated evaluation of the logical clients it plays."""
+        from fedmeta.flower.pool import play_evaluate_cohort, unpack_cohort_instructions
+
+        exp, _, _ = setup(context)
+        refusal = _floor_refusal(exp.cfg, context, message)
+        if refusal is not None:
+            return refusal
+        meta, config, client_ids = unpack_cohort_instructions(message)
+        return Message(play_evaluate_cohort(exp, meta, config, client_ids), reply_to=message)
 
     @app.evaluate(mods=list(evaluate_mods))
     def evaluate(message: Message, context: Context) -> Message:

@@ -52,6 +52,7 @@ def run_server(
     aggregate_transforms: Sequence[AggregateTransform] = (),
     progress: ProgressFn | None = None,
     deadline: Deadline = timeout_deadline,
+    pool_nodes: int | None = None,
 ) -> dict[str, Any]:
     """Run federated meta-training on ``grid`` and write the outputs into ``out_dir``.
 
@@ -72,6 +73,8 @@ def run_server(
         progress: called after every round.
         deadline: when an exchange stops waiting for missing replies
             (:data:`fedmeta.flower.transport.Deadline`; default: after its timeout).
+        pool_nodes: a pool of that many simulation nodes plays the logical clients
+            (:class:`fedmeta.flower.pool.PooledFlowerTransport`; ``None``: one node per client).
 
     Returns:
         The summary.
@@ -96,7 +99,13 @@ def run_server(
         cfg, out_dir, mode=mode, resume=resume, experiment=experiment, policy=policy,
         update_transforms=update_transforms, aggregate_transforms=aggregate_transforms,
     )  # fmt: skip
-    transport = FlowerTransport(grid, answers=answers, deadline=deadline)
+    transport: FlowerTransport
+    if pool_nodes is not None:
+        from fedmeta.flower.pool import PooledFlowerTransport
+
+        transport = PooledFlowerTransport(grid, nodes=pool_nodes, deadline=deadline)
+    else:
+        transport = FlowerTransport(grid, answers=answers, deadline=deadline)
     if answers is not None:
         transport.timings["discovery_seconds"] = time.perf_counter() - started
     return loop.run(transport, progress=progress)

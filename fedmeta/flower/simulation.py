@@ -2,8 +2,11 @@
 
 The same ``ClientApp`` (:mod:`fedmeta.flower.client_app`) and ``ServerApp``
 (:mod:`fedmeta.flower.server_app`) that run in a deployment are started by Flower's
-``run_simulation`` with one virtual SuperNode per registered client (``federation.clients_total``)
-and one Ray actor per CPU core.
+``run_simulation`` with one Ray actor per CPU core and, by default (``simulation.pool``), a small
+pool of virtual SuperNodes (``simulation.nodes``, default one per actor) that play the logical
+clients each round (:mod:`fedmeta.flower.pool`): registered clients cost no node until sampled.
+With ``simulation.pool: false``, and always for site folders (a node never plays two sites'
+data), there is one virtual SuperNode per registered client (``federation.clients_total``).
 
 Differential privacy (``privacy.mode``) runs inside those apps: the server's
 :class:`~fedmeta.privacy.facade.ServerPrivacy` (the default policy of
@@ -55,7 +58,8 @@ def simulate(
         out_dir: output directory (metrics.jsonl, summary.json, checkpoint.pt, plots).
         resume: continue from ``out_dir/checkpoint.pt`` at the next round.
         progress: called after every round with its metrics row (in this process).
-        client_mods: Flower mods wrapped around every ClientApp handler (tests inject faults).
+        client_mods: Flower mods wrapped around every ClientApp handler (tests inject faults; a
+            mod that acts per client needs ``simulation.pool: false``, one node per client).
         cpus_per_client: Ray CPUs per ClientApp actor.
         num_cpus: CPUs Ray may use (default: all cores).
         verbose: keep Flower's and Ray's logs.
@@ -69,6 +73,8 @@ def simulate(
 
     Raises:
         BudgetExhausted: if the privacy budget refuses the run (before Ray starts).
+        ConfigError: if ``simulation.pool`` is set where a node must not play several clients
+            (:func:`fedmeta.flower.pool.check_pooling`; before Ray starts).
         FedMetaError: what the server raised (e.g. ``InconsistentReplies``).
     """
     configure_environment()  # before flwr and ray load (each variable only if not set)
@@ -89,15 +95,19 @@ def simulate(
             # a fresh simulation has fresh simulated sites: their old accountants do not apply
             shutil.rmtree(state_dir)
     from fedmeta.flower.client_app import build_client_app
+    from fedmeta.flower.pool import check_pooling, pool_size
     from fedmeta.flower.server_app import build_server_app
 
+    pool_nodes = pool_size(cfg, num_cpus=num_cpus, cpus_per_client=cpus_per_client) if check_pooling(cfg) else None
     started = time.perf_counter()
-    server_app = build_server_app(cfg, out, resume=resume, mode="simulation", progress=progress, **server_kwargs)
+    server_app = build_server_app(
+        cfg, out, resume=resume, mode="simulation", progress=progress, pool_nodes=pool_nodes, **server_kwargs
+    )
     client_app = build_client_app(cfg, mods=client_mods, privacy_state_dir=state_dir)
     run_flower_simulation(
         server_app,
         client_app,
-        num_supernodes=cfg.federation.clients_total,
+        num_supernodes=pool_nodes if pool_nodes is not None else cfg.federation.clients_total,
         cpus_per_client=cpus_per_client,
         num_cpus=num_cpus,
         verbose=verbose,

@@ -41,6 +41,9 @@ class TaskFamily(ABC):
     output_dim: int = 1
     #: whether a federated client draws from its own share (:meth:`for_client`) rather than the whole family.
     per_client: ClassVar[bool] = False
+    #: whether each client is a site with its own data on disk: a simulation node then plays one
+    #: site only (never two logical clients on one site's data), so ``simulation.pool`` is refused.
+    site_data: ClassVar[bool] = False
 
     @classmethod
     def from_config(cls, cfg: Config, *, site: str | Path | None = None) -> TaskFamily:

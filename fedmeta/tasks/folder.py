@@ -432,6 +432,7 @@ class FolderFamily(TaskFamily):
     """
 
     name = "folder"
+    site_data = True
 
     @classmethod
     def from_config(cls, cfg: Config, *, site: str | Path | None = None) -> TaskFamily:

@@ -53,8 +53,13 @@ class Faults:
         return (Path(self.marker_dir) / f"held-{cid}-{rnd}").exists()
 
     def __call__(self, message: Message, context: Context, call_next: Any) -> Message:
-        if message.metadata.message_type != "train":
+        kind = message.metadata.message_type
+        if kind not in ("train", "train.cohort"):
             return call_next(message, context)
+        if kind == "train.cohort" and (self.raise_always or self.nan_reply or self.slow_first_try):
+            # a pooled node plays several clients in one message: only whole-node faults apply
+            raise RuntimeError("per-client faults need one node per client (simulation.pool=false)")
+        # a pooled node (simulation.pool) is a node of the pool: its faults fail every client it plays
         cid = int(context.node_config["partition-id"])
         rnd = int(message.content.config_records["config"]["round"])
         if self.fail_from_round is not None and rnd >= self.fail_from_round:

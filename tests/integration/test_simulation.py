@@ -93,6 +93,7 @@ def test_simulation_learns_and_survives_faulty_clients(
             "federation.round_timeout=120",
             "federation.max_retries=1",
             "federation.min_replies=5",
+            "simulation.pool=false",  # the faults act per client: one node per client
             "meta.tasks_per_client=10",
             "meta.outer_lr=0.03",
             "eval.tasks=200",

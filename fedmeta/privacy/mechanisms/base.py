@@ -160,6 +160,9 @@ class PrivacyMechanism:
         secure_sum: whether the server receives only the sum of the cohort's updates (secure
             aggregation): the transports deliver one :class:`~fedmeta.privacy.secure_sum.SecureSum`
             per round instead of per-client replies, and nothing may need an individual update.
+        pools_clients: whether a simulation node may play several logical clients
+            (``simulation.pool``); a protocol that treats each node as one party (secure
+            aggregation) sets ``False``, and ``fedmeta simulate`` then refuses the pool.
     """
 
     name: ClassVar[str] = ""
@@ -182,6 +185,7 @@ class PrivacyMechanism:
     public: ClassVar[tuple[str, ...]] = ()
     reports_task_count: ClassVar[bool] = False
     secure_sum: ClassVar[bool] = False
+    pools_clients: ClassVar[bool] = True
 
     # -- declarations ----------------------------------------------------------------------------
 

@@ -97,6 +97,7 @@ class ClientDistributedPrivacy(PrivacyMechanism):
     aggregations_why = "the server receives only the sum of the updates, which it divides by clients_per_round"
     accepts_update_relations = False
     secure_sum = True
+    pools_clients = False  # SecAgg+ masks per node: each client keeps its own simulation node
     public = (
         "privacy.noise_multiplier",
         "privacy.clip_norm",
