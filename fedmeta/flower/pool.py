@@ -50,7 +50,7 @@ from flwr.serverapp import Grid
 
 from fedmeta.algorithms import MetaUpdate
 from fedmeta.config import Config
-from fedmeta.errors import BudgetExhausted, ConfigError, InconsistentReplies, UpdateRejected
+from fedmeta.errors import BudgetExhausted, InconsistentReplies, UpdateRejected
 from fedmeta.experiment import Experiment
 from fedmeta.federation.client import COMPUTE_SECONDS, check_received_meta, evaluate_on_client, train_cohort
 from fedmeta.federation.loop import ClientReply, RoundLog, RoundLoop

@@ -22,7 +22,7 @@ from fedmeta.algorithms import MetaUpdate
 from fedmeta.centralized import run_centralized
 from fedmeta.checkpoint import load_checkpoint
 from fedmeta.config import Config, load_config
-from fedmeta.errors import ConfigError, UpdateRejected
+from fedmeta.errors import UpdateRejected
 from fedmeta.federation import RoundLoop
 from fedmeta.flower import records as fl
 from fedmeta.flower.client_app import build_client_app
