@@ -229,7 +229,7 @@ def add_training_command(
     *,
     help: str,
     resume_help: str,
-) -> None:
+) -> argparse.ArgumentParser:
     """Add a training command (``centralized``, ``simulate``): ``CONFIG``, ``--resume`` and the common options.
 
     Args:
@@ -239,8 +239,12 @@ def add_training_command(
         func: runs the command on the parsed arguments and returns the exit status.
         help: the command's one-line help.
         resume_help: what ``--resume`` continues from.
+
+    Returns:
+        The command's parser (for options of its own).
     """
     p = add_command(subparsers, name, func, help=help)
     p.add_argument("config", help="YAML config file")
     p.add_argument("--resume", action="store_true", help=resume_help)
     add_common(p)
+    return p

@@ -17,7 +17,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return run_training(
         args,
         "simulate",
-        lambda cfg, out, bar: simulate(cfg, out, resume=args.resume, progress=bar, verbose=args.debug),
+        lambda cfg, out, bar: simulate(
+            cfg, out, resume=args.resume, progress=bar, verbose=args.debug, ray_address=args.ray_address
+        ),
         bar_from_checkpoint=True,
     )
 
@@ -26,11 +28,15 @@ def register(subparsers: Any, add_common: Callable[..., None]) -> None:
     """Add ``simulate`` to the ``fedmeta`` command line."""
     from fedmeta.cli.common import add_training_command
 
-    add_training_command(
+    p = add_training_command(
         subparsers,
         add_common,
         "simulate",
         cmd_simulate,
         help="federated meta-training through Flower's simulation engine",
         resume_help="continue from OUT/checkpoint.pt at the next round",
+    )
+    p.add_argument(
+        "--ray-address", metavar="HOST:PORT",
+        help="join a running Ray cluster (ray start --head / --address) instead of starting Ray here",
     )

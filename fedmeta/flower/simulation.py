@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from fedmeta.config import Config
-from fedmeta.errors import FedMetaError
+from fedmeta.errors import ConfigError, FedMetaError
 from fedmeta.flower.env import configure_environment
 
-__all__ = ["simulate", "run_flower_simulation", "quiet_flower_logs", "CLIENT_PRIVACY_DIR"]
+__all__ = ["simulate", "run_flower_simulation", "join_ray_cluster", "quiet_flower_logs", "CLIENT_PRIVACY_DIR"]
 
 #: Sub-folder of a simulation's output where the simulated sites keep their privacy accountants.
 CLIENT_PRIVACY_DIR = "client_privacy"
@@ -48,10 +48,19 @@ def simulate(
     client_mods: Sequence[Any] = (),
     cpus_per_client: float = 1.0,
     num_cpus: int | None = None,
+    ray_address: str | None = None,
     verbose: bool = False,
     **server_kwargs: Any,
 ) -> dict[str, Any]:
     """Run ``cfg`` through Flower's simulation engine and return the summary.
+
+    On one machine Ray starts here and stops with the run. With ``ray_address`` the simulation
+    joins a running Ray cluster instead (Flower's multi-node route: ``ray start --head`` on one
+    machine, ``ray start --address=HEAD:6379`` on the others, the same environment everywhere, the
+    simulation started on the head): the ClientApp actors go wherever the cluster has CPUs (a head
+    started with ``--num-cpus=0`` only drives), the pool has one node per actor the cluster can
+    hold, and the cluster keeps running after the run. Flower's backend accepts only CPUs and GPUs
+    as actor resources, so custom Ray resources cannot pin actors.
 
     Args:
         cfg: the run configuration.
@@ -61,7 +70,8 @@ def simulate(
         client_mods: Flower mods wrapped around every ClientApp handler (tests inject faults; a
             mod that acts per client needs ``simulation.pool: false``, one node per client).
         cpus_per_client: Ray CPUs per ClientApp actor.
-        num_cpus: CPUs Ray may use (default: all cores).
+        num_cpus: CPUs Ray may use (default: all cores; not with ``ray_address``: the cluster has its own).
+        ray_address: a running Ray cluster to join (``HOST:PORT``, or ``auto``); ``None``: a local Ray.
         verbose: keep Flower's and Ray's logs.
         **server_kwargs: passed to :func:`fedmeta.flower.server_app.run_server` (policy, transforms,
             the transport's ``deadline``).
@@ -73,8 +83,8 @@ def simulate(
 
     Raises:
         BudgetExhausted: if the privacy budget refuses the run (before Ray starts).
-        ConfigError: if ``simulation.pool`` is set where a node must not play several clients
-            (:func:`fedmeta.flower.pool.check_pooling`; before Ray starts).
+        ConfigError: for ``num_cpus`` with ``ray_address``, or a cluster that cannot hold one
+            ClientApp actor.
         FedMetaError: what the server raised (e.g. ``InconsistentReplies``).
     """
     configure_environment()  # before flwr and ray load (each variable only if not set)
@@ -98,20 +108,35 @@ def simulate(
     from fedmeta.flower.pool import check_pooling, pool_size
     from fedmeta.flower.server_app import build_server_app
 
-    pool_nodes = pool_size(cfg, num_cpus=num_cpus, cpus_per_client=cpus_per_client) if check_pooling(cfg) else None
+    capacity = None
+    if ray_address is not None:
+        if num_cpus is not None:
+            raise ConfigError("num_cpus cannot be set when joining a Ray cluster (ray_address): it has its own")
+        capacity = join_ray_cluster(ray_address, cpus_per_client=cpus_per_client, verbose=verbose)
+    pool_nodes = None
+    if check_pooling(cfg):
+        pool_nodes = pool_size(cfg, num_cpus=num_cpus, cpus_per_client=cpus_per_client)
+        if capacity is not None and cfg.simulation.nodes is None:
+            pool_nodes = capacity
     started = time.perf_counter()
     server_app = build_server_app(
         cfg, out, resume=resume, mode="simulation", progress=progress, pool_nodes=pool_nodes, **server_kwargs
     )
     client_app = build_client_app(cfg, mods=client_mods, privacy_state_dir=state_dir)
-    run_flower_simulation(
-        server_app,
-        client_app,
-        num_supernodes=pool_nodes if pool_nodes is not None else cfg.federation.clients_total,
-        cpus_per_client=cpus_per_client,
-        num_cpus=num_cpus,
-        verbose=verbose,
-    )
+    try:
+        run_flower_simulation(
+            server_app,
+            client_app,
+            num_supernodes=pool_nodes if pool_nodes is not None else cfg.federation.clients_total,
+            cpus_per_client=cpus_per_client,
+            num_cpus=num_cpus,
+            verbose=verbose,
+        )
+    finally:
+        if ray_address is not None:
+            import ray
+
+            ray.shutdown()  # this driver leaves; the cluster keeps running
     summary_path = out / "summary.json"
     if not summary_path.is_file():
         raise FedMetaError(f"the simulation ended without writing {summary_path}; rerun with --debug for Flower's logs")
@@ -121,6 +146,28 @@ def simulate(
 
     RunRecorder(out, resume_round=summary.get("rounds_completed", 0)).write_summary(summary)
     return summary
+
+
+def join_ray_cluster(address: str, *, cpus_per_client: float, verbose: bool = False) -> int:
+    """Connect this process to the Ray cluster at ``address``; return how many ClientApp actors it can hold.
+
+    Flower's simulation engine starts Ray only when it is not initialized yet, so once connected
+    here it runs its actors on this cluster.
+
+    Raises:
+        ConfigError: if the cluster has fewer CPUs than one actor needs.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=verbose)
+    cpus = float(ray.cluster_resources().get("CPU", 0.0))
+    if cpus < cpus_per_client:
+        ray.shutdown()
+        raise ConfigError(
+            f"the Ray cluster at {address} has {cpus:g} CPUs for tasks; each ClientApp actor needs {cpus_per_client:g}"
+        )
+    return int(cpus // cpus_per_client)
 
 
 def quiet_flower_logs(level: int = logging.ERROR) -> None:
