@@ -11,10 +11,12 @@ machine is touched).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -47,8 +49,10 @@ class RecordNode:
         return call_next(message, context)
 
 
-def _start(args: list[str], tag: str, log: Path, tmp: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "FEDMETA_RAY_NODE": tag, "RAY_USAGE_STATS_ENABLED": "0"}
+def _start(args: list[str], tag: str, log: Path, tmp: Path, ray_tmp: Path) -> subprocess.Popen[bytes]:
+    # the cluster's own RAY_TMPDIR: `ray start --head` records its address there (ray_current_cluster), and a
+    # later plain ray.init() of this test session (a local simulation) must not find it and join a dead cluster
+    env = {**os.environ, "FEDMETA_RAY_NODE": tag, "RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": str(ray_tmp)}
     return subprocess.Popen(
         [str(RAY), "start", "--block", "--disable-usage-stats", *args],
         env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp,
@@ -88,16 +92,17 @@ def test_simulation_runs_its_clients_on_the_second_node_of_a_local_ray_cluster(r
 
     port = _free_port()
     address = f"127.0.0.1:{port}"
+    ray_tmp = Path(tempfile.gettempdir()) / f"frc{port}"  # short: Ray's socket paths have a length limit
     head = _start(
         ["--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--include-dashboard=false", "--num-cpus=0"],
-        "head", tmp_path / "head.log", tmp_path,
+        "head", tmp_path / "head.log", tmp_path, ray_tmp,
     )  # fmt: skip
     procs = [head]
     try:
         _wait_for_nodes(address, 1, procs)
         worker = _start(
             [f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=1"],
-            "worker", tmp_path / "worker.log", tmp_path,
+            "worker", tmp_path / "worker.log", tmp_path, ray_tmp,
         )  # fmt: skip
         procs.append(worker)
         _wait_for_nodes(address, 2, procs)
@@ -117,3 +122,4 @@ def test_simulation_runs_its_clients_on_the_second_node_of_a_local_ray_cluster(r
     finally:
         for p in reversed(procs):
             _stop(p)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
