@@ -75,20 +75,27 @@ class _NodeProxy(ClientProxy):
         super().__init__(str(node_id))
         self.node_id = int(node_id)
 
+    def _direct_call(self, what: str) -> Any:
+        # SecAggPlusWorkflow exchanges its messages through the grid itself and reads only the
+        # proxy's node id; a direct legacy call would bypass the protocol, so it is refused loudly
+        raise NotImplementedError(
+            f"node {self.node_id}: {what} is not a SecAgg+ step; the workflow talks to nodes through the grid"
+        )
+
     def get_properties(self, ins: Any, timeout: float | None, group_id: int | None) -> Any:
-        raise NotImplementedError
+        return self._direct_call("get_properties")
 
     def get_parameters(self, ins: Any, timeout: float | None, group_id: int | None) -> Any:
-        raise NotImplementedError
+        return self._direct_call("get_parameters")
 
     def fit(self, ins: Any, timeout: float | None, group_id: int | None) -> Any:
-        raise NotImplementedError
+        return self._direct_call("fit")
 
     def evaluate(self, ins: Any, timeout: float | None, group_id: int | None) -> Any:
-        raise NotImplementedError
+        return self._direct_call("evaluate")
 
     def reconnect(self, ins: Any, timeout: float | None, group_id: int | None) -> Any:
-        raise NotImplementedError
+        return self._direct_call("reconnect")
 
 
 class CohortStrategy(Strategy):

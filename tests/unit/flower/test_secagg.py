@@ -82,3 +82,14 @@ def test_the_masked_vector_stage_replies_in_the_legacy_layout_with_no_metrics() 
     assert fp is not None
     assert all(float(np.abs(a).max()) <= fp.clipping_range for a in arrays)
     assert arrays[-1][0] == pytest.approx(fp.clipping_range / 2)
+
+
+def test_a_node_proxy_refuses_legacy_calls_that_would_bypass_the_protocol() -> None:
+    import pytest
+
+    from fedmeta.flower.secagg import _NodeProxy
+
+    proxy = _NodeProxy(7)
+    assert proxy.node_id == 7 and proxy.cid == "7"
+    with pytest.raises(NotImplementedError, match="node 7: fit is not a SecAgg\\+ step"):
+        proxy.fit(None, None, None)
